@@ -1,0 +1,414 @@
+//! Apply: write other nodes' batches into the local database under the merge rule.
+//!
+//! Runs inside one storage transaction that also records how far the stream has been
+//! applied, so a crash at any instant loses nothing and applies nothing twice. Each batch is
+//! applied whole or not at all (a savepoint per batch): a batch that cannot be applied
+//! (undecodable, unknown table or column, a constraint the local schema enforces) is parked
+//! with its payload and the reason, and everything else continues.
+//!
+//! Chunks of a batch split across messages are stashed in the same transaction that
+//! advances the position; the batch is applied when its last chunk arrives.
+
+use crate::hlc::{Clock, NodeId, Version};
+use crate::merge::{Resolution, resolve};
+use crate::value::{Value, ValueRef, sql_row_literal};
+use crate::wire::{BatchId, BodyReader, Header, Item, TableDef, WireError, decode_message, unseal};
+use bytes::Bytes;
+
+/// One message as delivered from the stream.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The stream's sequence number for it.
+    pub stream_seq: u64,
+    /// The message bytes.
+    pub payload: Bytes,
+    /// When the stream stored it (server clock), milliseconds since the Unix epoch.
+    pub published_ms: u64,
+    /// Messages after this one the stream held when it was delivered (0 if unknown).
+    pub pending: u64,
+}
+
+/// The version a row has locally, and whether it is a tombstone.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct RowVersion {
+    /// Who wrote the row's current state, and when.
+    pub version: Version,
+    /// The row was deleted (the version is a tombstone).
+    pub deleted: bool,
+}
+
+/// Why one batch could not be applied; the difference decides whether to park or retry.
+#[derive(Debug)]
+pub enum ApplyFault<E> {
+    /// The batch can never apply as it is here (bad bytes, unknown table or column,
+    /// constraint failure): park it.
+    Poison(String),
+    /// The storage failed (busy, I/O): roll everything back and retry later.
+    Storage(E),
+}
+
+impl<E> From<E> for ApplyFault<E> {
+    fn from(e: E) -> Self {
+        ApplyFault::Storage(e)
+    }
+}
+
+/// A losing row version, recorded for people to inspect.
+#[derive(Clone, Debug)]
+pub struct ConflictRecord {
+    /// Table name.
+    pub table: String,
+    /// The key as an SQL row literal, e.g. `(1)`.
+    pub key: String,
+    /// The version that won.
+    pub winner: Version,
+    /// The version that lost.
+    pub loser: Version,
+    /// The losing row as an SQL row literal, or `None` when the loser was a delete.
+    pub loser_row: Option<String>,
+}
+
+/// A batch set aside because it cannot be applied.
+#[derive(Clone, Debug)]
+pub struct Parked {
+    /// The stream sequence of the (last) message of the batch.
+    pub stream_seq: u64,
+    /// The batch, when its header could be read.
+    pub batch: Option<BatchId>,
+    /// Why it could not be applied.
+    pub reason: String,
+    /// The whole batch as one self-contained message (or the raw bytes if unreadable).
+    pub message: Bytes,
+}
+
+/// What apply needs from the storage transaction it runs in.
+pub trait ApplyTxn {
+    /// Storage failure: the whole transaction is rolled back and retried later.
+    type Error;
+    /// Opaque handle of a local table matched to an incoming table definition.
+    type Table: Copy;
+    /// Matches an incoming table definition to the local schema: unknown table, unknown
+    /// column or a different primary key is a [`ApplyFault::Poison`].
+    fn table(&mut self, def: &TableDef<'_>) -> Result<Self::Table, ApplyFault<Self::Error>>;
+    /// The row's local version, if it has one.
+    fn version(
+        &mut self,
+        t: Self::Table,
+        key: &[ValueRef<'_>],
+    ) -> Result<Option<RowVersion>, ApplyFault<Self::Error>>;
+    /// Writes a row (insert, or update of the row with the same key; never a REPLACE).
+    fn write_row(
+        &mut self,
+        t: Self::Table,
+        values: &[ValueRef<'_>],
+    ) -> Result<(), ApplyFault<Self::Error>>;
+    /// Deletes the row with this key, if present.
+    fn delete_row(
+        &mut self,
+        t: Self::Table,
+        key: &[ValueRef<'_>],
+    ) -> Result<(), ApplyFault<Self::Error>>;
+    /// Sets the row's local version.
+    fn set_version(
+        &mut self,
+        t: Self::Table,
+        key: &[ValueRef<'_>],
+        v: RowVersion,
+    ) -> Result<(), ApplyFault<Self::Error>>;
+    /// Reads the row's current values in the incoming column order (None: no such row).
+    fn read_row(
+        &mut self,
+        t: Self::Table,
+        key: &[ValueRef<'_>],
+    ) -> Result<Option<Vec<Value>>, ApplyFault<Self::Error>>;
+    /// Stores a conflict record (the adapter keeps a bounded number).
+    fn record_conflict(&mut self, c: &ConflictRecord) -> Result<(), Self::Error>;
+    /// Starts a savepoint around one batch.
+    fn savepoint(&mut self) -> Result<(), Self::Error>;
+    /// Keeps what the batch wrote.
+    fn release(&mut self) -> Result<(), Self::Error>;
+    /// Undoes what the batch wrote.
+    fn rollback_to(&mut self) -> Result<(), Self::Error>;
+    /// Stores one chunk of a multi-chunk batch. When this completes the batch, returns the
+    /// concatenated fragments (and forgets the chunks).
+    fn stash_chunk(
+        &mut self,
+        h: &Header,
+        stream_seq: u64,
+        fragment: &[u8],
+    ) -> Result<Option<Bytes>, Self::Error>;
+    /// Keeps a batch that cannot be applied.
+    fn park(&mut self, p: &Parked) -> Result<(), Self::Error>;
+}
+
+/// What an apply did, for metrics and logs.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyReport {
+    /// The stream position now recorded (last delivery handled).
+    pub through_seq: u64,
+    /// Server timestamp of that delivery.
+    pub through_published_ms: u64,
+    /// Messages after it the stream still held.
+    pub through_pending: u64,
+    /// Batches applied.
+    pub batches: u64,
+    /// Rows written or deleted.
+    pub rows_written: u64,
+    /// Row versions that were older than the local one or already present.
+    pub rows_skipped: u64,
+    /// Conflicts recorded (a write lost to a concurrent one with different content).
+    pub conflicts: u64,
+    /// Own messages skipped.
+    pub own_messages: u64,
+    /// Chunks stashed for batches not yet complete.
+    pub chunks_stashed: u64,
+    /// Batches parked.
+    pub parked: Vec<Parked>,
+}
+
+/// Applies deliveries in stream order. `position` is the last stream sequence already
+/// applied; deliveries at or below it are skipped. Returns the report; the caller records
+/// `report.through_seq` as the new position in the same transaction.
+pub fn apply_deliveries<T: ApplyTxn>(
+    txn: &mut T,
+    clock: &mut Clock,
+    me: NodeId,
+    position: u64,
+    deliveries: &[Delivery],
+) -> Result<ApplyReport, T::Error> {
+    let mut report = ApplyReport {
+        through_seq: position,
+        ..ApplyReport::default()
+    };
+    for d in deliveries {
+        if d.stream_seq <= report.through_seq {
+            continue;
+        }
+        report.through_seq = d.stream_seq;
+        report.through_published_ms = d.published_ms;
+        report.through_pending = d.pending;
+        let (header, fragment) = match decode_message(&d.payload) {
+            Ok(x) => x,
+            Err(e) => {
+                let p = Parked {
+                    stream_seq: d.stream_seq,
+                    batch: None,
+                    reason: e.to_string(),
+                    message: d.payload.clone(),
+                };
+                txn.park(&p)?;
+                report.parked.push(p);
+                continue;
+            }
+        };
+        if header.batch.origin == me {
+            report.own_messages += 1;
+            continue;
+        }
+        let payload = if header.chunks == 1 {
+            d.payload.slice_ref(fragment)
+        } else {
+            match txn.stash_chunk(&header, d.stream_seq, fragment)? {
+                Some(p) => p,
+                None => {
+                    report.chunks_stashed += 1;
+                    continue;
+                }
+            }
+        };
+        apply_isolated(txn, clock, &header, payload, d.stream_seq, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// Applies one parked batch again (after a schema change or on request). Returns `Ok(None)`
+/// when it applied, or the new reason it still cannot.
+pub fn retry_parked<T: ApplyTxn>(
+    txn: &mut T,
+    clock: &mut Clock,
+    parked: &Parked,
+    report: &mut ApplyReport,
+) -> Result<Option<String>, T::Error> {
+    let (header, fragment) = match decode_message(&parked.message) {
+        Ok(x) => x,
+        Err(e) => return Ok(Some(e.to_string())),
+    };
+    let payload = parked.message.slice_ref(fragment);
+    let before = report.parked.len();
+    apply_isolated(txn, clock, &header, payload, parked.stream_seq, report)?;
+    if report.parked.len() > before {
+        // apply_isolated parks on failure; for a retry the caller updates the existing
+        // record instead of adding one.
+        let p = report.parked.pop().expect("pushed just above");
+        return Ok(Some(p.reason));
+    }
+    Ok(None)
+}
+
+/// Applies a whole batch inside a savepoint; parks it on a poison fault.
+fn apply_isolated<T: ApplyTxn>(
+    txn: &mut T,
+    clock: &mut Clock,
+    header: &Header,
+    payload: Bytes,
+    stream_seq: u64,
+    report: &mut ApplyReport,
+) -> Result<(), T::Error> {
+    // Every stamp seen is merged into the clock, applied or not.
+    clock.observe(header.stamp);
+    let single = || {
+        let mut h = *header;
+        h.chunk = 0;
+        h.chunks = 1;
+        h
+    };
+    let body = match unseal(header, payload.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            let p = Parked {
+                stream_seq,
+                batch: Some(header.batch),
+                reason: e.to_string(),
+                message: reseal(&single(), &payload),
+            };
+            txn.park(&p)?;
+            report.parked.push(p);
+            return Ok(());
+        }
+    };
+    txn.savepoint()?;
+    let mut stats = BatchStats::default();
+    match apply_batch(txn, header, &body, &mut stats) {
+        Ok(()) => {
+            txn.release()?;
+            report.batches += 1;
+            report.rows_written += stats.written;
+            report.rows_skipped += stats.skipped;
+            report.conflicts += stats.conflicts;
+            Ok(())
+        }
+        Err(ApplyFault::Poison(reason)) => {
+            txn.rollback_to()?;
+            txn.release()?;
+            let p = Parked {
+                stream_seq,
+                batch: Some(header.batch),
+                reason,
+                message: reseal(&single(), &payload),
+            };
+            txn.park(&p)?;
+            report.parked.push(p);
+            Ok(())
+        }
+        Err(ApplyFault::Storage(e)) => {
+            // The caller rolls the whole transaction back.
+            Err(e)
+        }
+    }
+}
+
+fn reseal(h: &Header, payload: &[u8]) -> Bytes {
+    // A parked batch is stored as one self-contained message: same header with chunk 0 of
+    // 1, followed by the whole (possibly compressed) payload.
+    crate::wire::encode_message(h, payload)
+}
+
+#[derive(Default)]
+struct BatchStats {
+    written: u64,
+    skipped: u64,
+    conflicts: u64,
+}
+
+fn apply_batch<T: ApplyTxn>(
+    txn: &mut T,
+    header: &Header,
+    body: &[u8],
+    stats: &mut BatchStats,
+) -> Result<(), ApplyFault<T::Error>> {
+    let incoming = header.version();
+    let mut reader = BodyReader::new(body);
+    let mut values: Vec<ValueRef<'_>> = Vec::new();
+    let mut table: Option<(T::Table, TableDef<'_>)> = None;
+    loop {
+        let item = reader
+            .next_item(&mut values)
+            .map_err(|e: WireError| ApplyFault::Poison(e.to_string()))?;
+        let Some(item) = item else { return Ok(()) };
+        let (base, delete) = match item {
+            Item::Table(def) => {
+                let handle = txn.table(&def)?;
+                table = Some((handle, def));
+                continue;
+            }
+            Item::Upsert { base } => (base, false),
+            Item::Delete { base } => (base, true),
+        };
+        // The reader refuses rows before a table item.
+        let (t, def) = table.as_ref().expect("row follows a table item");
+        let key = &values[..def.key_columns];
+        let current = txn.version(*t, key)?;
+        match resolve(current.map(|c| c.version), incoming, base) {
+            Resolution::Apply { concurrent } => {
+                if concurrent && let Some(cur) = current {
+                    let local = txn.read_row(*t, key)?;
+                    if !same_content(local.as_deref(), delete, &values) {
+                        txn.record_conflict(&ConflictRecord {
+                            table: def.name.to_string(),
+                            key: sql_row_literal(key.iter().copied()),
+                            winner: incoming,
+                            loser: cur.version,
+                            loser_row: local.map(|r| sql_row_literal(r.iter().map(Value::as_ref))),
+                        })?;
+                        stats.conflicts += 1;
+                    }
+                }
+                if delete {
+                    txn.delete_row(*t, key)?;
+                } else {
+                    txn.write_row(*t, &values)?;
+                }
+                txn.set_version(
+                    *t,
+                    key,
+                    RowVersion {
+                        version: incoming,
+                        deleted: delete,
+                    },
+                )?;
+                stats.written += 1;
+            }
+            Resolution::Duplicate => stats.skipped += 1,
+            Resolution::Older => {
+                stats.skipped += 1;
+                let cur = current.expect("Older implies a current version");
+                let local = txn.read_row(*t, key)?;
+                if !same_content(local.as_deref(), delete, &values) {
+                    txn.record_conflict(&ConflictRecord {
+                        table: def.name.to_string(),
+                        key: sql_row_literal(key.iter().copied()),
+                        winner: cur.version,
+                        loser: incoming,
+                        loser_row: (!delete).then(|| sql_row_literal(values.iter().copied())),
+                    })?;
+                    stats.conflicts += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Whether the local row (None: absent) holds what the incoming change would leave.
+fn same_content(local: Option<&[Value]>, incoming_delete: bool, incoming: &[ValueRef<'_>]) -> bool {
+    match (local, incoming_delete) {
+        (None, true) => true,
+        (Some(row), false) => {
+            row.len() == incoming.len()
+                && row
+                    .iter()
+                    .zip(incoming)
+                    .all(|(a, b)| a.as_ref().same_as(*b))
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,287 @@
+//! The drive loop: runs a [`Node`] against real ports. Written once, used by the daemon and
+//! by the simulation, so both exercise the same sequencing.
+//!
+//! Storage calls run synchronously through [`Env::blocking`]; transport calls run as
+//! futures, many at once (publishes are pipelined), and their results come back as inputs.
+//! Sources are polled in a fixed priority order (control, finished operations,
+//! deliveries, local-change hints, the timer), so a simulation replays exactly.
+
+use crate::apply::Delivery;
+use crate::node::{Event, Input, Node, Output, Status, Stop};
+use crate::ports::{Deliveries, Env, Storage, StreamBounds, Transport, TransportError};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+/// Receives what the node reports.
+pub trait Observer {
+    /// An event happened at monotonic time `now`.
+    fn event(&mut self, now: Duration, event: &Event);
+    /// The node's status after a round of work.
+    fn status(&mut self, _status: &Status) {}
+}
+
+/// Requests from outside the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Publish what is pending and stop.
+    Shutdown,
+}
+
+enum Done {
+    Input(Input),
+    Subscribed(Result<(StreamBounds, Deliveries), TransportError>),
+}
+
+/// Most deliveries handed to the node in one input.
+const DELIVERY_BURST: usize = 1024;
+
+/// Runs the node until it stops. `wake` yields a hint whenever the database may have
+/// changed; `control` carries shutdown requests. The node must be fresh (not recovered).
+pub async fn run<S, T, E, O>(
+    node: &mut Node,
+    storage: &mut S,
+    transport: Arc<T>,
+    env: &E,
+    observer: &mut O,
+    mut wake: Pin<&mut (dyn Stream<Item = ()> + Send)>,
+    mut control: Pin<&mut (dyn Stream<Item = Control> + Send)>,
+) -> Stop
+where
+    S: Storage,
+    T: Transport,
+    E: Env + Clone + Send + Sync + 'static,
+    O: Observer,
+{
+    let mut ops: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
+    let mut deliveries: Option<Deliveries> = None;
+    let mut control_open = true;
+    let mut wake_open = true;
+
+    let recovered = env.blocking(|| storage.recover());
+    match recovered {
+        Ok(r) => node.handle(env.now(), Input::Recovered(r)),
+        Err(e) => {
+            // Without its persisted state the node cannot run at all; report and stop the
+            // way a shutdown does, nothing was touched.
+            observer.event(
+                env.now(),
+                &Event::StorageFailed {
+                    operation: "recover",
+                    error: e.to_string(),
+                    retry_in: Duration::ZERO,
+                },
+            );
+            return Stop::Shutdown { unpublished: 0 };
+        }
+    }
+
+    loop {
+        while let Some(out) = node.poll_output() {
+            match out {
+                Output::Capture => {
+                    let wall = env.wall_ms();
+                    let r = env.blocking(|| storage.capture(node.clock_mut(), wall));
+                    node.handle(env.now(), Input::Captured(r.map_err(|e| e.to_string())));
+                }
+                Output::Prepare => {
+                    let t = transport.clone();
+                    ops.push(
+                        async move { Done::Input(Input::Prepared(t.prepare().await)) }.boxed(),
+                    );
+                }
+                Output::Claim => {
+                    let t = transport.clone();
+                    let env2 = env.clone();
+                    let id = node.config().node_id;
+                    let owner = node.config().owner.clone();
+                    ops.push(
+                        async move {
+                            let sent_wall_ms = env2.wall_ms();
+                            let result = t.claim(id, &owner).await;
+                            Done::Input(Input::Claimed {
+                                result,
+                                sent_wall_ms,
+                                received_wall_ms: env2.wall_ms(),
+                            })
+                        }
+                        .boxed(),
+                    );
+                }
+                Output::Subscribe { from_seq } => {
+                    deliveries = None;
+                    let t = transport.clone();
+                    ops.push(async move { Done::Subscribed(t.subscribe(from_seq).await) }.boxed());
+                }
+                Output::Unsubscribe => deliveries = None,
+                Output::Publish {
+                    batch,
+                    chunk,
+                    payload,
+                } => {
+                    let payload = match payload {
+                        Some(p) => Ok(Some(p)),
+                        None => env.blocking(|| storage.outbox_message(batch, chunk)),
+                    };
+                    match payload {
+                        Ok(Some(payload)) => {
+                            let t = transport.clone();
+                            ops.push(
+                                async move {
+                                    let result = t.publish(batch.message_id(chunk), payload).await;
+                                    Done::Input(Input::Published {
+                                        batch,
+                                        chunk,
+                                        result,
+                                    })
+                                }
+                                .boxed(),
+                            );
+                        }
+                        // Gone from the outbox: it was acknowledged already.
+                        Ok(None) => node.handle(
+                            env.now(),
+                            Input::Published {
+                                batch,
+                                chunk,
+                                result: Ok(()),
+                            },
+                        ),
+                        Err(e) => node.handle(
+                            env.now(),
+                            Input::Published {
+                                batch,
+                                chunk,
+                                result: Err(TransportError::other(format!(
+                                    "reading the outbox: {e}"
+                                ))),
+                            },
+                        ),
+                    }
+                }
+                Output::Apply(ds) => {
+                    let wall = env.wall_ms();
+                    let r = env.blocking(|| storage.apply(node.clock_mut(), wall, &ds));
+                    let wall_ms = env.wall_ms();
+                    node.handle(
+                        env.now(),
+                        Input::Applied {
+                            result: r.map_err(|e| e.to_string()),
+                            deliveries: ds,
+                            wall_ms,
+                        },
+                    );
+                }
+                Output::MarkPublished(batch) => {
+                    let r = env.blocking(|| storage.mark_published(batch));
+                    node.handle(
+                        env.now(),
+                        Input::MarkedPublished(r.map_err(|e| e.to_string())),
+                    );
+                }
+                Output::RetryParked { all } => {
+                    let wall = env.wall_ms();
+                    let r = env.blocking(|| storage.retry_parked(node.clock_mut(), wall, all));
+                    node.handle(
+                        env.now(),
+                        Input::ParkedRetried(r.map_err(|e| e.to_string())),
+                    );
+                }
+                Output::Event(e) => observer.event(env.now(), &e),
+                Output::Stop(s) => {
+                    observer.status(&node.status());
+                    return s;
+                }
+            }
+        }
+        observer.status(&node.status());
+
+        let mut sleep = env.sleep_until(node.poll_timeout());
+        let wants = node.wants_deliveries();
+        let input = futures::future::poll_fn(|cx| {
+            if control_open {
+                match control.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(Control::Shutdown)) => return Poll::Ready(Input::Shutdown),
+                    Poll::Ready(None) => control_open = false,
+                    Poll::Pending => {}
+                }
+            }
+            if let Poll::Ready(Some(done)) = ops.poll_next_unpin(cx) {
+                return Poll::Ready(match done {
+                    Done::Input(i) => i,
+                    Done::Subscribed(Ok((bounds, stream))) => {
+                        deliveries = Some(stream);
+                        Input::Subscribed(Ok(bounds))
+                    }
+                    Done::Subscribed(Err(e)) => Input::Subscribed(Err(e)),
+                });
+            }
+            if wants && let Some(stream) = deliveries.as_mut() {
+                match stream.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(first))) => {
+                        let mut burst: Vec<Delivery> = vec![first];
+                        let mut ended = None;
+                        while burst.len() < DELIVERY_BURST {
+                            match stream.poll_next_unpin(cx) {
+                                Poll::Ready(Some(Ok(d))) => burst.push(d),
+                                Poll::Ready(Some(Err(e))) => {
+                                    ended = Some(Some(e));
+                                    break;
+                                }
+                                Poll::Ready(None) => {
+                                    ended = Some(None);
+                                    break;
+                                }
+                                Poll::Pending => break,
+                            }
+                        }
+                        if let Some(e) = ended {
+                            deliveries = None;
+                            // Deliver what arrived, then report the end on the next round.
+                            ops.push(
+                                futures::future::ready(Done::Input(Input::SubscriptionEnded(e)))
+                                    .boxed(),
+                            );
+                        }
+                        return Poll::Ready(Input::Delivered(burst));
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        deliveries = None;
+                        return Poll::Ready(Input::SubscriptionEnded(Some(e)));
+                    }
+                    Poll::Ready(None) => {
+                        deliveries = None;
+                        return Poll::Ready(Input::SubscriptionEnded(None));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if wake_open {
+                let mut woke = false;
+                loop {
+                    match wake.as_mut().poll_next(cx) {
+                        Poll::Ready(Some(())) => woke = true,
+                        Poll::Ready(None) => {
+                            wake_open = false;
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                if woke {
+                    return Poll::Ready(Input::LocalChange);
+                }
+            }
+            if sleep.poll_unpin(cx).is_ready() {
+                return Poll::Ready(Input::Tick);
+            }
+            Poll::Pending
+        })
+        .await;
+        node.handle(env.now(), input);
+    }
+}

@@ -1,0 +1,1136 @@
+//! The node state machine: what to capture, publish, subscribe to and apply, and when.
+//!
+//! It never touches the world. Feed it events with [`Node::handle`], then drain
+//! [`Node::poll_output`] until `None` and carry the outputs out; call `handle(now,
+//! Input::Tick)` again at [`Node::poll_timeout`]. The drive loop in [`crate::drive`] does
+//! exactly that and is shared by the daemon and the simulation.
+//!
+//! Method groups, as in quinn-proto: getters ([`Node::status`], [`Node::clock`]),
+//! `handle` (the single mutation entry point), and `poll_*`.
+//!
+//! What it guarantees:
+//! - a captured batch is forgotten only after every one of its messages was acknowledged by
+//!   the stream; a failed publish is retried with backoff, for as long as it takes;
+//! - deliveries are handed to storage strictly in stream order with no gap; a gap makes it
+//!   resubscribe from the first missing sequence; a position older than the stream's first
+//!   message stops applying (loudly) instead of skipping;
+//! - a node whose wall clock runs ahead of the server by more than the configured bound
+//!   stops capturing and applying (which would stamp) until the clock is back in bounds.
+
+use crate::apply::Delivery;
+use crate::capture::Captured;
+use crate::hlc::{Clock, NodeId, Stamp};
+use crate::ports::{
+    ApplyOutcome, Claim, ParkedRetry, Recovered, StreamBounds, TransportError, TransportErrorKind,
+};
+use crate::wire::BatchId;
+use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+/// How a node behaves. Build with [`NodeConfig::new`] and adjust fields.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id, unique in the cluster.
+    pub node_id: NodeId,
+    /// Token that identifies this node's database when claiming the node id.
+    pub owner: String,
+    /// Capture and publish local writes (false: a node that only receives).
+    pub publish: bool,
+    /// Subscribe and apply other nodes' writes (false: a node that only sends).
+    pub replicate: bool,
+    /// Largest tolerated lead of the local wall clock over the server's, in milliseconds.
+    pub max_clock_skew_ms: u64,
+    /// Most messages in flight (published, not yet acknowledged).
+    pub publish_window: usize,
+    /// Aim for apply transactions that hold the write lock no longer than this.
+    pub apply_target: Duration,
+    /// Most messages per apply transaction.
+    pub apply_max_messages: usize,
+    /// Most deliveries buffered before the node stops reading the stream.
+    pub max_buffered_deliveries: usize,
+    /// Look for local changes at least this often even without a wake-up hint.
+    pub poll_interval: Duration,
+    /// Renew the node-id claim (and measure clock skew) this often.
+    pub claim_interval: Duration,
+    /// First retry delay after a failure.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// On shutdown, wait at most this long for pending batches to be acknowledged.
+    pub shutdown_grace: Duration,
+    /// Repeat the "behind the stream" alarm this often.
+    pub alarm_interval: Duration,
+    /// Keep at most this many bytes of unpublished messages in memory (the rest is read back
+    /// from storage when it is its turn).
+    pub max_cached_bytes: usize,
+}
+
+impl NodeConfig {
+    /// Defaults for node `node_id` whose database identifies itself as `owner`.
+    pub fn new(node_id: NodeId, owner: impl Into<String>) -> Self {
+        NodeConfig {
+            node_id,
+            owner: owner.into(),
+            publish: true,
+            replicate: true,
+            max_clock_skew_ms: 5_000,
+            publish_window: 256,
+            apply_target: Duration::from_millis(10),
+            apply_max_messages: 1024,
+            max_buffered_deliveries: 8192,
+            poll_interval: Duration::from_millis(1000),
+            claim_interval: Duration::from_secs(5),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(10),
+            alarm_interval: Duration::from_secs(30),
+            max_cached_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Something that happened to the node.
+#[derive(Debug)]
+pub enum Input {
+    /// The persisted state, read at start. Must come first.
+    Recovered(Recovered),
+    /// The database may have changed (a wake-up hint, not a promise).
+    LocalChange,
+    /// Result of [`Output::Capture`].
+    Captured(Result<Option<Captured>, String>),
+    /// Result of [`Output::Prepare`].
+    Prepared(Result<StreamBounds, TransportError>),
+    /// Result of [`Output::Claim`], with local wall time read just before and after.
+    Claimed {
+        /// What the transport answered.
+        result: Result<Claim, TransportError>,
+        /// Wall time before sending the claim.
+        sent_wall_ms: u64,
+        /// Wall time after the answer.
+        received_wall_ms: u64,
+    },
+    /// Result of [`Output::Subscribe`]; deliveries follow when it succeeded.
+    Subscribed(Result<StreamBounds, TransportError>),
+    /// Messages from the subscription, in the order received.
+    Delivered(Vec<Delivery>),
+    /// The subscription ended (error or end of stream).
+    SubscriptionEnded(Option<TransportError>),
+    /// Result of one [`Output::Publish`].
+    Published {
+        /// Which batch.
+        batch: BatchId,
+        /// Which chunk.
+        chunk: u32,
+        /// Stored by the stream, or why not.
+        result: Result<(), TransportError>,
+    },
+    /// Result of [`Output::Apply`]; on failure the deliveries come back to be retried.
+    Applied {
+        /// What storage did, or why it failed.
+        result: Result<ApplyOutcome, String>,
+        /// The deliveries of the matching output.
+        deliveries: Vec<Delivery>,
+        /// Wall time after applying, for lag.
+        wall_ms: u64,
+    },
+    /// Result of [`Output::MarkPublished`].
+    MarkedPublished(Result<(), String>),
+    /// Result of [`Output::RetryParked`].
+    ParkedRetried(Result<ParkedRetry, String>),
+    /// Stop: publish what is pending (within the grace period), then [`Output::Stop`].
+    Shutdown,
+    /// Time passed.
+    Tick,
+}
+
+/// Something the node asks the world to do, or tells it.
+#[derive(Debug)]
+pub enum Output {
+    /// Call [`crate::ports::Storage::capture`]; answer with [`Input::Captured`].
+    Capture,
+    /// Call [`crate::ports::Transport::prepare`]; answer with [`Input::Prepared`].
+    Prepare,
+    /// Call [`crate::ports::Transport::claim`]; answer with [`Input::Claimed`].
+    Claim,
+    /// Drop any subscription, subscribe from `from_seq`; answer with [`Input::Subscribed`].
+    Subscribe {
+        /// First sequence wanted.
+        from_seq: u64,
+    },
+    /// Drop the subscription.
+    Unsubscribe,
+    /// Publish one message; `payload` is `None` when it must be read from the outbox.
+    /// Answer with [`Input::Published`].
+    Publish {
+        /// Which batch.
+        batch: BatchId,
+        /// Which chunk.
+        chunk: u32,
+        /// The message, if still in memory.
+        payload: Option<Bytes>,
+    },
+    /// Call [`crate::ports::Storage::apply`]; answer with [`Input::Applied`].
+    Apply(Vec<Delivery>),
+    /// Call [`crate::ports::Storage::mark_published`].
+    MarkPublished(BatchId),
+    /// Call [`crate::ports::Storage::retry_parked`].
+    RetryParked {
+        /// Retry all parked batches, not only those a user asked for.
+        all: bool,
+    },
+    /// Report something (logs, metrics).
+    Event(Event),
+    /// Stop the drive loop.
+    Stop(Stop),
+}
+
+/// Why the node stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Asked to stop; `unpublished` batches remain in the outbox for the next start.
+    Shutdown {
+        /// Batches not yet acknowledged.
+        unpublished: usize,
+    },
+    /// Another live node uses this node id.
+    NodeIdInUse {
+        /// The other node's owner token.
+        holder: String,
+    },
+}
+
+/// Things worth a log line or a metric.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Local changes captured into the outbox.
+    Captured {
+        /// Which batch.
+        batch: BatchId,
+        /// Rows in it.
+        rows: u64,
+        /// Messages it takes.
+        messages: usize,
+    },
+    /// Every message of a batch is stored by the stream.
+    BatchPublished {
+        /// Which batch.
+        batch: BatchId,
+    },
+    /// A publish failed; it will be retried.
+    PublishFailed {
+        /// Why.
+        error: TransportError,
+        /// When the next attempt happens.
+        retry_in: Duration,
+    },
+    /// Other nodes' changes applied.
+    Applied {
+        /// New position.
+        through_seq: u64,
+        /// Batches applied.
+        batches: u64,
+        /// Rows written or deleted.
+        rows_written: u64,
+        /// Row versions already present or older.
+        rows_skipped: u64,
+        /// Conflicts recorded.
+        conflicts: u64,
+        /// Own messages passed over.
+        own_messages: u64,
+        /// How long the transaction took (as seen by the node).
+        took: Duration,
+    },
+    /// A batch was parked.
+    Parked {
+        /// Stream sequence of its last message.
+        stream_seq: u64,
+        /// Which batch, if readable.
+        batch: Option<BatchId>,
+        /// Why.
+        reason: String,
+    },
+    /// Parked batches were retried.
+    ParkedRetried {
+        /// Now applied.
+        applied: u64,
+        /// Still parked.
+        remaining: u64,
+    },
+    /// The stream is ready.
+    StreamReady {
+        /// Its extent.
+        bounds: StreamBounds,
+    },
+    /// The stream could not be prepared; retrying.
+    StreamUnavailable {
+        /// Why.
+        error: TransportError,
+        /// Next attempt.
+        retry_in: Duration,
+    },
+    /// Subscribed.
+    Subscribed {
+        /// From this sequence.
+        from_seq: u64,
+    },
+    /// The subscription ended; resubscribing.
+    SubscriptionLost {
+        /// Why, if known.
+        error: Option<TransportError>,
+        /// When.
+        retry_in: Duration,
+    },
+    /// A delivery skipped ahead of the expected sequence.
+    Gap {
+        /// Expected.
+        expected: u64,
+        /// Received.
+        received: u64,
+    },
+    /// Messages this node never applied are gone from the stream: it stopped applying.
+    Behind {
+        /// Last applied sequence.
+        position: u64,
+        /// Oldest sequence the stream holds.
+        first_seq: u64,
+    },
+    /// The stream ends before this node's position: it was deleted or replaced.
+    StreamReset {
+        /// Last applied sequence.
+        position: u64,
+        /// The stream's last sequence.
+        last_seq: u64,
+    },
+    /// Clock skew measured against the server.
+    ClockSkew {
+        /// Local wall clock minus server clock, milliseconds.
+        skew_ms: i64,
+        /// Capture and apply are paused because of it.
+        paused: bool,
+    },
+    /// The node-id claim was granted.
+    ClaimGranted,
+    /// The claim could not be made or renewed; retrying.
+    ClaimFailed {
+        /// Why.
+        error: TransportError,
+    },
+    /// A storage operation failed; retrying.
+    StorageFailed {
+        /// Which operation.
+        operation: &'static str,
+        /// Why.
+        error: String,
+        /// Next attempt.
+        retry_in: Duration,
+    },
+    /// The local schema changed; triggers follow it.
+    SchemaChanged,
+}
+
+/// A snapshot of the node for health checks and gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Recovered and running.
+    pub started: bool,
+    /// The stream is prepared.
+    pub stream_ready: bool,
+    /// The node id claim is granted.
+    pub claimed: bool,
+    /// Subscribed to the stream.
+    pub subscribed: bool,
+    /// Applying stopped because messages it needs are gone from the stream.
+    pub behind: bool,
+    /// Capture and apply paused because the clock is ahead.
+    pub clock_paused: bool,
+    /// Last applied stream sequence.
+    pub position: u64,
+    /// Messages received and not yet applied plus messages the stream still holds beyond.
+    pub lag_messages: u64,
+    /// Age of the last applied message when it was applied, in milliseconds (0 when caught up).
+    pub lag_ms: u64,
+    /// Captured batches not yet acknowledged.
+    pub outbox_batches: u64,
+    /// Their messages not yet acknowledged.
+    pub outbox_messages: u64,
+    /// Messages in flight.
+    pub in_flight: u64,
+    /// Parked batches.
+    pub parked: u64,
+    /// Batches with chunks waiting for the rest.
+    pub incomplete_batches: u64,
+    /// Last measured clock skew (local minus server), milliseconds.
+    pub clock_skew_ms: i64,
+    /// The clock's high-water mark.
+    pub clock_high_water: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Pending,
+    Ready,
+    RetryAt(Duration),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(cfg: &NodeConfig) -> Self {
+        Backoff {
+            next: cfg.retry_min,
+        }
+    }
+    fn fail(&mut self, cfg: &NodeConfig) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(cfg.retry_max);
+        d
+    }
+    fn reset(&mut self, cfg: &NodeConfig) {
+        self.next = cfg.retry_min;
+    }
+}
+
+struct OutBatch {
+    acked: Vec<bool>,
+    unacked: u32,
+    payloads: Option<Vec<Bytes>>,
+    cached: usize,
+}
+
+/// The node state machine.
+pub struct Node {
+    cfg: NodeConfig,
+    clock: Clock,
+    started: bool,
+    position: u64,
+    next_seq: u64,
+
+    stream: Phase,
+    stream_backoff: Backoff,
+    claim: Phase,
+    claimed_once: bool,
+    claim_backoff: Backoff,
+
+    sub: Phase,
+    sub_backoff: Backoff,
+    behind: Option<Event>,
+    next_alarm_at: Duration,
+
+    queue: VecDeque<Delivery>,
+    apply_blocked_until: Duration,
+    apply_backoff: Backoff,
+    apply_started_at: Option<Duration>,
+    apply_limit: usize,
+    lag_messages: u64,
+    lag_ms: u64,
+
+    capture_wanted: bool,
+    capturing: bool,
+    next_poll_at: Duration,
+    capture_blocked_until: Duration,
+    capture_backoff: Backoff,
+
+    batches: BTreeMap<BatchId, OutBatch>,
+    send_queue: VecDeque<(BatchId, u32)>,
+    in_flight: usize,
+    publish_blocked_until: Duration,
+    publish_backoff: Backoff,
+    cached_bytes: usize,
+
+    skew_ms: i64,
+    skew_paused: bool,
+
+    parked: u64,
+    incomplete: u64,
+    parked_retry: Option<bool>,
+
+    shutdown_deadline: Option<Duration>,
+    stopped: bool,
+    outputs: VecDeque<Output>,
+}
+
+impl Node {
+    /// A node that waits for [`Input::Recovered`].
+    pub fn new(cfg: NodeConfig) -> Self {
+        let b = Backoff::new(&cfg);
+        Node {
+            clock: Clock::new(Stamp::ZERO),
+            started: false,
+            position: 0,
+            next_seq: 1,
+            stream: Phase::Idle,
+            stream_backoff: b,
+            claim: Phase::Idle,
+            claimed_once: false,
+            claim_backoff: b,
+            sub: Phase::Idle,
+            sub_backoff: b,
+            behind: None,
+            next_alarm_at: Duration::ZERO,
+            queue: VecDeque::new(),
+            apply_blocked_until: Duration::ZERO,
+            apply_backoff: b,
+            apply_started_at: None,
+            apply_limit: 16,
+            lag_messages: 0,
+            lag_ms: 0,
+            capture_wanted: false,
+            capturing: false,
+            next_poll_at: Duration::ZERO,
+            capture_blocked_until: Duration::ZERO,
+            capture_backoff: b,
+            batches: BTreeMap::new(),
+            send_queue: VecDeque::new(),
+            in_flight: 0,
+            publish_blocked_until: Duration::ZERO,
+            publish_backoff: b,
+            cached_bytes: 0,
+            skew_ms: 0,
+            skew_paused: false,
+            parked: 0,
+            incomplete: 0,
+            parked_retry: None,
+            shutdown_deadline: None,
+            stopped: false,
+            outputs: VecDeque::new(),
+            cfg,
+        }
+    }
+
+    // ---- getters -------------------------------------------------------------------------
+
+    /// The configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// The hybrid logical clock (storage stamps and merges with it).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The clock, for storage calls made on the node's behalf ([`Output::Capture`],
+    /// [`Output::Apply`], [`Output::RetryParked`]).
+    pub fn clock_mut(&mut self) -> &mut Clock {
+        &mut self.clock
+    }
+
+    /// Whether the node wants more deliveries now (false: stop reading the stream for a
+    /// while; the transport buffers).
+    pub fn wants_deliveries(&self) -> bool {
+        self.sub == Phase::Ready && self.queue.len() < self.cfg.max_buffered_deliveries
+    }
+
+    /// Health and gauges.
+    pub fn status(&self) -> Status {
+        Status {
+            started: self.started,
+            stream_ready: self.stream == Phase::Ready,
+            claimed: self.claimed_once,
+            subscribed: self.sub == Phase::Ready,
+            behind: self.behind.is_some(),
+            clock_paused: self.skew_paused,
+            position: self.position,
+            lag_messages: self.lag_messages + self.queue.len() as u64,
+            lag_ms: self.lag_ms,
+            outbox_batches: self.batches.len() as u64,
+            outbox_messages: self.batches.values().map(|b| u64::from(b.unacked)).sum(),
+            in_flight: self.in_flight as u64,
+            parked: self.parked,
+            incomplete_batches: self.incomplete,
+            clock_skew_ms: self.skew_ms,
+            clock_high_water: self.clock.high_water().as_u64(),
+        }
+    }
+
+    // ---- handle --------------------------------------------------------------------------
+
+    /// Feeds one input at monotonic time `now`. Drain [`Node::poll_output`] afterwards.
+    pub fn handle(&mut self, now: Duration, input: Input) {
+        if self.stopped {
+            return;
+        }
+        match input {
+            Input::Recovered(r) => self.on_recovered(now, r),
+            Input::LocalChange => self.capture_wanted = true,
+            Input::Captured(r) => {
+                self.capturing = false;
+                match r {
+                    Ok(c) => {
+                        self.capture_backoff.reset(&self.cfg);
+                        if let Some(c) = c {
+                            self.add_batch(c);
+                        }
+                    }
+                    Err(error) => {
+                        let retry_in = self.capture_backoff.fail(&self.cfg);
+                        self.capture_blocked_until = now + retry_in;
+                        self.capture_wanted = true;
+                        self.event(Event::StorageFailed {
+                            operation: "capture",
+                            error,
+                            retry_in,
+                        });
+                    }
+                }
+            }
+            Input::Prepared(r) => self.on_prepared(now, r),
+            Input::Claimed {
+                result,
+                sent_wall_ms,
+                received_wall_ms,
+            } => self.on_claimed(now, result, sent_wall_ms, received_wall_ms),
+            Input::Subscribed(r) => self.on_subscribed(now, r),
+            Input::Delivered(ds) => self.on_delivered(now, ds),
+            Input::SubscriptionEnded(error) => {
+                if self.sub == Phase::Ready || self.sub == Phase::Pending {
+                    let retry_in = self.sub_backoff.fail(&self.cfg);
+                    self.sub = Phase::RetryAt(now + retry_in);
+                    self.event(Event::SubscriptionLost { error, retry_in });
+                }
+            }
+            Input::Published {
+                batch,
+                chunk,
+                result,
+            } => self.on_published(now, batch, chunk, result),
+            Input::Applied {
+                result,
+                deliveries,
+                wall_ms,
+            } => self.on_applied(now, result, deliveries, wall_ms),
+            Input::MarkedPublished(r) => {
+                if let Err(error) = r {
+                    // The batch stays in the outbox and is republished after a restart:
+                    // same message ids, and applying it twice changes nothing.
+                    self.event(Event::StorageFailed {
+                        operation: "mark published",
+                        error,
+                        retry_in: Duration::ZERO,
+                    });
+                }
+            }
+            Input::ParkedRetried(r) => match r {
+                Ok(r) => {
+                    self.parked = r.remaining;
+                    if let Some(c) = r.captured {
+                        self.add_batch(c);
+                    }
+                    if r.applied > 0 || r.remaining > 0 {
+                        self.event(Event::ParkedRetried {
+                            applied: r.applied,
+                            remaining: r.remaining,
+                        });
+                    }
+                }
+                Err(error) => {
+                    self.event(Event::StorageFailed {
+                        operation: "retry parked",
+                        error,
+                        retry_in: self.cfg.poll_interval,
+                    });
+                }
+            },
+            Input::Shutdown => {
+                if self.shutdown_deadline.is_none() {
+                    self.shutdown_deadline = Some(now + self.cfg.shutdown_grace);
+                    self.capture_wanted = true;
+                    if self.sub != Phase::Idle {
+                        self.sub = Phase::Idle;
+                        self.outputs.push_back(Output::Unsubscribe);
+                    }
+                }
+            }
+            Input::Tick => {}
+        }
+        self.step(now);
+    }
+
+    /// The next thing to do, if any. Call until `None` after every [`Node::handle`].
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When to feed [`Input::Tick`] at the latest.
+    pub fn poll_timeout(&self) -> Duration {
+        let mut t = self.next_poll_at;
+        let mut consider = |d: Duration| {
+            if d < t {
+                t = d;
+            }
+        };
+        if self.capture_wanted {
+            consider(self.capture_blocked_until);
+        }
+        if !self.send_queue.is_empty() {
+            consider(self.publish_blocked_until);
+        }
+        if !self.queue.is_empty() {
+            consider(self.apply_blocked_until);
+        }
+        for p in [self.stream, self.claim, self.sub] {
+            if let Phase::RetryAt(at) = p {
+                consider(at);
+            }
+        }
+        if self.behind.is_some() {
+            consider(self.next_alarm_at);
+        }
+        if let Some(d) = self.shutdown_deadline {
+            consider(d);
+        }
+        t
+    }
+
+    // ---- internals -----------------------------------------------------------------------
+
+    fn event(&mut self, e: Event) {
+        self.outputs.push_back(Output::Event(e));
+    }
+
+    fn on_recovered(&mut self, now: Duration, r: Recovered) {
+        self.started = true;
+        self.clock = Clock::new(r.clock);
+        self.position = r.position;
+        self.next_seq = r.position + 1;
+        self.incomplete = r.incomplete_batches;
+        self.parked = r.parked;
+        for (batch, chunks) in r.outbox {
+            self.batches.insert(
+                batch,
+                OutBatch {
+                    acked: vec![false; chunks as usize],
+                    unacked: chunks,
+                    payloads: None,
+                    cached: 0,
+                },
+            );
+            self.send_queue.extend((0..chunks).map(|c| (batch, c)));
+        }
+        self.capture_wanted = true;
+        self.parked_retry = Some(true);
+        self.next_poll_at = now;
+    }
+
+    fn add_batch(&mut self, c: Captured) {
+        let chunks = c.messages.len() as u32;
+        self.event(Event::Captured {
+            batch: c.batch,
+            rows: c.rows,
+            messages: c.messages.len(),
+        });
+        if !self.cfg.publish {
+            // Cannot happen in a correctly wired node (no triggers without publish); keep the
+            // batch in the outbox rather than lose it.
+            return;
+        }
+        let size: usize = c.messages.iter().map(Bytes::len).sum();
+        let (payloads, cached) = if self.cached_bytes + size <= self.cfg.max_cached_bytes {
+            self.cached_bytes += size;
+            (Some(c.messages), size)
+        } else {
+            (None, 0)
+        };
+        self.batches.insert(
+            c.batch,
+            OutBatch {
+                acked: vec![false; chunks as usize],
+                unacked: chunks,
+                payloads,
+                cached,
+            },
+        );
+        self.send_queue.extend((0..chunks).map(|i| (c.batch, i)));
+    }
+
+    fn on_prepared(&mut self, now: Duration, r: Result<StreamBounds, TransportError>) {
+        match r {
+            Ok(bounds) => {
+                self.stream = Phase::Ready;
+                self.stream_backoff.reset(&self.cfg);
+                self.event(Event::StreamReady { bounds });
+            }
+            Err(error) => {
+                let retry_in = self.stream_backoff.fail(&self.cfg);
+                self.stream = Phase::RetryAt(now + retry_in);
+                self.event(Event::StreamUnavailable { error, retry_in });
+            }
+        }
+    }
+
+    fn on_claimed(
+        &mut self,
+        now: Duration,
+        result: Result<Claim, TransportError>,
+        sent: u64,
+        received: u64,
+    ) {
+        match result {
+            Ok(Claim::Granted { server_ms }) => {
+                if !self.claimed_once {
+                    self.event(Event::ClaimGranted);
+                }
+                self.claimed_once = true;
+                self.claim_backoff.reset(&self.cfg);
+                self.claim = Phase::RetryAt(now + self.cfg.claim_interval);
+                // The server stamped the claim between our two readings.
+                let local_mid = sent / 2 + received / 2 + (sent % 2 + received % 2) / 2;
+                let skew = local_mid as i64 - server_ms as i64;
+                let uncertainty = (received.saturating_sub(sent) / 2) as i64;
+                // Only a lead beyond the bound plus the measurement's own uncertainty pauses.
+                let ahead = skew - uncertainty > self.cfg.max_clock_skew_ms as i64;
+                let changed = ahead != self.skew_paused;
+                self.skew_ms = skew;
+                self.skew_paused = ahead;
+                if changed || ahead {
+                    self.event(Event::ClockSkew {
+                        skew_ms: skew,
+                        paused: ahead,
+                    });
+                }
+            }
+            Ok(Claim::Held { by }) => {
+                self.stopped = true;
+                self.outputs
+                    .push_back(Output::Stop(Stop::NodeIdInUse { holder: by }));
+            }
+            Err(error) => {
+                let retry_in = self.claim_backoff.fail(&self.cfg);
+                self.claim = Phase::RetryAt(now + retry_in);
+                self.event(Event::ClaimFailed { error });
+            }
+        }
+    }
+
+    fn on_subscribed(&mut self, now: Duration, r: Result<StreamBounds, TransportError>) {
+        if self.sub != Phase::Pending {
+            // Unsubscribed meanwhile (shutdown): drop it.
+            self.outputs.push_back(Output::Unsubscribe);
+            return;
+        }
+        match r {
+            Ok(bounds) => {
+                if bounds.first_seq > self.next_seq {
+                    self.sub = Phase::Idle;
+                    self.outputs.push_back(Output::Unsubscribe);
+                    self.set_behind(
+                        now,
+                        Event::Behind {
+                            position: self.next_seq - 1,
+                            first_seq: bounds.first_seq,
+                        },
+                    );
+                } else if bounds.last_seq + 1 < self.next_seq {
+                    self.sub = Phase::Idle;
+                    self.outputs.push_back(Output::Unsubscribe);
+                    self.set_behind(
+                        now,
+                        Event::StreamReset {
+                            position: self.next_seq - 1,
+                            last_seq: bounds.last_seq,
+                        },
+                    );
+                } else {
+                    self.sub = Phase::Ready;
+                    self.sub_backoff.reset(&self.cfg);
+                    self.event(Event::Subscribed {
+                        from_seq: self.next_seq,
+                    });
+                }
+            }
+            Err(error) => {
+                let retry_in = self.sub_backoff.fail(&self.cfg);
+                self.sub = Phase::RetryAt(now + retry_in);
+                self.event(Event::SubscriptionLost {
+                    error: Some(error),
+                    retry_in,
+                });
+            }
+        }
+    }
+
+    fn set_behind(&mut self, now: Duration, alarm: Event) {
+        self.event(alarm.clone());
+        self.behind = Some(alarm);
+        self.next_alarm_at = now + self.cfg.alarm_interval;
+    }
+
+    fn on_delivered(&mut self, now: Duration, ds: Vec<Delivery>) {
+        if self.sub != Phase::Ready {
+            return;
+        }
+        for d in ds {
+            if d.stream_seq < self.next_seq {
+                continue; // redelivered
+            }
+            if d.stream_seq > self.next_seq {
+                self.event(Event::Gap {
+                    expected: self.next_seq,
+                    received: d.stream_seq,
+                });
+                self.sub = Phase::RetryAt(now);
+                self.outputs.push_back(Output::Unsubscribe);
+                return;
+            }
+            self.next_seq += 1;
+            self.lag_messages = d.pending;
+            self.queue.push_back(d);
+        }
+    }
+
+    fn on_published(
+        &mut self,
+        now: Duration,
+        batch: BatchId,
+        chunk: u32,
+        result: Result<(), TransportError>,
+    ) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        match result {
+            Ok(()) => {
+                self.publish_backoff.reset(&self.cfg);
+                let Some(b) = self.batches.get_mut(&batch) else {
+                    return;
+                };
+                let Some(acked) = b.acked.get_mut(chunk as usize) else {
+                    return;
+                };
+                if !*acked {
+                    *acked = true;
+                    b.unacked -= 1;
+                }
+                if b.unacked == 0 {
+                    let cached = b.cached;
+                    self.cached_bytes -= cached;
+                    self.batches.remove(&batch);
+                    self.outputs.push_back(Output::MarkPublished(batch));
+                    self.event(Event::BatchPublished { batch });
+                }
+            }
+            Err(error) => {
+                if self.batches.contains_key(&batch) {
+                    self.send_queue.push_front((batch, chunk));
+                }
+                let retry_in = if error.kind == TransportErrorKind::TooLarge {
+                    self.cfg.retry_max
+                } else {
+                    self.publish_backoff.fail(&self.cfg)
+                };
+                self.publish_blocked_until = self.publish_blocked_until.max(now + retry_in);
+                self.event(Event::PublishFailed { error, retry_in });
+            }
+        }
+    }
+
+    fn on_applied(
+        &mut self,
+        now: Duration,
+        result: Result<ApplyOutcome, String>,
+        deliveries: Vec<Delivery>,
+        wall_ms: u64,
+    ) {
+        let took = self
+            .apply_started_at
+            .take()
+            .map_or(Duration::ZERO, |s| now.saturating_sub(s));
+        match result {
+            Ok(o) => {
+                self.apply_backoff.reset(&self.cfg);
+                // Size the next transaction so it holds the write lock about apply_target.
+                if took > self.cfg.apply_target {
+                    self.apply_limit = (self.apply_limit / 2).max(1);
+                } else if took < self.cfg.apply_target / 2 && deliveries.len() >= self.apply_limit {
+                    self.apply_limit = (self.apply_limit * 2).min(self.cfg.apply_max_messages);
+                }
+                let r = o.report;
+                self.position = self.position.max(r.through_seq);
+                self.lag_ms = if self.queue.is_empty() && r.through_pending == 0 {
+                    0
+                } else {
+                    wall_ms.saturating_sub(r.through_published_ms)
+                };
+                self.incomplete = o.incomplete_batches;
+                if let Some(c) = o.captured {
+                    self.add_batch(c);
+                }
+                for p in &r.parked {
+                    self.parked += 1;
+                    self.event(Event::Parked {
+                        stream_seq: p.stream_seq,
+                        batch: p.batch,
+                        reason: p.reason.clone(),
+                    });
+                }
+                if o.schema_changed {
+                    self.event(Event::SchemaChanged);
+                    self.parked_retry = Some(true);
+                }
+                self.event(Event::Applied {
+                    through_seq: r.through_seq,
+                    batches: r.batches,
+                    rows_written: r.rows_written,
+                    rows_skipped: r.rows_skipped,
+                    conflicts: r.conflicts,
+                    own_messages: r.own_messages,
+                    took,
+                });
+            }
+            Err(error) => {
+                for d in deliveries.into_iter().rev() {
+                    self.queue.push_front(d);
+                }
+                self.apply_limit = (self.apply_limit / 2).max(1);
+                let retry_in = self.apply_backoff.fail(&self.cfg);
+                self.apply_blocked_until = now + retry_in;
+                self.event(Event::StorageFailed {
+                    operation: "apply",
+                    error,
+                    retry_in,
+                });
+            }
+        }
+    }
+
+    fn can_publish(&self) -> bool {
+        self.cfg.publish && self.stream == Phase::Ready && self.claimed_once
+    }
+
+    /// Turns state into outputs. Called at the end of every `handle`.
+    fn step(&mut self, now: Duration) {
+        if !self.started || self.stopped {
+            return;
+        }
+        let shutting_down = self.shutdown_deadline.is_some();
+
+        // The stream, then the claim on our node id.
+        match self.stream {
+            Phase::Idle => {
+                self.stream = Phase::Pending;
+                self.outputs.push_back(Output::Prepare);
+            }
+            Phase::RetryAt(at) if now >= at => {
+                self.stream = Phase::Pending;
+                self.outputs.push_back(Output::Prepare);
+            }
+            _ => {}
+        }
+        if self.stream == Phase::Ready {
+            let due = match self.claim {
+                Phase::Idle => true,
+                Phase::RetryAt(at) => now >= at,
+                _ => false,
+            };
+            if due {
+                self.claim = Phase::Pending;
+                self.outputs.push_back(Output::Claim);
+            }
+        }
+
+        // Local changes.
+        if now >= self.next_poll_at {
+            self.capture_wanted = true;
+            self.next_poll_at = now + self.cfg.poll_interval;
+        }
+        if self.capture_wanted
+            && !self.capturing
+            && self.cfg.publish
+            && !self.skew_paused
+            && now >= self.capture_blocked_until
+        {
+            self.capture_wanted = false;
+            self.capturing = true;
+            self.outputs.push_back(Output::Capture);
+        }
+
+        // Other nodes' changes.
+        if let Some(all) = self.parked_retry
+            && !self.skew_paused
+            && !shutting_down
+        {
+            self.parked_retry = None;
+            self.outputs.push_back(Output::RetryParked { all });
+        }
+        if self.cfg.replicate
+            && !shutting_down
+            && self.behind.is_none()
+            && self.stream == Phase::Ready
+        {
+            let due = match self.sub {
+                Phase::Idle => true,
+                Phase::RetryAt(at) => now >= at,
+                _ => false,
+            };
+            if due {
+                self.sub = Phase::Pending;
+                self.outputs.push_back(Output::Subscribe {
+                    from_seq: self.next_seq,
+                });
+            }
+        }
+        if let Some(alarm) = &self.behind
+            && now >= self.next_alarm_at
+        {
+            let alarm = alarm.clone();
+            self.next_alarm_at = now + self.cfg.alarm_interval;
+            self.event(alarm);
+        }
+        if !self.queue.is_empty()
+            && self.apply_started_at.is_none()
+            && !self.skew_paused
+            && !shutting_down
+            && now >= self.apply_blocked_until
+        {
+            let n = self.apply_limit.min(self.queue.len());
+            let batch: Vec<Delivery> = self.queue.drain(..n).collect();
+            self.apply_started_at = Some(now);
+            self.outputs.push_back(Output::Apply(batch));
+        }
+
+        // Publishing.
+        if self.can_publish() && now >= self.publish_blocked_until {
+            while self.in_flight < self.cfg.publish_window {
+                let Some((batch, chunk)) = self.send_queue.pop_front() else {
+                    break;
+                };
+                let Some(b) = self.batches.get(&batch) else {
+                    continue;
+                };
+                if b.acked.get(chunk as usize).copied().unwrap_or(true) {
+                    continue;
+                }
+                let payload = b
+                    .payloads
+                    .as_ref()
+                    .and_then(|p| p.get(chunk as usize).cloned());
+                self.in_flight += 1;
+                self.outputs.push_back(Output::Publish {
+                    batch,
+                    chunk,
+                    payload,
+                });
+            }
+        }
+
+        if let Some(deadline) = self.shutdown_deadline {
+            // Publish what is pending; if publishing is impossible now (no stream, publish
+            // off), the outbox keeps it for the next start.
+            let captured =
+                !self.cfg.publish || self.skew_paused || (!self.capture_wanted && !self.capturing);
+            let flushed = captured && (self.batches.is_empty() || !self.can_publish());
+            if flushed || now >= deadline {
+                self.stopped = true;
+                self.outputs.push_back(Output::Stop(Stop::Shutdown {
+                    unpublished: self.batches.len(),
+                }));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,468 @@
+//! Node state machine tests: each drives the node by hand and checks what it asks for.
+
+use super::*;
+use crate::apply::ApplyReport;
+use crate::ports::TransportErrorKind;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn batch(seq: u64) -> BatchId {
+    BatchId {
+        origin: 1,
+        incarnation: 1,
+        seq,
+    }
+}
+
+fn captured(seq: u64, chunks: usize) -> Captured {
+    Captured {
+        batch: batch(seq),
+        stamp: Stamp::new(1000, 0),
+        rows: 1,
+        messages: (0..chunks).map(|i| Bytes::from(vec![i as u8])).collect(),
+    }
+}
+
+fn delivery(seq: u64) -> Delivery {
+    Delivery {
+        stream_seq: seq,
+        payload: Bytes::from_static(b"x"),
+        published_ms: 0,
+        pending: 0,
+    }
+}
+
+fn recovered(position: u64, outbox: Vec<(BatchId, u32)>) -> Recovered {
+    Recovered {
+        position,
+        clock: Stamp::ZERO,
+        outbox,
+        incarnation: 1,
+        incomplete_batches: 0,
+        parked: 0,
+    }
+}
+
+fn drain(n: &mut Node) -> Vec<Output> {
+    std::iter::from_fn(|| n.poll_output()).collect()
+}
+
+fn has(outs: &[Output], f: impl Fn(&Output) -> bool) -> bool {
+    outs.iter().any(f)
+}
+
+/// A node that recovered, prepared the stream and holds its claim; its first capture found
+/// nothing. Returns the outputs it asked for on the way.
+fn ready_with(position: u64, outbox: Vec<(BatchId, u32)>) -> (Node, Vec<Output>) {
+    let mut n = Node::new(NodeConfig::new(1, "db-a"));
+    let mut outs = Vec::new();
+    n.handle(ms(0), Input::Recovered(recovered(position, outbox)));
+    outs.extend(drain(&mut n));
+    n.handle(ms(0), Input::Captured(Ok(None)));
+    outs.extend(drain(&mut n));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    outs.extend(drain(&mut n));
+    n.handle(
+        ms(0),
+        Input::Claimed {
+            result: Ok(Claim::Granted { server_ms: 1000 }),
+            sent_wall_ms: 1000,
+            received_wall_ms: 1000,
+        },
+    );
+    outs.extend(drain(&mut n));
+    (n, outs)
+}
+
+fn ready(position: u64, outbox: Vec<(BatchId, u32)>) -> Node {
+    ready_with(position, outbox).0
+}
+
+fn unavailable() -> TransportError {
+    TransportError::unavailable("no servers")
+}
+
+#[test]
+fn a_batch_is_marked_published_only_after_every_chunk_is_acknowledged() {
+    let mut n = ready(0, vec![]);
+    drain(&mut n);
+    n.handle(ms(1), Input::Captured(Ok(Some(captured(1, 2)))));
+    let outs = drain(&mut n);
+    let publishes: Vec<_> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Publish { chunk, payload, .. } => Some((*chunk, payload.is_some())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(publishes, vec![(0, true), (1, true)]);
+    n.handle(
+        ms(2),
+        Input::Published {
+            batch: batch(1),
+            chunk: 1,
+            result: Ok(()),
+        },
+    );
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::MarkPublished(_)
+    )));
+    n.handle(
+        ms(3),
+        Input::Published {
+            batch: batch(1),
+            chunk: 0,
+            result: Ok(()),
+        },
+    );
+    assert!(has(
+        &drain(&mut n),
+        |o| matches!(o, Output::MarkPublished(b) if *b == batch(1))
+    ));
+    assert_eq!(n.status().outbox_batches, 0);
+}
+
+#[test]
+fn a_failed_publish_is_retried_after_backoff_never_dropped() {
+    let mut n = ready(0, vec![]);
+    drain(&mut n);
+    n.handle(ms(1), Input::Captured(Ok(Some(captured(1, 1)))));
+    drain(&mut n);
+    n.handle(
+        ms(2),
+        Input::Published {
+            batch: batch(1),
+            chunk: 0,
+            result: Err(unavailable()),
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(
+        !has(&outs, |o| matches!(o, Output::Publish { .. })),
+        "no retry before the backoff"
+    );
+    assert!(!has(&outs, |o| matches!(o, Output::MarkPublished(_))));
+    let at = n.poll_timeout();
+    assert!(at > ms(2) && at <= ms(2) + n.config().retry_min);
+    n.handle(at, Input::Tick);
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::Publish { chunk: 0, .. }
+    )));
+    assert_eq!(n.status().outbox_batches, 1);
+}
+
+#[test]
+fn recovered_outbox_is_republished_from_storage() {
+    let (_n, outs) = ready_with(0, vec![(batch(7), 2)]);
+    let from_storage = outs
+        .iter()
+        .filter(|o| matches!(o, Output::Publish { batch: b, payload: None, .. } if *b == batch(7)))
+        .count();
+    assert_eq!(from_storage, 2);
+}
+
+#[test]
+fn nothing_is_published_before_the_node_id_claim_is_granted() {
+    let mut n = Node::new(NodeConfig::new(1, "db-a"));
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![(batch(1), 1)])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(o, Output::Claim)));
+    assert!(!has(&outs, |o| matches!(o, Output::Publish { .. })));
+    n.handle(
+        ms(1),
+        Input::Claimed {
+            result: Ok(Claim::Held { by: "db-b".into() }),
+            sent_wall_ms: 0,
+            received_wall_ms: 0,
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(has(
+        &outs,
+        |o| matches!(o, Output::Stop(Stop::NodeIdInUse { holder }) if holder == "db-b")
+    ));
+}
+
+#[test]
+fn deliveries_are_applied_in_order_and_a_gap_resubscribes_from_the_missing_sequence() {
+    let (mut n, outs) = ready_with(10, vec![]);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Subscribe { from_seq: 11 }
+    )));
+    n.handle(
+        ms(1),
+        Input::Subscribed(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 20,
+        })),
+    );
+    drain(&mut n);
+    n.handle(
+        ms(2),
+        Input::Delivered(vec![delivery(10), delivery(11), delivery(13)]),
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(o, Output::Unsubscribe)));
+    let applied: Vec<u64> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Apply(ds) => Some(ds.iter().map(|d| d.stream_seq).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        applied,
+        vec![11],
+        "the duplicate 10 is dropped, nothing after the gap is applied"
+    );
+    let unsub = outs
+        .iter()
+        .position(|o| matches!(o, Output::Unsubscribe))
+        .unwrap();
+    let resub = outs
+        .iter()
+        .position(|o| matches!(o, Output::Subscribe { from_seq: 12 }))
+        .unwrap();
+    assert!(
+        unsub < resub,
+        "drops the broken subscription, then resubscribes at the gap"
+    );
+}
+
+#[test]
+fn a_position_older_than_the_stream_stops_applying_and_alarms() {
+    let mut n = ready(5, vec![]);
+    drain(&mut n);
+    n.handle(
+        ms(1),
+        Input::Subscribed(Ok(StreamBounds {
+            first_seq: 100,
+            last_seq: 200,
+        })),
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::Behind {
+            position: 5,
+            first_seq: 100
+        })
+    )));
+    assert!(n.status().behind);
+    let later = ms(1) + n.config().alarm_interval;
+    n.handle(later, Input::Tick);
+    let outs = drain(&mut n);
+    assert!(
+        has(&outs, |o| matches!(o, Output::Event(Event::Behind { .. }))),
+        "the alarm repeats"
+    );
+    assert!(
+        !has(&outs, |o| matches!(o, Output::Subscribe { .. })),
+        "it never skips ahead"
+    );
+}
+
+#[test]
+fn a_clock_ahead_of_the_server_pauses_capture_and_apply_until_it_is_sane() {
+    let mut n = ready(0, vec![]);
+    drain(&mut n);
+    n.handle(
+        ms(1),
+        Input::Subscribed(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    drain(&mut n);
+    let bound = n.config().max_clock_skew_ms;
+    n.handle(
+        ms(2),
+        Input::Claimed {
+            result: Ok(Claim::Granted {
+                server_ms: 1_000_000,
+            }),
+            sent_wall_ms: 1_000_000 + bound + 1000,
+            received_wall_ms: 1_000_000 + bound + 1000,
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::ClockSkew { paused: true, .. })
+    )));
+    n.handle(ms(3), Input::LocalChange);
+    n.handle(ms(3), Input::Delivered(vec![delivery(1)]));
+    let outs = drain(&mut n);
+    assert!(!has(&outs, |o| matches!(
+        o,
+        Output::Capture | Output::Apply(_)
+    )));
+    assert!(n.status().clock_paused);
+    // The clock comes back: both resume, nothing was lost.
+    n.handle(
+        ms(4),
+        Input::Claimed {
+            result: Ok(Claim::Granted {
+                server_ms: 2_000_000,
+            }),
+            sent_wall_ms: 2_000_000,
+            received_wall_ms: 2_000_010,
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(o, Output::Capture)));
+    assert!(has(
+        &outs,
+        |o| matches!(o, Output::Apply(ds) if ds[0].stream_seq == 1)
+    ));
+}
+
+#[test]
+fn a_failed_apply_is_retried_with_the_same_deliveries() {
+    let mut n = ready(0, vec![]);
+    drain(&mut n);
+    n.handle(
+        ms(1),
+        Input::Subscribed(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 2,
+        })),
+    );
+    drain(&mut n);
+    n.handle(ms(2), Input::Delivered(vec![delivery(1), delivery(2)]));
+    let Some(Output::Apply(ds)) = drain(&mut n)
+        .into_iter()
+        .find(|o| matches!(o, Output::Apply(_)))
+    else {
+        panic!("no apply")
+    };
+    n.handle(
+        ms(3),
+        Input::Applied {
+            result: Err("database is locked".into()),
+            deliveries: ds,
+            wall_ms: 0,
+        },
+    );
+    assert_eq!(n.status().position, 0);
+    let at = n.poll_timeout();
+    n.handle(at, Input::Tick);
+    let again: Vec<u64> = drain(&mut n)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Apply(ds) => Some(ds.into_iter().map(|d| d.stream_seq).collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(again, vec![1, 2], "the same deliveries, in order");
+    n.handle(
+        at,
+        Input::Applied {
+            result: Ok(ApplyOutcome {
+                report: ApplyReport {
+                    through_seq: 1,
+                    ..ApplyReport::default()
+                },
+                ..ApplyOutcome::default()
+            }),
+            deliveries: vec![delivery(1), delivery(2)],
+            wall_ms: 0,
+        },
+    );
+    assert_eq!(n.status().position, 1);
+}
+
+#[test]
+fn shutdown_captures_then_waits_for_acks_within_the_grace_period() {
+    let mut n = ready(0, vec![]);
+    drain(&mut n);
+    n.handle(ms(10), Input::Shutdown);
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(o, Output::Capture)));
+    n.handle(ms(11), Input::Captured(Ok(Some(captured(1, 1)))));
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(o, Output::Publish { .. })));
+    assert!(!has(&outs, |o| matches!(o, Output::Stop(_))));
+    n.handle(
+        ms(12),
+        Input::Published {
+            batch: batch(1),
+            chunk: 0,
+            result: Ok(()),
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Stop(Stop::Shutdown { unpublished: 0 })
+    )));
+}
+
+#[test]
+fn shutdown_gives_up_after_the_grace_period_keeping_the_outbox() {
+    let mut n = ready(0, vec![(batch(1), 1)]);
+    drain(&mut n);
+    n.handle(ms(10), Input::Shutdown);
+    n.handle(ms(11), Input::Captured(Ok(None)));
+    n.handle(
+        ms(12),
+        Input::Published {
+            batch: batch(1),
+            chunk: 0,
+            result: Err(TransportError {
+                kind: TransportErrorKind::Unavailable,
+                message: "down".into(),
+            }),
+        },
+    );
+    drain(&mut n);
+    let deadline = ms(10) + n.config().shutdown_grace;
+    assert!(n.poll_timeout() <= deadline);
+    n.handle(deadline, Input::Tick);
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::Stop(Stop::Shutdown { unpublished: 1 })
+    )));
+}
+
+#[test]
+fn publish_false_never_captures_and_replicate_false_never_subscribes() {
+    let mut cfg = NodeConfig::new(1, "x");
+    cfg.publish = false;
+    cfg.replicate = false;
+    let mut n = Node::new(cfg);
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    n.handle(ms(1), Input::LocalChange);
+    let outs = drain(&mut n);
+    assert!(!has(&outs, |o| matches!(
+        o,
+        Output::Capture | Output::Subscribe { .. }
+    )));
+}

@@ -1,0 +1,183 @@
+//! The ports: what the node needs from the world, as small traits.
+//!
+//! [`Storage`] is the local database (synchronous: SQLite is; each method is one atomic
+//! transaction). [`Transport`] is the replication stream (async: its adapters are).
+//! [`Env`] supplies time and runs blocking storage work. The daemon implements them with
+//! SQLite, NATS JetStream and tokio; the simulation with the same SQLite adapter, a
+//! simulated broker and simulated time.
+
+use crate::apply::{ApplyReport, Delivery};
+use crate::capture::Captured;
+use crate::hlc::{Clock, NodeId, Stamp};
+use crate::wire::BatchId;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use std::time::Duration;
+
+/// State a node recovers from its database at start.
+#[derive(Clone, Debug)]
+pub struct Recovered {
+    /// The last stream sequence applied (0: nothing yet).
+    pub position: u64,
+    /// The clock's persisted high-water mark.
+    pub clock: Stamp,
+    /// Captured batches not yet acknowledged by the stream: (batch, chunk count).
+    pub outbox: Vec<(BatchId, u32)>,
+    /// This start's incarnation (never repeats for this database).
+    pub incarnation: u64,
+    /// Batches with some chunks stashed, waiting for the rest.
+    pub incomplete_batches: u64,
+    /// Parked batches.
+    pub parked: u64,
+}
+
+/// The outcome of one apply transaction.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyOutcome {
+    /// Local changes captured at the start of the same transaction (before any remote row
+    /// was compared with them).
+    pub captured: Option<Captured>,
+    /// What the apply did.
+    pub report: ApplyReport,
+    /// Batches with chunks stashed and not yet complete, after this transaction.
+    pub incomplete_batches: u64,
+    /// The local schema changed since the last transaction (triggers were reinstalled).
+    pub schema_changed: bool,
+}
+
+/// The outcome of retrying parked batches.
+#[derive(Clone, Debug, Default)]
+pub struct ParkedRetry {
+    /// Parked batches now applied (and removed).
+    pub applied: u64,
+    /// Parked batches still parked.
+    pub remaining: u64,
+    /// Local changes captured first, as in [`ApplyOutcome::captured`].
+    pub captured: Option<Captured>,
+}
+
+/// The local database.
+pub trait Storage {
+    /// A storage failure. Callers retry the operation later; nothing is half-done.
+    type Error: std::fmt::Display;
+    /// Reads the persisted state. Called once before anything else.
+    fn recover(&mut self) -> Result<Recovered, Self::Error>;
+    /// Captures every committed local change as one batch stored in the outbox; `None` when
+    /// nothing changed (cheap to call often).
+    fn capture(&mut self, clock: &mut Clock, wall_ms: u64)
+    -> Result<Option<Captured>, Self::Error>;
+    /// Applies deliveries in one transaction that first captures pending local changes and
+    /// finally records the new position.
+    fn apply(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        deliveries: &[Delivery],
+    ) -> Result<ApplyOutcome, Self::Error>;
+    /// Forgets a batch the stream acknowledged in full.
+    fn mark_published(&mut self, batch: BatchId) -> Result<(), Self::Error>;
+    /// Reads one message of an outbox batch (None: no longer there).
+    fn outbox_message(&mut self, batch: BatchId, chunk: u32) -> Result<Option<Bytes>, Self::Error>;
+    /// Retries parked batches: all of them when `all`, else those a user asked to retry.
+    fn retry_parked(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        all: bool,
+    ) -> Result<ParkedRetry, Self::Error>;
+}
+
+/// The stream's current extent.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct StreamBounds {
+    /// Sequence of the oldest message still held (last + 1 when empty).
+    pub first_seq: u64,
+    /// Sequence of the newest message (0 when nothing was ever stored).
+    pub last_seq: u64,
+}
+
+/// A transport failure.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct TransportError {
+    /// What kind of failure.
+    pub kind: TransportErrorKind,
+    /// Details for the log.
+    pub message: String,
+}
+
+/// Kinds of transport failure.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TransportErrorKind {
+    /// Not connected, timed out, or the stream has no quorum: try again later.
+    Unavailable,
+    /// The message is too large for the server.
+    TooLarge,
+    /// Anything else.
+    Other,
+}
+
+impl TransportError {
+    /// An `Unavailable` error.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        TransportError {
+            kind: TransportErrorKind::Unavailable,
+            message: message.into(),
+        }
+    }
+    /// An `Other` error.
+    pub fn other(message: impl Into<String>) -> Self {
+        TransportError {
+            kind: TransportErrorKind::Other,
+            message: message.into(),
+        }
+    }
+}
+
+/// Result of claiming this node's id on the transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The id is ours. `server_ms` is the server's clock when it recorded the claim.
+    Granted {
+        /// Server time of the claim, milliseconds since the Unix epoch.
+        server_ms: u64,
+    },
+    /// Another live node holds the id.
+    Held {
+        /// Who holds it (the other node's owner token).
+        by: String,
+    },
+}
+
+/// A stream of deliveries in stream order.
+pub type Deliveries = BoxStream<'static, Result<Delivery, TransportError>>;
+
+/// The replication stream.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Makes sure the stream exists (creating it as configured) and returns its extent.
+    async fn prepare(&self) -> Result<StreamBounds, TransportError>;
+    /// Publishes one message with a deduplication id; returns once the stream stored it.
+    /// Many calls run concurrently (pipelined).
+    async fn publish(&self, message_id: String, payload: Bytes) -> Result<(), TransportError>;
+    /// Delivers every message from `from_seq` on, in order. Also returns the stream's extent
+    /// at the time of subscribing.
+    async fn subscribe(&self, from_seq: u64) -> Result<(StreamBounds, Deliveries), TransportError>;
+    /// Claims (or renews the claim of) `node` for `owner`. A claim not renewed expires.
+    async fn claim(&self, node: NodeId, owner: &str) -> Result<Claim, TransportError>;
+}
+
+/// Time and blocking work.
+pub trait Env {
+    /// Monotonic time since an arbitrary origin.
+    fn now(&self) -> Duration;
+    /// Wall-clock time, milliseconds since the Unix epoch (may jump).
+    fn wall_ms(&self) -> u64;
+    /// Completes at monotonic time `deadline`.
+    fn sleep_until(&self, deadline: Duration) -> BoxFuture<'static, ()>;
+    /// Runs blocking storage work (inline in a simulation; off the async workers in a daemon).
+    fn blocking<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+}
