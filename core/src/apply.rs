@@ -216,7 +216,10 @@ pub fn apply_deliveries<T: ApplyTxn>(
                 }
             }
         };
-        apply_isolated(txn, clock, &header, payload, d.stream_seq, &mut report)?;
+        if let Some(p) = apply_isolated(txn, clock, &header, payload, d.stream_seq, &mut report)? {
+            txn.park(&p)?;
+            report.parked.push(p);
+        }
     }
     Ok(report)
 }
@@ -234,18 +237,11 @@ pub fn retry_parked<T: ApplyTxn>(
         Err(e) => return Ok(Some(e.to_string())),
     };
     let payload = parked.message.slice_ref(fragment);
-    let before = report.parked.len();
-    apply_isolated(txn, clock, &header, payload, parked.stream_seq, report)?;
-    if report.parked.len() > before {
-        // apply_isolated parks on failure; for a retry the caller updates the existing
-        // record instead of adding one.
-        let p = report.parked.pop().expect("pushed just above");
-        return Ok(Some(p.reason));
-    }
-    Ok(None)
+    Ok(apply_isolated(txn, clock, &header, payload, parked.stream_seq, report)?.map(|p| p.reason))
 }
 
-/// Applies a whole batch inside a savepoint; parks it on a poison fault.
+/// Applies a whole batch inside a savepoint. On a poison fault everything it wrote is undone
+/// and the batch comes back as a [`Parked`] record for the caller to keep.
 fn apply_isolated<T: ApplyTxn>(
     txn: &mut T,
     clock: &mut Clock,
@@ -253,7 +249,7 @@ fn apply_isolated<T: ApplyTxn>(
     payload: Bytes,
     stream_seq: u64,
     report: &mut ApplyReport,
-) -> Result<(), T::Error> {
+) -> Result<Option<Parked>, T::Error> {
     // Every stamp seen is merged into the clock, applied or not.
     clock.observe(header.stamp);
     let single = || {
@@ -265,15 +261,12 @@ fn apply_isolated<T: ApplyTxn>(
     let body = match unseal(header, payload.clone()) {
         Ok(b) => b,
         Err(e) => {
-            let p = Parked {
+            return Ok(Some(Parked {
                 stream_seq,
                 batch: Some(header.batch),
                 reason: e.to_string(),
                 message: reseal(&single(), &payload),
-            };
-            txn.park(&p)?;
-            report.parked.push(p);
-            return Ok(());
+            }));
         }
     };
     txn.savepoint()?;
@@ -285,20 +278,17 @@ fn apply_isolated<T: ApplyTxn>(
             report.rows_written += stats.written;
             report.rows_skipped += stats.skipped;
             report.conflicts += stats.conflicts;
-            Ok(())
+            Ok(None)
         }
         Err(ApplyFault::Poison(reason)) => {
             txn.rollback_to()?;
             txn.release()?;
-            let p = Parked {
+            Ok(Some(Parked {
                 stream_seq,
                 batch: Some(header.batch),
                 reason,
                 message: reseal(&single(), &payload),
-            };
-            txn.park(&p)?;
-            report.parked.push(p);
-            Ok(())
+            }))
         }
         Err(ApplyFault::Storage(e)) => {
             // The caller rolls the whole transaction back.

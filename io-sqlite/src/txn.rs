@@ -1,0 +1,474 @@
+//! The storage transaction seen by the core's capture and apply algorithms.
+//!
+//! [`Tx`] borrows a connection that is inside a `BEGIN IMMEDIATE` transaction (with triggers
+//! disabled, so rows marmot writes are never captured again) and implements
+//! [`CaptureTxn`] and [`ApplyTxn`] with prepared statements.
+
+use crate::ddl::{ApplySql, TableSql, quote};
+use crate::schema::TableInfo;
+use bytes::Bytes;
+use marmot_core::apply::{ApplyFault, ApplyTxn, ConflictRecord, Parked, RowVersion};
+use marmot_core::capture::{CaptureTxn, DirtyRow, DirtyTable};
+use marmot_core::wire::{BatchId, Header, TableDef};
+use marmot_core::{NodeId, Stamp, Value, ValueRef, Version};
+use rusqlite::types::{ToSqlOutput, ValueRef as SqlRef};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, params};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+/// A replicated table with its prepared SQL.
+#[derive(Clone, Debug)]
+pub struct Table {
+    /// Its schema.
+    pub info: TableInfo,
+    /// Its statements.
+    pub sql: TableSql,
+}
+
+/// Binds a core value to a statement parameter, bytes as they are (TEXT need not be UTF-8).
+pub struct Bind<'a>(pub ValueRef<'a>);
+
+impl ToSql for Bind<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self.0 {
+            ValueRef::Null => SqlRef::Null,
+            ValueRef::Integer(i) => SqlRef::Integer(i),
+            ValueRef::Real(r) => SqlRef::Real(r),
+            ValueRef::Text(t) => SqlRef::Text(t),
+            ValueRef::Blob(b) => SqlRef::Blob(b),
+        }))
+    }
+}
+
+/// Converts a value read from SQLite.
+pub fn from_sql(v: SqlRef<'_>) -> ValueRef<'_> {
+    match v {
+        SqlRef::Null => ValueRef::Null,
+        SqlRef::Integer(i) => ValueRef::Integer(i),
+        SqlRef::Real(r) => ValueRef::Real(r),
+        SqlRef::Text(t) => ValueRef::Text(t),
+        SqlRef::Blob(b) => ValueRef::Blob(b),
+    }
+}
+
+/// Whether an SQLite error means "try again later" (the lock, I/O) rather than "this data
+/// cannot go in" (constraints, types).
+pub fn is_transient(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => !matches!(
+            f.code,
+            ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig
+        ),
+        _ => false,
+    }
+}
+
+/// Whether an SQLite error is the write lock being held by someone else.
+pub fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// A transaction in progress.
+pub struct Tx<'a> {
+    pub(crate) conn: &'a Connection,
+    pub(crate) tables: &'a [Table],
+    pub(crate) by_name: &'a HashMap<String, usize>,
+    pub(crate) wall_ms: u64,
+    pub(crate) keep_conflicts: u64,
+    pub(crate) stats: &'a crate::StoreStats,
+    pub(crate) apply_tables: Vec<(usize, ApplySql)>,
+}
+
+struct RowView<'r, 's> {
+    row: &'r rusqlite::Row<'s>,
+    columns: usize,
+    keys: usize,
+    exists: bool,
+}
+
+impl DirtyRow for RowView<'_, '_> {
+    fn exists(&self) -> bool {
+        self.exists
+    }
+    fn value(&self, i: usize) -> ValueRef<'_> {
+        // A row that is gone has only its logged key (after the row's columns).
+        let idx = if self.exists { i } else { self.columns + i };
+        self.row
+            .get_ref(idx)
+            .map(from_sql)
+            .unwrap_or(ValueRef::Null)
+    }
+    fn base(&self) -> Option<Version> {
+        let at = self.columns + self.keys;
+        let stamp: Option<i64> = self.row.get(at).ok()?;
+        let node: Option<i64> = self.row.get(at + 1).ok()?;
+        Some(Version {
+            stamp: Stamp::from_u64(stamp? as u64),
+            node: node? as u64,
+        })
+    }
+}
+
+impl CaptureTxn for Tx<'_> {
+    type Error = rusqlite::Error;
+
+    fn dirty_tables(&mut self) -> Result<Vec<DirtyTable>, Self::Error> {
+        let mut out = Vec::new();
+        for (index, t) in self.tables.iter().enumerate() {
+            let dirty = self
+                .conn
+                .prepare_cached(&t.sql.has_dirty)?
+                .query_row([], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if dirty {
+                out.push(DirtyTable {
+                    index,
+                    name: t.info.name.clone(),
+                    columns: t.info.column_names(),
+                    key_columns: t.info.key_columns,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_dirty(
+        &mut self,
+        table: &DirtyTable,
+        visit: &mut dyn FnMut(&dyn DirtyRow),
+    ) -> Result<(), Self::Error> {
+        let t = &self.tables[table.index];
+        let mut stmt = self.conn.prepare_cached(&t.sql.capture_select)?;
+        let columns = t.info.columns.len();
+        let keys = t.info.key_columns;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let exists: bool = row.get(columns + keys + 2)?;
+            visit(&RowView {
+                row,
+                columns,
+                keys,
+                exists,
+            });
+        }
+        Ok(())
+    }
+
+    fn commit_dirty(&mut self, table: &DirtyTable, version: Version) -> Result<(), Self::Error> {
+        let t = &self.tables[table.index];
+        let nulls: i64 = self
+            .conn
+            .prepare_cached(&t.sql.null_keys)?
+            .query_row([], |r| r.get(0))?;
+        if nulls > 0 {
+            self.stats
+                .null_key_rows
+                .fetch_add(nulls as u64, Ordering::Relaxed);
+            tracing::warn!(
+                table = %t.info.name,
+                rows = nulls,
+                "rows whose primary key contains NULL are not replicated (NULL keys are not unique in SQLite); give them a key"
+            );
+        }
+        self.conn
+            .prepare_cached(&t.sql.capture_stamp)?
+            .execute(params![version.stamp.as_u64() as i64, version.node as i64])?;
+        self.conn
+            .prepare_cached(&t.sql.capture_clear)?
+            .execute([])?;
+        Ok(())
+    }
+
+    fn put_outbox(&mut self, batch: BatchId, messages: &[Bytes]) -> Result<(), Self::Error> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO \"__marmot__outbox\" (incarnation, seq, chunk, chunks, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for (i, m) in messages.iter().enumerate() {
+            stmt.execute(params![
+                batch.incarnation as i64,
+                batch.seq as i64,
+                i as i64,
+                messages.len() as i64,
+                &m[..]
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+impl Tx<'_> {
+    fn poison(
+        &self,
+        t: usize,
+        key: &[ValueRef<'_>],
+        e: rusqlite::Error,
+    ) -> ApplyFault<rusqlite::Error> {
+        if is_transient(&e) {
+            ApplyFault::Storage(e)
+        } else {
+            let name = &self.tables[self.apply_tables[t].0].info.name;
+            ApplyFault::Poison(format!(
+                "table {}, key {}: {e}",
+                quote(name),
+                marmot_core::value::sql_row_literal(key.iter().copied())
+            ))
+        }
+    }
+}
+
+impl ApplyTxn for Tx<'_> {
+    type Error = rusqlite::Error;
+    type Table = usize;
+
+    fn table(&mut self, def: &TableDef<'_>) -> Result<usize, ApplyFault<Self::Error>> {
+        let Some(&index) = self.by_name.get(def.name) else {
+            return Err(ApplyFault::Poison(format!(
+                "unknown table {}: it does not exist on this node or is not replicated here \
+                 (schema changes are not replicated: run the same migration on every node)",
+                quote(def.name)
+            )));
+        };
+        let t = &self.tables[index].info;
+        for c in &def.columns {
+            if !t.columns.iter().any(|lc| lc.name == *c) {
+                return Err(ApplyFault::Poison(format!(
+                    "table {}: unknown column {} (add it on this node; parked batches are retried after a schema change)",
+                    quote(def.name),
+                    quote(c)
+                )));
+            }
+        }
+        let incoming_key = &def.columns[..def.key_columns];
+        let mut local_key = Vec::with_capacity(t.key_columns);
+        for lc in t.key() {
+            match incoming_key.iter().position(|c| *c == lc.name) {
+                Some(i) => local_key.push(i),
+                None => break,
+            }
+        }
+        if local_key.len() != t.key_columns || incoming_key.len() != t.key_columns {
+            return Err(ApplyFault::Poison(format!(
+                "table {}: primary key here is ({}) but the sender's is ({})",
+                quote(def.name),
+                t.key()
+                    .iter()
+                    .map(|c| quote(&c.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                incoming_key
+                    .iter()
+                    .map(|c| quote(c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let sql = ApplySql::new(t, &def.columns, def.key_columns, &local_key);
+        self.apply_tables.push((index, sql));
+        Ok(self.apply_tables.len() - 1)
+    }
+
+    fn version(
+        &mut self,
+        t: usize,
+        key: &[ValueRef<'_>],
+    ) -> Result<Option<RowVersion>, ApplyFault<Self::Error>> {
+        let sql = &self.apply_tables[t].1.version_get;
+        let r = self.conn.prepare_cached(sql).and_then(|mut s| {
+            s.query_row(
+                rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))),
+                |r| {
+                    Ok(RowVersion {
+                        version: Version {
+                            stamp: Stamp::from_u64(r.get::<_, i64>(0)? as u64),
+                            node: r.get::<_, i64>(1)? as NodeId,
+                        },
+                        deleted: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        });
+        r.map_err(|e| self.poison(t, key, e))
+    }
+
+    fn write_row(
+        &mut self,
+        t: usize,
+        values: &[ValueRef<'_>],
+    ) -> Result<(), ApplyFault<Self::Error>> {
+        let sql = &self.apply_tables[t].1.upsert;
+        let r = self.conn.prepare_cached(sql).and_then(|mut s| {
+            s.execute(rusqlite::params_from_iter(values.iter().map(|v| Bind(*v))))
+        });
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let keys = self.tables[self.apply_tables[t].0].info.key_columns;
+                Err(self.poison(t, &values[..keys.min(values.len())], e))
+            }
+        }
+    }
+
+    fn delete_row(
+        &mut self,
+        t: usize,
+        key: &[ValueRef<'_>],
+    ) -> Result<(), ApplyFault<Self::Error>> {
+        let sql = &self.apply_tables[t].1.delete;
+        let r = self
+            .conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v)))));
+        r.map(|_| ()).map_err(|e| self.poison(t, key, e))
+    }
+
+    fn set_version(
+        &mut self,
+        t: usize,
+        key: &[ValueRef<'_>],
+        v: RowVersion,
+    ) -> Result<(), ApplyFault<Self::Error>> {
+        let sql = &self.apply_tables[t].1.version_set;
+        let stamp = ValueRef::Integer(v.version.stamp.as_u64() as i64);
+        let node = ValueRef::Integer(v.version.node as i64);
+        let deleted = ValueRef::Integer(i64::from(v.deleted));
+        let r = self.conn.prepare_cached(sql).and_then(|mut s| {
+            s.execute(rusqlite::params_from_iter(
+                key.iter().copied().chain([stamp, node, deleted]).map(Bind),
+            ))
+        });
+        r.map(|_| ()).map_err(|e| self.poison(t, key, e))
+    }
+
+    fn read_row(
+        &mut self,
+        t: usize,
+        key: &[ValueRef<'_>],
+    ) -> Result<Option<Vec<Value>>, ApplyFault<Self::Error>> {
+        let sql = &self.apply_tables[t].1.read;
+        let r = self.conn.prepare_cached(sql).and_then(|mut s| {
+            s.query_row(
+                rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))),
+                |r| {
+                    let n = r.as_ref().column_count();
+                    (0..n)
+                        .map(|i| r.get_ref(i).map(|v| from_sql(v).to_owned()))
+                        .collect()
+                },
+            )
+            .optional()
+        });
+        r.map_err(|e| self.poison(t, key, e))
+    }
+
+    fn record_conflict(&mut self, c: &ConflictRecord) -> Result<(), Self::Error> {
+        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO \"__marmot__conflicts\" (tbl, key, winner_stamp, winner_node, loser_stamp, loser_node, loser_row, recorded_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                c.table,
+                c.key,
+                c.winner.stamp.as_u64() as i64,
+                c.winner.node as i64,
+                c.loser.stamp.as_u64() as i64,
+                c.loser.node as i64,
+                c.loser_row,
+                self.wall_ms as i64
+            ])?;
+        let id = self.conn.last_insert_rowid();
+        self.conn
+            .prepare_cached("DELETE FROM \"__marmot__conflicts\" WHERE id <= ?1")?
+            .execute([id - self.keep_conflicts as i64])?;
+        Ok(())
+    }
+
+    fn savepoint(&mut self) -> Result<(), Self::Error> {
+        self.conn.execute_batch("SAVEPOINT marmot_batch")
+    }
+
+    fn release(&mut self) -> Result<(), Self::Error> {
+        self.conn.execute_batch("RELEASE marmot_batch")
+    }
+
+    fn rollback_to(&mut self) -> Result<(), Self::Error> {
+        self.conn.execute_batch("ROLLBACK TO marmot_batch")
+    }
+
+    fn stash_chunk(
+        &mut self,
+        h: &Header,
+        stream_seq: u64,
+        fragment: &[u8],
+    ) -> Result<Option<Bytes>, Self::Error> {
+        let b = h.batch;
+        let id = params![b.origin as i64, b.incarnation as i64, b.seq as i64];
+        self.conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO \"__marmot__inbox\" (origin, incarnation, seq, chunk, chunks, stream_seq, fragment) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                b.origin as i64,
+                b.incarnation as i64,
+                b.seq as i64,
+                i64::from(h.chunk),
+                i64::from(h.chunks),
+                stream_seq as i64,
+                fragment
+            ])?;
+        let have: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*) FROM \"__marmot__inbox\" WHERE origin = ?1 AND incarnation = ?2 AND seq = ?3",
+            )?
+            .query_row(id, |r| r.get(0))?;
+        if have < i64::from(h.chunks) {
+            return Ok(None);
+        }
+        let mut payload = Vec::new();
+        {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT fragment FROM \"__marmot__inbox\" WHERE origin = ?1 AND incarnation = ?2 AND seq = ?3 ORDER BY chunk",
+            )?;
+            let mut rows = stmt.query(id)?;
+            while let Some(r) = rows.next()? {
+                if let SqlRef::Blob(f) = r.get_ref(0)? {
+                    payload.extend_from_slice(f);
+                }
+            }
+        }
+        self.conn
+            .prepare_cached("DELETE FROM \"__marmot__inbox\" WHERE origin = ?1 AND incarnation = ?2 AND seq = ?3")?
+            .execute(id)?;
+        Ok(Some(Bytes::from(payload)))
+    }
+
+    fn park(&mut self, p: &Parked) -> Result<(), Self::Error> {
+        self.stats.parked.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            stream_seq = p.stream_seq,
+            batch = %p.batch.map(|b| b.to_string()).unwrap_or_else(|| "unreadable".into()),
+            reason = %p.reason,
+            "parked a batch that cannot be applied; replication of everything else continues (see `marmot parked list`)"
+        );
+        self.conn
+            .prepare_cached(
+                "INSERT INTO \"__marmot__parked\" (stream_seq, origin, incarnation, batch_seq, reason, message, parked_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                p.stream_seq as i64,
+                p.batch.map(|b| b.origin as i64),
+                p.batch.map(|b| b.incarnation as i64),
+                p.batch.map(|b| b.seq as i64),
+                p.reason,
+                &p.message[..],
+                self.wall_ms as i64
+            ])?;
+        Ok(())
+    }
+}
