@@ -21,12 +21,19 @@ use crate::apply::Delivery;
 use crate::capture::Captured;
 use crate::hlc::{Clock, NodeId, Stamp};
 use crate::ports::{
-    ApplyOutcome, Claim, ParkedRetry, Recovered, StreamBounds, TransportError, TransportErrorKind,
+    ApplyOutcome, CaptureOutcome, Claim, ParkedRetry, Recovered, StreamBounds, TransportError,
+    TransportErrorKind,
 };
 use crate::wire::BatchId;
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
+
+/// After a local-change hint, capture is retried for this long (1, 2, 4, ... ms apart).
+const HINT_WINDOW: Duration = Duration::from_millis(100);
+
+/// While batches are parked, look this often for retries a person asked for.
+const PARKED_CHECK: Duration = Duration::from_millis(500);
 
 /// How a node behaves. Build with [`NodeConfig::new`] and adjust fields.
 #[derive(Clone, Debug)]
@@ -98,7 +105,7 @@ pub enum Input {
     /// The database may have changed (a wake-up hint, not a promise).
     LocalChange,
     /// Result of [`Output::Capture`].
-    Captured(Result<Option<Captured>, String>),
+    Captured(Result<CaptureOutcome, String>),
     /// Result of [`Output::Prepare`].
     Prepared(Result<StreamBounds, TransportError>),
     /// Result of [`Output::Claim`], with local wall time read just before and after.
@@ -431,6 +438,9 @@ pub struct Node {
 
     capture_wanted: bool,
     capturing: bool,
+    hint_until: Duration,
+    recheck_at: Option<Duration>,
+    recheck_delay: Duration,
     next_poll_at: Duration,
     capture_blocked_until: Duration,
     capture_backoff: Backoff,
@@ -448,6 +458,7 @@ pub struct Node {
     parked: u64,
     incomplete: u64,
     parked_retry: Option<bool>,
+    next_parked_check: Duration,
 
     shutdown_deadline: Option<Duration>,
     stopped: bool,
@@ -481,6 +492,9 @@ impl Node {
             lag_ms: 0,
             capture_wanted: false,
             capturing: false,
+            hint_until: Duration::ZERO,
+            recheck_at: None,
+            recheck_delay: Duration::from_millis(1),
             next_poll_at: Duration::ZERO,
             capture_blocked_until: Duration::ZERO,
             capture_backoff: b,
@@ -495,6 +509,7 @@ impl Node {
             parked: 0,
             incomplete: 0,
             parked_retry: None,
+            next_parked_check: Duration::ZERO,
             shutdown_deadline: None,
             stopped: false,
             outputs: VecDeque::new(),
@@ -557,14 +572,27 @@ impl Node {
         }
         match input {
             Input::Recovered(r) => self.on_recovered(now, r),
-            Input::LocalChange => self.capture_wanted = true,
+            Input::LocalChange => {
+                // A file-change hint can come before the writer's commit is visible (it
+                // updates the WAL index after its last write): look again a few times.
+                self.capture_wanted = true;
+                self.hint_until = now + HINT_WINDOW;
+                self.recheck_delay = Duration::from_millis(1);
+            }
             Input::Captured(r) => {
                 self.capturing = false;
+                if now < self.hint_until {
+                    self.recheck_at = Some(now + self.recheck_delay);
+                    self.recheck_delay *= 2;
+                }
                 match r {
-                    Ok(c) => {
+                    Ok(o) => {
                         self.capture_backoff.reset(&self.cfg);
-                        if let Some(c) = c {
+                        if let Some(c) = o.captured {
                             self.add_batch(c);
+                        }
+                        if o.schema_changed {
+                            self.schema_changed();
                         }
                     }
                     Err(error) => {
@@ -621,7 +649,7 @@ impl Node {
                     if let Some(c) = r.captured {
                         self.add_batch(c);
                     }
-                    if r.applied > 0 || r.remaining > 0 {
+                    if r.attempted > 0 {
                         self.event(Event::ParkedRetried {
                             applied: r.applied,
                             remaining: r.remaining,
@@ -667,6 +695,9 @@ impl Node {
         if self.capture_wanted {
             consider(self.capture_blocked_until);
         }
+        if let Some(at) = self.recheck_at {
+            consider(at);
+        }
         if !self.send_queue.is_empty() {
             consider(self.publish_blocked_until);
         }
@@ -683,6 +714,9 @@ impl Node {
         }
         if let Some(d) = self.shutdown_deadline {
             consider(d);
+        }
+        if self.parked > 0 {
+            consider(self.next_parked_check);
         }
         t
     }
@@ -967,8 +1001,7 @@ impl Node {
                     });
                 }
                 if o.schema_changed {
-                    self.event(Event::SchemaChanged);
-                    self.parked_retry = Some(true);
+                    self.schema_changed();
                 }
                 self.event(Event::Applied {
                     through_seq: r.through_seq,
@@ -994,6 +1027,12 @@ impl Node {
                 });
             }
         }
+    }
+
+    fn schema_changed(&mut self) {
+        self.event(Event::SchemaChanged);
+        // Batches parked for an unknown table or column may fit now.
+        self.parked_retry = Some(true);
     }
 
     fn can_publish(&self) -> bool {
@@ -1032,6 +1071,12 @@ impl Node {
         }
 
         // Local changes.
+        if let Some(at) = self.recheck_at
+            && now >= at
+        {
+            self.recheck_at = None;
+            self.capture_wanted = true;
+        }
         if now >= self.next_poll_at {
             self.capture_wanted = true;
             self.next_poll_at = now + self.cfg.poll_interval;
@@ -1047,12 +1092,17 @@ impl Node {
             self.outputs.push_back(Output::Capture);
         }
 
-        // Other nodes' changes.
+        // Other nodes' changes. A person may ask for parked batches to be retried (with
+        // `marmot parked retry`): look for such requests now and then while any are parked.
+        if self.parked > 0 && self.parked_retry.is_none() && now >= self.next_parked_check {
+            self.parked_retry = Some(false);
+        }
         if let Some(all) = self.parked_retry
             && !self.skew_paused
             && !shutting_down
         {
             self.parked_retry = None;
+            self.next_parked_check = now + PARKED_CHECK;
             self.outputs.push_back(Output::RetryParked { all });
         }
         if self.cfg.replicate

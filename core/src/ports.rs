@@ -46,9 +46,20 @@ pub struct ApplyOutcome {
     pub schema_changed: bool,
 }
 
+/// The outcome of one capture.
+#[derive(Clone, Debug, Default)]
+pub struct CaptureOutcome {
+    /// The batch captured, if anything changed.
+    pub captured: Option<Captured>,
+    /// The local schema changed since the last transaction (triggers were reinstalled).
+    pub schema_changed: bool,
+}
+
 /// The outcome of retrying parked batches.
 #[derive(Clone, Debug, Default)]
 pub struct ParkedRetry {
+    /// Parked batches tried.
+    pub attempted: u64,
     /// Parked batches now applied (and removed).
     pub applied: u64,
     /// Parked batches still parked.
@@ -63,10 +74,9 @@ pub trait Storage {
     type Error: std::fmt::Display;
     /// Reads the persisted state. Called once before anything else.
     fn recover(&mut self) -> Result<Recovered, Self::Error>;
-    /// Captures every committed local change as one batch stored in the outbox; `None` when
-    /// nothing changed (cheap to call often).
-    fn capture(&mut self, clock: &mut Clock, wall_ms: u64)
-    -> Result<Option<Captured>, Self::Error>;
+    /// Captures every committed local change as one batch stored in the outbox (none when
+    /// nothing changed; cheap to call often).
+    fn capture(&mut self, clock: &mut Clock, wall_ms: u64) -> Result<CaptureOutcome, Self::Error>;
     /// Applies deliveries in one transaction that first captures pending local changes and
     /// finally records the new position.
     fn apply(
@@ -79,7 +89,8 @@ pub trait Storage {
     fn mark_published(&mut self, batch: BatchId) -> Result<(), Self::Error>;
     /// Reads one message of an outbox batch (None: no longer there).
     fn outbox_message(&mut self, batch: BatchId, chunk: u32) -> Result<Option<Bytes>, Self::Error>;
-    /// Retries parked batches: all of them when `all`, else those a user asked to retry.
+    /// Retries parked batches: all of them when `all`, else those a user asked to retry
+    /// (cheap when there are none).
     fn retry_parked(
         &mut self,
         clock: &mut Clock,

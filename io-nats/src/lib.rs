@@ -438,30 +438,34 @@ impl Transport for NatsTransport {
             .await
             .map_err(|e| unavailable("reading the node-id claim", e))?;
         let value = Bytes::copy_from_slice(owner.as_bytes());
-        match current {
+        let revision = match current {
             Some(e) if e.operation == kv::Operation::Put && e.value != value => {
                 return Ok(Claim::Held {
                     by: String::from_utf8_lossy(&e.value).into_owned(),
                 });
             }
-            Some(e) => {
-                kv.update(&key, value, e.revision)
-                    .await
-                    .map_err(|e| unavailable("renewing the node-id claim", e))?;
-            }
-            None => {
-                kv.create(&key, value)
-                    .await
-                    .map_err(|e| unavailable("claiming the node id", e))?;
-            }
-        }
-        let mine = kv
-            .entry(&key)
+            Some(e) => kv
+                .update(&key, value, e.revision)
+                .await
+                .map_err(|e| unavailable("renewing the node-id claim", e))?,
+            None => kv
+                .create(&key, value)
+                .await
+                .map_err(|e| unavailable("claiming the node id", e))?,
+        };
+        // The server's timestamp of our own write, read from the stream leader (a direct get
+        // may be served by a replica that has not caught up yet).
+        let stream = self
+            .js
+            .get_stream(&kv.stream_name)
             .await
-            .map_err(|e| unavailable("reading the node-id claim", e))?
-            .ok_or_else(|| TransportError::unavailable("the node-id claim vanished"))?;
+            .map_err(|e| unavailable("reading the node-id bucket", e))?;
+        let written = stream
+            .get_raw_message(revision)
+            .await
+            .map_err(|e| unavailable("reading the node-id claim", e))?;
         Ok(Claim::Granted {
-            server_ms: millis(mine.created),
+            server_ms: millis(written.time),
         })
     }
 }

@@ -27,7 +27,7 @@ pub mod watch;
 
 use bytes::Bytes;
 use marmot_core::capture::{CaptureParams, Captured, capture};
-use marmot_core::ports::{ApplyOutcome, ParkedRetry, Recovered, Storage};
+use marmot_core::ports::{ApplyOutcome, CaptureOutcome, ParkedRetry, Recovered, Storage};
 use marmot_core::wire::BatchId;
 use marmot_core::{Clock, NodeId, Stamp};
 use rusqlite::config::DbConfig;
@@ -676,20 +676,25 @@ impl Storage for SqliteStore {
         })
     }
 
-    fn capture(&mut self, clock: &mut Clock, wall_ms: u64) -> Result<Option<Captured>, StoreError> {
-        if !self.cfg.capture {
-            return Ok(None);
-        }
+    fn capture(&mut self, clock: &mut Clock, wall_ms: u64) -> Result<CaptureOutcome, StoreError> {
         // Cheap check first: nobody else committed, nothing to look at.
         if self.data_version()? == self.data_version && !self.scan_needed {
-            return Ok(None);
+            return Ok(CaptureOutcome::default());
         }
         self.in_txn(|s| {
             s.follow_schema()?;
             s.load_clock(clock)?;
-            let c = s.capture_in_txn(clock, wall_ms)?;
+            let captured = s.capture_in_txn(clock, wall_ms)?;
+            if !s.cfg.capture {
+                // Nothing to capture, but follow what other connections did.
+                s.data_version = s.data_version()?;
+                s.scan_needed = false;
+            }
             s.save_clock(clock)?;
-            Ok(c)
+            Ok(CaptureOutcome {
+                captured,
+                schema_changed: std::mem::take(&mut s.schema_changed),
+            })
         })
     }
 
@@ -783,6 +788,7 @@ impl Storage for SqliteStore {
                 rows.collect::<Result<_, _>>().map_err(e)?
             };
             let mut applied = 0;
+            let attempted = parked.len() as u64;
             let mut report = marmot_core::apply::ApplyReport::default();
             for (id, p) in parked {
                 let mut tx = s.tx(wall_ms);
@@ -812,6 +818,7 @@ impl Storage for SqliteStore {
                 .map_err(|x| s.sql_err(x))?;
             s.save_clock(clock)?;
             Ok(ParkedRetry {
+                attempted,
                 applied,
                 remaining: remaining as u64,
                 captured,

@@ -77,7 +77,7 @@ impl Cluster {
     fn capture(&mut self, i: usize) -> Option<u64> {
         self.wall += 1;
         let n = &mut self.nodes[i];
-        let c = n.store.capture(&mut n.clock, self.wall).unwrap();
+        let c = n.store.capture(&mut n.clock, self.wall).unwrap().captured;
         let rows = c.as_ref().map(|c| c.rows);
         self.publish(c);
         rows
@@ -348,6 +348,7 @@ fn huge_rows_travel_in_chunks_and_apply_whole() {
         n.store.capture(&mut n.clock, c.wall)
     }
     .unwrap()
+    .captured
     .unwrap();
     let pos = 2;
     c.stream.insert(
@@ -540,7 +541,12 @@ fn unpublished_batches_survive_a_reopen_until_marked_published() {
     c.exec(0, "INSERT INTO books (id, title) VALUES (1, 'x');");
     c.wall += 1;
     let n = &mut c.nodes[0];
-    let cap = n.store.capture(&mut n.clock, c.wall).unwrap().unwrap();
+    let cap = n
+        .store
+        .capture(&mut n.clock, c.wall)
+        .unwrap()
+        .captured
+        .unwrap();
     let path = n.path.clone();
     let mut reopened = SqliteStore::open(StoreConfig::new(&path, 1, 6)).unwrap();
     let r = reopened.recover().unwrap();
@@ -573,4 +579,29 @@ fn cleanup_removes_marmot_and_keeps_user_data() {
         0,
         "INSERT INTO books (id, title) VALUES (2, 'still writable');",
     );
+}
+
+#[test]
+fn a_commit_by_another_connection_wakes_the_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db");
+    let app = Connection::open(&path).unwrap();
+    app.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE t (id INTEGER PRIMARY KEY);")
+        .unwrap();
+    let (_w, mut rx) = marmot_sqlite::watch::watch(&path).unwrap();
+    // Drain hints from the setup above.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    while rx.try_recv().is_ok() {}
+    app.execute_batch("INSERT INTO t VALUES (1);").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        if rx.try_recv().is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no wake-up within 2 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }

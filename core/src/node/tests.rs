@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::apply::ApplyReport;
-use crate::ports::TransportErrorKind;
+use crate::ports::{CaptureOutcome, TransportErrorKind};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -60,7 +60,7 @@ fn ready_with(position: u64, outbox: Vec<(BatchId, u32)>) -> (Node, Vec<Output>)
     let mut outs = Vec::new();
     n.handle(ms(0), Input::Recovered(recovered(position, outbox)));
     outs.extend(drain(&mut n));
-    n.handle(ms(0), Input::Captured(Ok(None)));
+    n.handle(ms(0), Input::Captured(Ok(CaptureOutcome::default())));
     outs.extend(drain(&mut n));
     n.handle(
         ms(0),
@@ -94,7 +94,13 @@ fn unavailable() -> TransportError {
 fn a_batch_is_marked_published_only_after_every_chunk_is_acknowledged() {
     let mut n = ready(0, vec![]);
     drain(&mut n);
-    n.handle(ms(1), Input::Captured(Ok(Some(captured(1, 2)))));
+    n.handle(
+        ms(1),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(captured(1, 2)),
+            schema_changed: false,
+        })),
+    );
     let outs = drain(&mut n);
     let publishes: Vec<_> = outs
         .iter()
@@ -135,7 +141,13 @@ fn a_batch_is_marked_published_only_after_every_chunk_is_acknowledged() {
 fn a_failed_publish_is_retried_after_backoff_never_dropped() {
     let mut n = ready(0, vec![]);
     drain(&mut n);
-    n.handle(ms(1), Input::Captured(Ok(Some(captured(1, 1)))));
+    n.handle(
+        ms(1),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(captured(1, 1)),
+            schema_changed: false,
+        })),
+    );
     drain(&mut n);
     n.handle(
         ms(2),
@@ -399,7 +411,13 @@ fn shutdown_captures_then_waits_for_acks_within_the_grace_period() {
     n.handle(ms(10), Input::Shutdown);
     let outs = drain(&mut n);
     assert!(has(&outs, |o| matches!(o, Output::Capture)));
-    n.handle(ms(11), Input::Captured(Ok(Some(captured(1, 1)))));
+    n.handle(
+        ms(11),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(captured(1, 1)),
+            schema_changed: false,
+        })),
+    );
     let outs = drain(&mut n);
     assert!(has(&outs, |o| matches!(o, Output::Publish { .. })));
     assert!(!has(&outs, |o| matches!(o, Output::Stop(_))));
@@ -423,7 +441,7 @@ fn shutdown_gives_up_after_the_grace_period_keeping_the_outbox() {
     let mut n = ready(0, vec![(batch(1), 1)]);
     drain(&mut n);
     n.handle(ms(10), Input::Shutdown);
-    n.handle(ms(11), Input::Captured(Ok(None)));
+    n.handle(ms(11), Input::Captured(Ok(CaptureOutcome::default())));
     n.handle(
         ms(12),
         Input::Published {
@@ -465,4 +483,31 @@ fn publish_false_never_captures_and_replicate_false_never_subscribes() {
         o,
         Output::Capture | Output::Subscribe { .. }
     )));
+}
+
+#[test]
+fn a_change_hint_rechecks_briefly_when_the_commit_was_not_visible_yet() {
+    let mut n = ready(0, vec![]);
+    drain(&mut n);
+    n.handle(ms(100), Input::LocalChange);
+    assert!(has(&drain(&mut n), |o| matches!(o, Output::Capture)));
+    n.handle(ms(100), Input::Captured(Ok(CaptureOutcome::default())));
+    drain(&mut n);
+    let at = n.poll_timeout();
+    assert_eq!(at, ms(101), "looks again 1 ms later");
+    n.handle(at, Input::Tick);
+    assert!(has(&drain(&mut n), |o| matches!(o, Output::Capture)));
+    n.handle(at, Input::Captured(Ok(CaptureOutcome::default())));
+    drain(&mut n);
+    assert_eq!(n.poll_timeout(), ms(103), "then 2 ms later");
+    // Outside the window it falls back to the regular poll.
+    n.handle(ms(103), Input::Tick);
+    assert!(has(&drain(&mut n), |o| matches!(o, Output::Capture)));
+    n.handle(ms(300), Input::Captured(Ok(CaptureOutcome::default())));
+    drain(&mut n);
+    assert_eq!(
+        n.poll_timeout(),
+        n.config().poll_interval,
+        "no more rechecks, next regular poll"
+    );
 }

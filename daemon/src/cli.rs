@@ -1,0 +1,166 @@
+//! The command line. Go Marmot's single-dash flags (`-config x.toml`, `-cleanup`,
+//! `-save-snapshot`, `-cluster-addr`, `-cluster-peers`, `-leaf-servers`, `-pprof`) are
+//! accepted as they were, next to the usual `--flag` form and subcommands.
+
+use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// marmot: leaderless replication of SQLite databases over NATS JetStream.
+#[derive(Debug, Parser)]
+#[command(name = "marmot", version, about, long_about = None)]
+pub struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Cluster listen address of the supervised nats-server (host:port).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub cluster_addr: Option<String>,
+    /// Routes to the other nodes' nats-servers: nats://h:p,... or dns://host:port/?min=N&interval_ms=M.
+    #[arg(long, global = true, value_name = "URLS")]
+    pub cluster_peers: Option<String>,
+    /// Leaf node remotes for the supervised nats-server.
+    #[arg(long, global = true, value_name = "URLS")]
+    pub leaf_servers: Option<String>,
+    /// Go Marmot's -cleanup: same as the `cleanup` command.
+    #[arg(long, hide = true)]
+    pub cleanup: bool,
+    /// Go Marmot's -save-snapshot: snapshots are not implemented in this version.
+    #[arg(long, hide = true)]
+    pub save_snapshot: bool,
+    /// Go Marmot's -pprof: ignored.
+    #[arg(long, hide = true, value_name = "ADDR")]
+    pub pprof: Option<String>,
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the replication daemon (the default).
+    Run,
+    /// Remove marmot's triggers and tables from the database; user data is untouched.
+    /// Stop the daemon first.
+    Cleanup,
+    /// Batches that could not be applied.
+    Parked {
+        /// What to do with them.
+        #[command(subcommand)]
+        action: ParkedCommand,
+    },
+    /// Recent conflicts (writes that lost to a newer write of the same row).
+    Conflicts {
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// What the database holds for marmot: position, pending and parked batches, tables.
+    Status,
+}
+
+/// `marmot parked ...`.
+#[derive(Debug, Subcommand)]
+pub enum ParkedCommand {
+    /// List parked batches with their reasons.
+    List,
+    /// Ask the daemon to retry one parked batch (by id) or all.
+    Retry {
+        /// The parked batch's id (from `list`).
+        id: Option<i64>,
+        /// Retry all of them.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Throw away one parked batch (by id) or all.
+    Discard {
+        /// The parked batch's id (from `list`).
+        id: Option<i64>,
+        /// Discard all of them.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+}
+
+const GO_FLAGS: &[&str] = &[
+    "config",
+    "cleanup",
+    "save-snapshot",
+    "cluster-addr",
+    "cluster-peers",
+    "leaf-servers",
+    "pprof",
+];
+
+/// Rewrites Go-style `-flag` into `--flag` for the flags Go Marmot had.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if i == 0 {
+                return a;
+            }
+            let Some(s) = a.to_str() else { return a };
+            if let Some(rest) = s.strip_prefix('-')
+                && !rest.starts_with('-')
+            {
+                let name = rest.split('=').next().unwrap_or(rest);
+                if GO_FLAGS.contains(&name) {
+                    return OsString::from(format!("-{s}"));
+                }
+            }
+            a
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
+    }
+
+    #[test]
+    fn go_marmot_invocations_still_parse() {
+        let c = parse(&[
+            "marmot",
+            "-config",
+            "n1.toml",
+            "-cluster-addr",
+            "localhost:4221",
+            "-cluster-peers=nats://localhost:4222/,nats://localhost:4223/",
+        ]);
+        assert_eq!(c.config.as_deref(), Some(std::path::Path::new("n1.toml")));
+        assert_eq!(c.cluster_addr.as_deref(), Some("localhost:4221"));
+        assert!(c.cluster_peers.unwrap().contains("4223"));
+        assert!(parse(&["marmot", "-config", "x.toml", "-cleanup"]).cleanup);
+        assert!(parse(&["marmot", "-save-snapshot", "-config", "x.toml"]).save_snapshot);
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        let c = parse(&["marmot", "--config", "x.toml", "parked", "retry", "--all"]);
+        assert!(matches!(
+            c.command,
+            Some(Command::Parked {
+                action: ParkedCommand::Retry {
+                    id: None,
+                    all: true
+                }
+            })
+        ));
+        let c = parse(&["marmot", "parked", "discard", "3", "--config", "x.toml"]);
+        assert!(matches!(
+            c.command,
+            Some(Command::Parked {
+                action: ParkedCommand::Discard {
+                    id: Some(3),
+                    all: false
+                }
+            })
+        ));
+    }
+}

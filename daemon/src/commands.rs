@@ -1,0 +1,182 @@
+//! Dispatching commands.
+
+use crate::cli::{Cli, Command, ParkedCommand};
+use crate::config::{LogFormat, Settings};
+use anyhow::{Context, bail};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Sets up logging: console or JSON, debug when verbose; `RUST_LOG` overrides.
+pub fn init_logging(s: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let default = if s.verbose { "debug" } else { "info" };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},async_nats=warn,nats_server=info")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match s.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Console => builder.try_init(),
+    };
+}
+
+fn settings(cli: &Cli) -> anyhow::Result<Settings> {
+    let Some(path) = &cli.config else {
+        bail!(
+            "no configuration given: run `marmot --config node.toml` (see the README for the keys)"
+        );
+    };
+    Ok(Settings::load(path)?)
+}
+
+fn open_db(s: &Settings) -> anyhow::Result<rusqlite::Connection> {
+    if !s.db_path.exists() {
+        bail!("database {} does not exist", s.db_path.display());
+    }
+    marmot_sqlite::open_connection(&s.db_path, Duration::from_secs(10))
+        .with_context(|| format!("opening {}", s.db_path.display()))
+}
+
+/// Runs the command the user asked for.
+pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    if cli.save_snapshot {
+        bail!(
+            "snapshots are not implemented in this version of marmot (-save-snapshot); copy the database file of a stopped node instead"
+        );
+    }
+    let command = if cli.cleanup {
+        Some(Command::Cleanup)
+    } else {
+        cli.command.take()
+    };
+    let s = settings(&cli)?;
+    match command.unwrap_or(Command::Run) {
+        Command::Run => {
+            init_logging(&s);
+            if cli.pprof.is_some() {
+                tracing::warn!("-pprof is ignored by this marmot");
+            }
+            crate::run::run(s, &cli)
+        }
+        Command::Cleanup => {
+            let conn = open_db(&s)?;
+            let r = marmot_sqlite::admin::cleanup(&conn)
+                .context("removing marmot's triggers and tables")?;
+            println!(
+                "removed {} triggers and {} tables of marmot from {}; user data untouched",
+                r.triggers,
+                r.tables,
+                s.db_path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Parked { action } => parked(&s, action),
+        Command::Conflicts { limit } => {
+            let conn = open_db(&s)?;
+            let rows = marmot_sqlite::admin::list_conflicts(&conn, limit)?;
+            if rows.is_empty() {
+                println!("no conflicts recorded");
+            }
+            for r in rows {
+                println!(
+                    "#{} table {} key {}: {}@node{} won over {}@node{}; losing row: {}",
+                    r.id,
+                    r.table,
+                    r.key,
+                    stamp(r.winner.0),
+                    r.winner.1,
+                    stamp(r.loser.0),
+                    r.loser.1,
+                    r.loser_row.as_deref().unwrap_or("(deleted)")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => status(&s),
+    }
+}
+
+fn stamp(raw: u64) -> String {
+    marmot_core::Stamp::from_u64(raw).to_string()
+}
+
+fn parked(s: &Settings, action: ParkedCommand) -> anyhow::Result<ExitCode> {
+    let conn = open_db(s)?;
+    match action {
+        ParkedCommand::List => {
+            let rows = marmot_sqlite::admin::list_parked(&conn)?;
+            if rows.is_empty() {
+                println!("no parked batches");
+            }
+            for r in rows {
+                println!(
+                    "#{} stream seq {} batch {} tables [{}] attempts {}{}: {}",
+                    r.id,
+                    r.stream_seq,
+                    r.batch.as_deref().unwrap_or("(unreadable)"),
+                    r.tables.join(", "),
+                    r.attempts,
+                    if r.retry_requested {
+                        " (retry requested)"
+                    } else {
+                        ""
+                    },
+                    r.reason
+                );
+            }
+        }
+        ParkedCommand::Retry { id, all } => {
+            require_choice(id, all)?;
+            let n = marmot_sqlite::admin::request_retry(&conn, id)?;
+            println!(
+                "retry requested for {n} parked batch(es); the running daemon retries them within a second (or at its next start)"
+            );
+            if n == 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        ParkedCommand::Discard { id, all } => {
+            require_choice(id, all)?;
+            let n = marmot_sqlite::admin::discard_parked(&conn, id)?;
+            println!("discarded {n} parked batch(es)");
+            if n == 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn require_choice(id: Option<i64>, all: bool) -> anyhow::Result<()> {
+    if id.is_none() && !all {
+        bail!("give a parked batch id (see `marmot parked list`) or --all");
+    }
+    Ok(())
+}
+
+fn status(s: &Settings) -> anyhow::Result<ExitCode> {
+    let conn = open_db(s)?;
+    let q = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap_or(0) };
+    let meta = |k: &str| -> i64 {
+        conn.query_row(
+            "SELECT value FROM \"__marmot__meta\" WHERE key = ?1",
+            [k],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+    };
+    let out = serde_json::json!({
+        "database": s.db_path,
+        "node_id": meta("node_id"),
+        "position": meta("position"),
+        "clock": stamp(meta("clock") as u64),
+        "pending_batches": q("SELECT count(DISTINCT incarnation || '/' || seq) FROM \"__marmot__outbox\""),
+        "incomplete_batches": q("SELECT count(*) FROM (SELECT DISTINCT origin, incarnation, seq FROM \"__marmot__inbox\")"),
+        "parked_batches": q("SELECT count(*) FROM \"__marmot__parked\""),
+        "conflicts_recorded": q("SELECT count(*) FROM \"__marmot__conflicts\""),
+        "tables": q("SELECT count(*) FROM \"__marmot__tables\""),
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,25 @@
+//! The `marmot` binary: runs the replication daemon next to an application's SQLite file,
+//! and offers the commands a person needs around it (cleanup, parked batches, conflicts,
+//! status).
+
+mod cli;
+mod commands;
+mod config;
+mod observe;
+mod run;
+mod supervisor;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse_from(cli::normalize_args(std::env::args_os()));
+    match commands::dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // Logging may not be set up (bad config): print plainly.
+            eprintln!("marmot: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

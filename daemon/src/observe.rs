@@ -1,0 +1,359 @@
+//! What the running node reports: log lines (tracing), Prometheus metrics, and the state
+//! behind `/health` and `/ready`.
+
+use marmot_core::drive::Observer;
+use marmot_core::node::{Event, Status};
+use marmot_sqlite::StoreStats;
+use metrics::{Counter, Gauge};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Shared view of the node for the HTTP endpoints and the idle watchdog.
+#[derive(Default)]
+pub struct Shared {
+    /// Last status the node reported.
+    pub status: Mutex<Status>,
+    /// The node applies remote changes (so readiness requires a subscription).
+    pub replicate: bool,
+    /// Milliseconds since start of the last captured or applied change.
+    pub last_activity_ms: AtomicU64,
+}
+
+struct Metrics {
+    captured_rows: Counter,
+    captured_batches: Counter,
+    published_batches: Counter,
+    publish_failures: Counter,
+    applied_rows: Counter,
+    skipped_rows: Counter,
+    applied_batches: Counter,
+    conflicts: Counter,
+    parked_total: Counter,
+    busy: Counter,
+    storage_failures: Counter,
+    pending_batches: Gauge,
+    pending_messages: Gauge,
+    lag_messages: Gauge,
+    lag_seconds: Gauge,
+    parked: Gauge,
+    incomplete: Gauge,
+    skew: Gauge,
+    clock_paused: Gauge,
+    behind: Gauge,
+    position: Gauge,
+    connected: Gauge,
+    tables: Gauge,
+    skipped_tables: Gauge,
+    null_key_rows: Gauge,
+}
+
+impl Metrics {
+    fn new(prefix: &str) -> Self {
+        let c = |n: &str| metrics::counter!(format!("{prefix}_{n}"));
+        let g = |n: &str| metrics::gauge!(format!("{prefix}_{n}"));
+        Metrics {
+            captured_rows: c("changes_captured_total"),
+            captured_batches: c("batches_captured_total"),
+            published_batches: c("batches_published_total"),
+            publish_failures: c("publish_failures_total"),
+            applied_rows: c("changes_applied_total"),
+            skipped_rows: c("changes_skipped_total"),
+            applied_batches: c("batches_applied_total"),
+            conflicts: c("conflicts_total"),
+            parked_total: c("parked_total"),
+            busy: c("sqlite_busy_total"),
+            storage_failures: c("storage_failures_total"),
+            pending_batches: g("pending_batches"),
+            pending_messages: g("pending_messages"),
+            lag_messages: g("replication_lag_messages"),
+            lag_seconds: g("replication_lag_seconds"),
+            parked: g("parked_batches"),
+            incomplete: g("incomplete_batches"),
+            skew: g("clock_skew_seconds"),
+            clock_paused: g("clock_paused"),
+            behind: g("behind_stream"),
+            position: g("stream_position"),
+            connected: g("stream_ready"),
+            tables: g("tables_replicated"),
+            skipped_tables: g("tables_skipped"),
+            null_key_rows: g("null_key_rows_skipped"),
+        }
+    }
+}
+
+/// The daemon's observer.
+pub struct DaemonObserver {
+    m: Metrics,
+    shared: Arc<Shared>,
+    stats: Arc<StoreStats>,
+    busy_seen: u64,
+    last_warn: HashMap<&'static str, Duration>,
+    publish_failing: bool,
+}
+
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl DaemonObserver {
+    /// An observer recording under `prefix`.
+    pub fn new(prefix: &str, shared: Arc<Shared>, stats: Arc<StoreStats>) -> Self {
+        DaemonObserver {
+            m: Metrics::new(prefix),
+            shared,
+            stats,
+            busy_seen: 0,
+            last_warn: HashMap::new(),
+            publish_failing: false,
+        }
+    }
+
+    /// Whether a repeated warning of this kind may be logged now.
+    fn may_warn(&mut self, now: Duration, kind: &'static str) -> bool {
+        match self.last_warn.get(kind) {
+            Some(t) if now.saturating_sub(*t) < WARN_EVERY => false,
+            _ => {
+                self.last_warn.insert(kind, now);
+                true
+            }
+        }
+    }
+
+    fn active(&self, now: Duration) {
+        self.shared
+            .last_activity_ms
+            .store(now.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Observer for DaemonObserver {
+    fn event(&mut self, now: Duration, e: &Event) {
+        match e {
+            Event::Captured {
+                batch,
+                rows,
+                messages,
+            } => {
+                self.m.captured_rows.increment(*rows);
+                self.m.captured_batches.increment(1);
+                self.active(now);
+                tracing::debug!(%batch, rows, messages, "captured local changes");
+            }
+            Event::BatchPublished { batch } => {
+                self.m.published_batches.increment(1);
+                if self.publish_failing {
+                    self.publish_failing = false;
+                    tracing::info!("publishing works again");
+                }
+                tracing::debug!(%batch, "published");
+            }
+            Event::PublishFailed { error, retry_in } => {
+                self.m.publish_failures.increment(1);
+                self.publish_failing = true;
+                if self.may_warn(now, "publish") {
+                    tracing::warn!(%error, retry_in = ?retry_in, "publish failed; changes stay in the outbox and are retried (nothing is lost)");
+                }
+            }
+            Event::Applied {
+                through_seq,
+                batches,
+                rows_written,
+                rows_skipped,
+                conflicts,
+                own_messages,
+                took,
+            } => {
+                self.m.applied_rows.increment(*rows_written);
+                self.m.skipped_rows.increment(*rows_skipped);
+                self.m.applied_batches.increment(*batches);
+                self.m.conflicts.increment(*conflicts);
+                if *batches > 0 {
+                    self.active(now);
+                }
+                if *conflicts > 0 {
+                    tracing::info!(
+                        conflicts,
+                        "conflicts resolved (last writer wins); see `marmot conflicts`"
+                    );
+                }
+                tracing::debug!(through_seq, batches, rows_written, rows_skipped, own_messages, took = ?took, "applied");
+            }
+            Event::Parked { .. } => {
+                // io-sqlite logs the details with the batch.
+                self.m.parked_total.increment(1);
+            }
+            Event::ParkedRetried { applied, remaining } => {
+                if *applied > 0 {
+                    tracing::info!(applied, remaining, "parked batches applied on retry");
+                } else if *remaining > 0 && self.may_warn(now, "parked") {
+                    tracing::warn!(
+                        remaining,
+                        "parked batches still cannot be applied; see `marmot parked list`"
+                    );
+                }
+            }
+            Event::StreamReady { bounds } => {
+                tracing::info!(
+                    first_seq = bounds.first_seq,
+                    last_seq = bounds.last_seq,
+                    "replication stream ready"
+                );
+            }
+            Event::StreamUnavailable { error, retry_in } => {
+                if self.may_warn(now, "stream") {
+                    tracing::warn!(%error, retry_in = ?retry_in, "replication stream not available yet; capturing locally meanwhile");
+                }
+            }
+            Event::Subscribed { from_seq } => tracing::info!(from_seq, "reading the stream"),
+            Event::SubscriptionLost { error, retry_in } => {
+                if self.may_warn(now, "subscription") {
+                    tracing::warn!(error = ?error.as_ref().map(|e| e.to_string()), retry_in = ?retry_in, "stream subscription lost; resubscribing from the applied position");
+                }
+            }
+            Event::Gap { expected, received } => {
+                tracing::warn!(
+                    expected,
+                    received,
+                    "delivery skipped ahead; resubscribing from the first missing message"
+                );
+            }
+            Event::Behind {
+                position,
+                first_seq,
+            } => {
+                tracing::error!(
+                    position,
+                    first_seq,
+                    "THIS NODE STOPPED APPLYING: it has applied the stream up to {position}, but the stream now starts at {first_seq}; \
+                     the messages in between are gone (retention). Restore this node from a copy of another node's database. \
+                     Local writes are still captured and published."
+                );
+            }
+            Event::StreamReset { position, last_seq } => {
+                tracing::error!(
+                    position,
+                    last_seq,
+                    "THIS NODE STOPPED APPLYING: the stream ends at {last_seq}, before this node's position {position}; \
+                     it was deleted or replaced. Restore this node from a copy of another node's database."
+                );
+            }
+            Event::ClockSkew { skew_ms, paused } => {
+                if *paused {
+                    tracing::error!(
+                        skew_ms,
+                        "this node's clock is ahead of the NATS server beyond max_clock_skew_ms: capture and apply are paused until it is fixed (writes wait safely in the change log)"
+                    );
+                } else {
+                    tracing::info!(
+                        skew_ms,
+                        "clock back within bounds: capture and apply resume"
+                    );
+                }
+            }
+            Event::ClaimGranted => tracing::info!("node id claimed"),
+            Event::ClaimFailed { error } => {
+                if self.may_warn(now, "claim") {
+                    tracing::warn!(%error, "could not claim/renew the node id yet");
+                }
+            }
+            Event::StorageFailed {
+                operation,
+                error,
+                retry_in,
+            } => {
+                self.m.storage_failures.increment(1);
+                if self.may_warn(now, "storage") {
+                    tracing::warn!(operation, %error, retry_in = ?retry_in, "database operation failed; retrying");
+                }
+            }
+            Event::SchemaChanged => tracing::info!("database schema changed; capture follows it"),
+        }
+    }
+
+    fn status(&mut self, s: &Status) {
+        let m = &self.m;
+        m.pending_batches.set(s.outbox_batches as f64);
+        m.pending_messages.set(s.outbox_messages as f64);
+        m.lag_messages.set(s.lag_messages as f64);
+        m.lag_seconds.set(s.lag_ms as f64 / 1000.0);
+        m.parked.set(s.parked as f64);
+        m.incomplete.set(s.incomplete_batches as f64);
+        m.skew.set(s.clock_skew_ms as f64 / 1000.0);
+        m.clock_paused.set(if s.clock_paused { 1.0 } else { 0.0 });
+        m.behind.set(if s.behind { 1.0 } else { 0.0 });
+        m.position.set(s.position as f64);
+        m.connected.set(if s.stream_ready { 1.0 } else { 0.0 });
+        m.tables
+            .set(self.stats.tables.load(Ordering::Relaxed) as f64);
+        m.skipped_tables
+            .set(self.stats.skipped_tables.load(Ordering::Relaxed) as f64);
+        m.null_key_rows
+            .set(self.stats.null_key_rows.load(Ordering::Relaxed) as f64);
+        let busy = self.stats.busy.load(Ordering::Relaxed);
+        if busy > self.busy_seen {
+            m.busy.increment(busy - self.busy_seen);
+            self.busy_seen = busy;
+        }
+        if let Ok(mut st) = self.shared.status.lock()
+            && *st != *s
+        {
+            *st = s.clone();
+        }
+    }
+}
+
+/// Whether the node is ready: stream prepared, node id claimed, reading the stream (when it
+/// replicates), not behind, clock sane.
+pub fn ready(shared: &Shared) -> (bool, serde_json::Value) {
+    let s = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+    let ok = s.started
+        && s.stream_ready
+        && s.claimed
+        && (s.subscribed || !shared.replicate)
+        && !s.behind
+        && !s.clock_paused;
+    let body = serde_json::json!({
+        "ready": ok,
+        "stream_ready": s.stream_ready,
+        "node_id_claimed": s.claimed,
+        "subscribed": s.subscribed,
+        "behind_stream": s.behind,
+        "clock_paused": s.clock_paused,
+        "position": s.position,
+        "lag_messages": s.lag_messages,
+        "pending_messages": s.outbox_messages,
+        "parked_batches": s.parked,
+        "incomplete_batches": s.incomplete_batches,
+        "clock_skew_ms": s.clock_skew_ms,
+    });
+    (ok, body)
+}
+
+/// Serves `/metrics`, `/health` (the process is up) and `/ready` on `bind`.
+pub async fn serve(
+    bind: String,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    shared: Arc<Shared>,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(&bind).await?;
+    tracing::info!(%bind, "serving /metrics, /health and /ready");
+    let ready_shared = shared.clone();
+    let app = axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/health", get(|| std::future::ready("ok\n")))
+        .route(
+            "/ready",
+            get(move || {
+                let (ok, body) = ready(&ready_shared);
+                let code = if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                std::future::ready((code, body.to_string()))
+            }),
+        );
+    axum::serve(listener, app).await
+}

@@ -1,0 +1,257 @@
+//! `marmot run`: wires the store, the transport (and the supervised nats-server), the file
+//! watch, signals and the metrics endpoint around the shared drive loop.
+
+use crate::cli::Cli;
+use crate::config::Settings;
+use crate::observe::{DaemonObserver, Shared};
+use crate::supervisor::{ServerSpec, Supervised};
+use anyhow::Context;
+use futures::future::BoxFuture;
+use futures::{FutureExt, SinkExt, Stream};
+use marmot_core::drive::{self, Control};
+use marmot_core::node::{Node, NodeConfig, Stop};
+use marmot_core::ports::Env;
+use marmot_nats::{NatsConfig, NatsTransport};
+use marmot_sqlite::{SqliteStore, StoreConfig};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Time and blocking work for the daemon: tokio's clock, the system wall clock, and storage
+/// calls run with `block_in_place` so the runtime's other worker keeps NATS I/O moving.
+#[derive(Clone)]
+pub struct TokioEnv {
+    start: tokio::time::Instant,
+}
+
+impl Env for TokioEnv {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+    fn wall_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+    fn sleep_until(&self, deadline: Duration) -> BoxFuture<'static, ()> {
+        tokio::time::sleep_until(self.start + deadline).boxed()
+    }
+    fn blocking<R>(&self, f: impl FnOnce() -> R) -> R {
+        tokio::task::block_in_place(f)
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown-host".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn data_dir_for(db: &std::path::Path) -> PathBuf {
+    let name = db
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "marmot".into());
+    db.with_file_name(format!("{name}-marmot-nats"))
+}
+
+/// Runs the daemon until a signal (exit 0) or a fatal condition (exit 1).
+pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
+    for w in &s.warnings {
+        tracing::warn!("{w}");
+    }
+    let db = s.db_path.clone();
+    if !db.exists() {
+        tracing::warn!(db = %db.display(), "the database does not exist: creating an empty one");
+    }
+    let mut store_cfg = StoreConfig::new(&db, s.node_id, rand::random());
+    store_cfg.capture = s.publish;
+    store_cfg.compress = s.compress;
+    store_cfg.busy_timeout = s.busy_timeout;
+    store_cfg.keep_conflicts = s.keep_conflicts;
+    let store = SqliteStore::open(store_cfg)?;
+    let canonical = std::fs::canonicalize(&db).unwrap_or(db.clone());
+    let owner = format!("{}@{}:{}", store.owner(), hostname(), canonical.display());
+    tracing::info!(node_id = s.node_id, db = %db.display(), tables = store.tables().count(), "database ready");
+
+    let supervised = if s.urls.is_empty() {
+        let spec = ServerSpec {
+            binary: s.server_binary.clone(),
+            data_dir: data_dir_for(&canonical),
+            server_name: format!("marmot-{}", s.node_id),
+            bind_address: s.bind_address.clone(),
+            cluster_addr: cli.cluster_addr.clone(),
+            cluster_peers: cli.cluster_peers.iter().cloned().collect(),
+            leaf_servers: cli.leaf_servers.iter().cloned().collect(),
+            server_config: s.server_config.clone(),
+        };
+        Some(Supervised::start(spec)?)
+    } else {
+        if cli.cluster_addr.is_some() || cli.cluster_peers.is_some() {
+            tracing::warn!(
+                "--cluster-addr/--cluster-peers only apply to the supervised nats-server; [nats] urls is set, so they are ignored"
+            );
+        }
+        None
+    };
+    let urls = match &supervised {
+        Some(sv) => vec![sv.url.clone()],
+        None => s.urls.clone(),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let stop = runtime.block_on(serve(s, store, urls, owner))?;
+    drop(runtime);
+    if let Some(sv) = supervised {
+        sv.stop();
+    }
+    match stop {
+        Stop::Shutdown { unpublished } => {
+            if unpublished > 0 {
+                tracing::warn!(
+                    unpublished,
+                    "stopped with batches not yet published; they are kept and published at the next start"
+                );
+            } else {
+                tracing::info!("stopped; everything captured was published");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Stop::NodeIdInUse { holder } => {
+            tracing::error!(%holder, "another live node uses this node id; give every node its own node_id");
+            anyhow::bail!(
+                "node id is in use by another live node ({holder}); give every node its own node_id"
+            )
+        }
+    }
+}
+
+async fn serve(
+    s: Settings,
+    mut store: SqliteStore,
+    urls: Vec<String>,
+    owner: String,
+) -> anyhow::Result<Stop> {
+    let mut nats = NatsConfig::new(urls, s.node_id);
+    nats.stream_prefix = s.stream_prefix.clone();
+    nats.subject_prefix = s.subject_prefix.clone();
+    nats.replicas = s.replicas;
+    nats.max_messages = s.max_entries;
+    nats.max_bytes = s.max_bytes;
+    nats.max_age = s.max_age;
+    nats.update_existing = s.update_existing;
+    nats.auth = s.auth.clone();
+    nats.reconnect_wait_max = s.reconnect_wait;
+    let transport = Arc::new(NatsTransport::connect(nats).await?);
+
+    let (watcher, wake) = marmot_sqlite::watch::watch(&s.db_path)
+        .with_context(|| format!("watching {}", s.db_path.display()))?;
+    let mut wake: Pin<Box<dyn Stream<Item = ()> + Send>> = Box::pin(wake);
+    let (mut ctl_tx, ctl_rx) = futures::channel::mpsc::channel::<Control>(4);
+    let mut control: Pin<Box<dyn Stream<Item = Control> + Send>> = Box::pin(ctl_rx);
+
+    let shared = Arc::new(Shared {
+        replicate: s.replicate,
+        ..Shared::default()
+    });
+    if let Some(bind) = s.metrics_bind.clone() {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .context("installing the metrics recorder")?;
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::observe::serve(bind.clone(), handle, shared).await {
+                tracing::error!(%bind, error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+
+    // Signals: the first asks for a clean stop, a second one exits at once.
+    {
+        let mut tx = ctl_tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            let first = tokio::time::Instant::now();
+            tracing::info!("stopping: publishing what is pending (signal again to exit at once)");
+            let _ = tx.send(Control::Shutdown).await;
+            loop {
+                tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+                // A terminal's Ctrl-C reaches the whole process group, often together with a
+                // TERM from a wrapper script: repeats right after the first are the same request.
+                if first.elapsed() > Duration::from_secs(2) {
+                    break;
+                }
+            }
+            tracing::warn!(
+                "exiting at once; unpublished changes stay in the database for the next start"
+            );
+            std::process::exit(1);
+        });
+    }
+    let env = TokioEnv {
+        start: tokio::time::Instant::now(),
+    };
+    if let Some(idle) = s.sleep_timeout {
+        let shared = shared.clone();
+        let env = env.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let last = Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
+                if env.now().saturating_sub(last) > idle {
+                    tracing::info!(idle = ?idle, "no changes for sleep_timeout: stopping");
+                    let _ = ctl_tx.send(Control::Shutdown).await;
+                    return;
+                }
+            }
+        });
+    }
+
+    let mut cfg = NodeConfig::new(s.node_id, owner);
+    cfg.publish = s.publish;
+    cfg.replicate = s.replicate;
+    cfg.max_clock_skew_ms = s.max_clock_skew_ms;
+    cfg.poll_interval = s.poll_interval;
+    cfg.retry_max = s.reconnect_wait;
+    let mut observer = DaemonObserver::new(&s.metrics_prefix, shared, store.stats());
+    let t = transport.clone();
+    let stop = tokio::spawn(async move {
+        let mut node = Node::new(cfg);
+        drive::run(
+            &mut node,
+            &mut store,
+            t,
+            &env,
+            &mut observer,
+            wake.as_mut(),
+            control.as_mut(),
+        )
+        .await
+    })
+    .await
+    .context("the replication loop panicked")?;
+    transport.close().await;
+    drop(watcher);
+    Ok(stop)
+}

