@@ -174,6 +174,8 @@ pub struct Node {
     pub log: PathBuf,
     /// Extra command-line arguments (cluster flags).
     pub args: Vec<String>,
+    /// `RUST_LOG` for the process.
+    pub rust_log: String,
     child: Option<Child>,
 }
 
@@ -210,6 +212,7 @@ impl Node {
             http_port,
             log: dir.join(format!("node-{id}.log")),
             args: Vec::new(),
+            rust_log: "info,marmot=debug".into(),
             child: None,
         }
     }
@@ -226,7 +229,7 @@ impl Node {
             .arg("--config")
             .arg(&self.config)
             .args(&self.args)
-            .env("RUST_LOG", "info,marmot=debug")
+            .env("RUST_LOG", &self.rust_log)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

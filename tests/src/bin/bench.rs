@@ -1,1 +1,292 @@
-fn main() {}
+//! marmot's benchmark: prints figures and writes them as JSON.
+//!
+//! (a) rows/s inserting N rows in 100-row transactions into a plain SQLite file;
+//! (b) the same with marmot's triggers installed;
+//! (c) end to end: rows/s until three marmot nodes (one nats-server) all hold the N rows
+//!     written on them, a third on each node, concurrently;
+//! (d) replication lag (commit on node 1 to visible on node 2) for single-row writes at a
+//!     fixed rate.
+//!
+//! Each figure is measured `--runs` times; the JSON keeps every run and the median. Ratios
+//! (b/a) are taken within the same run. Usage:
+//!   cargo run --release -p marmot-tests --bin marmot-bench -- [--rows N] [--runs K] [--rate W] [--seconds S] [--out FILE]
+
+use marmot_tests::{Nats, Node, wait_for};
+use rusqlite::{Connection, params};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TABLE: &str = "CREATE TABLE Books (id INTEGER PRIMARY KEY, title TEXT NOT NULL, author TEXT NOT NULL, publication_year INTEGER);
+                     CREATE TABLE Lag (id INTEGER PRIMARY KEY, payload TEXT);";
+
+struct Args {
+    rows: u64,
+    runs: usize,
+    rate: u64,
+    seconds: u64,
+    out: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        rows: 100_000,
+        runs: 3,
+        rate: 500,
+        seconds: 10,
+        out: PathBuf::from("bench-results/latest.json"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--rows" => a.rows = v.parse().expect("--rows N"),
+            "--runs" => a.runs = v.parse().expect("--runs K"),
+            "--rate" => a.rate = v.parse().expect("--rate W"),
+            "--seconds" => a.seconds = v.parse().expect("--seconds S"),
+            "--out" => a.out = PathBuf::from(v),
+            _ => panic!("unknown argument {k}"),
+        }
+    }
+    a
+}
+
+fn app_connection(db: &Path) -> Connection {
+    let c = Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(30)).unwrap();
+    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;").unwrap();
+    c
+}
+
+/// Inserts `count` rows with ids from `first`, 100 per transaction; returns the time taken.
+fn insert_rows(c: &Connection, first: u64, count: u64) -> Duration {
+    let start = Instant::now();
+    let mut i = 0;
+    while i < count {
+        let tx = c.unchecked_transaction().unwrap();
+        {
+            let mut stmt = c
+                .prepare_cached("INSERT INTO Books (id, title, author, publication_year) VALUES (?1, ?2, ?3, ?4)")
+                .unwrap();
+            for k in i..(i + 100).min(count) {
+                let id = first + k;
+                stmt.execute(params![id as i64, format!("Title number {id}"), "Some Author", 1900 + (id % 120) as i64])
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        i += 100;
+    }
+    start.elapsed()
+}
+
+fn plain_and_triggers(dir: &Path, rows: u64) -> (f64, f64) {
+    let plain = dir.join("plain.db");
+    let c = app_connection(&plain);
+    c.execute_batch(TABLE).unwrap();
+    let a = rows as f64 / insert_rows(&c, 1, rows).as_secs_f64();
+
+    let with = dir.join("triggers.db");
+    let c = app_connection(&with);
+    c.execute_batch(TABLE).unwrap();
+    // Opening the store installs marmot's capture triggers, as the daemon does.
+    drop(marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&with, 1, 1)).unwrap());
+    let b = rows as f64 / insert_rows(&c, 1, rows).as_secs_f64();
+    (a, b)
+}
+
+fn count(db: &Path, table: &str) -> u64 {
+    let c = Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).unwrap() as u64
+}
+
+struct Cluster {
+    _nats: Nats,
+    nodes: Vec<Node>,
+}
+
+fn cluster(dir: &Path) -> Cluster {
+    let nats = Nats::start(dir);
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|i| {
+            let mut n = Node::new(dir, i, TABLE, Some(&nats.url()), "");
+            n.rust_log = "warn".into();
+            n
+        })
+        .collect();
+    for n in &mut nodes {
+        n.start();
+    }
+    for n in &mut nodes {
+        n.wait_ready();
+    }
+    Cluster { _nats: nats, nodes }
+}
+
+/// (c): returns (rows/s end to end, seconds the writers took).
+fn end_to_end(c: &Cluster, rows: u64) -> (f64, f64) {
+    let per = rows / 3;
+    let total = per * 3;
+    let start = Instant::now();
+    let writers: Vec<_> = c
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let db = n.db.clone();
+            std::thread::spawn(move || {
+                let conn = app_connection(&db);
+                insert_rows(&conn, (i as u64 + 1) * 1_000_000_000, per)
+            })
+        })
+        .collect();
+    let wrote = writers.into_iter().map(|w| w.join().unwrap()).max().unwrap();
+    for n in &c.nodes {
+        wait_for(Duration::from_secs(600), "all rows on every node", || {
+            (count(&n.db, "Books") >= total).then_some(())
+        });
+    }
+    let took = start.elapsed();
+    (total as f64 / took.as_secs_f64(), wrote.as_secs_f64())
+}
+
+/// (d): lag samples in milliseconds.
+fn lag(c: &Cluster, rate: u64, seconds: u64) -> Vec<f64> {
+    let commits: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(Vec::new()));
+    let total = (rate * seconds) as usize;
+    let seen: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; total + 1]));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let db = c.nodes[1].db.clone();
+        let seen = seen.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let conn = Connection::open(&db).unwrap();
+            conn.busy_timeout(Duration::from_secs(5)).unwrap();
+            let mut last_version: i64 = -1;
+            let mut last_id: i64 = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let v: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0)).unwrap();
+                if v != last_version {
+                    last_version = v;
+                    let now = Instant::now();
+                    let ids: Vec<i64> = conn
+                        .prepare_cached("SELECT id FROM Lag WHERE id > ?1 ORDER BY id")
+                        .unwrap()
+                        .query_map([last_id], |r| r.get(0))
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect();
+                    let mut s = seen.lock().unwrap();
+                    for id in ids {
+                        if let Some(slot) = s.get_mut(id as usize) {
+                            slot.get_or_insert(now);
+                        }
+                        last_id = last_id.max(id);
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(250));
+            }
+        })
+    };
+    let conn = app_connection(&c.nodes[0].db);
+    let period = Duration::from_nanos(1_000_000_000 / rate);
+    let start = Instant::now();
+    for i in 1..=total {
+        let due = start + period * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        conn.execute("INSERT INTO Lag (id, payload) VALUES (?1, 'x')", [i as i64]).unwrap();
+        let t = Instant::now();
+        let mut cm = commits.lock().unwrap();
+        if cm.len() <= i {
+            cm.resize(i + 1, None);
+        }
+        cm[i] = Some(t);
+    }
+    wait_for(Duration::from_secs(60), "every lag row on node 2", || {
+        seen.lock().unwrap()[1..].iter().all(Option::is_some).then_some(())
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+    let cm = commits.lock().unwrap();
+    let s = seen.lock().unwrap();
+    (1..=total)
+        .filter_map(|i| Some(s[i]?.saturating_duration_since(cm[i]?).as_secs_f64() * 1000.0))
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    percentile(&v, 0.5)
+}
+
+fn main() {
+    let a = args();
+    let base = std::env::var_os("MARMOT_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let mut runs = Vec::new();
+    for run in 1..=a.runs {
+        let dir = tempfile::tempdir_in(&base).unwrap();
+        eprintln!("run {run}/{}: (a)/(b) {} rows in 100-row transactions", a.runs, a.rows);
+        let (plain, triggers) = plain_and_triggers(dir.path(), a.rows);
+        eprintln!("run {run}: (c) three nodes, end to end");
+        let c = cluster(dir.path());
+        let (e2e, wrote) = end_to_end(&c, a.rows);
+        eprintln!("run {run}: (d) lag at {} writes/s for {} s", a.rate, a.seconds);
+        let mut lags = lag(&c, a.rate, a.seconds);
+        lags.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        let r = serde_json::json!({
+            "a_plain_rows_per_s": plain.round(),
+            "b_triggers_rows_per_s": triggers.round(),
+            "b_over_a": (triggers / plain * 1000.0).round() / 1000.0,
+            "c_end_to_end_rows_per_s": e2e.round(),
+            "c_writers_seconds": (wrote * 1000.0).round() / 1000.0,
+            "d_lag_ms": {
+                "samples": lags.len(),
+                "p50": percentile(&lags, 0.50),
+                "p90": percentile(&lags, 0.90),
+                "p99": percentile(&lags, 0.99),
+                "max": percentile(&lags, 1.0),
+            },
+        });
+        eprintln!("run {run}: {r}");
+        runs.push(r);
+        drop(c);
+    }
+    let col = |f: &dyn Fn(&serde_json::Value) -> f64| median(runs.iter().map(f).collect());
+    let summary = serde_json::json!({
+        "rows": a.rows,
+        "runs": a.runs,
+        "lag_rate_per_s": a.rate,
+        "lag_seconds": a.seconds,
+        "machine": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        },
+        "median": {
+            "a_plain_rows_per_s": col(&|r| r["a_plain_rows_per_s"].as_f64().unwrap()),
+            "b_triggers_rows_per_s": col(&|r| r["b_triggers_rows_per_s"].as_f64().unwrap()),
+            "b_over_a": col(&|r| r["b_over_a"].as_f64().unwrap()),
+            "c_end_to_end_rows_per_s": col(&|r| r["c_end_to_end_rows_per_s"].as_f64().unwrap()),
+            "d_lag_ms_p50": col(&|r| r["d_lag_ms"]["p50"].as_f64().unwrap()),
+            "d_lag_ms_p99": col(&|r| r["d_lag_ms"]["p99"].as_f64().unwrap()),
+        },
+        "all_runs": runs,
+    });
+    let text = serde_json::to_string_pretty(&summary).unwrap();
+    println!("{text}");
+    if let Some(parent) = a.out.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&a.out, text + "\n").unwrap();
+    eprintln!("wrote {}", a.out.display());
+}
