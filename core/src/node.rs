@@ -334,6 +334,12 @@ pub enum Event {
     },
     /// The local schema changed; triggers follow it.
     SchemaChanged,
+    /// Batches with some chunks stored here wait for the rest (reported when the count
+    /// changes, and again every alarm interval while it is not zero).
+    IncompleteBatches {
+        /// How many.
+        count: u64,
+    },
 }
 
 /// A snapshot of the node for health checks and gauges.
@@ -457,6 +463,7 @@ pub struct Node {
 
     parked: u64,
     incomplete: u64,
+    next_incomplete_alarm: Duration,
     parked_retry: Option<bool>,
     next_parked_check: Duration,
 
@@ -508,6 +515,7 @@ impl Node {
             skew_paused: false,
             parked: 0,
             incomplete: 0,
+            next_incomplete_alarm: Duration::ZERO,
             parked_retry: None,
             next_parked_check: Duration::ZERO,
             shutdown_deadline: None,
@@ -717,6 +725,9 @@ impl Node {
         }
         if self.parked > 0 {
             consider(self.next_parked_check);
+        }
+        if self.incomplete > 0 {
+            consider(self.next_incomplete_alarm);
         }
         t
     }
@@ -988,7 +999,13 @@ impl Node {
                 } else {
                     wall_ms.saturating_sub(r.through_published_ms)
                 };
-                self.incomplete = o.incomplete_batches;
+                if o.incomplete_batches != self.incomplete {
+                    self.incomplete = o.incomplete_batches;
+                    self.next_incomplete_alarm = now + self.cfg.alarm_interval;
+                    self.event(Event::IncompleteBatches {
+                        count: self.incomplete,
+                    });
+                }
                 if let Some(c) = o.captured {
                     self.add_batch(c);
                 }
@@ -1121,6 +1138,12 @@ impl Node {
                     from_seq: self.next_seq,
                 });
             }
+        }
+        if self.incomplete > 0 && now >= self.next_incomplete_alarm {
+            self.next_incomplete_alarm = now + self.cfg.alarm_interval;
+            self.event(Event::IncompleteBatches {
+                count: self.incomplete,
+            });
         }
         if let Some(alarm) = &self.behind
             && now >= self.next_alarm_at

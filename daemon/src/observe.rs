@@ -267,6 +267,17 @@ impl Observer for DaemonObserver {
                 }
             }
             Event::SchemaChanged => tracing::info!("database schema changed; capture follows it"),
+            Event::IncompleteBatches { count } => {
+                if *count > 0 {
+                    tracing::warn!(
+                        count,
+                        "batches split across several messages are waiting for their remaining chunks \
+                         (their sender publishes them when it runs again); nothing of them is applied until complete"
+                    );
+                } else {
+                    tracing::info!("no incomplete batches left");
+                }
+            }
         }
     }
 

@@ -29,11 +29,16 @@ fn free_port() -> u16 {
 }
 
 fn start_server() -> Server {
+    start_server_with(&[])
+}
+
+fn start_server_with(extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let child = Command::new("nats-server")
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir.path())
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -52,6 +57,7 @@ fn start_server() -> Server {
 
 async fn transport(s: &Server, node: u64, tweak: impl FnOnce(&mut NatsConfig)) -> NatsTransport {
     let mut cfg = NatsConfig::new(vec![format!("nats://127.0.0.1:{}", s.port)], node);
+    cfg.request_timeout = Duration::from_millis(1000);
     tweak(&mut cfg);
     let t = NatsTransport::connect(cfg).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -183,4 +189,180 @@ async fn operations_fail_while_the_server_is_down_and_work_again_after() {
     }
     let (bounds, _) = a.subscribe(1).await.unwrap();
     assert_eq!(bounds.last_seq, 2);
+}
+
+/// Tries to prepare the stream for a few seconds: true when it could be reached.
+async fn reachable(s: &Server, tweak: impl FnOnce(&mut NatsConfig)) -> bool {
+    reachable_within(s, 20, tweak).await
+}
+
+/// For the refusals: a wrong credential fails every attempt; a handful shows it.
+async fn refused(s: &Server, tweak: impl FnOnce(&mut NatsConfig)) -> bool {
+    !reachable_within(s, 4, tweak).await
+}
+
+async fn reachable_within(s: &Server, tries: usize, tweak: impl FnOnce(&mut NatsConfig)) -> bool {
+    let mut cfg = NatsConfig::new(vec![format!("nats://127.0.0.1:{}", s.port)], 1);
+    cfg.request_timeout = Duration::from_millis(500);
+    tweak(&mut cfg);
+    let Ok(t) = NatsTransport::connect(cfg).await else {
+        return false;
+    };
+    for _ in 0..tries {
+        if t.prepare().await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn user_and_password_are_used() {
+    let s = start_server_with(&["--user", "marmot", "--pass", "s3cret"]);
+    assert!(
+        reachable(&s, |c| {
+            c.auth.user = Some("marmot".into());
+            c.auth.password = Some("s3cret".into());
+        })
+        .await
+    );
+    assert!(
+        refused(&s, |c| {
+            c.auth.user = Some("marmot".into());
+            c.auth.password = Some("wrong".into());
+        })
+        .await,
+        "a wrong password must not get through"
+    );
+}
+
+#[tokio::test]
+async fn an_nkey_seed_file_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = nkeys::KeyPair::new_user();
+    let seed = dir.path().join("user.nk");
+    std::fs::write(&seed, format!("{}\n", user.seed().unwrap())).unwrap();
+    let conf = dir.path().join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let s = start_server_with(&["-c", conf.to_str().unwrap()]);
+    assert!(reachable(&s, |c| c.auth.nkey_seed_file = Some(seed.clone())).await);
+    assert!(
+        !reachable(&s, |_| {}).await,
+        "without the key the server refuses"
+    );
+    let missing = NatsTransport::connect({
+        let mut c = NatsConfig::new(vec!["nats://127.0.0.1:1".into()], 1);
+        c.auth.nkey_seed_file = Some(dir.path().join("missing.nk"));
+        c
+    })
+    .await;
+    assert!(missing.err().unwrap().to_string().contains("missing.nk"));
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is needed for the TLS test");
+    assert!(st.success(), "openssl {args:?}");
+}
+
+#[tokio::test]
+async fn tls_with_a_client_certificate_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=marmot test CA",
+        ],
+    );
+    for who in ["server", "client"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &format!("/CN={who}"),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{who}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+    }
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let s = start_server_with(&[
+        "--tls",
+        "--tlscert",
+        &p("server.pem"),
+        "--tlskey",
+        &p("server.key"),
+        "--tlscacert",
+        &p("ca.pem"),
+        "--tlsverify",
+    ]);
+    assert!(
+        reachable(&s, |c| {
+            c.auth.ca_file = Some(d.join("ca.pem"));
+            c.auth.cert_file = Some(d.join("client.pem"));
+            c.auth.key_file = Some(d.join("client.key"));
+        })
+        .await
+    );
+    assert!(
+        refused(&s, |c| c.auth.ca_file = Some(d.join("ca.pem"))).await,
+        "without a client certificate the server refuses"
+    );
 }

@@ -54,7 +54,8 @@ fn args() -> Args {
 fn app_connection(db: &Path) -> Connection {
     let c = Connection::open(db).unwrap();
     c.busy_timeout(Duration::from_secs(30)).unwrap();
-    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;").unwrap();
+    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
+        .unwrap();
     c
 }
 
@@ -70,8 +71,13 @@ fn insert_rows(c: &Connection, first: u64, count: u64) -> Duration {
                 .unwrap();
             for k in i..(i + 100).min(count) {
                 let id = first + k;
-                stmt.execute(params![id as i64, format!("Title number {id}"), "Some Author", 1900 + (id % 120) as i64])
-                    .unwrap();
+                stmt.execute(params![
+                    id as i64,
+                    format!("Title number {id}"),
+                    "Some Author",
+                    1900 + (id % 120) as i64
+                ])
+                .unwrap();
             }
         }
         tx.commit().unwrap();
@@ -98,7 +104,10 @@ fn plain_and_triggers(dir: &Path, rows: u64) -> (f64, f64) {
 fn count(db: &Path, table: &str) -> u64 {
     let c = Connection::open(db).unwrap();
     c.busy_timeout(Duration::from_secs(5)).unwrap();
-    c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).unwrap() as u64
+    c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap() as u64
 }
 
 struct Cluster {
@@ -141,7 +150,11 @@ fn end_to_end(c: &Cluster, rows: u64) -> (f64, f64) {
             })
         })
         .collect();
-    let wrote = writers.into_iter().map(|w| w.join().unwrap()).max().unwrap();
+    let wrote = writers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .max()
+        .unwrap();
     for n in &c.nodes {
         wait_for(Duration::from_secs(600), "all rows on every node", || {
             (count(&n.db, "Books") >= total).then_some(())
@@ -167,7 +180,9 @@ fn lag(c: &Cluster, rate: u64, seconds: u64) -> Vec<f64> {
             let mut last_version: i64 = -1;
             let mut last_id: i64 = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let v: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0)).unwrap();
+                let v: i64 = conn
+                    .query_row("PRAGMA data_version", [], |r| r.get(0))
+                    .unwrap();
                 if v != last_version {
                     last_version = v;
                     let now = Instant::now();
@@ -198,7 +213,8 @@ fn lag(c: &Cluster, rate: u64, seconds: u64) -> Vec<f64> {
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        conn.execute("INSERT INTO Lag (id, payload) VALUES (?1, 'x')", [i as i64]).unwrap();
+        conn.execute("INSERT INTO Lag (id, payload) VALUES (?1, 'x')", [i as i64])
+            .unwrap();
         let t = Instant::now();
         let mut cm = commits.lock().unwrap();
         if cm.len() <= i {
@@ -207,7 +223,10 @@ fn lag(c: &Cluster, rate: u64, seconds: u64) -> Vec<f64> {
         cm[i] = Some(t);
     }
     wait_for(Duration::from_secs(60), "every lag row on node 2", || {
-        seen.lock().unwrap()[1..].iter().all(Option::is_some).then_some(())
+        seen.lock().unwrap()[1..]
+            .iter()
+            .all(Option::is_some)
+            .then_some(())
     });
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
@@ -233,16 +252,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let a = args();
-    let base = std::env::var_os("MARMOT_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let base = std::env::var_os("MARMOT_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let mut runs = Vec::new();
     for run in 1..=a.runs {
         let dir = tempfile::tempdir_in(&base).unwrap();
-        eprintln!("run {run}/{}: (a)/(b) {} rows in 100-row transactions", a.runs, a.rows);
+        eprintln!(
+            "run {run}/{}: (a)/(b) {} rows in 100-row transactions",
+            a.runs, a.rows
+        );
         let (plain, triggers) = plain_and_triggers(dir.path(), a.rows);
         eprintln!("run {run}: (c) three nodes, end to end");
         let c = cluster(dir.path());
         let (e2e, wrote) = end_to_end(&c, a.rows);
-        eprintln!("run {run}: (d) lag at {} writes/s for {} s", a.rate, a.seconds);
+        eprintln!(
+            "run {run}: (d) lag at {} writes/s for {} s",
+            a.rate, a.seconds
+        );
         let mut lags = lag(&c, a.rate, a.seconds);
         lags.sort_by(|x, y| x.partial_cmp(y).unwrap());
         let r = serde_json::json!({
