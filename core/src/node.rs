@@ -56,6 +56,8 @@ pub struct NodeConfig {
     pub apply_max_messages: usize,
     /// Most deliveries buffered before the node stops reading the stream.
     pub max_buffered_deliveries: usize,
+    /// Most bytes of deliveries buffered before the node stops reading the stream.
+    pub max_buffered_bytes: usize,
     /// Look for local changes at least this often even without a wake-up hint.
     pub poll_interval: Duration,
     /// Renew the node-id claim (and measure clock skew) this often.
@@ -86,6 +88,7 @@ impl NodeConfig {
             apply_target: Duration::from_millis(10),
             apply_max_messages: 1024,
             max_buffered_deliveries: 8192,
+            max_buffered_bytes: 64 << 20,
             poll_interval: Duration::from_millis(1000),
             claim_interval: Duration::from_secs(5),
             retry_min: Duration::from_millis(100),
@@ -435,6 +438,7 @@ pub struct Node {
     next_alarm_at: Duration,
 
     queue: VecDeque<Delivery>,
+    queued_bytes: usize,
     apply_blocked_until: Duration,
     apply_backoff: Backoff,
     apply_started_at: Option<Duration>,
@@ -491,6 +495,7 @@ impl Node {
             behind: None,
             next_alarm_at: Duration::ZERO,
             queue: VecDeque::new(),
+            queued_bytes: 0,
             apply_blocked_until: Duration::ZERO,
             apply_backoff: b,
             apply_started_at: None,
@@ -546,7 +551,9 @@ impl Node {
     /// Whether the node wants more deliveries now (false: stop reading the stream for a
     /// while; the transport buffers).
     pub fn wants_deliveries(&self) -> bool {
-        self.sub == Phase::Ready && self.queue.len() < self.cfg.max_buffered_deliveries
+        self.sub == Phase::Ready
+            && self.queue.len() < self.cfg.max_buffered_deliveries
+            && self.queued_bytes < self.cfg.max_buffered_bytes
     }
 
     /// Health and gauges.
@@ -924,6 +931,7 @@ impl Node {
             }
             self.next_seq += 1;
             self.lag_messages = d.pending;
+            self.queued_bytes += d.payload.len();
             self.queue.push_back(d);
         }
     }
@@ -1032,6 +1040,7 @@ impl Node {
             }
             Err(error) => {
                 for d in deliveries.into_iter().rev() {
+                    self.queued_bytes += d.payload.len();
                     self.queue.push_front(d);
                 }
                 self.apply_limit = (self.apply_limit / 2).max(1);
@@ -1160,6 +1169,7 @@ impl Node {
         {
             let n = self.apply_limit.min(self.queue.len());
             let batch: Vec<Delivery> = self.queue.drain(..n).collect();
+            self.queued_bytes -= batch.iter().map(|d| d.payload.len()).sum::<usize>();
             self.apply_started_at = Some(now);
             self.outputs.push_back(Output::Apply(batch));
         }
