@@ -5,7 +5,9 @@
 //! (c) end to end: rows/s until three marmot nodes (one nats-server) all hold the N rows
 //!     written on them, a third on each node, concurrently;
 //! (d) replication lag (commit on node 1 to visible on node 2) for single-row writes at a
-//!     fixed rate.
+//!     fixed rate;
+//! (e) how long marmot holds the write lock to capture, and to apply, one application
+//!     transaction of N rows.
 //!
 //! Each figure is measured `--runs` times; the JSON keeps every run and the median. Ratios
 //! (b/a) are taken within the same run. Usage:
@@ -99,6 +101,60 @@ fn plain_and_triggers(dir: &Path, rows: u64) -> (f64, f64) {
     drop(marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&with, 1, 1)).unwrap());
     let b = rows as f64 / insert_rows(&c, 1, rows).as_secs_f64();
     (a, b)
+}
+
+/// (e): milliseconds to capture, and to apply elsewhere, one transaction of `rows` rows.
+fn one_big_transaction(dir: &Path, rows: u64) -> (f64, f64) {
+    use marmot_core::ports::Storage;
+    let open = |name: &str, node: u64| {
+        let db = dir.join(name);
+        let c = app_connection(&db);
+        c.execute_batch(TABLE).unwrap();
+        let store =
+            marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&db, node, node))
+                .unwrap();
+        (c, store)
+    };
+    let (app, mut source) = open("big-source.db", 1);
+    let (_app2, mut target) = open("big-target.db", 2);
+    app.execute_batch("BEGIN").unwrap();
+    {
+        let mut stmt = app
+            .prepare("INSERT INTO Books (id, title, author, publication_year) VALUES (?1, ?2, 'Some Author', 1999)")
+            .unwrap();
+        for id in 1..=rows {
+            stmt.execute(params![id as i64, format!("Title number {id}")])
+                .unwrap();
+        }
+    }
+    app.execute_batch("COMMIT").unwrap();
+    let mut clock = marmot_core::Clock::new(marmot_core::Stamp::ZERO);
+    let t = Instant::now();
+    let captured = source
+        .capture(&mut clock, 1_700_000_000_000)
+        .unwrap()
+        .captured
+        .unwrap();
+    let capture_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let deliveries: Vec<marmot_core::apply::Delivery> = captured
+        .messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| marmot_core::apply::Delivery {
+            stream_seq: i as u64 + 1,
+            payload: m.clone(),
+            published_ms: 0,
+            pending: 0,
+        })
+        .collect();
+    let mut clock2 = marmot_core::Clock::new(marmot_core::Stamp::ZERO);
+    let t = Instant::now();
+    let out = target
+        .apply(&mut clock2, 1_700_000_000_001, &deliveries)
+        .unwrap();
+    let apply_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(out.report.rows_written, rows);
+    (capture_ms, apply_ms)
 }
 
 fn count(db: &Path, table: &str) -> u64 {
@@ -263,6 +319,8 @@ fn main() {
             a.runs, a.rows
         );
         let (plain, triggers) = plain_and_triggers(dir.path(), a.rows);
+        eprintln!("run {run}: (e) one {}-row transaction", a.rows);
+        let (big_capture, big_apply) = one_big_transaction(dir.path(), a.rows);
         eprintln!("run {run}: (c) three nodes, end to end");
         let c = cluster(dir.path());
         let (e2e, wrote) = end_to_end(&c, a.rows);
@@ -278,6 +336,8 @@ fn main() {
             "b_over_a": (triggers / plain * 1000.0).round() / 1000.0,
             "c_end_to_end_rows_per_s": e2e.round(),
             "c_writers_seconds": (wrote * 1000.0).round() / 1000.0,
+            "e_one_transaction_capture_ms": (big_capture * 10.0).round() / 10.0,
+            "e_one_transaction_apply_ms": (big_apply * 10.0).round() / 10.0,
             "d_lag_ms": {
                 "samples": lags.len(),
                 "p50": percentile(&lags, 0.50),
@@ -306,6 +366,8 @@ fn main() {
             "c_end_to_end_rows_per_s": col(&|r| r["c_end_to_end_rows_per_s"].as_f64().unwrap()),
             "d_lag_ms_p50": col(&|r| r["d_lag_ms"]["p50"].as_f64().unwrap()),
             "d_lag_ms_p99": col(&|r| r["d_lag_ms"]["p99"].as_f64().unwrap()),
+            "e_one_transaction_capture_ms": col(&|r| r["e_one_transaction_capture_ms"].as_f64().unwrap()),
+            "e_one_transaction_apply_ms": col(&|r| r["e_one_transaction_apply_ms"].as_f64().unwrap()),
         },
         "all_runs": runs,
     });
