@@ -42,6 +42,36 @@ pub fn marmot_bin() -> PathBuf {
     .clone()
 }
 
+/// A program that runs SQL with SQLite 3.31.1 (`tests/sqlite-3.31`), built once.
+pub fn sqlite_3_31_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or(root.join("target"));
+        let target = target.join("sqlite-3.31");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args([
+                "build",
+                "-q",
+                "--manifest-path",
+                "tests/sqlite-3.31/Cargo.toml",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .status()
+            .expect("running cargo to build the SQLite 3.31 helper");
+        assert!(status.success(), "building tests/sqlite-3.31 failed");
+        target.join("debug").join("sqlite-3-31")
+    })
+    .clone()
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -482,3 +482,39 @@ fn the_demo_setup_supervises_a_nats_cluster_and_survives_kill_9() {
         assert_eq!(n.stop(), Some(0), "clean exit on SIGTERM");
     }
 }
+
+#[test]
+fn an_application_linked_against_sqlite_3_31_still_opens_the_file_and_its_writes_are_captured() {
+    use marmot_core::ports::Storage;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("old.db");
+    sqlite3(&db, &format!("PRAGMA journal_mode=WAL; {BOOKS}"));
+    let open =
+        || marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&db, 1, 1)).unwrap();
+    drop(open()); // installs marmot's tables and triggers
+    let out = std::process::Command::new(sqlite_3_31_bin())
+        .arg(&db)
+        .arg(
+            "SELECT sqlite_version(); PRAGMA integrity_check; \
+             INSERT INTO Books VALUES (1, 'a', 'b', 1); UPDATE Books SET id = 2 WHERE id = 1; \
+             DELETE FROM Books WHERE id = 2; INSERT INTO Books VALUES (3, 'c', 'd', 3);",
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "SQLite 3.31 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().collect::<Vec<_>>(), vec!["3.31.1", "ok"]);
+    // marmot captures what the old library wrote through its triggers.
+    let mut store = open();
+    let mut clock = marmot_core::Clock::new(marmot_core::Stamp::ZERO);
+    let c = store
+        .capture(&mut clock, 1_700_000_000_000)
+        .unwrap()
+        .captured
+        .unwrap();
+    assert_eq!(c.rows, 3, "keys 1 and 2 deleted, key 3 written");
+}
