@@ -139,7 +139,16 @@ pub trait ApplyTxn {
     ) -> Result<Option<Bytes>, Self::Error>;
     /// Keeps a batch that cannot be applied.
     fn park(&mut self, p: &Parked) -> Result<(), Self::Error>;
+    /// Whether this database itself captured `batch` (one of its own incarnations). A node's
+    /// own batches are skipped only then: a database restored from a copy, or from an older
+    /// backup, applies the batches it no longer holds, like any others.
+    fn captured_here(&mut self, batch: &BatchId) -> bool;
 }
+
+/// A stamp this far ahead of both the server's and the local clock is not a clock, it is a
+/// broken or hostile message: its batch is parked rather than let it drag every node's clock
+/// into the far future.
+pub const MAX_STAMP_LEAD_MS: u64 = 60 * 60 * 1000;
 
 /// What an apply did, for metrics and logs.
 #[derive(Clone, Debug, Default)]
@@ -175,6 +184,7 @@ pub fn apply_deliveries<T: ApplyTxn>(
     me: NodeId,
     position: u64,
     deliveries: &[Delivery],
+    wall_ms: u64,
 ) -> Result<ApplyReport, T::Error> {
     let mut report = ApplyReport {
         through_seq: position,
@@ -201,7 +211,8 @@ pub fn apply_deliveries<T: ApplyTxn>(
                 continue;
             }
         };
-        if header.batch.origin == me {
+        let own = header.batch.origin == me;
+        if own && txn.captured_here(&header.batch) {
             report.own_messages += 1;
             continue;
         }
@@ -216,7 +227,16 @@ pub fn apply_deliveries<T: ApplyTxn>(
                 }
             }
         };
-        if let Some(p) = apply_isolated(txn, clock, &header, payload, d.stream_seq, &mut report)? {
+        let limit_ms = d
+            .published_ms
+            .max(wall_ms)
+            .saturating_add(MAX_STAMP_LEAD_MS);
+        let ctx = BatchContext {
+            stream_seq: d.stream_seq,
+            own,
+            limit_ms,
+        };
+        if let Some(p) = apply_isolated(txn, clock, &header, payload, ctx, &mut report)? {
             txn.park(&p)?;
             report.parked.push(p);
         }
@@ -229,7 +249,9 @@ pub fn apply_deliveries<T: ApplyTxn>(
 pub fn retry_parked<T: ApplyTxn>(
     txn: &mut T,
     clock: &mut Clock,
+    me: NodeId,
     parked: &Parked,
+    wall_ms: u64,
     report: &mut ApplyReport,
 ) -> Result<Option<String>, T::Error> {
     let (header, fragment) = match decode_message(&parked.message) {
@@ -237,7 +259,22 @@ pub fn retry_parked<T: ApplyTxn>(
         Err(e) => return Ok(Some(e.to_string())),
     };
     let payload = parked.message.slice_ref(fragment);
-    Ok(apply_isolated(txn, clock, &header, payload, parked.stream_seq, report)?.map(|p| p.reason))
+    let ctx = BatchContext {
+        stream_seq: parked.stream_seq,
+        own: header.batch.origin == me,
+        limit_ms: wall_ms.saturating_add(MAX_STAMP_LEAD_MS),
+    };
+    Ok(apply_isolated(txn, clock, &header, payload, ctx, report)?.map(|p| p.reason))
+}
+
+/// Where a batch comes from.
+#[derive(Copy, Clone)]
+struct BatchContext {
+    stream_seq: u64,
+    /// This node's own batch (not captured by this database): no conflict records.
+    own: bool,
+    /// Stamps beyond this wall time (ms) are refused.
+    limit_ms: u64,
 }
 
 /// Applies a whole batch inside a savepoint. On a poison fault everything it wrote is undone
@@ -247,9 +284,24 @@ fn apply_isolated<T: ApplyTxn>(
     clock: &mut Clock,
     header: &Header,
     payload: Bytes,
-    stream_seq: u64,
+    ctx: BatchContext,
     report: &mut ApplyReport,
 ) -> Result<Option<Parked>, T::Error> {
+    let stream_seq = ctx.stream_seq;
+    if header.stamp.wall_ms() > ctx.limit_ms {
+        let mut h = *header;
+        h.chunk = 0;
+        h.chunks = 1;
+        return Ok(Some(Parked {
+            stream_seq,
+            batch: Some(header.batch),
+            reason: format!(
+                "stamp {} is more than {} ms ahead of both the server's and this node's clock",
+                header.stamp, MAX_STAMP_LEAD_MS
+            ),
+            message: reseal(&h, &payload),
+        }));
+    }
     // Every stamp seen is merged into the clock, applied or not.
     clock.observe(header.stamp);
     let single = || {
@@ -271,7 +323,7 @@ fn apply_isolated<T: ApplyTxn>(
     };
     txn.savepoint()?;
     let mut stats = BatchStats::default();
-    match apply_batch(txn, header, &body, &mut stats) {
+    match apply_batch(txn, header, &body, ctx.own, &mut stats) {
         Ok(()) => {
             txn.release()?;
             report.batches += 1;
@@ -314,6 +366,7 @@ fn apply_batch<T: ApplyTxn>(
     txn: &mut T,
     header: &Header,
     body: &[u8],
+    own: bool,
     stats: &mut BatchStats,
 ) -> Result<(), ApplyFault<T::Error>> {
     let incoming = header.version();
@@ -340,7 +393,12 @@ fn apply_batch<T: ApplyTxn>(
         let current = txn.version(*t, key)?;
         match resolve(current.map(|c| c.version), incoming, base) {
             Resolution::Apply { concurrent } => {
-                if concurrent && let Some(cur) = current {
+                // An own batch that wins restores what this database lost (it came from a
+                // copy or an older backup): not a conflict.
+                if concurrent
+                    && !own
+                    && let Some(cur) = current
+                {
                     let local = txn.read_row(*t, key)?;
                     if !same_content(local.as_deref(), delete, &values) {
                         txn.record_conflict(&ConflictRecord {
@@ -369,6 +427,7 @@ fn apply_batch<T: ApplyTxn>(
                 stats.written += 1;
             }
             Resolution::Duplicate => stats.skipped += 1,
+            Resolution::Older if own => stats.skipped += 1,
             Resolution::Older => {
                 stats.skipped += 1;
                 let cur = current.expect("Older implies a current version");

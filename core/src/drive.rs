@@ -34,7 +34,7 @@ pub enum Control {
 
 enum Done {
     Input(Input),
-    Subscribed(Result<(StreamBounds, Deliveries), TransportError>),
+    Subscribed(u64, Result<(StreamBounds, Deliveries), TransportError>),
 }
 
 /// Most deliveries handed to the node in one input.
@@ -58,7 +58,10 @@ where
     O: Observer,
 {
     let mut ops: FuturesUnordered<BoxFuture<'static, Done>> = FuturesUnordered::new();
-    let mut deliveries: Option<Deliveries> = None;
+    // The current subscription's stream, with its generation, and the newest generation
+    // asked for (a slower, older subscribe that completes later is dropped).
+    let mut deliveries: Option<(u64, Deliveries)> = None;
+    let mut wanted_generation = 0u64;
     let mut control_open = true;
     let mut wake_open = true;
 
@@ -112,12 +115,23 @@ where
                         .boxed(),
                     );
                 }
-                Output::Subscribe { from_seq } => {
+                Output::Subscribe {
+                    from_seq,
+                    generation,
+                } => {
                     deliveries = None;
+                    wanted_generation = generation;
                     let t = transport.clone();
-                    ops.push(async move { Done::Subscribed(t.subscribe(from_seq).await) }.boxed());
+                    ops.push(
+                        async move { Done::Subscribed(generation, t.subscribe(from_seq).await) }
+                            .boxed(),
+                    );
                 }
-                Output::Unsubscribe => deliveries = None,
+                Output::Unsubscribe { generation } => {
+                    if deliveries.as_ref().is_some_and(|(g, _)| *g == generation) {
+                        deliveries = None;
+                    }
+                }
                 Output::Publish {
                     batch,
                     chunk,
@@ -213,14 +227,23 @@ where
             if let Poll::Ready(Some(done)) = ops.poll_next_unpin(cx) {
                 return Poll::Ready(match done {
                     Done::Input(i) => i,
-                    Done::Subscribed(Ok((bounds, stream))) => {
-                        deliveries = Some(stream);
-                        Input::Subscribed(Ok(bounds))
+                    Done::Subscribed(generation, Ok((bounds, stream))) => {
+                        if generation == wanted_generation {
+                            deliveries = Some((generation, stream));
+                        }
+                        Input::Subscribed {
+                            generation,
+                            result: Ok(bounds),
+                        }
                     }
-                    Done::Subscribed(Err(e)) => Input::Subscribed(Err(e)),
+                    Done::Subscribed(generation, Err(e)) => Input::Subscribed {
+                        generation,
+                        result: Err(e),
+                    },
                 });
             }
-            if wants && let Some(stream) = deliveries.as_mut() {
+            if wants && let Some((generation, stream)) = deliveries.as_mut() {
+                let generation = *generation;
                 match stream.poll_next_unpin(cx) {
                     Poll::Ready(Some(Ok(first))) => {
                         let mut burst: Vec<Delivery> = vec![first];
@@ -239,23 +262,30 @@ where
                                 Poll::Pending => break,
                             }
                         }
-                        if let Some(e) = ended {
+                        if let Some(error) = ended {
                             deliveries = None;
                             // Deliver what arrived, then report the end on the next round.
-                            ops.push(
-                                futures::future::ready(Done::Input(Input::SubscriptionEnded(e)))
-                                    .boxed(),
-                            );
+                            let end = Input::SubscriptionEnded { generation, error };
+                            ops.push(futures::future::ready(Done::Input(end)).boxed());
                         }
-                        return Poll::Ready(Input::Delivered(burst));
+                        return Poll::Ready(Input::Delivered {
+                            generation,
+                            deliveries: burst,
+                        });
                     }
                     Poll::Ready(Some(Err(e))) => {
                         deliveries = None;
-                        return Poll::Ready(Input::SubscriptionEnded(Some(e)));
+                        return Poll::Ready(Input::SubscriptionEnded {
+                            generation,
+                            error: Some(e),
+                        });
                     }
                     Poll::Ready(None) => {
                         deliveries = None;
-                        return Poll::Ready(Input::SubscriptionEnded(None));
+                        return Poll::Ready(Input::SubscriptionEnded {
+                            generation,
+                            error: None,
+                        });
                     }
                     Poll::Pending => {}
                 }

@@ -27,8 +27,35 @@ pub enum Resolution {
     Older,
 }
 
+/// The simulation's canary: a deliberately wrong rule the checker must catch.
+#[cfg(feature = "sim-canary")]
+pub mod canary {
+    use std::cell::Cell;
+
+    thread_local! {
+        static LAST_ARRIVAL_WINS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Switches this thread's merge rule to "last arrival wins" (what Go Marmot did).
+    pub fn set_last_arrival_wins(on: bool) {
+        LAST_ARRIVAL_WINS.with(|c| c.set(on));
+    }
+
+    pub(super) fn on() -> bool {
+        LAST_ARRIVAL_WINS.with(Cell::get)
+    }
+}
+
 /// Decides the fate of `incoming` (written over `base`) against the row's current version.
 pub fn resolve(current: Option<Version>, incoming: Version, base: Option<Version>) -> Resolution {
+    #[cfg(feature = "sim-canary")]
+    if canary::on() {
+        return if current == Some(incoming) {
+            Resolution::Duplicate
+        } else {
+            Resolution::Apply { concurrent: false }
+        };
+    }
     match current {
         None => Resolution::Apply { concurrent: false },
         Some(cur) if incoming > cur => Resolution::Apply {

@@ -121,11 +121,26 @@ pub enum Input {
         received_wall_ms: u64,
     },
     /// Result of [`Output::Subscribe`]; deliveries follow when it succeeded.
-    Subscribed(Result<StreamBounds, TransportError>),
+    Subscribed {
+        /// The subscription's generation.
+        generation: u64,
+        /// Its extent, or why it failed.
+        result: Result<StreamBounds, TransportError>,
+    },
     /// Messages from the subscription, in the order received.
-    Delivered(Vec<Delivery>),
+    Delivered {
+        /// The subscription's generation.
+        generation: u64,
+        /// The messages.
+        deliveries: Vec<Delivery>,
+    },
     /// The subscription ended (error or end of stream).
-    SubscriptionEnded(Option<TransportError>),
+    SubscriptionEnded {
+        /// The subscription's generation.
+        generation: u64,
+        /// Why, if known.
+        error: Option<TransportError>,
+    },
     /// Result of one [`Output::Publish`].
     Published {
         /// Which batch.
@@ -163,13 +178,19 @@ pub enum Output {
     Prepare,
     /// Call [`crate::ports::Transport::claim`]; answer with [`Input::Claimed`].
     Claim,
-    /// Drop any subscription, subscribe from `from_seq`; answer with [`Input::Subscribed`].
+    /// Drop any subscription, subscribe from `from_seq`; answer with [`Input::Subscribed`]
+    /// and report its deliveries and end with the same `generation`.
     Subscribe {
         /// First sequence wanted.
         from_seq: u64,
+        /// Identifies this subscription; results of older ones are ignored.
+        generation: u64,
     },
-    /// Drop the subscription.
-    Unsubscribe,
+    /// Drop the subscription of this generation (if it is the current one).
+    Unsubscribe {
+        /// Which subscription.
+        generation: u64,
+    },
     /// Publish one message; `payload` is `None` when it must be read from the outbox.
     /// Answer with [`Input::Published`].
     Publish {
@@ -474,6 +495,8 @@ pub struct Node {
     shutdown_deadline: Option<Duration>,
     stopped: bool,
     outputs: VecDeque<Output>,
+    last_now: Duration,
+    sub_generation: u64,
 }
 
 impl Node {
@@ -526,6 +549,8 @@ impl Node {
             shutdown_deadline: None,
             stopped: false,
             outputs: VecDeque::new(),
+            last_now: Duration::ZERO,
+            sub_generation: 0,
             cfg,
         }
     }
@@ -585,6 +610,7 @@ impl Node {
         if self.stopped {
             return;
         }
+        self.last_now = self.last_now.max(now);
         match input {
             Input::Recovered(r) => self.on_recovered(now, r),
             Input::LocalChange => {
@@ -628,10 +654,26 @@ impl Node {
                 sent_wall_ms,
                 received_wall_ms,
             } => self.on_claimed(now, result, sent_wall_ms, received_wall_ms),
-            Input::Subscribed(r) => self.on_subscribed(now, r),
-            Input::Delivered(ds) => self.on_delivered(now, ds),
-            Input::SubscriptionEnded(error) => {
-                if self.sub == Phase::Ready || self.sub == Phase::Pending {
+            Input::Subscribed { generation, result } => {
+                if generation == self.sub_generation {
+                    self.on_subscribed(now, result);
+                } else {
+                    // Superseded while it was being set up: the driver drops it.
+                    self.outputs.push_back(Output::Unsubscribe { generation });
+                }
+            }
+            Input::Delivered {
+                generation,
+                deliveries,
+            } => {
+                if generation == self.sub_generation {
+                    self.on_delivered(now, deliveries);
+                }
+            }
+            Input::SubscriptionEnded { generation, error } => {
+                if generation == self.sub_generation
+                    && (self.sub == Phase::Ready || self.sub == Phase::Pending)
+                {
                     let retry_in = self.sub_backoff.fail(&self.cfg);
                     self.sub = Phase::RetryAt(now + retry_in);
                     self.event(Event::SubscriptionLost { error, retry_in });
@@ -685,7 +727,9 @@ impl Node {
                     self.capture_wanted = true;
                     if self.sub != Phase::Idle {
                         self.sub = Phase::Idle;
-                        self.outputs.push_back(Output::Unsubscribe);
+                        self.outputs.push_back(Output::Unsubscribe {
+                            generation: self.sub_generation,
+                        });
                     }
                 }
             }
@@ -701,28 +745,44 @@ impl Node {
 
     /// When to feed [`Input::Tick`] at the latest.
     pub fn poll_timeout(&self) -> Duration {
+        // Only deadlines of actions `step` would take when they come: a deadline for an
+        // action that is blocked otherwise (publish off, clock paused, window full, ...)
+        // would wake the loop for nothing, over and over.
         let mut t = self.next_poll_at;
         let mut consider = |d: Duration| {
             if d < t {
                 t = d;
             }
         };
-        if self.capture_wanted {
+        if self.capture_wanted && self.capture_enabled() {
             consider(self.capture_blocked_until);
         }
-        if let Some(at) = self.recheck_at {
+        if let Some(at) = self.recheck_at
+            && self.capture_enabled()
+        {
             consider(at);
         }
-        if !self.send_queue.is_empty() {
+        if !self.send_queue.is_empty()
+            && self.can_publish()
+            && self.in_flight < self.cfg.publish_window
+        {
             consider(self.publish_blocked_until);
         }
-        if !self.queue.is_empty() {
+        if !self.queue.is_empty() && self.apply_enabled() {
             consider(self.apply_blocked_until);
         }
-        for p in [self.stream, self.claim, self.sub] {
-            if let Phase::RetryAt(at) = p {
-                consider(at);
-            }
+        if let Phase::RetryAt(at) = self.stream {
+            consider(at);
+        }
+        if let Phase::RetryAt(at) = self.claim
+            && self.stream == Phase::Ready
+        {
+            consider(at);
+        }
+        if let Phase::RetryAt(at) = self.sub
+            && self.subscribe_enabled()
+        {
+            consider(at);
         }
         if self.behind.is_some() {
             consider(self.next_alarm_at);
@@ -730,13 +790,14 @@ impl Node {
         if let Some(d) = self.shutdown_deadline {
             consider(d);
         }
-        if self.parked > 0 {
+        if self.parked > 0 && self.parked_retry.is_none() && self.parked_retry_enabled() {
             consider(self.next_parked_check);
         }
         if self.incomplete > 0 {
             consider(self.next_incomplete_alarm);
         }
-        t
+        // Everything due at `last_now` was done by the last `handle`.
+        t.max(self.last_now + Duration::from_millis(1))
     }
 
     // ---- internals -----------------------------------------------------------------------
@@ -862,14 +923,18 @@ impl Node {
     fn on_subscribed(&mut self, now: Duration, r: Result<StreamBounds, TransportError>) {
         if self.sub != Phase::Pending {
             // Unsubscribed meanwhile (shutdown): drop it.
-            self.outputs.push_back(Output::Unsubscribe);
+            self.outputs.push_back(Output::Unsubscribe {
+                generation: self.sub_generation,
+            });
             return;
         }
         match r {
             Ok(bounds) => {
                 if bounds.first_seq > self.next_seq {
                     self.sub = Phase::Idle;
-                    self.outputs.push_back(Output::Unsubscribe);
+                    self.outputs.push_back(Output::Unsubscribe {
+                        generation: self.sub_generation,
+                    });
                     self.set_behind(
                         now,
                         Event::Behind {
@@ -879,7 +944,9 @@ impl Node {
                     );
                 } else if bounds.last_seq + 1 < self.next_seq {
                     self.sub = Phase::Idle;
-                    self.outputs.push_back(Output::Unsubscribe);
+                    self.outputs.push_back(Output::Unsubscribe {
+                        generation: self.sub_generation,
+                    });
                     self.set_behind(
                         now,
                         Event::StreamReset {
@@ -926,7 +993,9 @@ impl Node {
                     received: d.stream_seq,
                 });
                 self.sub = Phase::RetryAt(now);
-                self.outputs.push_back(Output::Unsubscribe);
+                self.outputs.push_back(Output::Unsubscribe {
+                    generation: self.sub_generation,
+                });
                 return;
             }
             self.next_seq += 1;
@@ -1065,12 +1134,33 @@ impl Node {
         self.cfg.publish && self.stream == Phase::Ready && self.claimed_once
     }
 
+    /// Capture stamps, so it waits until the clock was checked against the server once (a
+    /// node started with a far-future clock must not stamp), and pauses while it is ahead.
+    /// Writes meanwhile wait, safe, in the change log.
+    fn capture_enabled(&self) -> bool {
+        self.cfg.publish && self.claimed_once && !self.skew_paused && !self.capturing
+    }
+
+    fn apply_enabled(&self) -> bool {
+        self.apply_started_at.is_none() && !self.skew_paused && self.shutdown_deadline.is_none()
+    }
+
+    fn subscribe_enabled(&self) -> bool {
+        self.cfg.replicate
+            && self.shutdown_deadline.is_none()
+            && self.behind.is_none()
+            && self.stream == Phase::Ready
+    }
+
+    fn parked_retry_enabled(&self) -> bool {
+        !self.skew_paused && self.shutdown_deadline.is_none() && self.claimed_once
+    }
+
     /// Turns state into outputs. Called at the end of every `handle`.
     fn step(&mut self, now: Duration) {
         if !self.started || self.stopped {
             return;
         }
-        let shutting_down = self.shutdown_deadline.is_some();
 
         // The stream, then the claim on our node id.
         match self.stream {
@@ -1107,12 +1197,7 @@ impl Node {
             self.capture_wanted = true;
             self.next_poll_at = now + self.cfg.poll_interval;
         }
-        if self.capture_wanted
-            && !self.capturing
-            && self.cfg.publish
-            && !self.skew_paused
-            && now >= self.capture_blocked_until
-        {
+        if self.capture_wanted && self.capture_enabled() && now >= self.capture_blocked_until {
             self.capture_wanted = false;
             self.capturing = true;
             self.outputs.push_back(Output::Capture);
@@ -1124,18 +1209,13 @@ impl Node {
             self.parked_retry = Some(false);
         }
         if let Some(all) = self.parked_retry
-            && !self.skew_paused
-            && !shutting_down
+            && self.parked_retry_enabled()
         {
             self.parked_retry = None;
             self.next_parked_check = now + PARKED_CHECK;
             self.outputs.push_back(Output::RetryParked { all });
         }
-        if self.cfg.replicate
-            && !shutting_down
-            && self.behind.is_none()
-            && self.stream == Phase::Ready
-        {
+        if self.subscribe_enabled() {
             let due = match self.sub {
                 Phase::Idle => true,
                 Phase::RetryAt(at) => now >= at,
@@ -1143,8 +1223,10 @@ impl Node {
             };
             if due {
                 self.sub = Phase::Pending;
+                self.sub_generation += 1;
                 self.outputs.push_back(Output::Subscribe {
                     from_seq: self.next_seq,
+                    generation: self.sub_generation,
                 });
             }
         }
@@ -1161,12 +1243,7 @@ impl Node {
             self.next_alarm_at = now + self.cfg.alarm_interval;
             self.event(alarm);
         }
-        if !self.queue.is_empty()
-            && self.apply_started_at.is_none()
-            && !self.skew_paused
-            && !shutting_down
-            && now >= self.apply_blocked_until
-        {
+        if !self.queue.is_empty() && self.apply_enabled() && now >= self.apply_blocked_until {
             let n = self.apply_limit.min(self.queue.len());
             let batch: Vec<Delivery> = self.queue.drain(..n).collect();
             self.queued_bytes -= batch.iter().map(|d| d.payload.len()).sum::<usize>();

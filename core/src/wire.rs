@@ -213,15 +213,29 @@ pub fn seal(
         .collect()
 }
 
+/// Largest batch body marmot accepts (uncompressed): a bound, so a crafted message cannot
+/// exhaust memory by decompressing into gigabytes.
+pub const MAX_BODY_BYTES: u64 = 1 << 30;
+
 /// Turns the concatenated fragments of a batch back into its body.
 pub fn unseal(header: &Header, payload: Bytes) -> Result<Bytes, WireError> {
-    if header.compressed {
-        zstd::stream::decode_all(&payload[..])
-            .map(Bytes::from)
-            .map_err(|e| WireError::Malformed(format!("zstd: {e}")))
-    } else {
-        Ok(payload)
+    if !header.compressed {
+        return Ok(payload);
     }
+    use std::io::Read;
+    let decoder = zstd::stream::read::Decoder::new(&payload[..])
+        .map_err(|e| WireError::Malformed(format!("zstd: {e}")))?;
+    let mut body = Vec::new();
+    decoder
+        .take(MAX_BODY_BYTES + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| WireError::Malformed(format!("zstd: {e}")))?;
+    if body.len() as u64 > MAX_BODY_BYTES {
+        return Err(WireError::Malformed(format!(
+            "batch body larger than {MAX_BODY_BYTES} bytes"
+        )));
+    }
+    Ok(Bytes::from(body))
 }
 
 /// Builds a batch body.

@@ -155,6 +155,8 @@ pub struct SqliteStore {
     schema_changed: bool,
     synced_in_txn: bool,
     incarnation: u64,
+    /// Batches this database captured: incarnation -> last batch sequence captured in it.
+    incarnations: std::collections::BTreeMap<u64, u64>,
     owner: String,
     stats: Arc<StoreStats>,
 }
@@ -222,6 +224,7 @@ impl SqliteStore {
             schema_changed: false,
             synced_in_txn: false,
             incarnation: 0,
+            incarnations: std::collections::BTreeMap::new(),
             owner: String::new(),
             stats: Arc::new(StoreStats::default()),
         };
@@ -280,21 +283,27 @@ impl SqliteStore {
                     Ok(r)
                 }
                 Err(e) => {
-                    let _ = self.conn.execute_batch("ROLLBACK");
-                    if std::mem::take(&mut self.synced_in_txn) {
-                        self.schema_version = -1;
-                    }
+                    self.rolled_back();
                     Err(self.sql_err(e))
                 }
             },
             Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                if std::mem::take(&mut self.synced_in_txn) {
-                    // The schema work just done was rolled back with the rest: redo it.
-                    self.schema_version = -1;
-                }
+                self.rolled_back();
                 Err(e)
             }
+        }
+    }
+
+    /// Undoes a transaction and forgets what it learnt: a capture it made is gone with it, so
+    /// the change logs must be read again however `data_version` looks; schema work is redone.
+    fn rolled_back(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        self.scan_needed = true;
+        if let Ok(m) = load_incarnations(&self.conn) {
+            self.incarnations = m;
+        }
+        if std::mem::take(&mut self.synced_in_txn) {
+            self.schema_version = -1;
         }
     }
 
@@ -332,11 +341,15 @@ impl SqliteStore {
                     was = n,
                     now = self.cfg.node_id,
                     "this database was last used by another node id: adopting it (a copy of another node's file); \
-                     its unpublished changes, stashed chunks and parked batches belong to that node and are dropped here"
+                     its unpublished changes belong to that node (which publishes them) and are dropped here"
                 );
-                for t in ["__marmot__outbox", "__marmot__inbox", "__marmot__parked"] {
-                    c.execute(&format!("DELETE FROM \"{t}\""), []).map_err(e)?;
-                }
+                // The inbox and parked batches hold other nodes' batches this copy already
+                // read past: they stay, or those batches would never be applied here.
+                c.execute("DELETE FROM \"__marmot__outbox\"", [])
+                    .map_err(e)?;
+                // Batches captured under the old identity are not ours: apply them.
+                c.execute("DELETE FROM \"__marmot__incarnations\"", [])
+                    .map_err(e)?;
                 uuid = (self.cfg.nonce >> 1) as i64;
                 meta_set(c, "db_uuid", uuid).map_err(e)?;
                 meta_set(c, "node_id", self.cfg.node_id as i64).map_err(e)?;
@@ -356,6 +369,12 @@ impl SqliteStore {
         // Never repeats for this database: a counter, plus random bits in case the file is
         // ever restored from an older copy.
         self.incarnation = ((starts as u64) << 20) | (self.cfg.nonce & 0xF_FFFF);
+        c.execute(
+            "INSERT OR IGNORE INTO \"__marmot__incarnations\" (incarnation, last_seq) VALUES (?1, 0)",
+            [self.incarnation as i64],
+        )
+        .map_err(e)?;
+        self.incarnations = load_incarnations(c).map_err(e)?;
         self.owner = format!("{uuid:016x}");
         self.sync_schema(first_start)?;
         meta_set(&self.conn, "tables_registered", 1).map_err(|s| self.sql_err(s))?;
@@ -545,6 +564,7 @@ impl SqliteStore {
             wall_ms,
             keep_conflicts: self.cfg.keep_conflicts,
             stats: &self.stats,
+            incarnations: &self.incarnations,
             apply_tables: Vec::new(),
         }
     }
@@ -590,6 +610,13 @@ impl SqliteStore {
         let captured = capture(&mut tx, clock, &params).map_err(|e| self.sql_err(e))?;
         if captured.is_some() {
             meta_set(&self.conn, "batch_seq", batch_seq as i64).map_err(|e| self.sql_err(e))?;
+            self.conn
+                .prepare_cached(
+                    "UPDATE \"__marmot__incarnations\" SET last_seq = ?2 WHERE incarnation = ?1",
+                )
+                .and_then(|mut st| st.execute(params![self.incarnation as i64, batch_seq as i64]))
+                .map_err(|e| self.sql_err(e))?;
+            self.incarnations.insert(self.incarnation, batch_seq);
         }
         self.data_version = dv;
         self.scan_needed = false;
@@ -612,6 +639,14 @@ impl SqliteStore {
             .map_err(|e| self.sql_err(e))?
             .unwrap_or(0) as u64)
     }
+}
+
+fn load_incarnations(c: &Connection) -> rusqlite::Result<std::collections::BTreeMap<u64, u64>> {
+    c.prepare("SELECT incarnation, last_seq FROM \"__marmot__incarnations\"")?
+        .query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?
+        .collect()
 }
 
 fn user_marmot_tables(c: &Connection, kind: &str) -> rusqlite::Result<Vec<String>> {
@@ -712,9 +747,10 @@ impl Storage for SqliteStore {
             let captured = s.capture_in_txn(clock, wall_ms)?;
             let position = s.position()?;
             let mut tx = s.tx(wall_ms);
-            let report =
-                marmot_core::apply::apply_deliveries(&mut tx, clock, me, position, deliveries)
-                    .map_err(|e| s.sql_err(e))?;
+            let report = marmot_core::apply::apply_deliveries(
+                &mut tx, clock, me, position, deliveries, wall_ms,
+            )
+            .map_err(|e| s.sql_err(e))?;
             if report.through_seq != position {
                 meta_set(&s.conn, "position", report.through_seq as i64)
                     .map_err(|e| s.sql_err(e))?;
@@ -759,6 +795,7 @@ impl Storage for SqliteStore {
         wall_ms: u64,
         all: bool,
     ) -> Result<ParkedRetry, StoreError> {
+        let me = self.cfg.node_id;
         self.in_txn(|s| {
             s.follow_schema()?;
             s.load_clock(clock)?;
@@ -792,7 +829,7 @@ impl Storage for SqliteStore {
             let mut report = marmot_core::apply::ApplyReport::default();
             for (id, p) in parked {
                 let mut tx = s.tx(wall_ms);
-                let outcome = marmot_core::apply::retry_parked(&mut tx, clock, &p, &mut report)
+                let outcome = marmot_core::apply::retry_parked(&mut tx, clock, me, &p, wall_ms, &mut report)
                     .map_err(|x| s.sql_err(x))?;
                 match outcome {
                     None => {

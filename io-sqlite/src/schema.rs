@@ -6,7 +6,7 @@
 //! whose key uses a collation marmot's connection does not have are skipped, each with a
 //! reason. Generated columns are not replicated (every node computes them).
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 
 /// Prefix of every table and trigger marmot creates.
 pub const PREFIX: &str = "__marmot__";
@@ -250,12 +250,37 @@ fn table_info(
         return Ok(Err(SkipReason::NoPrimaryKey));
     }
     keyed.sort_by_key(|(pk, _)| *pk);
+    // The key compares as its index does: `PRIMARY KEY (k COLLATE NOCASE)` makes the index
+    // NOCASE even when the column is BINARY. (An INTEGER PRIMARY KEY has no index.)
+    let mut index_collation: std::collections::HashMap<String, String> =
+        std::collections::HashMap::new();
+    let pk_index: Option<String> = conn
+        .prepare("SELECT name FROM pragma_index_list(?1) WHERE origin = 'pk'")?
+        .query_row([name], |r| r.get(0))
+        .optional()?;
+    if let Some(idx) = pk_index {
+        let mut stmt = conn.prepare(
+            "SELECT name, coll FROM pragma_index_xinfo(?1) WHERE key = 1 AND name IS NOT NULL",
+        )?;
+        let rows = stmt.query_map([idx], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        for r in rows {
+            let (col, coll) = r?;
+            index_collation.insert(col, coll.to_ascii_uppercase());
+        }
+    }
     let mut columns: Vec<Column> = Vec::with_capacity(keyed.len() + others.len());
     for (_, mut c) in keyed {
-        let (_, coll, _, _, _) = conn.column_metadata(Some("main"), name, c.name.as_str())?;
-        let coll = coll
-            .map(|c| c.to_string_lossy().to_ascii_uppercase())
-            .unwrap_or_else(|| "BINARY".into());
+        let coll = match index_collation.get(&c.name) {
+            Some(coll) => coll.clone(),
+            None => {
+                let (_, coll, _, _, _) =
+                    conn.column_metadata(Some("main"), name, c.name.as_str())?;
+                coll.map(|c| c.to_string_lossy().to_ascii_uppercase())
+                    .unwrap_or_else(|| "BINARY".into())
+            }
+        };
         if !matches!(coll.as_str(), "BINARY" | "NOCASE" | "RTRIM") {
             return Ok(Err(SkipReason::CustomCollation(coll)));
         }
@@ -295,6 +320,7 @@ mod tests {
                CREATE TABLE plain (id INTEGER PRIMARY KEY, x, g AS (x * 2));
                CREATE TABLE nokey (a, b);
                CREATE TABLE wr (a TEXT PRIMARY KEY, b) WITHOUT ROWID;
+               CREATE TABLE pkcoll (k TEXT, v, PRIMARY KEY (k COLLATE NOCASE));
                CREATE VIRTUAL TABLE docs USING fts5(body);
                CREATE TABLE __marmot__meta (k PRIMARY KEY);
                CREATE VIEW v AS SELECT 1;"#,
@@ -302,7 +328,12 @@ mod tests {
         .unwrap();
         let d = discover(&c).unwrap();
         let names: Vec<_> = d.tables.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names, vec!["odd \"name\" é", "plain", "wr"]);
+        assert_eq!(names, vec!["odd \"name\" é", "pkcoll", "plain", "wr"]);
+        let pkcoll = d.tables.iter().find(|t| t.name == "pkcoll").unwrap();
+        assert_eq!(
+            pkcoll.columns[0].collation, "NOCASE",
+            "the key's index collation, not the column's"
+        );
         let odd = &d.tables[0];
         assert_eq!(odd.key_columns, 2);
         assert_eq!(odd.columns[0].name, "b");

@@ -51,13 +51,26 @@ pub fn from_sql(v: SqlRef<'_>) -> ValueRef<'_> {
     }
 }
 
-/// Whether an SQLite error means "try again later" (the lock, I/O) rather than "this data
-/// cannot go in" (constraints, types).
+/// Whether an SQLite error means "try again later" (the lock, I/O, a full disk, memory)
+/// rather than "this data cannot go in here" (constraints, types, a statement the local schema
+/// cannot prepare: unknown collation or function, too many variables). Everything not known
+/// to be transient parks the batch, so one bad batch never stops replication.
 pub fn is_transient(e: &rusqlite::Error) -> bool {
     match e {
-        rusqlite::Error::SqliteFailure(f, _) => !matches!(
+        rusqlite::Error::SqliteFailure(f, _) => matches!(
             f.code,
-            ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull
+                | ErrorCode::OutOfMemory
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::FileLockingProtocolFailed
+                | ErrorCode::DatabaseCorrupt
+                | ErrorCode::NotADatabase
+                | ErrorCode::OperationInterrupted
+                | ErrorCode::SchemaChanged
         ),
         _ => false,
     }
@@ -76,6 +89,7 @@ pub struct Tx<'a> {
     pub(crate) wall_ms: u64,
     pub(crate) keep_conflicts: u64,
     pub(crate) stats: &'a crate::StoreStats,
+    pub(crate) incarnations: &'a std::collections::BTreeMap<u64, u64>,
     pub(crate) apply_tables: Vec<(usize, ApplySql)>,
 }
 
@@ -230,7 +244,14 @@ impl ApplyTxn for Tx<'_> {
             )));
         };
         let t = &self.tables[index].info;
-        for c in &def.columns {
+        for (i, c) in def.columns.iter().enumerate() {
+            if def.columns[..i].contains(c) {
+                return Err(ApplyFault::Poison(format!(
+                    "table {}: column {} appears twice in the message",
+                    quote(def.name),
+                    quote(c)
+                )));
+            }
             if !t.columns.iter().any(|lc| lc.name == *c) {
                 return Err(ApplyFault::Poison(format!(
                     "table {}: unknown column {} (add it on this node; parked batches are retried after a schema change)",
@@ -445,6 +466,12 @@ impl ApplyTxn for Tx<'_> {
             .prepare_cached("DELETE FROM \"__marmot__inbox\" WHERE origin = ?1 AND incarnation = ?2 AND seq = ?3")?
             .execute(id)?;
         Ok(Some(Bytes::from(payload)))
+    }
+
+    fn captured_here(&mut self, batch: &BatchId) -> bool {
+        self.incarnations
+            .get(&batch.incarnation)
+            .is_some_and(|&last| batch.seq <= last)
     }
 
     fn park(&mut self, p: &Parked) -> Result<(), Self::Error> {

@@ -60,8 +60,6 @@ fn ready_with(position: u64, outbox: Vec<(BatchId, u32)>) -> (Node, Vec<Output>)
     let mut outs = Vec::new();
     n.handle(ms(0), Input::Recovered(recovered(position, outbox)));
     outs.extend(drain(&mut n));
-    n.handle(ms(0), Input::Captured(Ok(CaptureOutcome::default())));
-    outs.extend(drain(&mut n));
     n.handle(
         ms(0),
         Input::Prepared(Ok(StreamBounds {
@@ -78,6 +76,13 @@ fn ready_with(position: u64, outbox: Vec<(BatchId, u32)>) -> (Node, Vec<Output>)
             received_wall_ms: 1000,
         },
     );
+    let after_claim = drain(&mut n);
+    assert!(
+        after_claim.iter().any(|o| matches!(o, Output::Capture)),
+        "the first capture comes once the clock was checked"
+    );
+    outs.extend(after_claim);
+    n.handle(ms(0), Input::Captured(Ok(CaptureOutcome::default())));
     outs.extend(drain(&mut n));
     (n, outs)
 }
@@ -217,22 +222,28 @@ fn deliveries_are_applied_in_order_and_a_gap_resubscribes_from_the_missing_seque
     let (mut n, outs) = ready_with(10, vec![]);
     assert!(has(&outs, |o| matches!(
         o,
-        Output::Subscribe { from_seq: 11 }
+        Output::Subscribe { from_seq: 11, .. }
     )));
     n.handle(
         ms(1),
-        Input::Subscribed(Ok(StreamBounds {
-            first_seq: 1,
-            last_seq: 20,
-        })),
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(StreamBounds {
+                first_seq: 1,
+                last_seq: 20,
+            }),
+        },
     );
     drain(&mut n);
     n.handle(
         ms(2),
-        Input::Delivered(vec![delivery(10), delivery(11), delivery(13)]),
+        Input::Delivered {
+            generation: 1,
+            deliveries: vec![delivery(10), delivery(11), delivery(13)],
+        },
     );
     let outs = drain(&mut n);
-    assert!(has(&outs, |o| matches!(o, Output::Unsubscribe)));
+    assert!(has(&outs, |o| matches!(o, Output::Unsubscribe { .. })));
     let applied: Vec<u64> = outs
         .iter()
         .filter_map(|o| match o {
@@ -248,11 +259,11 @@ fn deliveries_are_applied_in_order_and_a_gap_resubscribes_from_the_missing_seque
     );
     let unsub = outs
         .iter()
-        .position(|o| matches!(o, Output::Unsubscribe))
+        .position(|o| matches!(o, Output::Unsubscribe { .. }))
         .unwrap();
     let resub = outs
         .iter()
-        .position(|o| matches!(o, Output::Subscribe { from_seq: 12 }))
+        .position(|o| matches!(o, Output::Subscribe { from_seq: 12, .. }))
         .unwrap();
     assert!(
         unsub < resub,
@@ -266,10 +277,13 @@ fn a_position_older_than_the_stream_stops_applying_and_alarms() {
     drain(&mut n);
     n.handle(
         ms(1),
-        Input::Subscribed(Ok(StreamBounds {
-            first_seq: 100,
-            last_seq: 200,
-        })),
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(StreamBounds {
+                first_seq: 100,
+                last_seq: 200,
+            }),
+        },
     );
     let outs = drain(&mut n);
     assert!(has(&outs, |o| matches!(
@@ -299,10 +313,13 @@ fn a_clock_ahead_of_the_server_pauses_capture_and_apply_until_it_is_sane() {
     drain(&mut n);
     n.handle(
         ms(1),
-        Input::Subscribed(Ok(StreamBounds {
-            first_seq: 1,
-            last_seq: 0,
-        })),
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(StreamBounds {
+                first_seq: 1,
+                last_seq: 0,
+            }),
+        },
     );
     drain(&mut n);
     let bound = n.config().max_clock_skew_ms;
@@ -322,7 +339,13 @@ fn a_clock_ahead_of_the_server_pauses_capture_and_apply_until_it_is_sane() {
         Output::Event(Event::ClockSkew { paused: true, .. })
     )));
     n.handle(ms(3), Input::LocalChange);
-    n.handle(ms(3), Input::Delivered(vec![delivery(1)]));
+    n.handle(
+        ms(3),
+        Input::Delivered {
+            generation: 1,
+            deliveries: vec![delivery(1)],
+        },
+    );
     let outs = drain(&mut n);
     assert!(!has(&outs, |o| matches!(
         o,
@@ -354,13 +377,22 @@ fn a_failed_apply_is_retried_with_the_same_deliveries() {
     drain(&mut n);
     n.handle(
         ms(1),
-        Input::Subscribed(Ok(StreamBounds {
-            first_seq: 1,
-            last_seq: 2,
-        })),
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(StreamBounds {
+                first_seq: 1,
+                last_seq: 2,
+            }),
+        },
     );
     drain(&mut n);
-    n.handle(ms(2), Input::Delivered(vec![delivery(1), delivery(2)]));
+    n.handle(
+        ms(2),
+        Input::Delivered {
+            generation: 1,
+            deliveries: vec![delivery(1), delivery(2)],
+        },
+    );
     let Some(Output::Apply(ds)) = drain(&mut n)
         .into_iter()
         .find(|o| matches!(o, Output::Apply(_)))
@@ -510,4 +542,141 @@ fn a_change_hint_rechecks_briefly_when_the_commit_was_not_visible_yet() {
         n.config().poll_interval,
         "no more rechecks, next regular poll"
     );
+}
+
+#[test]
+fn nothing_is_captured_before_the_clock_was_checked_against_the_server() {
+    let mut n = Node::new(NodeConfig::new(1, "db-a"));
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
+    n.handle(ms(5), Input::LocalChange);
+    assert!(!has(&drain(&mut n), |o| matches!(o, Output::Capture)));
+}
+
+/// The loop must never be woken for nothing: after any input, the next deadline is in the
+/// future, whatever is blocked (publish off, clock paused, NATS down, shutting down).
+#[test]
+fn the_next_deadline_is_always_in_the_future() {
+    let check = |n: &mut Node, now: Duration| {
+        drain(n);
+        assert!(
+            n.poll_timeout() > now,
+            "deadline {:?} at {:?}",
+            n.poll_timeout(),
+            now
+        );
+    };
+    // A receive-only node with deliveries queued while its clock is ahead.
+    let mut cfg = NodeConfig::new(1, "x");
+    cfg.publish = false;
+    let mut n = Node::new(cfg);
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![(batch(1), 1)])));
+    check(&mut n, ms(0));
+    n.handle(ms(10), Input::Prepared(Err(unavailable())));
+    check(&mut n, ms(10));
+    n.handle(ms(2000), Input::Tick);
+    check(&mut n, ms(2000));
+    n.handle(
+        ms(2000),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 5,
+        })),
+    );
+    n.handle(
+        ms(2001),
+        Input::Claimed {
+            result: Ok(Claim::Granted { server_ms: 1 }),
+            sent_wall_ms: 1_000_000,
+            received_wall_ms: 1_000_000,
+        },
+    );
+    check(&mut n, ms(2001));
+    n.handle(
+        ms(2002),
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(StreamBounds {
+                first_seq: 1,
+                last_seq: 5,
+            }),
+        },
+    );
+    n.handle(
+        ms(2003),
+        Input::Delivered {
+            generation: 1,
+            deliveries: vec![delivery(1), delivery(2)],
+        },
+    );
+    n.handle(ms(2004), Input::LocalChange);
+    check(&mut n, ms(2004));
+    assert!(n.status().clock_paused);
+    n.handle(ms(3000), Input::Tick);
+    check(&mut n, ms(3000));
+    n.handle(ms(3001), Input::Shutdown);
+    check(&mut n, ms(3001));
+    // A publishing node whose outbox cannot go out (window full, stream down).
+    let mut n = ready(0, vec![]);
+    for i in 0..300 {
+        n.handle(
+            ms(10),
+            Input::Captured(Ok(CaptureOutcome {
+                captured: Some(captured(i, 1)),
+                schema_changed: false,
+            })),
+        );
+    }
+    check(&mut n, ms(10));
+    assert_eq!(n.status().in_flight, 256);
+}
+
+#[test]
+fn a_superseded_subscription_is_ignored() {
+    let (mut n, _) = ready_with(0, vec![]);
+    n.handle(
+        ms(1),
+        Input::SubscriptionEnded {
+            generation: 1,
+            error: None,
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(
+        !has(&outs, |o| matches!(o, Output::Subscribe { .. })),
+        "retried after backoff"
+    );
+    let at = n.poll_timeout();
+    n.handle(at, Input::Tick);
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::Subscribe { generation: 2, .. }
+    )));
+    // The first subscription answers late: it is dropped, not installed.
+    n.handle(
+        at,
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(StreamBounds {
+                first_seq: 1,
+                last_seq: 0,
+            }),
+        },
+    );
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::Unsubscribe { generation: 1 }
+    )));
+    assert!(!n.status().subscribed);
+    n.handle(
+        at,
+        Input::Subscribed {
+            generation: 2,
+            result: Ok(StreamBounds {
+                first_seq: 1,
+                last_seq: 0,
+            }),
+        },
+    );
+    drain(&mut n);
+    assert!(n.status().subscribed);
 }
