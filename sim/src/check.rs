@@ -1,0 +1,276 @@
+//! The checker: safety invariants while the run goes on, convergence at the end.
+//!
+//! Safety, checked every 100 ms of simulated time on every node's database:
+//! - no row version ever goes backwards (so no applied change overwrote a higher version);
+//! - every batch applies atomically: if a node holds a batch's version for one of its rows,
+//!   it holds that version or a higher one for every row of the batch.
+//!
+//! (The capture sequence and the stamps of local writes are checked as captures happen, in
+//! [`crate::world`].) Liveness, at the end: every node's tables equal the oracle's.
+
+use crate::oracle::Oracle;
+use crate::world::Failure;
+use bytes::Bytes;
+use marmot_core::value::{ValueRef, sql_row_literal};
+use marmot_core::wire::{BatchId, BodyReader, Header, Item, decode_message, unseal};
+use marmot_core::{Stamp, Version};
+use rusqlite::{Connection, OpenFlags};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// One row of a decoded batch.
+#[derive(Clone, Debug)]
+pub struct BatchRow {
+    /// Table.
+    pub table: String,
+    /// Key as an SQL literal (normalised as the checker compares keys).
+    pub key: String,
+    /// The version the writer replaced.
+    pub base: Option<Version>,
+}
+
+fn norm_key(table: &str, values: &[ValueRef<'_>]) -> String {
+    // Table u's first key column is NOCASE: 'Y' and 'y' are one key.
+    if table == "u"
+        && let Some(ValueRef::Text(t)) = values.first()
+    {
+        let lower = String::from_utf8_lossy(t).to_lowercase();
+        let mut v: Vec<ValueRef<'_>> = vec![ValueRef::Text(lower.as_bytes())];
+        v.extend_from_slice(&values[1..]);
+        return sql_row_literal(v);
+    }
+    sql_row_literal(values.iter().copied())
+}
+
+/// Decodes a complete batch from its messages (in chunk order).
+pub fn batch_rows(messages: &[Bytes]) -> Option<(Header, Vec<BatchRow>)> {
+    let mut header = None;
+    let mut payload = Vec::new();
+    for m in messages {
+        let (h, frag) = decode_message(m).ok()?;
+        header.get_or_insert(h);
+        payload.extend_from_slice(frag);
+    }
+    let header = header?;
+    let body = unseal(&header, Bytes::from(payload)).ok()?;
+    let mut reader = BodyReader::new(&body);
+    let mut values = Vec::new();
+    let mut rows = Vec::new();
+    let mut table = String::new();
+    let mut keys = 0;
+    while let Some(item) = reader.next_item(&mut values).ok()? {
+        match item {
+            Item::Table(t) => {
+                table = t.name.to_string();
+                keys = t.key_columns;
+            }
+            Item::Upsert { base } | Item::Delete { base } => rows.push(BatchRow {
+                table: table.clone(),
+                key: norm_key(&table, &values[..keys]),
+                base,
+            }),
+        }
+    }
+    Some((header, rows))
+}
+
+type Versions = BTreeMap<(String, String), Version>;
+
+/// Reads a node's row versions.
+fn versions(db: &PathBuf) -> rusqlite::Result<Versions> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut out = Versions::new();
+    for (table, keys) in [("t", 1), ("u", 2)] {
+        let exists: i64 = c.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name = ?1",
+            [format!("__marmot__ver__{table}")],
+            |r| r.get(0),
+        )?;
+        if exists == 0 {
+            continue;
+        }
+        let mut stmt = c.prepare(&format!("SELECT * FROM \"__marmot__ver__{table}\""))?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let vals: Vec<ValueRef<'_>> = (0..keys)
+                .map(|i| marmot_sqlite::from_sql(r.get_ref(i).expect("key column")))
+                .collect();
+            let key = norm_key(table, &vals);
+            let v = Version {
+                stamp: Stamp::from_u64(r.get::<_, i64>(keys)? as u64),
+                node: r.get::<_, i64>(keys + 1)? as u64,
+            };
+            out.insert((table.to_string(), key), v);
+        }
+    }
+    Ok(out)
+}
+
+/// A node's user tables as sorted row literals.
+pub fn contents(db: &PathBuf) -> rusqlite::Result<BTreeMap<&'static str, Vec<String>>> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut out = BTreeMap::new();
+    for table in ["t", "u"] {
+        let mut stmt = c.prepare(&format!("SELECT * FROM {table}"))?;
+        let n = stmt.column_count();
+        let mut rows: Vec<String> = stmt
+            .query_map([], |r| {
+                let vals: Vec<ValueRef<'_>> = (0..n)
+                    .map(|i| marmot_sqlite::from_sql(r.get_ref(i).expect("column")))
+                    .collect();
+                Ok(sql_row_literal(vals))
+            })?
+            .collect::<Result<_, _>>()?;
+        rows.sort();
+        out.insert(table, rows);
+    }
+    Ok(out)
+}
+
+/// Checks invariants across the run.
+pub struct Checker {
+    dbs: Vec<PathBuf>,
+    seen: Vec<Versions>,
+    decoded: BTreeMap<BatchId, (Version, Vec<BatchRow>)>,
+    chunks: BTreeMap<BatchId, BTreeMap<u32, Bytes>>,
+    read_upto: usize,
+}
+
+impl Checker {
+    /// A checker for these databases.
+    pub fn new(nodes: usize, dbs: Vec<PathBuf>) -> Self {
+        Checker {
+            dbs,
+            seen: vec![Versions::new(); nodes],
+            decoded: BTreeMap::new(),
+            chunks: BTreeMap::new(),
+            read_upto: 0,
+        }
+    }
+
+    fn learn(&mut self, published: &[(u64, Bytes)]) {
+        for (_, m) in &published[self.read_upto..] {
+            let Ok((h, _)) = decode_message(m) else {
+                continue;
+            };
+            let chunks = self.chunks.entry(h.batch).or_default();
+            chunks.insert(h.chunk, m.clone());
+            if chunks.len() as u32 == h.chunks && !self.decoded.contains_key(&h.batch) {
+                let msgs: Vec<Bytes> = chunks.values().cloned().collect();
+                if let Some((header, rows)) = batch_rows(&msgs) {
+                    self.decoded.insert(h.batch, (header.version(), rows));
+                }
+            }
+        }
+        self.read_upto = published.len();
+    }
+
+    /// Checks the safety invariants now. `published` is every message the broker stored.
+    pub fn check(&mut self, published: &[(u64, Bytes)]) -> Result<(), Failure> {
+        self.learn(published);
+        for (n, db) in self.dbs.iter().enumerate() {
+            let now = versions(db).map_err(|e| Failure::Crash {
+                detail: format!("reading node {}: {e}", n + 1),
+            })?;
+            for (key, v) in &now {
+                if let Some(before) = self.seen[n].get(key)
+                    && v < before
+                {
+                    return Err(Failure::Safety {
+                        invariant: "no applied change overwrites a row version with a higher stamp",
+                        detail: format!(
+                            "node {}: {} {} went from {} back to {}",
+                            n + 1,
+                            key.0,
+                            key.1,
+                            before,
+                            v
+                        ),
+                    });
+                }
+            }
+            for (id, (version, rows)) in &self.decoded {
+                let holds = |r: &BatchRow| now.get(&(r.table.clone(), r.key.clone())).copied();
+                let applied = rows.iter().any(|r| holds(r) == Some(*version));
+                if !applied {
+                    continue;
+                }
+                if let Some(r) = rows.iter().find(|r| holds(r).is_none_or(|v| v < *version)) {
+                    return Err(Failure::Safety {
+                        invariant: "each batch applies atomically",
+                        detail: format!(
+                            "node {} holds batch {id} ({version}) for some rows but {} {} is at {:?}",
+                            n + 1,
+                            r.table,
+                            r.key,
+                            holds(r)
+                        ),
+                    });
+                }
+            }
+            for (key, v) in now {
+                let e = self.seen[n].entry(key).or_insert(v);
+                if v > *e {
+                    *e = v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// When every write was captured and every node holds exactly the oracle's rows, returns
+    /// how many captures there were.
+    pub fn converged(&self, oracle: &Oracle) -> Option<usize> {
+        if (0..self.dbs.len()).any(|n| oracle.uncaptured(n) > 0) {
+            return None;
+        }
+        let expected = oracle.expected();
+        for db in &self.dbs {
+            let got = contents(db).ok()?;
+            for table in ["t", "u"] {
+                if got.get(table) != Some(expected.get(table).unwrap_or(&Vec::new())) {
+                    return None;
+                }
+            }
+        }
+        Some(oracle.captures.iter().map(Vec::len).sum())
+    }
+
+    /// Describes how the nodes differ from the oracle.
+    pub fn difference(&self, oracle: &Oracle) -> String {
+        let mut out = String::new();
+        for n in 0..self.dbs.len() {
+            let u = oracle.uncaptured(n);
+            if u > 0 {
+                out.push_str(&format!(
+                    "node {}: {u} committed transactions were never captured\n",
+                    n + 1
+                ));
+            }
+        }
+        let expected = oracle.expected();
+        for (n, db) in self.dbs.iter().enumerate() {
+            let Ok(got) = contents(db) else { continue };
+            for table in ["t", "u"] {
+                let want = expected.get(table).cloned().unwrap_or_default();
+                let have = got.get(table).cloned().unwrap_or_default();
+                let missing: Vec<&String> =
+                    want.iter().filter(|r| !have.contains(r)).take(5).collect();
+                let extra: Vec<&String> =
+                    have.iter().filter(|r| !want.contains(r)).take(5).collect();
+                if !missing.is_empty() || !extra.is_empty() {
+                    out.push_str(&format!(
+                        "node {} table {table}: missing {missing:?}, unexpected {extra:?} ({} rows, expected {})\n",
+                        n + 1,
+                        have.len(),
+                        want.len()
+                    ));
+                }
+            }
+        }
+        if out.is_empty() {
+            out.push_str("no difference at the deadline (converged too late?)");
+        }
+        out
+    }
+}

@@ -1,0 +1,99 @@
+//! What the application wrote, what marmot captured, and what every node must end with.
+//!
+//! Every committed application write is recorded with its effect on each row (the row's new
+//! content, or gone). Every capture is recorded with the writes it covered: a capture
+//! transaction sees every write committed before it on that node, so the writes since the
+//! previous capture get its version. The expected content of every row is then the effect with
+//! the highest (version, write order): exactly last-writer-wins by stamp, with the node's own
+//! order breaking ties inside one capture. Deletes stay deleted.
+
+use marmot_core::Version;
+use std::collections::BTreeMap;
+
+/// One row changed by one application transaction.
+#[derive(Clone, Debug)]
+pub struct Effect {
+    /// Table.
+    pub table: &'static str,
+    /// Key, as an SQL literal.
+    pub key: String,
+    /// The whole row as an SQL literal, or `None` when the row is gone.
+    pub row: Option<String>,
+}
+
+/// How effects order: by version, then the writer's own order (transaction, statement).
+type Rank = (Version, usize, usize);
+
+/// The record of one run.
+#[derive(Default)]
+pub struct Oracle {
+    /// Per node: committed transactions, each a list of effects in order.
+    pub writes: Vec<Vec<Vec<Effect>>>,
+    /// Per node: captures as (transactions covered so far, version).
+    pub captures: Vec<Vec<(usize, Version)>>,
+}
+
+impl Oracle {
+    /// An oracle for `nodes` nodes.
+    pub fn new(nodes: usize) -> Self {
+        Oracle {
+            writes: vec![Vec::new(); nodes],
+            captures: vec![Vec::new(); nodes],
+        }
+    }
+
+    /// Records a committed transaction of node `n`.
+    pub fn wrote(&mut self, n: usize, effects: Vec<Effect>) {
+        self.writes[n].push(effects);
+    }
+
+    /// Records a capture by node `n` with version `v`: it covers every transaction so far.
+    pub fn captured(&mut self, n: usize, v: Version) {
+        let covered = self.writes[n].len();
+        self.captures[n].push((covered, v));
+    }
+
+    /// Transactions of node `n` no capture covered yet.
+    pub fn uncaptured(&self, n: usize) -> usize {
+        let covered = self.captures[n].last().map_or(0, |(c, _)| *c);
+        self.writes[n].len() - covered
+    }
+
+    /// The expected rows of every table: table -> sorted row literals. `None` if some write
+    /// was never captured.
+    pub fn expected(&self) -> BTreeMap<&'static str, Vec<String>> {
+        // (table, key) -> ((version, node order), row)
+        let mut winners: BTreeMap<(&'static str, String), (Rank, Option<String>)> = BTreeMap::new();
+        for (n, txns) in self.writes.iter().enumerate() {
+            let mut cap = self.captures[n].iter().peekable();
+            for (t, effects) in txns.iter().enumerate() {
+                while cap.peek().is_some_and(|(covered, _)| *covered <= t) {
+                    cap.next();
+                }
+                let Some((_, version)) = cap.peek() else {
+                    break;
+                };
+                for (o, e) in effects.iter().enumerate() {
+                    let rank = (*version, t, o);
+                    let slot = winners
+                        .entry((e.table, e.key.clone()))
+                        .or_insert((rank, e.row.clone()));
+                    if rank >= slot.0 {
+                        *slot = (rank, e.row.clone());
+                    }
+                }
+            }
+        }
+        let mut out: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+        for ((table, _), (_, row)) in winners {
+            let rows = out.entry(table).or_default();
+            if let Some(r) = row {
+                rows.push(r);
+            }
+        }
+        for rows in out.values_mut() {
+            rows.sort();
+        }
+        out
+    }
+}

@@ -1,0 +1,175 @@
+//! A run's plan, drawn from its seed: how many nodes, which kinds of fault are switched on
+//! (swarm testing: each run picks its own mix), and when each fault starts and ends.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Duration;
+
+/// Which fault kinds a run uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Swarm {
+    /// Node/broker partitions, both ways.
+    pub partitions: bool,
+    /// One-way partitions.
+    pub one_way: bool,
+    /// Messages held on a link, then released (delay and reordering).
+    pub holds: bool,
+    /// Duplicated deliveries.
+    pub duplicates: bool,
+    /// Node crashes and restarts.
+    pub crashes: bool,
+    /// Broker restarts.
+    pub broker_restarts: bool,
+    /// Per-node clock skew and jumps (backwards too).
+    pub clocks: bool,
+}
+
+/// One scheduled fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Cut node `node` from the broker (`one_way`: only node -> broker) for `for_`.
+    Partition {
+        /// Node index.
+        node: usize,
+        /// Only the node's direction.
+        one_way: bool,
+        /// How long.
+        for_: Duration,
+    },
+    /// Hold messages between node and broker for `for_`, then release them at once.
+    Hold {
+        /// Node index.
+        node: usize,
+        /// How long.
+        for_: Duration,
+    },
+    /// Crash node `node` (its memory is lost, its SQLite file survives) for `for_`.
+    Crash {
+        /// Node index.
+        node: usize,
+        /// How long.
+        for_: Duration,
+    },
+    /// Crash the broker for `for_` (its stream survives, as JetStream's file store does).
+    BrokerRestart {
+        /// How long.
+        for_: Duration,
+    },
+    /// Move node `node`'s wall clock by `delta_ms` (negative: backwards).
+    ClockJump {
+        /// Node index.
+        node: usize,
+        /// Milliseconds.
+        delta_ms: i64,
+    },
+}
+
+/// Everything a run does, derived from its seed.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The seed.
+    pub seed: u64,
+    /// Nodes (2 to 5).
+    pub nodes: usize,
+    /// Fault kinds switched on.
+    pub swarm: Swarm,
+    /// How long faults and writes go on.
+    pub chaos: Duration,
+    /// Faults, by start time.
+    pub faults: Vec<(Duration, Fault)>,
+    /// Starting clock skew per node, ms.
+    pub skews: Vec<i64>,
+    /// Mean pause between an application's transactions.
+    pub write_gap: Duration,
+    /// Share of writes that go to a few hot rows (contention).
+    pub hot_share: f64,
+    /// Broker duplicate window.
+    pub dedupe_window: Duration,
+    /// Chance of a duplicated delivery.
+    pub duplicate_rate: f64,
+    /// Largest message body fragment (small values split batches into chunks).
+    pub max_fragment: usize,
+    /// Network latency bounds.
+    pub latency: (Duration, Duration),
+}
+
+impl Plan {
+    /// Draws the plan of `seed`.
+    pub fn from_seed(seed: u64) -> Plan {
+        let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed0f_a1a2);
+        let nodes = r.random_range(2..=5);
+        let swarm = Swarm {
+            partitions: r.random_bool(0.6),
+            one_way: r.random_bool(0.4),
+            holds: r.random_bool(0.5),
+            duplicates: r.random_bool(0.5),
+            crashes: r.random_bool(0.6),
+            broker_restarts: r.random_bool(0.3),
+            clocks: r.random_bool(0.5),
+        };
+        let chaos = Duration::from_millis(r.random_range(4_000..=10_000));
+        let mut faults = Vec::new();
+        let count = r.random_range(0..=8);
+        for _ in 0..count {
+            let at = Duration::from_millis(r.random_range(0..chaos.as_millis() as u64));
+            let node = r.random_range(0..nodes);
+            let for_ = Duration::from_millis(r.random_range(100..=4_000));
+            let kind = r.random_range(0..6);
+            let f = match kind {
+                0 if swarm.partitions => Fault::Partition {
+                    node,
+                    one_way: false,
+                    for_,
+                },
+                1 if swarm.one_way => Fault::Partition {
+                    node,
+                    one_way: true,
+                    for_,
+                },
+                2 if swarm.holds => Fault::Hold { node, for_ },
+                3 if swarm.crashes => Fault::Crash { node, for_ },
+                4 if swarm.broker_restarts => Fault::BrokerRestart { for_ },
+                5 if swarm.clocks => Fault::ClockJump {
+                    node,
+                    delta_ms: r.random_range(-30_000..=8_000),
+                },
+                _ => continue,
+            };
+            faults.push((at, f));
+        }
+        faults.sort_by_key(|(at, _)| *at);
+        let skews = (0..nodes)
+            .map(|_| {
+                if swarm.clocks {
+                    r.random_range(-3_000..=3_000)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Plan {
+            seed,
+            nodes,
+            chaos,
+            faults,
+            skews,
+            write_gap: Duration::from_millis(r.random_range(20..=300)),
+            hot_share: r.random_range(0.0..0.8),
+            dedupe_window: Duration::from_millis(if r.random_bool(0.3) { 200 } else { 120_000 }),
+            duplicate_rate: if swarm.duplicates {
+                r.random_range(0.01..0.2)
+            } else {
+                0.0
+            },
+            max_fragment: if r.random_bool(0.3) { 64 } else { 512 * 1024 },
+            latency: {
+                let lo = r.random_range(0..=2);
+                (
+                    Duration::from_millis(lo),
+                    Duration::from_millis(lo + r.random_range(1..=20)),
+                )
+            },
+            swarm,
+        }
+    }
+}

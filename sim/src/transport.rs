@@ -1,0 +1,137 @@
+//! The transport adapter a simulated node uses: the same [`Transport`] port as io-nats,
+//! talking to the simulated broker over turmoil's TCP. Like the real client it never
+//! blocks forever: every request has a timeout, and a subscription that hears nothing (not
+//! even a heartbeat) for a while ends with an error, so the node resubscribes (turmoil's TCP
+//! never retransmits: a stream that lost a segment in a partition stays stalled).
+
+use crate::broker::request;
+use crate::proto::{Request, Response, send_request};
+use bytes::Bytes;
+use futures::StreamExt;
+use marmot_core::NodeId;
+use marmot_core::apply::Delivery;
+use marmot_core::ports::{Claim, Deliveries, StreamBounds, Transport, TransportError};
+use std::time::Duration;
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const SILENCE: Duration = Duration::from_secs(2);
+
+/// The simulated transport of one node.
+pub struct SimTransport {
+    broker: String,
+}
+
+impl SimTransport {
+    /// A transport to the broker host named `broker`.
+    pub fn new(broker: &str) -> Self {
+        SimTransport {
+            broker: broker.to_string(),
+        }
+    }
+
+    async fn call(&self, req: Request) -> Result<Response, TransportError> {
+        request(&self.broker, &req, REQUEST_TIMEOUT)
+            .await
+            .map(|(_, r)| r)
+            .map_err(|e| TransportError::unavailable(format!("broker: {e}")))
+    }
+
+    async fn bounds(&self) -> Result<StreamBounds, TransportError> {
+        match self.call(Request::Info).await? {
+            Response::Info { first, last } => Ok(StreamBounds {
+                first_seq: first,
+                last_seq: last,
+            }),
+            other => Err(TransportError::other(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for SimTransport {
+    async fn prepare(&self) -> Result<StreamBounds, TransportError> {
+        self.bounds().await
+    }
+
+    async fn publish(&self, message_id: String, payload: Bytes) -> Result<(), TransportError> {
+        match self
+            .call(Request::Publish {
+                id: message_id,
+                payload,
+            })
+            .await?
+        {
+            Response::PubAck { .. } => Ok(()),
+            other => Err(TransportError::other(format!("unexpected {other:?}"))),
+        }
+    }
+
+    async fn subscribe(&self, from_seq: u64) -> Result<(StreamBounds, Deliveries), TransportError> {
+        let bounds = self.bounds().await?;
+        let mut s = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            turmoil::net::TcpStream::connect((self.broker.as_str(), crate::broker::PORT)),
+        )
+        .await
+        .map_err(|_| TransportError::unavailable("broker: connect timed out"))?
+        .map_err(|e| TransportError::unavailable(format!("broker: {e}")))?;
+        send_request(&mut s, &Request::Subscribe { from: from_seq })
+            .await
+            .map_err(|e| TransportError::unavailable(format!("broker: {e}")))?;
+        let deliveries = futures::stream::unfold(Some(s), |s| async move {
+            let mut s = s?;
+            loop {
+                match tokio::time::timeout(SILENCE, crate::proto::read_response(&mut s)).await {
+                    Ok(Ok(Response::Msg {
+                        seq,
+                        ts_ms,
+                        pending,
+                        payload,
+                    })) => {
+                        let d = Delivery {
+                            stream_seq: seq,
+                            payload,
+                            published_ms: ts_ms,
+                            pending,
+                        };
+                        return Some((Ok(d), Some(s)));
+                    }
+                    Ok(Ok(Response::Heartbeat)) => continue,
+                    Ok(Ok(other)) => {
+                        return Some((
+                            Err(TransportError::other(format!("unexpected {other:?}"))),
+                            None,
+                        ));
+                    }
+                    Ok(Err(e)) => {
+                        return Some((
+                            Err(TransportError::unavailable(format!("subscription: {e}"))),
+                            None,
+                        ));
+                    }
+                    Err(_) => {
+                        return Some((
+                            Err(TransportError::unavailable("subscription: silent")),
+                            None,
+                        ));
+                    }
+                }
+            }
+        });
+        Ok((bounds, deliveries.boxed()))
+    }
+
+    async fn claim(&self, node: NodeId, owner: &str) -> Result<Claim, TransportError> {
+        match self
+            .call(Request::Claim {
+                node,
+                owner: owner.to_string(),
+            })
+            .await?
+        {
+            Response::Claimed { server_ms } => Ok(Claim::Granted { server_ms }),
+            Response::Held { by } => Ok(Claim::Held { by }),
+            other => Err(TransportError::other(format!("unexpected {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,760 @@
+//! One simulated run: builds the turmoil world from a [`Plan`], runs the marmot nodes (the
+//! daemon's drive loop, core and SQLite adapter), the applications writing into their files
+//! and the broker, injects the faults, checks the safety invariants while it runs, then heals
+//! everything and checks that every node converges to the oracle's state.
+
+use crate::broker::{BrokerConfig, BrokerState};
+use crate::check::{Checker, batch_rows};
+use crate::oracle::{Effect, Oracle};
+use crate::plan::{Fault, Plan};
+use crate::transport::SimTransport;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use marmot_core::capture::Captured;
+use marmot_core::drive::{self, Control, Observer};
+use marmot_core::node::{Event, Node, NodeConfig, Stop};
+use marmot_core::ports::{ApplyOutcome, CaptureOutcome, Env, ParkedRetry, Recovered, Storage};
+use marmot_core::value::sql_row_literal;
+use marmot_core::wire::BatchId;
+use marmot_core::{Clock, Version};
+use marmot_sqlite::{SqliteStore, StoreConfig, StoreError};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rusqlite::Connection;
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// The tables every node replicates.
+pub const SCHEMA: &str = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);
+    CREATE TABLE u (a TEXT COLLATE NOCASE, b INTEGER, v, PRIMARY KEY (a, b)) WITHOUT ROWID;";
+
+/// After the faults stop, every node must converge within this much simulated time.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+
+/// How a run failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// An invariant was violated while running.
+    Safety {
+        /// Which invariant.
+        invariant: &'static str,
+        /// What was seen.
+        detail: String,
+    },
+    /// The nodes did not converge to the expected state in time after the faults stopped.
+    Liveness {
+        /// What differed.
+        detail: String,
+    },
+    /// The simulation itself broke (a host returned an error, a node stopped).
+    Crash {
+        /// What happened.
+        detail: String,
+    },
+}
+
+impl Failure {
+    /// "safety", "liveness" or "crash".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::Safety { .. } => "safety",
+            Failure::Liveness { .. } => "liveness",
+            Failure::Crash { .. } => "crash",
+        }
+    }
+}
+
+/// What a successful run did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Hash of the run's trace (every event, in order, with its simulated time).
+    pub trace_hash: u64,
+    /// Events in the trace.
+    pub trace_len: usize,
+    /// The trace itself (for the determinism test).
+    pub trace: Vec<String>,
+    /// Simulated time until convergence.
+    pub sim_time: Duration,
+    /// Application transactions committed.
+    pub transactions: usize,
+    /// Batches captured.
+    pub captures: usize,
+}
+
+/// A failed run, with everything needed to replay it.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The plan.
+    pub plan: Plan,
+    /// What failed.
+    pub failure: Failure,
+    /// Simulated time of the failure.
+    pub at: Duration,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "simulation seed {} failed ({}) at {:?} of simulated time:",
+            self.plan.seed,
+            self.failure.kind(),
+            self.at
+        )?;
+        match &self.failure {
+            Failure::Safety { invariant, detail } => {
+                writeln!(f, "  safety invariant violated: {invariant}\n  {detail}")?
+            }
+            Failure::Liveness { detail } => writeln!(f, "  liveness: {detail}")?,
+            Failure::Crash { detail } => writeln!(f, "  {detail}")?,
+        }
+        writeln!(f, "  plan: {:#?}", self.plan)?;
+        write!(
+            f,
+            "  replay: SIM_SEED={} cargo test -p sim --release -- --nocapture replay_one_seed",
+            self.plan.seed
+        )
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) plan: Plan,
+    pub(crate) dbs: Vec<PathBuf>,
+    pub(crate) oracle: Oracle,
+    pub(crate) last_batch: Vec<u64>,
+    pub(crate) starts: Vec<u64>,
+    pub(crate) wake: Vec<Option<futures::channel::mpsc::Sender<()>>>,
+    pub(crate) skew: Vec<Arc<AtomicI64>>,
+    pub(crate) trace: Vec<String>,
+    pub(crate) failures: Vec<Failure>,
+    pub(crate) writers_done: usize,
+}
+
+type World = Rc<RefCell<Shared>>;
+
+fn now() -> Duration {
+    turmoil::sim_elapsed().unwrap_or_default()
+}
+
+/// Time for a simulated node: the host's simulated clock plus its own skew.
+#[derive(Clone)]
+struct SimEnv {
+    start: tokio::time::Instant,
+    skew: Arc<AtomicI64>,
+}
+
+impl Env for SimEnv {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+    fn wall_ms(&self) -> u64 {
+        let wall = turmoil::since_epoch().map_or(0, |d| d.as_millis() as i64);
+        (wall + self.skew.load(Ordering::Relaxed)).max(0) as u64
+    }
+    fn sleep_until(&self, deadline: Duration) -> BoxFuture<'static, ()> {
+        tokio::time::sleep_until(self.start + deadline).boxed()
+    }
+}
+
+/// The real SQLite store, with every capture reported to the oracle and checked.
+struct Recorded {
+    inner: SqliteStore,
+    node: usize,
+    world: World,
+}
+
+impl Recorded {
+    fn note(&self, c: &Option<Captured>) {
+        let Some(c) = c else { return };
+        let mut w = self.world.borrow_mut();
+        let n = self.node;
+        if c.batch.seq != w.last_batch[n] + 1 {
+            let detail = format!(
+                "node {} captured batch {} after batch {}",
+                n + 1,
+                c.batch.seq,
+                w.last_batch[n]
+            );
+            w.failures.push(Failure::Safety {
+                invariant: "each node's capture sequence is gap-free and increasing",
+                detail,
+            });
+        }
+        w.last_batch[n] = c.batch.seq;
+        let version = Version {
+            stamp: c.stamp,
+            node: n as u64 + 1,
+        };
+        match batch_rows(&c.messages) {
+            Some((_, rows)) => {
+                for r in rows {
+                    if let Some(base) = r.base
+                        && base >= version
+                    {
+                        let detail = format!(
+                            "node {} stamped {} over {} on {} {}",
+                            n + 1,
+                            version,
+                            base,
+                            r.table,
+                            r.key
+                        );
+                        w.failures.push(Failure::Safety {
+                            invariant: "a local write's stamp is above the stamp of the version it replaced",
+                            detail,
+                        });
+                    }
+                }
+            }
+            None => w.failures.push(Failure::Safety {
+                invariant: "captured batches decode",
+                detail: format!("node {} batch {}", n + 1, c.batch),
+            }),
+        }
+        w.oracle.captured(n, version);
+        let t = format!(
+            "{:?} n{} captured {} rows={} v={}",
+            now(),
+            n + 1,
+            c.batch,
+            c.rows,
+            version
+        );
+        w.trace.push(t);
+    }
+}
+
+impl Storage for Recorded {
+    type Error = StoreError;
+    fn recover(&mut self) -> Result<Recovered, StoreError> {
+        self.inner.recover()
+    }
+    fn capture(&mut self, clock: &mut Clock, wall_ms: u64) -> Result<CaptureOutcome, StoreError> {
+        let r = self.inner.capture(clock, wall_ms);
+        if let Ok(o) = &r {
+            self.note(&o.captured);
+        }
+        r
+    }
+    fn apply(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        ds: &[marmot_core::apply::Delivery],
+    ) -> Result<ApplyOutcome, StoreError> {
+        let r = self.inner.apply(clock, wall_ms, ds);
+        if let Ok(o) = &r {
+            self.note(&o.captured);
+        }
+        r
+    }
+    fn mark_published(&mut self, batch: BatchId) -> Result<(), StoreError> {
+        self.inner.mark_published(batch)
+    }
+    fn outbox_message(
+        &mut self,
+        batch: BatchId,
+        chunk: u32,
+    ) -> Result<Option<bytes::Bytes>, StoreError> {
+        self.inner.outbox_message(batch, chunk)
+    }
+    fn retry_parked(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        all: bool,
+    ) -> Result<ParkedRetry, StoreError> {
+        let r = self.inner.retry_parked(clock, wall_ms, all);
+        if let Ok(o) = &r {
+            self.note(&o.captured);
+        }
+        r
+    }
+}
+
+struct SimObserver {
+    world: World,
+    node: usize,
+}
+
+impl Observer for SimObserver {
+    fn event(&mut self, _now: Duration, e: &Event) {
+        let mut w = self.world.borrow_mut();
+        if let Event::Parked { reason, .. } = e {
+            w.failures.push(Failure::Safety {
+                invariant: "nothing is parked (the simulated schema is the same everywhere)",
+                detail: format!("node {}: {reason}", self.node + 1),
+            });
+        }
+        let t = format!("{:?} n{} {:?}", now(), self.node + 1, e);
+        w.trace.push(t);
+    }
+}
+
+async fn node_host(world: World, i: usize) -> turmoil::Result {
+    let (path, plan, skew, start) = {
+        let mut w = world.borrow_mut();
+        w.starts[i] += 1;
+        (
+            w.dbs[i].clone(),
+            w.plan.clone(),
+            w.skew[i].clone(),
+            w.starts[i],
+        )
+    };
+    let nonce = plan.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((i as u64) << 40) ^ start;
+    let mut cfg = StoreConfig::new(&path, i as u64 + 1, nonce);
+    cfg.max_fragment = plan.max_fragment;
+    cfg.busy_timeout = Duration::from_millis(50);
+    let inner = SqliteStore::open(cfg).map_err(|e| e.to_string())?;
+    let mut store = Recorded {
+        inner,
+        node: i,
+        world: world.clone(),
+    };
+    let (tx, rx) = futures::channel::mpsc::channel(1);
+    world.borrow_mut().wake[i] = Some(tx);
+    let mut wake: Pin<Box<dyn futures::Stream<Item = ()> + Send>> = Box::pin(rx);
+    let mut control: Pin<Box<dyn futures::Stream<Item = Control> + Send>> =
+        Box::pin(futures::stream::pending());
+    let env = SimEnv {
+        start: tokio::time::Instant::now(),
+        skew,
+    };
+    let mut node = Node::new(NodeConfig::new(i as u64 + 1, format!("sim-db-{}", i + 1)));
+    let mut obs = SimObserver {
+        world: world.clone(),
+        node: i,
+    };
+    let transport = Arc::new(SimTransport::new("broker"));
+    let stop = drive::run(
+        &mut node,
+        &mut store,
+        transport,
+        &env,
+        &mut obs,
+        wake.as_mut(),
+        control.as_mut(),
+    )
+    .await;
+    // Nothing asks a simulated node to stop: any stop is a failure.
+    let stop: Stop = stop;
+    world.borrow_mut().failures.push(Failure::Crash {
+        detail: format!("node {} stopped: {stop:?}", i + 1),
+    });
+    Ok(())
+}
+
+/// One application transaction on node `i`'s database, returning its effects.
+fn write_transaction(
+    conn: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+) -> rusqlite::Result<Vec<Effect>> {
+    let tx = conn.unchecked_transaction()?;
+    let mut effects = Vec::new();
+    let ops = rng.random_range(1..=3);
+    let row_t = |k: i64, v: &str, n: i64| -> String {
+        sql_row_literal([
+            marmot_core::ValueRef::Integer(k),
+            marmot_core::ValueRef::Text(v.as_bytes()),
+            marmot_core::ValueRef::Integer(n),
+        ])
+    };
+    let key_t = |k: i64| sql_row_literal([marmot_core::ValueRef::Integer(k)]);
+    for op in 0..ops {
+        let v = format!("n{}-t{txn}-o{op}", i + 1);
+        let existing: Vec<i64> = tx
+            .prepare_cached("SELECT k FROM t ORDER BY k")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let fresh = (i as i64 + 1) * 1_000_000 + (txn * 4 + op) as i64;
+        match rng.random_range(0..6) {
+            0 => {
+                let k = if rng.random_bool(hot_share) {
+                    rng.random_range(1..=4)
+                } else {
+                    fresh
+                };
+                tx.execute(
+                    "INSERT INTO t (k, v, n) VALUES (?1, ?2, ?3) ON CONFLICT (k) DO UPDATE SET v = excluded.v, n = excluded.n",
+                    rusqlite::params![k, v, txn as i64],
+                )?;
+                effects.push(Effect {
+                    table: "t",
+                    key: key_t(k),
+                    row: Some(row_t(k, &v, txn as i64)),
+                });
+            }
+            1 if !existing.is_empty() => {
+                let k = existing[rng.random_range(0..existing.len())];
+                let n: i64 = tx.query_row("SELECT n FROM t WHERE k = ?1", [k], |r| r.get(0))?;
+                tx.execute("UPDATE t SET v = ?2 WHERE k = ?1", rusqlite::params![k, v])?;
+                effects.push(Effect {
+                    table: "t",
+                    key: key_t(k),
+                    row: Some(row_t(k, &v, n)),
+                });
+            }
+            2 if !existing.is_empty() => {
+                let k = existing[rng.random_range(0..existing.len())];
+                tx.execute("DELETE FROM t WHERE k = ?1", [k])?;
+                effects.push(Effect {
+                    table: "t",
+                    key: key_t(k),
+                    row: None,
+                });
+            }
+            3 if !existing.is_empty() => {
+                let k = existing[rng.random_range(0..existing.len())];
+                let (old_v, n): (String, i64) =
+                    tx.query_row("SELECT v, n FROM t WHERE k = ?1", [k], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
+                tx.execute("UPDATE t SET k = ?2 WHERE k = ?1", [k, fresh])?;
+                effects.push(Effect {
+                    table: "t",
+                    key: key_t(k),
+                    row: None,
+                });
+                effects.push(Effect {
+                    table: "t",
+                    key: key_t(fresh),
+                    row: Some(row_t(fresh, &old_v, n)),
+                });
+            }
+            4 => {
+                let a = ["x", "y", "Y", "z"][rng.random_range(0..4)];
+                let b = rng.random_range(0..3i64);
+                // Under NOCASE 'y' and 'Y' are one key; the row keeps the spelling written last.
+                tx.execute(
+                    "INSERT INTO u (a, b, v) VALUES (?1, ?2, ?3) ON CONFLICT (a, b) DO UPDATE SET a = excluded.a, v = excluded.v",
+                    rusqlite::params![a, b, v],
+                )?;
+                let key = sql_row_literal([
+                    marmot_core::ValueRef::Text(a.to_lowercase().as_bytes()),
+                    marmot_core::ValueRef::Integer(b),
+                ]);
+                let row = sql_row_literal([
+                    marmot_core::ValueRef::Text(a.as_bytes()),
+                    marmot_core::ValueRef::Integer(b),
+                    marmot_core::ValueRef::Text(v.as_bytes()),
+                ]);
+                effects.push(Effect {
+                    table: "u",
+                    key,
+                    row: Some(row),
+                });
+            }
+            _ => {
+                let a = ["x", "y", "z"][rng.random_range(0..3)];
+                let b = rng.random_range(0..3i64);
+                if tx.execute(
+                    "DELETE FROM u WHERE a = ?1 AND b = ?2",
+                    rusqlite::params![a, b],
+                )? > 0
+                {
+                    let key = sql_row_literal([
+                        marmot_core::ValueRef::Text(a.as_bytes()),
+                        marmot_core::ValueRef::Integer(b),
+                    ]);
+                    effects.push(Effect {
+                        table: "u",
+                        key,
+                        row: None,
+                    });
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(effects)
+}
+
+async fn writer(world: World, i: usize) -> turmoil::Result {
+    let (path, plan) = {
+        let w = world.borrow();
+        (w.dbs[i].clone(), w.plan.clone())
+    };
+    let conn = Connection::open(&path)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(plan.seed.wrapping_mul(31).wrapping_add(i as u64));
+    let mut txn = 0;
+    loop {
+        let gap = plan.write_gap.as_millis() as u64;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1..=2 * gap))).await;
+        if now() >= plan.chaos {
+            break;
+        }
+        let effects = write_transaction(&conn, &mut rng, i, txn, plan.hot_share)
+            .map_err(|e| format!("writer {}: {e}", i + 1))?;
+        txn += 1;
+        let mut w = world.borrow_mut();
+        let t = format!(
+            "{:?} app{} txn {} effects {}",
+            now(),
+            i + 1,
+            txn,
+            effects.len()
+        );
+        w.trace.push(t);
+        // A transaction that changed no row fires no trigger: there is nothing to capture.
+        if !effects.is_empty() {
+            w.oracle.wrote(i, effects);
+        }
+        if let Some(tx) = w.wake[i].as_mut() {
+            let _ = tx.try_send(());
+        }
+    }
+    world.borrow_mut().writers_done += 1;
+    Ok(())
+}
+
+fn host_name(i: usize) -> String {
+    format!("node{}", i + 1)
+}
+
+enum Heal {
+    Repair(usize),
+    Release(usize),
+    Bounce(usize),
+    BounceBroker,
+}
+
+/// Runs one seed. `canary` switches the merge rule to "last arrival wins" (the checker must
+/// catch it).
+pub fn run_seed(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
+    // A panic anywhere in the run (marmot's code or the simulator's) is a failure of this
+    // seed, reported with its plan like any other.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_seed_inner(seed, canary)
+    })) {
+        Ok(r) => r,
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            Err(Box::new(Report {
+                plan: Plan::from_seed(seed),
+                failure: Failure::Crash {
+                    detail: format!("panicked: {detail}"),
+                },
+                at: Duration::ZERO,
+            }))
+        }
+    }
+}
+
+fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
+    marmot_core::merge::canary::set_last_arrival_wins(canary);
+    let plan = Plan::from_seed(seed);
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .expect("temporary directory");
+    let dbs: Vec<PathBuf> = (0..plan.nodes)
+        .map(|i| dir.path().join(format!("node{}.db", i + 1)))
+        .collect();
+    for db in &dbs {
+        let c = Connection::open(db).expect("create database");
+        c.execute_batch(&format!("PRAGMA journal_mode=WAL; {SCHEMA}"))
+            .expect("schema");
+    }
+    let world: World = Rc::new(RefCell::new(Shared {
+        plan: plan.clone(),
+        dbs: dbs.clone(),
+        oracle: Oracle::new(plan.nodes),
+        last_batch: vec![0; plan.nodes],
+        starts: vec![0; plan.nodes],
+        wake: (0..plan.nodes).map(|_| None).collect(),
+        skew: plan
+            .skews
+            .iter()
+            .map(|s| Arc::new(AtomicI64::new(*s)))
+            .collect(),
+        trace: Vec::new(),
+        failures: Vec::new(),
+        writers_done: 0,
+    }));
+    let broker = BrokerState::new(
+        BrokerConfig {
+            max_messages: 1_000_000,
+            dedupe_window: plan.dedupe_window,
+            claim_ttl: Duration::from_secs(15),
+            duplicate_rate: plan.duplicate_rate,
+        },
+        seed,
+    );
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(1_780_000_000))
+        .simulation_duration(plan.chaos + LIVENESS_BOUND + Duration::from_secs(60))
+        .tick_duration(Duration::from_millis(1))
+        // Every simulated request opens a connection; a held link releases them in bursts.
+        .tcp_capacity(1 << 16)
+        .min_message_latency(plan.latency.0)
+        .max_message_latency(plan.latency.1)
+        .build();
+    {
+        let b = broker.clone();
+        sim.host("broker", move || crate::broker::serve(b.clone()));
+    }
+    for i in 0..plan.nodes {
+        let w = world.clone();
+        sim.host(host_name(i), move || node_host(w.clone(), i));
+        sim.client(format!("app{}", i + 1), writer(world.clone(), i));
+    }
+    let fail = |failure: Failure, at: Duration| {
+        Box::new(Report {
+            plan: plan.clone(),
+            failure,
+            at,
+        })
+    };
+    let mut checker = Checker::new(plan.nodes, dbs.clone());
+    let mut faults = plan.faults.clone().into_iter().peekable();
+    let mut heals: Vec<(Duration, Heal)> = Vec::new();
+    let mut crashed = vec![false; plan.nodes];
+    let mut healed = false;
+    let mut next_check = Duration::ZERO;
+    loop {
+        let step = sim.step();
+        let now = sim.elapsed();
+        if let Err(e) = step {
+            return Err(fail(
+                Failure::Crash {
+                    detail: format!("a host failed: {e}"),
+                },
+                now,
+            ));
+        }
+        if let Some(f) = world.borrow_mut().failures.pop() {
+            return Err(fail(f, now));
+        }
+        while !healed && faults.peek().is_some_and(|(at, _)| *at <= now) {
+            let (_, f) = faults.next().expect("peeked");
+            world
+                .borrow_mut()
+                .trace
+                .push(format!("{now:?} fault {f:?}"));
+            match f {
+                Fault::Partition {
+                    node,
+                    one_way,
+                    for_,
+                } => {
+                    if one_way {
+                        sim.partition_oneway(host_name(node), "broker");
+                    } else {
+                        sim.partition(host_name(node), "broker");
+                    }
+                    heals.push((now + for_, Heal::Repair(node)));
+                }
+                Fault::Hold { node, for_ } => {
+                    sim.hold(host_name(node), "broker");
+                    heals.push((now + for_, Heal::Release(node)));
+                }
+                Fault::Crash { node, for_ } => {
+                    if !crashed[node] {
+                        crashed[node] = true;
+                        world.borrow_mut().wake[node] = None;
+                        sim.crash(host_name(node));
+                        heals.push((now + for_, Heal::Bounce(node)));
+                    }
+                }
+                Fault::BrokerRestart { for_ } => {
+                    sim.crash("broker");
+                    heals.push((now + for_, Heal::BounceBroker));
+                }
+                Fault::ClockJump { node, delta_ms } => {
+                    world.borrow().skew[node].fetch_add(delta_ms, Ordering::Relaxed);
+                }
+            }
+        }
+        let due: Vec<Heal> = {
+            let (due, later): (Vec<_>, Vec<_>) =
+                heals.drain(..).partition(|(at, _)| *at <= now || healed);
+            heals = later;
+            due.into_iter().map(|(_, h)| h).collect()
+        };
+        for h in due {
+            heal(&mut sim, h, &mut crashed);
+        }
+        if !healed && now >= plan.chaos {
+            healed = true;
+            world
+                .borrow_mut()
+                .trace
+                .push(format!("{now:?} heal everything"));
+            for (_, h) in heals.drain(..) {
+                heal(&mut sim, h, &mut crashed);
+            }
+            for i in 0..plan.nodes {
+                sim.repair(host_name(i), "broker");
+                sim.release(host_name(i), "broker");
+                let w = world.borrow();
+                let s = w.skew[i].load(Ordering::Relaxed);
+                w.skew[i].store(s.clamp(-1_000, 1_000), Ordering::Relaxed);
+            }
+        }
+        if now >= next_check {
+            next_check = now + Duration::from_millis(100);
+            if let Err(f) = checker.check(&broker.borrow().published) {
+                return Err(fail(f, now));
+            }
+            if healed && world.borrow().writers_done == plan.nodes {
+                let w = world.borrow();
+                if let Some(done) = checker.converged(&w.oracle) {
+                    return Ok(Outcome {
+                        trace_hash: fnv(&w.trace),
+                        trace_len: w.trace.len(),
+                        trace: w.trace.clone(),
+                        sim_time: now,
+                        transactions: w.oracle.writes.iter().map(Vec::len).sum(),
+                        captures: done,
+                    });
+                }
+            }
+            if now > plan.chaos + LIVENESS_BOUND {
+                let detail = checker.difference(&world.borrow().oracle);
+                return Err(fail(Failure::Liveness { detail }, now));
+            }
+        }
+    }
+}
+
+fn heal(sim: &mut turmoil::Sim<'_>, h: Heal, crashed: &mut [bool]) {
+    match h {
+        Heal::Repair(n) => sim.repair(host_name(n), "broker"),
+        Heal::Release(n) => sim.release(host_name(n), "broker"),
+        Heal::Bounce(n) => {
+            if crashed[n] {
+                crashed[n] = false;
+                sim.bounce(host_name(n));
+            }
+        }
+        Heal::BounceBroker => sim.bounce("broker"),
+    }
+}
+
+fn fnv(trace: &[String]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for line in trace {
+        for b in line.bytes().chain(std::iter::once(b'\n')) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
