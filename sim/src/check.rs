@@ -127,6 +127,27 @@ pub fn contents(db: &PathBuf) -> rusqlite::Result<BTreeMap<&'static str, Vec<Str
     Ok(out)
 }
 
+/// A node's rows by (table, key literal), keys normalised as the checker compares them.
+fn keyed_contents(db: &PathBuf) -> rusqlite::Result<BTreeMap<(String, String), String>> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut out = BTreeMap::new();
+    for (table, keys) in [("t", 1), ("u", 2)] {
+        let mut stmt = c.prepare(&format!("SELECT * FROM {table}"))?;
+        let n = stmt.column_count();
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let vals: Vec<ValueRef<'_>> = (0..n)
+                .map(|i| marmot_sqlite::from_sql(r.get_ref(i).expect("column")))
+                .collect();
+            out.insert(
+                (table.to_string(), norm_key(table, &vals[..keys])),
+                sql_row_literal(vals),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Checks invariants across the run.
 pub struct Checker {
     dbs: Vec<PathBuf>,
@@ -166,12 +187,48 @@ impl Checker {
     }
 
     /// Checks the safety invariants now. `published` is every message the broker stored.
-    pub fn check(&mut self, published: &[(u64, Bytes)]) -> Result<(), Failure> {
+    pub fn check(&mut self, published: &[(u64, Bytes)], oracle: &Oracle) -> Result<(), Failure> {
         self.learn(published);
         for (n, db) in self.dbs.iter().enumerate() {
             let now = versions(db).map_err(|e| Failure::Crash {
                 detail: format!("reading node {}: {e}", n + 1),
             })?;
+            // A committed write is present, or replaced by a write with a higher stamp: on its
+            // own node, a captured row never falls below its version, and at that version it
+            // holds what the application wrote.
+            let mut rows: Option<BTreeMap<(String, String), String>> = None;
+            let pending = oracle.uncaptured_keys(n);
+            for ((table, key), (version, row)) in oracle.captured_writes(n) {
+                let held = now.get(&(table.to_string(), key.clone())).copied();
+                if held.is_none_or(|h| h < version) {
+                    return Err(Failure::Safety {
+                        invariant: "a committed write is never lost",
+                        detail: format!(
+                            "node {}: {table} {key} written at {version} is at {held:?}",
+                            n + 1
+                        ),
+                    });
+                }
+                // A later write not captured yet may have changed the row already.
+                if held == Some(version) && !pending.contains(&(table, key.clone())) {
+                    let rows = match &mut rows {
+                        Some(r) => r,
+                        None => rows.insert(keyed_contents(db).map_err(|e| Failure::Crash {
+                            detail: format!("reading node {}: {e}", n + 1),
+                        })?),
+                    };
+                    let have = rows.get(&(table.to_string(), key.clone()));
+                    if have != row.as_ref() {
+                        return Err(Failure::Safety {
+                            invariant: "a committed write is never lost",
+                            detail: format!(
+                                "node {}: {table} {key} at {version} holds {have:?}, the application wrote {row:?}",
+                                n + 1
+                            ),
+                        });
+                    }
+                }
+            }
             for (key, v) in &now {
                 if let Some(before) = self.seen[n].get(key)
                     && v < before

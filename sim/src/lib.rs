@@ -13,6 +13,7 @@
 
 pub mod broker;
 pub mod check;
+pub mod conformance;
 pub mod oracle;
 pub mod plan;
 pub mod proto;

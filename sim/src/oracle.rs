@@ -59,8 +59,47 @@ impl Oracle {
         self.writes[n].len() - covered
     }
 
-    /// The expected rows of every table: table -> sorted row literals. `None` if some write
-    /// was never captured.
+    /// For node `n`: every row its application changed and marmot captured, with the latest
+    /// captured version and content of that row (as written on `n`).
+    pub fn captured_writes(
+        &self,
+        n: usize,
+    ) -> BTreeMap<(&'static str, String), (Version, Option<String>)> {
+        let mut out: BTreeMap<(&'static str, String), (Rank, Option<String>)> = BTreeMap::new();
+        let mut cap = self.captures[n].iter().peekable();
+        for (t, effects) in self.writes[n].iter().enumerate() {
+            while cap.peek().is_some_and(|(covered, _)| *covered <= t) {
+                cap.next();
+            }
+            let Some((_, version)) = cap.peek() else {
+                break;
+            };
+            for (o, e) in effects.iter().enumerate() {
+                let rank = (*version, t, o);
+                let slot = out
+                    .entry((e.table, e.key.clone()))
+                    .or_insert((rank, e.row.clone()));
+                if rank >= slot.0 {
+                    *slot = (rank, e.row.clone());
+                }
+            }
+        }
+        out.into_iter()
+            .map(|(k, ((v, _, _), row))| (k, (v, row)))
+            .collect()
+    }
+
+    /// Rows of node `n` changed by transactions no capture covered yet.
+    pub fn uncaptured_keys(&self, n: usize) -> std::collections::BTreeSet<(&'static str, String)> {
+        let covered = self.captures[n].last().map_or(0, |(c, _)| *c);
+        self.writes[n][covered..]
+            .iter()
+            .flatten()
+            .map(|e| (e.table, e.key.clone()))
+            .collect()
+    }
+
+    /// The expected rows of every table: table -> sorted row literals.
     pub fn expected(&self) -> BTreeMap<&'static str, Vec<String>> {
         // (table, key) -> ((version, node order), row)
         let mut winners: BTreeMap<(&'static str, String), (Rank, Option<String>)> = BTreeMap::new();

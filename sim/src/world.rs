@@ -710,7 +710,7 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
         }
         if now >= next_check {
             next_check = now + Duration::from_millis(100);
-            if let Err(f) = checker.check(&broker.borrow().published) {
+            if let Err(f) = checker.check(&broker.borrow().published, &world.borrow().oracle) {
                 return Err(fail(f, now));
             }
             if healed && world.borrow().writers_done == plan.nodes {
