@@ -21,4 +21,4 @@ pub mod transport;
 pub mod world;
 
 pub use plan::Plan;
-pub use world::{Failure, Outcome, Report, run_seed};
+pub use world::{Failure, Outcome, Report, run_seed, run_seed_watched};

@@ -91,6 +91,8 @@ pub struct Plan {
     pub max_fragment: usize,
     /// Network latency bounds.
     pub latency: (Duration, Duration),
+    /// How often nodes renew their claim (and measure clock skew).
+    pub claim_interval: Duration,
 }
 
 impl Plan {
@@ -131,22 +133,24 @@ impl Plan {
                 4 if swarm.broker_restarts => Fault::BrokerRestart { for_ },
                 5 if swarm.clocks => Fault::ClockJump {
                     node,
-                    delta_ms: r.random_range(-30_000..=8_000),
+                    delta_ms: r.random_range(-20_000..=20_000),
                 },
                 _ => continue,
             };
             faults.push((at, f));
         }
         faults.sort_by_key(|(at, _)| *at);
+        // Some nodes start beyond the 5 s bound: they must not stamp until the clock is sane.
         let skews = (0..nodes)
             .map(|_| {
                 if swarm.clocks {
-                    r.random_range(-3_000..=3_000)
+                    r.random_range(-8_000..=8_000)
                 } else {
                     0
                 }
             })
             .collect();
+        let claim_interval = Duration::from_millis(r.random_range(500..=5_000));
         Plan {
             seed,
             nodes,
@@ -169,6 +173,7 @@ impl Plan {
                     Duration::from_millis(lo + r.random_range(1..=20)),
                 )
             },
+            claim_interval,
             swarm,
         }
     }

@@ -326,7 +326,9 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
         start: tokio::time::Instant::now(),
         skew,
     };
-    let mut node = Node::new(NodeConfig::new(i as u64 + 1, format!("sim-db-{}", i + 1)));
+    let mut cfg = NodeConfig::new(i as u64 + 1, format!("sim-db-{}", i + 1));
+    cfg.claim_interval = plan.claim_interval;
+    let mut node = Node::new(cfg);
     let mut obs = SimObserver {
         world: world.clone(),
         node: i,
@@ -530,6 +532,40 @@ enum Heal {
 /// Runs one seed. `canary` switches the merge rule to "last arrival wins" (the checker must
 /// catch it).
 pub fn run_seed(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
+    let limit = Duration::from_secs(
+        std::env::var("SIM_WATCHDOG_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    );
+    run_seed_watched(seed, canary, limit)
+}
+
+/// [`run_seed`] with the real-time watchdog set to `limit`.
+pub fn run_seed_watched(seed: u64, canary: bool, limit: Duration) -> Result<Outcome, Box<Report>> {
+    // A host that never yields stops simulated time and hangs the run inside turmoil, where
+    // no check can see it: a watchdog turns that into a loud failure naming the seed.
+    let (done, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(limit) {
+            // Straight to the process's stderr: the test harness would swallow a captured
+            // message when the process aborts.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "simulation seed {seed} failed (hang): no progress for {limit:?} of real time; a simulated host never yields\n  \
+                 replay: SIM_SEED={seed} cargo test -p sim --release -- --nocapture replay_one_seed"
+            );
+            std::process::abort();
+        }
+    });
+    let result = run_seed_guarded(seed, canary);
+    let _ = done.send(());
+    let _ = watchdog.join();
+    result
+}
+
+fn run_seed_guarded(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
     // A panic anywhere in the run (marmot's code or the simulator's) is a failure of this
     // seed, reported with its plan like any other.
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
