@@ -375,6 +375,8 @@ pub struct Status {
     pub stream_ready: bool,
     /// The node id claim is granted.
     pub claimed: bool,
+    /// The last claim renewal reached the transport (a health probe every claim interval).
+    pub connected: bool,
     /// Subscribed to the stream.
     pub subscribed: bool,
     /// Applying stopped because messages it needs are gone from the stream.
@@ -451,6 +453,7 @@ pub struct Node {
     stream_backoff: Backoff,
     claim: Phase,
     claimed_once: bool,
+    connected: bool,
     claim_backoff: Backoff,
 
     sub: Phase,
@@ -512,6 +515,7 @@ impl Node {
             stream_backoff: b,
             claim: Phase::Idle,
             claimed_once: false,
+            connected: false,
             claim_backoff: b,
             sub: Phase::Idle,
             sub_backoff: b,
@@ -587,6 +591,7 @@ impl Node {
             started: self.started,
             stream_ready: self.stream == Phase::Ready,
             claimed: self.claimed_once,
+            connected: self.connected,
             subscribed: self.sub == Phase::Ready,
             behind: self.behind.is_some(),
             clock_paused: self.skew_paused,
@@ -885,6 +890,7 @@ impl Node {
     ) {
         match result {
             Ok(Claim::Granted { server_ms }) => {
+                self.connected = true;
                 if !self.claimed_once {
                     self.event(Event::ClaimGranted);
                 }
@@ -913,6 +919,7 @@ impl Node {
                     .push_back(Output::Stop(Stop::NodeIdInUse { holder: by }));
             }
             Err(error) => {
+                self.connected = false;
                 let retry_in = self.claim_backoff.fail(&self.cfg);
                 self.claim = Phase::RetryAt(now + retry_in);
                 self.event(Event::ClaimFailed { error });

@@ -293,7 +293,11 @@ impl Observer for DaemonObserver {
         m.clock_paused.set(if s.clock_paused { 1.0 } else { 0.0 });
         m.behind.set(if s.behind { 1.0 } else { 0.0 });
         m.position.set(s.position as f64);
-        m.connected.set(if s.stream_ready { 1.0 } else { 0.0 });
+        m.connected.set(if s.stream_ready && s.connected {
+            1.0
+        } else {
+            0.0
+        });
         m.tables
             .set(self.stats.tables.load(Ordering::Relaxed) as f64);
         m.skipped_tables
@@ -320,6 +324,7 @@ pub fn ready(shared: &Shared) -> (bool, serde_json::Value) {
     let ok = s.started
         && s.stream_ready
         && s.claimed
+        && s.connected
         && (s.subscribed || !shared.replicate)
         && !s.behind
         && !s.clock_paused;
@@ -327,6 +332,7 @@ pub fn ready(shared: &Shared) -> (bool, serde_json::Value) {
         "ready": ok,
         "stream_ready": s.stream_ready,
         "node_id_claimed": s.claimed,
+        "nats_reachable": s.connected,
         "subscribed": s.subscribed,
         "behind_stream": s.behind,
         "clock_paused": s.clock_paused,

@@ -32,6 +32,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::OnceCell;
 
+/// The smallest server `max_payload` that fits marmot's largest message (a 512 KiB body
+/// fragment, its header and `Nats-Msg-Id`).
+pub const MIN_MAX_PAYLOAD: usize = 512 * 1024 + 4096;
+
 /// Credentials and TLS, as in Go Marmot's `[nats]` section.
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
@@ -377,6 +381,15 @@ impl Transport for NatsTransport {
             }
         }
         self.kv().await?;
+        let max_payload = self.client.server_info().max_payload;
+        if max_payload > 0 && max_payload < MIN_MAX_PAYLOAD {
+            tracing::error!(
+                max_payload,
+                needed = MIN_MAX_PAYLOAD,
+                "the NATS server's max_payload is smaller than marmot's largest messages (512 KiB of batch plus headers): \
+                 batches that large cannot be published until it is raised (max_payload: 1MB in the server config)"
+            );
+        }
         Ok(bounds_of(&info.state))
     }
 

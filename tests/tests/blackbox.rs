@@ -198,6 +198,10 @@ fn a_nats_outage_during_writes_loses_nothing() {
             && p3.load(Ordering::SeqCst) > b + 20)
             .then_some(())
     });
+    // Readiness reflects the outage.
+    wait_for(CONVERGE, "/ready to report the outage", || {
+        matches!(http_get(nodes[0].http_port, "/ready"), Some((503, body)) if body.contains("\"nats_reachable\":false")).then_some(())
+    });
     nats.restart();
     w1.join().unwrap();
     w3.join().unwrap();
@@ -517,4 +521,34 @@ fn an_application_linked_against_sqlite_3_31_still_opens_the_file_and_its_writes
         .captured
         .unwrap();
     assert_eq!(c.rows, 3, "keys 1 and 2 deleted, key 3 written");
+}
+
+#[test]
+fn a_nats_server_left_over_from_a_killed_marmot_does_not_stop_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::new(dir.path(), 1, BOOKS, None, "");
+    // A nats-server holding the node's data directory and pid file, as one orphaned by a
+    // marmot that was killed would.
+    let data = dir.path().join("node-1.db-marmot-nats");
+    std::fs::create_dir_all(&data).unwrap();
+    let port = free_port();
+    let mut orphan = std::process::Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(data.join("jetstream"))
+        .arg("-P")
+        .arg(data.join("nats-server.pid"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(15), "the orphan's pid file", || {
+        data.join("nats-server.pid").exists().then_some(())
+    });
+    node.start_ready();
+    node.sql("INSERT INTO Books VALUES (1, 'a', 'b', 1);");
+    wait_for(Duration::from_secs(15), "the orphan to be stopped", || {
+        matches!(orphan.try_wait(), Ok(Some(_))).then_some(())
+    });
+    assert!(node.log_text().contains("left over"), "{}", node.log_text());
+    assert_eq!(node.stop(), Some(0));
 }
