@@ -59,32 +59,53 @@ impl Oracle {
         self.writes[n].len() - covered
     }
 
+    /// Node `n`'s captured effects, each ranked by its capture's version and its order on
+    /// the node.
+    fn ranked(&self, n: usize) -> impl Iterator<Item = (Rank, &Effect)> + '_ {
+        let mut cap = self.captures[n].iter().peekable();
+        self.writes[n]
+            .iter()
+            .enumerate()
+            .map_while(move |(t, effects)| {
+                while cap.peek().is_some_and(|(covered, _)| *covered <= t) {
+                    cap.next();
+                }
+                let (_, version) = cap.peek()?;
+                let version = *version;
+                Some(
+                    effects
+                        .iter()
+                        .enumerate()
+                        .map(move |(o, e)| ((version, t, o), e)),
+                )
+            })
+            .flatten()
+    }
+
+    /// Keeps, per row, the effect with the highest rank.
+    fn winners<'a>(
+        effects: impl Iterator<Item = (Rank, &'a Effect)>,
+    ) -> BTreeMap<(&'static str, String), (Rank, Option<String>)> {
+        let mut out: BTreeMap<(&'static str, String), (Rank, Option<String>)> = BTreeMap::new();
+        for (rank, e) in effects {
+            let slot = out
+                .entry((e.table, e.key.clone()))
+                .or_insert((rank, e.row.clone()));
+            if rank >= slot.0 {
+                *slot = (rank, e.row.clone());
+            }
+        }
+        out
+    }
+
     /// For node `n`: every row its application changed and marmot captured, with the latest
     /// captured version and content of that row (as written on `n`).
     pub fn captured_writes(
         &self,
         n: usize,
     ) -> BTreeMap<(&'static str, String), (Version, Option<String>)> {
-        let mut out: BTreeMap<(&'static str, String), (Rank, Option<String>)> = BTreeMap::new();
-        let mut cap = self.captures[n].iter().peekable();
-        for (t, effects) in self.writes[n].iter().enumerate() {
-            while cap.peek().is_some_and(|(covered, _)| *covered <= t) {
-                cap.next();
-            }
-            let Some((_, version)) = cap.peek() else {
-                break;
-            };
-            for (o, e) in effects.iter().enumerate() {
-                let rank = (*version, t, o);
-                let slot = out
-                    .entry((e.table, e.key.clone()))
-                    .or_insert((rank, e.row.clone()));
-                if rank >= slot.0 {
-                    *slot = (rank, e.row.clone());
-                }
-            }
-        }
-        out.into_iter()
+        Self::winners(self.ranked(n))
+            .into_iter()
             .map(|(k, ((v, _, _), row))| (k, (v, row)))
             .collect()
     }
@@ -101,28 +122,7 @@ impl Oracle {
 
     /// The expected rows of every table: table -> sorted row literals.
     pub fn expected(&self) -> BTreeMap<&'static str, Vec<String>> {
-        // (table, key) -> ((version, node order), row)
-        let mut winners: BTreeMap<(&'static str, String), (Rank, Option<String>)> = BTreeMap::new();
-        for (n, txns) in self.writes.iter().enumerate() {
-            let mut cap = self.captures[n].iter().peekable();
-            for (t, effects) in txns.iter().enumerate() {
-                while cap.peek().is_some_and(|(covered, _)| *covered <= t) {
-                    cap.next();
-                }
-                let Some((_, version)) = cap.peek() else {
-                    break;
-                };
-                for (o, e) in effects.iter().enumerate() {
-                    let rank = (*version, t, o);
-                    let slot = winners
-                        .entry((e.table, e.key.clone()))
-                        .or_insert((rank, e.row.clone()));
-                    if rank >= slot.0 {
-                        *slot = (rank, e.row.clone());
-                    }
-                }
-            }
-        }
+        let winners = Self::winners((0..self.writes.len()).flat_map(|n| self.ranked(n)));
         let mut out: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
         for ((table, _), (_, row)) in winners {
             let rows = out.entry(table).or_default();

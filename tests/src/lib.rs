@@ -10,34 +10,47 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The `marmot` binary, built once (debug profile) if needed.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(workspace_root().join("target"))
+}
+
+/// Runs `cargo build -q` with `args` in the workspace.
+fn cargo_build(args: &[&str], what: &str) {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace_root())
+        .arg("build")
+        .arg("-q")
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("running cargo to build {what}: {e}"));
+    assert!(status.success(), "building {what} failed");
+}
+
+/// The `marmot` binary, built once (in this build's profile) if needed.
 pub fn marmot_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Ok(p) = std::env::var("MARMOT_BIN") {
             return PathBuf::from(p);
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or(root.join("target"));
-        let profile = if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        };
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(&root)
-            .args(["build", "-q", "-p", "marmot", "--bin", "marmot"]);
-        if profile == "release" {
-            cmd.arg("--release");
+        let release = !cfg!(debug_assertions);
+        let mut args = vec!["-p", "marmot", "--bin", "marmot"];
+        if release {
+            args.push("--release");
         }
-        let status = cmd.status().expect("running cargo to build marmot");
-        assert!(status.success(), "building marmot failed");
-        target.join(profile).join("marmot")
+        cargo_build(&args, "marmot");
+        target_dir()
+            .join(if release { "release" } else { "debug" })
+            .join("marmot")
     })
     .clone()
 }
@@ -46,27 +59,17 @@ pub fn marmot_bin() -> PathBuf {
 pub fn sqlite_3_31_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or(root.join("target"));
-        let target = target.join("sqlite-3.31");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args([
-                "build",
-                "-q",
+        let target = target_dir().join("sqlite-3.31");
+        let target_arg = target.to_string_lossy().into_owned();
+        cargo_build(
+            &[
                 "--manifest-path",
                 "tests/sqlite-3.31/Cargo.toml",
                 "--target-dir",
-            ])
-            .arg(&target)
-            .status()
-            .expect("running cargo to build the SQLite 3.31 helper");
-        assert!(status.success(), "building tests/sqlite-3.31 failed");
+                &target_arg,
+            ],
+            "tests/sqlite-3.31",
+        );
         target.join("debug").join("sqlite-3-31")
     })
     .clone()
