@@ -8,7 +8,7 @@
 
 use crate::apply::Delivery;
 use crate::node::{Event, Input, Node, Output, Status, Stop};
-use crate::ports::{Deliveries, Env, Storage, StreamBounds, Transport, TransportError};
+use crate::ports::{Deliveries, Env, Snapshots, Storage, StreamBounds, Transport, TransportError};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
@@ -42,10 +42,12 @@ const DELIVERY_BURST: usize = 1024;
 
 /// Runs the node until it stops. `wake` yields a hint whenever the database may have
 /// changed; `control` carries shutdown requests. The node must be fresh (not recovered).
-pub async fn run<S, T, E, O>(
+#[allow(clippy::too_many_arguments)]
+pub async fn run<S, T, P, E, O>(
     node: &mut Node,
     storage: &mut S,
     transport: Arc<T>,
+    snapshots: Arc<P>,
     env: &E,
     observer: &mut O,
     mut wake: Pin<&mut (dyn Stream<Item = ()> + Send)>,
@@ -54,6 +56,7 @@ pub async fn run<S, T, E, O>(
 where
     S: Storage,
     T: Transport,
+    P: Snapshots,
     E: Env + Clone + Send + Sync + 'static,
     O: Observer,
 {
@@ -204,6 +207,32 @@ where
                         env.now(),
                         Input::ParkedRetried(r.map_err(|e| e.to_string())),
                     );
+                }
+                Output::SaveSnapshot { position } => {
+                    let p = snapshots.clone();
+                    ops.push(
+                        async move {
+                            let r = p.save(position, false).await.map_err(|e| e.to_string());
+                            Done::Input(Input::SnapshotSaved(r))
+                        }
+                        .boxed(),
+                    );
+                }
+                Output::FetchSnapshot => {
+                    let p = snapshots.clone();
+                    ops.push(
+                        async move {
+                            Done::Input(Input::SnapshotFetched(
+                                p.fetch().await.map_err(|e| e.to_string()),
+                            ))
+                        }
+                        .boxed(),
+                    );
+                }
+                Output::RestoreSnapshot(staged) => {
+                    let wall = env.wall_ms();
+                    let r = env.blocking(|| storage.restore(node.clock_mut(), wall, &staged));
+                    node.handle(env.now(), Input::Restored(r.map_err(|e| e.to_string())));
                 }
                 Output::Event(e) => observer.event(env.now(), &e),
                 Output::Stop(s) => {

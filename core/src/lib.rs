@@ -20,6 +20,7 @@ pub mod hlc;
 pub mod merge;
 pub mod node;
 pub mod ports;
+pub mod snapshot;
 pub mod value;
 pub mod wire;
 

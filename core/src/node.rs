@@ -21,9 +21,10 @@ use crate::apply::Delivery;
 use crate::capture::Captured;
 use crate::hlc::{Clock, NodeId, Stamp};
 use crate::ports::{
-    ApplyOutcome, CaptureOutcome, Claim, ParkedRetry, Recovered, StreamBounds, TransportError,
-    TransportErrorKind,
+    ApplyOutcome, CaptureOutcome, Claim, ParkedRetry, Recovered, RestoreReport, StreamBounds,
+    TransportError, TransportErrorKind,
 };
+use crate::snapshot::{Fetched, SaveOutcome, StagedSnapshot};
 use crate::wire::BatchId;
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
@@ -73,6 +74,36 @@ pub struct NodeConfig {
     /// Keep at most this many bytes of unpublished messages in memory (the rest is read back
     /// from storage when it is its turn).
     pub max_cached_bytes: usize,
+    /// Snapshots: when to take them, and whether a new node starts from one (None: off).
+    pub snapshots: Option<SnapshotPolicy>,
+}
+
+/// When a node takes snapshots and restores from them.
+#[derive(Clone, Debug)]
+pub struct SnapshotPolicy {
+    /// Take one after this many rows captured and applied here (0: never by count).
+    pub every_changes: u64,
+    /// Take one at least this often (None: never by time).
+    pub interval: Option<Duration>,
+    /// A new node (empty database, nothing applied) starts from the newest snapshot.
+    pub restore_empty: bool,
+}
+
+/// Why a node restores.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RestoreReason {
+    /// A new node with an empty database joins a cluster.
+    EmptyJoin,
+    /// Messages this node has not applied are gone from the stream.
+    Behind,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum RestorePhase {
+    Idle,
+    Wanted(RestoreReason),
+    Fetching(RestoreReason),
+    Applying(RestoreReason),
 }
 
 impl NodeConfig {
@@ -96,6 +127,7 @@ impl NodeConfig {
             shutdown_grace: Duration::from_secs(10),
             alarm_interval: Duration::from_secs(30),
             max_cached_bytes: 64 << 20,
+            snapshots: None,
         }
     }
 }
@@ -163,6 +195,12 @@ pub enum Input {
     MarkedPublished(Result<(), String>),
     /// Result of [`Output::RetryParked`].
     ParkedRetried(Result<ParkedRetry, String>),
+    /// Result of [`Output::SaveSnapshot`].
+    SnapshotSaved(Result<SaveOutcome, String>),
+    /// Result of [`Output::FetchSnapshot`].
+    SnapshotFetched(Result<Fetched, String>),
+    /// Result of [`Output::RestoreSnapshot`].
+    Restored(Result<RestoreReport, String>),
     /// Stop: publish what is pending (within the grace period), then [`Output::Stop`].
     Shutdown,
     /// Time passed.
@@ -210,6 +248,15 @@ pub enum Output {
         /// Retry all parked batches, not only those a user asked for.
         all: bool,
     },
+    /// Call [`crate::ports::Snapshots::save`]; answer with [`Input::SnapshotSaved`].
+    SaveSnapshot {
+        /// This node's position.
+        position: u64,
+    },
+    /// Call [`crate::ports::Snapshots::fetch`]; answer with [`Input::SnapshotFetched`].
+    FetchSnapshot,
+    /// Call [`crate::ports::Storage::restore`]; answer with [`Input::Restored`].
+    RestoreSnapshot(StagedSnapshot),
     /// Report something (logs, metrics).
     Event(Event),
     /// Stop the drive loop.
@@ -358,6 +405,39 @@ pub enum Event {
     },
     /// The local schema changed; triggers follow it.
     SchemaChanged,
+    /// A snapshot was stored (by this node), or none was needed.
+    SnapshotSaved {
+        /// What happened.
+        outcome: SaveOutcome,
+    },
+    /// Saving or fetching a snapshot failed; retrying later.
+    SnapshotFailed {
+        /// Why.
+        error: String,
+        /// When it is tried again.
+        retry_in: Duration,
+    },
+    /// A snapshot did not verify (corrupt, truncated, missing) and was not applied.
+    SnapshotRejected {
+        /// Why.
+        error: String,
+    },
+    /// No usable snapshot exists.
+    NoSnapshot {
+        /// Why one was wanted.
+        reason: RestoreReason,
+    },
+    /// The node restored from a snapshot.
+    Restored {
+        /// Why.
+        reason: RestoreReason,
+        /// The snapshot's generation.
+        generation: u64,
+        /// The position now recorded.
+        position: u64,
+        /// Merged into existing content (true) or taken whole.
+        merged: bool,
+    },
     /// Batches with some chunks stored here wait for the rest (reported when the count
     /// changes, and again every alarm interval while it is not zero).
     IncompleteBatches {
@@ -500,6 +580,13 @@ pub struct Node {
     outputs: VecDeque<Output>,
     last_now: Duration,
     sub_generation: u64,
+
+    snapshot_changes: u64,
+    next_snapshot_at: Duration,
+    saving: bool,
+    restore: RestorePhase,
+    restore_retry_at: Duration,
+    restore_failures: u32,
 }
 
 impl Node {
@@ -555,6 +642,12 @@ impl Node {
             outputs: VecDeque::new(),
             last_now: Duration::ZERO,
             sub_generation: 0,
+            snapshot_changes: 0,
+            next_snapshot_at: Duration::MAX,
+            saving: false,
+            restore: RestorePhase::Idle,
+            restore_retry_at: Duration::ZERO,
+            restore_failures: 0,
             cfg,
         }
     }
@@ -726,6 +819,9 @@ impl Node {
                     });
                 }
             },
+            Input::SnapshotSaved(r) => self.on_snapshot_saved(now, r),
+            Input::SnapshotFetched(r) => self.on_snapshot_fetched(now, r),
+            Input::Restored(r) => self.on_restored(now, r),
             Input::Shutdown => {
                 if self.shutdown_deadline.is_none() {
                     self.shutdown_deadline = Some(now + self.cfg.shutdown_grace);
@@ -801,6 +897,12 @@ impl Node {
         if self.incomplete > 0 {
             consider(self.next_incomplete_alarm);
         }
+        if matches!(self.restore, RestorePhase::Wanted(_)) && self.shutdown_deadline.is_none() {
+            consider(self.restore_retry_at);
+        }
+        if self.save_possible() {
+            consider(self.next_snapshot_at);
+        }
         // Everything due at `last_now` was done by the last `handle`.
         t.max(self.last_now + Duration::from_millis(1))
     }
@@ -833,9 +935,16 @@ impl Node {
         self.capture_wanted = true;
         self.parked_retry = Some(true);
         self.next_poll_at = now;
+        if let Some(p) = &self.cfg.snapshots {
+            self.next_snapshot_at = p.interval.map_or(Duration::MAX, |i| now + i);
+            if p.restore_empty && r.empty && r.position == 0 {
+                self.restore = RestorePhase::Wanted(RestoreReason::EmptyJoin);
+            }
+        }
     }
 
     fn add_batch(&mut self, c: Captured) {
+        self.snapshot_changes += c.rows;
         let chunks = c.messages.len() as u32;
         self.event(Event::Captured {
             batch: c.batch,
@@ -984,6 +1093,111 @@ impl Node {
         self.event(alarm.clone());
         self.behind = Some(alarm);
         self.next_alarm_at = now + self.cfg.alarm_interval;
+        if self.cfg.snapshots.is_some() && self.restore == RestorePhase::Idle {
+            self.restore = RestorePhase::Wanted(RestoreReason::Behind);
+            self.restore_retry_at = now;
+        }
+    }
+
+    fn on_snapshot_saved(&mut self, now: Duration, r: Result<SaveOutcome, String>) {
+        self.saving = false;
+        let interval = self.cfg.snapshots.as_ref().and_then(|p| p.interval);
+        match r {
+            Ok(outcome) => {
+                self.snapshot_changes = 0;
+                self.next_snapshot_at = interval.map_or(Duration::MAX, |i| now + i);
+                self.event(Event::SnapshotSaved { outcome });
+            }
+            Err(error) => {
+                // Due again at the retry time, or after as many changes again.
+                let retry_in = self.cfg.retry_max.max(Duration::from_secs(5));
+                self.next_snapshot_at = now + retry_in;
+                self.snapshot_changes = 0;
+                self.event(Event::SnapshotFailed { error, retry_in });
+            }
+        }
+    }
+
+    fn on_snapshot_fetched(&mut self, now: Duration, r: Result<Fetched, String>) {
+        let RestorePhase::Fetching(reason) = self.restore else {
+            return;
+        };
+        match r {
+            Ok(f) => {
+                for e in f.rejected {
+                    self.event(Event::SnapshotRejected {
+                        error: e.to_string(),
+                    });
+                }
+                match f.staged {
+                    Some(staged) => {
+                        self.restore = RestorePhase::Applying(reason);
+                        self.outputs.push_back(Output::RestoreSnapshot(staged));
+                    }
+                    None => {
+                        self.event(Event::NoSnapshot { reason });
+                        if reason == RestoreReason::EmptyJoin {
+                            // Nothing to start from: read the stream from the beginning.
+                            self.restore = RestorePhase::Idle;
+                        } else {
+                            self.restore = RestorePhase::Wanted(reason);
+                            self.restore_retry_at = now + self.cfg.alarm_interval;
+                        }
+                    }
+                }
+            }
+            Err(error) => self.restore_failed(now, reason, error),
+        }
+    }
+
+    fn restore_failed(&mut self, now: Duration, reason: RestoreReason, error: String) {
+        self.restore_failures += 1;
+        let retry_in = self.cfg.retry_max.max(Duration::from_secs(5));
+        self.event(Event::SnapshotFailed { error, retry_in });
+        if reason == RestoreReason::EmptyJoin && self.restore_failures >= 3 {
+            // The store stays unreachable: a new node can still read the stream from the start.
+            self.restore = RestorePhase::Idle;
+        } else {
+            self.restore = RestorePhase::Wanted(reason);
+            self.restore_retry_at = now + retry_in;
+        }
+    }
+
+    fn on_restored(&mut self, now: Duration, r: Result<RestoreReport, String>) {
+        let RestorePhase::Applying(reason) = self.restore else {
+            return;
+        };
+        match r {
+            Ok(rep) => {
+                self.restore = RestorePhase::Idle;
+                self.restore_failures = 0;
+                self.position = self.position.max(rep.position);
+                self.next_seq = self.position + 1;
+                self.behind = None;
+                // Whatever was buffered is at or below the new position, or follows it: read
+                // again from the new position.
+                self.queue.clear();
+                self.queued_bytes = 0;
+                if self.sub != Phase::Idle {
+                    self.outputs.push_back(Output::Unsubscribe {
+                        generation: self.sub_generation,
+                    });
+                }
+                self.sub = Phase::Idle;
+                self.capture_wanted = true;
+                self.parked_retry = Some(true);
+                if let Some(c) = rep.captured {
+                    self.add_batch(c);
+                }
+                self.event(Event::Restored {
+                    reason,
+                    generation: rep.generation,
+                    position: rep.position,
+                    merged: rep.merged,
+                });
+            }
+            Err(error) => self.restore_failed(now, reason, error),
+        }
     }
 
     fn on_delivered(&mut self, now: Duration, ds: Vec<Delivery>) {
@@ -1077,6 +1291,7 @@ impl Node {
                     self.apply_limit = (self.apply_limit * 2).min(self.cfg.apply_max_messages);
                 }
                 let r = o.report;
+                self.snapshot_changes += r.rows_written;
                 self.position = self.position.max(r.through_seq);
                 self.lag_ms = if self.queue.is_empty() && r.through_pending == 0 {
                     0
@@ -1149,14 +1364,37 @@ impl Node {
     }
 
     fn apply_enabled(&self) -> bool {
-        self.apply_started_at.is_none() && !self.skew_paused && self.shutdown_deadline.is_none()
+        !matches!(
+            self.restore,
+            RestorePhase::Applying(_) | RestorePhase::Fetching(_)
+        ) && self.apply_started_at.is_none()
+            && !self.skew_paused
+            && self.shutdown_deadline.is_none()
     }
 
     fn subscribe_enabled(&self) -> bool {
-        self.cfg.replicate
+        self.restore == RestorePhase::Idle
+            && self.cfg.replicate
             && self.shutdown_deadline.is_none()
             && self.behind.is_none()
             && self.stream == Phase::Ready
+    }
+
+    fn save_possible(&self) -> bool {
+        self.cfg.snapshots.is_some()
+            && self.claimed_once
+            && !self.saving
+            && self.restore == RestorePhase::Idle
+            && self.behind.is_none()
+            && self.shutdown_deadline.is_none()
+    }
+
+    fn save_due(&self, now: Duration) -> bool {
+        let Some(p) = &self.cfg.snapshots else {
+            return false;
+        };
+        let by_count = p.every_changes > 0 && self.snapshot_changes >= p.every_changes;
+        self.save_possible() && (by_count || now >= self.next_snapshot_at)
     }
 
     fn parked_retry_enabled(&self) -> bool {
@@ -1208,6 +1446,21 @@ impl Node {
             self.capture_wanted = false;
             self.capturing = true;
             self.outputs.push_back(Output::Capture);
+        }
+
+        // Snapshots: restore when wanted, save when due.
+        if let RestorePhase::Wanted(reason) = self.restore
+            && now >= self.restore_retry_at
+            && self.shutdown_deadline.is_none()
+        {
+            self.restore = RestorePhase::Fetching(reason);
+            self.outputs.push_back(Output::FetchSnapshot);
+        }
+        if self.save_due(now) {
+            self.saving = true;
+            self.outputs.push_back(Output::SaveSnapshot {
+                position: self.position,
+            });
         }
 
         // Other nodes' changes. A person may ask for parked batches to be retried (with

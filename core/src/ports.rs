@@ -9,6 +9,7 @@
 use crate::apply::{ApplyReport, Delivery};
 use crate::capture::Captured;
 use crate::hlc::{Clock, NodeId, Stamp};
+use crate::snapshot::{Fetched, SaveOutcome, SnapshotError, StagedSnapshot};
 use crate::wire::BatchId;
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -30,6 +31,9 @@ pub struct Recovered {
     pub incomplete_batches: u64,
     /// Parked batches.
     pub parked: u64,
+    /// Nothing was ever applied or captured, and the replicated tables hold no rows: a new
+    /// node that should start from a snapshot.
+    pub empty: bool,
 }
 
 /// The outcome of one apply transaction.
@@ -97,6 +101,15 @@ pub trait Storage {
         wall_ms: u64,
         all: bool,
     ) -> Result<ParkedRetry, Self::Error>;
+    /// Restores a verified snapshot into the live database without replacing its file: an
+    /// empty database takes the snapshot whole; one with content merges it row by row under
+    /// the merge rule, after capturing its own pending writes (which therefore survive).
+    fn restore(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        snapshot: &StagedSnapshot,
+    ) -> Result<RestoreReport, Self::Error>;
 }
 
 /// The stream's current extent.
@@ -175,8 +188,56 @@ pub trait Transport: Send + Sync + 'static {
     /// Delivers every message from `from_seq` on, in order. Also returns the stream's extent
     /// at the time of subscribing.
     async fn subscribe(&self, from_seq: u64) -> Result<(StreamBounds, Deliveries), TransportError>;
-    /// Claims (or renews the claim of) `node` for `owner`. A claim not renewed expires.
-    async fn claim(&self, node: NodeId, owner: &str) -> Result<Claim, TransportError>;
+    /// Takes (or renews) the lease `key` for `owner`; a lease not renewed expires. Held by
+    /// someone else: [`Claim::Held`]. Granted: the server's time of the grant.
+    async fn lease(&self, key: &str, owner: &str) -> Result<Claim, TransportError>;
+    /// Gives up the lease `key` if `owner` holds it.
+    async fn release(&self, key: &str, owner: &str) -> Result<(), TransportError>;
+    /// Claims (or renews the claim of) node id `node` for `owner`.
+    async fn claim(&self, node: NodeId, owner: &str) -> Result<Claim, TransportError> {
+        self.lease(&format!("node-{node}"), owner).await
+    }
+}
+
+/// Snapshots as the node uses them: the daemon and the simulation implement this with
+/// [`crate::snapshot::save`] and [`crate::snapshot::fetch_latest`] over their own store.
+#[async_trait::async_trait]
+pub trait Snapshots: Send + Sync + 'static {
+    /// Takes and stores a snapshot of the local database at `position`, unless another node
+    /// is taking one or the newest is recent enough (`force`: take one regardless).
+    async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError>;
+    /// Downloads and verifies the newest snapshot.
+    async fn fetch(&self) -> Result<Fetched, SnapshotError>;
+}
+
+/// For nodes without snapshots.
+pub struct NoSnapshots;
+
+#[async_trait::async_trait]
+impl Snapshots for NoSnapshots {
+    async fn save(&self, _: u64, _: bool) -> Result<SaveOutcome, SnapshotError> {
+        Err(SnapshotError::Store("snapshots are not configured".into()))
+    }
+    async fn fetch(&self) -> Result<Fetched, SnapshotError> {
+        Ok(Fetched {
+            staged: None,
+            rejected: Vec::new(),
+        })
+    }
+}
+
+/// What a restore did.
+#[derive(Clone, Debug)]
+pub struct RestoreReport {
+    /// The stream position now recorded.
+    pub position: u64,
+    /// The snapshot's generation.
+    pub generation: u64,
+    /// How: the whole file was copied in (an empty database), or merged row by row under the
+    /// merge rule (a database with content, whose local writes must survive).
+    pub merged: bool,
+    /// Local changes captured first (they survive the restore).
+    pub captured: Option<Captured>,
 }
 
 /// Time and blocking work.

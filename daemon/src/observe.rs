@@ -2,7 +2,8 @@
 //! behind `/health` and `/ready`.
 
 use marmot_core::drive::Observer;
-use marmot_core::node::{Event, Status};
+use marmot_core::node::{Event, RestoreReason, Status};
+use marmot_core::snapshot::SaveOutcome;
 use marmot_sqlite::StoreStats;
 use metrics::{Counter, Gauge};
 use std::collections::HashMap;
@@ -33,6 +34,9 @@ struct Metrics {
     parked_total: Counter,
     busy: Counter,
     storage_failures: Counter,
+    snapshots_saved: Counter,
+    snapshot_failures: Counter,
+    restores: Counter,
     pending_batches: Gauge,
     pending_messages: Gauge,
     lag_messages: Gauge,
@@ -65,6 +69,9 @@ impl Metrics {
             parked_total: c("parked_total"),
             busy: c("sqlite_busy_total"),
             storage_failures: c("storage_failures_total"),
+            snapshots_saved: c("snapshots_saved_total"),
+            snapshot_failures: c("snapshot_failures_total"),
+            restores: c("restores_total"),
             pending_batches: g("pending_batches"),
             pending_messages: g("pending_messages"),
             lag_messages: g("replication_lag_messages"),
@@ -267,6 +274,56 @@ impl Observer for DaemonObserver {
                 }
             }
             Event::SchemaChanged => tracing::info!("database schema changed; capture follows it"),
+            Event::SnapshotSaved { outcome } => match outcome {
+                SaveOutcome::Saved(info) => {
+                    self.m.snapshots_saved.increment(1);
+                    tracing::info!(
+                        generation = info.generation,
+                        position = info.position,
+                        bytes = info.size,
+                        object = %info.object,
+                        "snapshot saved"
+                    );
+                }
+                SaveOutcome::Busy { by } => {
+                    tracing::debug!(%by, "another node is taking a snapshot")
+                }
+                SaveOutcome::UpToDate(info) => tracing::debug!(
+                    generation = info.generation,
+                    "the newest snapshot is recent enough"
+                ),
+            },
+            Event::SnapshotFailed { error, retry_in } => {
+                self.m.snapshot_failures.increment(1);
+                tracing::warn!(%error, retry_in = ?retry_in, "snapshot failed; retrying later");
+            }
+            Event::SnapshotRejected { error } => {
+                self.m.snapshot_failures.increment(1);
+                tracing::error!(%error, "a snapshot did not verify and was not used; trying an older one");
+            }
+            Event::NoSnapshot { reason } => match reason {
+                RestoreReason::EmptyJoin => {
+                    tracing::info!("no snapshot to start from: reading the stream from its start")
+                }
+                RestoreReason::Behind => tracing::error!(
+                    "this node is behind the stream and no usable snapshot exists yet; it retries"
+                ),
+            },
+            Event::Restored {
+                reason,
+                generation,
+                position,
+                merged,
+            } => {
+                self.m.restores.increment(1);
+                tracing::info!(
+                    ?reason,
+                    generation,
+                    position,
+                    merged,
+                    "restored from a snapshot; catching up from its position"
+                );
+            }
             Event::IncompleteBatches { count } => {
                 if *count > 0 {
                     tracing::warn!(

@@ -242,6 +242,7 @@ async fn serve(
             &mut node,
             &mut store,
             t,
+            Arc::new(marmot_core::ports::NoSnapshots),
             &env,
             &mut observer,
             wake.as_mut(),

@@ -18,6 +18,9 @@
 //! (their message formats differ).
 #![warn(missing_docs)]
 
+mod objects;
+pub use objects::NatsObjectStore;
+
 use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -273,6 +276,15 @@ impl NatsTransport {
         })
     }
 
+    /// The snapshot store in bucket `bucket` (created if needed), on this connection.
+    pub async fn object_store(
+        &self,
+        bucket: &str,
+        replicas: usize,
+    ) -> Result<NatsObjectStore, String> {
+        NatsObjectStore::open(&self.js, bucket, replicas).await
+    }
+
     /// Whether the client is connected now.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
@@ -443,13 +455,12 @@ impl Transport for NatsTransport {
         Ok((bounds, deliveries.boxed()))
     }
 
-    async fn claim(&self, node: NodeId, owner: &str) -> Result<Claim, TransportError> {
+    async fn lease(&self, key: &str, owner: &str) -> Result<Claim, TransportError> {
         let kv = self.kv().await?;
-        let key = format!("node-{node}");
         let current = kv
-            .entry(&key)
+            .entry(key)
             .await
-            .map_err(|e| unavailable("reading the node-id claim", e))?;
+            .map_err(|e| unavailable("reading a lease", e))?;
         let value = Bytes::copy_from_slice(owner.as_bytes());
         let revision = match current {
             Some(e) if e.operation == kv::Operation::Put && e.value != value => {
@@ -458,13 +469,13 @@ impl Transport for NatsTransport {
                 });
             }
             Some(e) => kv
-                .update(&key, value, e.revision)
+                .update(key, value, e.revision)
                 .await
-                .map_err(|e| unavailable("renewing the node-id claim", e))?,
+                .map_err(|e| unavailable("renewing a lease", e))?,
             None => kv
-                .create(&key, value)
+                .create(key, value)
                 .await
-                .map_err(|e| unavailable("claiming the node id", e))?,
+                .map_err(|e| unavailable("taking a lease", e))?,
         };
         // The server's timestamp of our own write, read from the stream leader (a direct get
         // may be served by a replica that has not caught up yet).
@@ -472,14 +483,30 @@ impl Transport for NatsTransport {
             .js
             .get_stream(&kv.stream_name)
             .await
-            .map_err(|e| unavailable("reading the node-id bucket", e))?;
+            .map_err(|e| unavailable("reading the lease bucket", e))?;
         let written = stream
             .get_raw_message(revision)
             .await
-            .map_err(|e| unavailable("reading the node-id claim", e))?;
+            .map_err(|e| unavailable("reading a lease", e))?;
         Ok(Claim::Granted {
             server_ms: millis(written.time),
         })
+    }
+
+    async fn release(&self, key: &str, owner: &str) -> Result<(), TransportError> {
+        let kv = self.kv().await?;
+        if let Some(e) = kv
+            .entry(key)
+            .await
+            .map_err(|e| unavailable("reading a lease", e))?
+            && e.operation == kv::Operation::Put
+            && e.value == owner.as_bytes()
+        {
+            kv.delete_expect_revision(key, Some(e.revision))
+                .await
+                .map_err(|e| unavailable("releasing a lease", e))?;
+        }
+        Ok(())
     }
 }
 

@@ -22,12 +22,16 @@
 pub mod admin;
 pub mod ddl;
 pub mod schema;
+pub mod snapshot;
 mod txn;
 pub mod watch;
 
 use bytes::Bytes;
 use marmot_core::capture::{CaptureParams, Captured, capture};
-use marmot_core::ports::{ApplyOutcome, CaptureOutcome, ParkedRetry, Recovered, Storage};
+use marmot_core::ports::{
+    ApplyOutcome, CaptureOutcome, ParkedRetry, Recovered, RestoreReport, Storage,
+};
+use marmot_core::snapshot::StagedSnapshot;
 use marmot_core::wire::BatchId;
 use marmot_core::{Clock, NodeId, Stamp};
 use rusqlite::config::DbConfig;
@@ -700,6 +704,7 @@ impl Storage for SqliteStore {
                 .conn
                 .query_row("SELECT count(*) FROM \"__marmot__parked\"", [], |r| r.get(0))
                 .map_err(e)?;
+            let empty = snapshot::is_empty(&s.conn).map_err(e)?;
             Ok(Recovered {
                 position,
                 clock: Stamp::from_u64(clock),
@@ -707,6 +712,7 @@ impl Storage for SqliteStore {
                 incarnation,
                 incomplete_batches: s.incomplete_batches()?,
                 parked: parked as u64,
+                empty,
             })
         })
     }
@@ -860,6 +866,171 @@ impl Storage for SqliteStore {
                 remaining: remaining as u64,
                 captured,
             })
+        })
+    }
+
+    fn restore(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        snapshot: &StagedSnapshot,
+    ) -> Result<RestoreReport, StoreError> {
+        let empty = snapshot::is_empty(&self.conn).map_err(|e| self.sql_err(e))?;
+        if empty {
+            self.restore_whole(clock, snapshot)
+        } else {
+            self.restore_merge(clock, wall_ms, snapshot)
+        }
+    }
+}
+
+impl SqliteStore {
+    /// An empty database takes the snapshot whole, through SQLite's backup API (which writes
+    /// pages under SQLite's own locks: other connections see the old or the new database,
+    /// never a mix). The source node's own bookkeeping is then dropped and this node's
+    /// identity put back.
+    fn restore_whole(
+        &mut self,
+        clock: &mut Clock,
+        snap: &StagedSnapshot,
+    ) -> Result<RestoreReport, StoreError> {
+        let e = |s: &Self, x| s.sql_err(x);
+        let uuid = meta_get(&self.conn, "db_uuid")
+            .map_err(|x| e(self, x))?
+            .unwrap_or(0);
+        let starts = meta_get(&self.conn, "starts")
+            .map_err(|x| e(self, x))?
+            .unwrap_or(1);
+        let batch_seq = meta_get(&self.conn, "batch_seq")
+            .map_err(|x| e(self, x))?
+            .unwrap_or(0);
+        {
+            let source = Connection::open_with_flags(&snap.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(|x| e(self, x))?;
+            let backup = rusqlite::backup::Backup::new(&source, &mut self.conn).map_err(|x| {
+                StoreError::Sqlite {
+                    path: self.cfg.path.clone(),
+                    source: x,
+                }
+            })?;
+            loop {
+                match backup.step(-1) {
+                    Ok(rusqlite::backup::StepResult::Done) => break,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+                    Err(x) => {
+                        return Err(StoreError::Sqlite {
+                            path: self.cfg.path.clone(),
+                            source: x,
+                        });
+                    }
+                }
+            }
+        }
+        let _ = self
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0));
+        self.schema_version = -1;
+        let node = self.cfg.node_id as i64;
+        let incarnation = self.incarnation as i64;
+        let position = self.in_txn(|s| {
+            let c = &s.conn;
+            let err = |x| StoreError::Sqlite {
+                path: s.cfg.path.clone(),
+                source: x,
+            };
+            c.execute_batch(
+                "DELETE FROM \"__marmot__outbox\"; DELETE FROM \"__marmot__conflicts\"; DELETE FROM \"__marmot__incarnations\";",
+            )
+            .map_err(err)?;
+            for log in user_marmot_tables(c, "log__").map_err(err)? {
+                c.execute(&format!("DELETE FROM {}", ddl::quote(&log)), []).map_err(err)?;
+            }
+            meta_set(c, "node_id", node).map_err(err)?;
+            meta_set(c, "db_uuid", uuid).map_err(err)?;
+            meta_set(c, "starts", starts).map_err(err)?;
+            // This node's capture sequence goes on from its own, not the source's.
+            meta_set(c, "batch_seq", batch_seq).map_err(err)?;
+            c.execute(
+                "INSERT INTO \"__marmot__incarnations\" (incarnation, last_seq) VALUES (?1, 0)",
+                [incarnation],
+            )
+            .map_err(err)?;
+            s.load_clock(clock)?;
+            s.save_clock(clock)?;
+            s.follow_schema()?;
+            s.position()
+        })?;
+        self.incarnations = load_incarnations(&self.conn).map_err(|x| self.sql_err(x))?;
+        self.scan_needed = true;
+        self.data_version = -1;
+        tracing::info!(
+            generation = snap.info.generation,
+            position,
+            "restored the database whole from a snapshot"
+        );
+        Ok(RestoreReport {
+            position,
+            generation: snap.info.generation,
+            merged: false,
+            captured: None,
+        })
+    }
+
+    /// A database with content merges the snapshot in one transaction: its own pending
+    /// writes are captured first (they keep their stamps and are published), then every row
+    /// of the snapshot with a higher version than the local one replaces it, deletes
+    /// included; rows the snapshot lost to its tombstone horizon are removed.
+    fn restore_merge(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        snap: &StagedSnapshot,
+    ) -> Result<RestoreReport, StoreError> {
+        let path = snap.path.to_string_lossy().into_owned();
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS snap", [&path])
+            .map_err(|x| self.sql_err(x))?;
+        let horizon = snap.info.horizon_ms;
+        let result = self.in_txn(|s| {
+            s.follow_schema()?;
+            s.load_clock(clock)?;
+            let captured = s.capture_in_txn(clock, wall_ms)?;
+            let err = |x| StoreError::Sqlite {
+                path: s.cfg.path.clone(),
+                source: x,
+            };
+            for t in &s.tables {
+                match snapshot::merge_table(&s.conn, &t.info, horizon).map_err(err)? {
+                    Ok(()) => {}
+                    Err(why) => tracing::warn!(table = %t.info.name, "not restored from the snapshot: {why}"),
+                }
+            }
+            snapshot::import_cluster_state(&s.conn).map_err(err)?;
+            let theirs: Option<i64> = s
+                .conn
+                .query_row("SELECT value FROM snap.\"__marmot__meta\" WHERE key = 'clock'", [], |r| r.get(0))
+                .optional()
+                .map_err(err)?;
+            if let Some(c) = theirs {
+                clock.observe(Stamp::from_u64(c as u64));
+            }
+            s.save_clock(clock)?;
+            let position = s.position()?.max(snap.info.position);
+            meta_set(&s.conn, "position", position as i64).map_err(err)?;
+            Ok((position, captured))
+        });
+        let _ = self.conn.execute("DETACH DATABASE snap", []);
+        let (position, captured) = result?;
+        tracing::info!(
+            generation = snap.info.generation,
+            position,
+            "merged a snapshot into the database"
+        );
+        Ok(RestoreReport {
+            position,
+            generation: snap.info.generation,
+            merged: true,
+            captured,
         })
     }
 }

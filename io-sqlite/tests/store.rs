@@ -658,3 +658,178 @@ fn a_node_restored_from_an_older_copy_of_itself_applies_its_own_later_batches() 
     assert_eq!(out.report.own_messages, 2, "{:?}", out.report);
     assert_eq!(out.report.rows_written, 0);
 }
+
+mod snapshots {
+    use super::*;
+    use marmot_core::snapshot::{LocalSnapshot, SnapshotError, SnapshotInfo};
+    use marmot_sqlite::snapshot::SnapshotDir;
+    use std::time::Duration;
+
+    fn info(l: &LocalSnapshot, generation: u64) -> SnapshotInfo {
+        SnapshotInfo {
+            format: 1,
+            generation,
+            object: format!("snapshot-{generation}"),
+            position: l.position,
+            node: 1,
+            created_ms: 1,
+            size: l.size,
+            raw_size: l.raw_size,
+            checksum: l.checksum.clone(),
+            horizon_ms: l.horizon_ms,
+        }
+    }
+
+    /// Node 1's database as a snapshot (made while it keeps its own connection open), staged
+    /// for `dir_of`.
+    fn snapshot_of(c: &Cluster, dir_of: &std::path::Path) -> marmot_core::snapshot::StagedSnapshot {
+        let src = SnapshotDir::new(&c.nodes[0].path, Duration::ZERO);
+        let local = src.create(1_700_000_000_000).unwrap();
+        let i = info(&local, 7);
+        let dst = SnapshotDir::new(dir_of, Duration::ZERO);
+        let download = dst.download_path(&i.object);
+        std::fs::copy(&local.path, &download).unwrap();
+        SnapshotDir::discard(&local.path);
+        dst.stage(&download, &i).unwrap()
+    }
+
+    #[test]
+    fn an_empty_database_takes_a_snapshot_whole_schema_included() {
+        let mut c = Cluster::new(2, SCHEMA);
+        c.exec(0, "INSERT INTO books (id, title) VALUES (1, 'a'), (2, 'b'); INSERT INTO uniq VALUES (1, 'x@y');");
+        c.settle();
+        // A new node: a database without even the tables.
+        let fresh = c.nodes[0].path.with_file_name("fresh.db");
+        Connection::open(&fresh)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode=WAL;")
+            .unwrap();
+        let mut store = SqliteStore::open(StoreConfig::new(&fresh, 9, 99)).unwrap();
+        assert!(store.recover().unwrap().empty);
+        // An application connection is open the whole time: nothing is copied under it.
+        let app = Connection::open(&fresh).unwrap();
+        let staged = snapshot_of(&c, &fresh);
+        let mut clock = Clock::new(Stamp::ZERO);
+        let rep = store.restore(&mut clock, c.wall, &staged).unwrap();
+        assert!(!rep.merged);
+        assert_eq!(rep.position, c.nodes[0].applied);
+        let n: i64 = app
+            .query_row("SELECT count(*) FROM books", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
+        let node: i64 = app
+            .query_row(
+                "SELECT value FROM __marmot__meta WHERE key = 'node_id'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(node, 9, "the restored node keeps its own identity");
+        // It replicates from there: a write on it is captured as node 9's.
+        app.execute(
+            "INSERT INTO books (id, title) VALUES (3, 'on the new node')",
+            [],
+        )
+        .unwrap();
+        let cap = store
+            .capture(&mut clock, c.wall + 5)
+            .unwrap()
+            .captured
+            .unwrap();
+        assert_eq!((cap.batch.origin, cap.rows), (9, 1));
+    }
+
+    #[test]
+    fn a_database_with_content_merges_a_snapshot_and_keeps_its_unpublished_writes() {
+        let mut c = Cluster::new(2, SCHEMA);
+        c.exec(
+            0,
+            "INSERT INTO books (id, title) VALUES (1, 'a'), (2, 'b'), (3, 'c');",
+        );
+        c.settle();
+        c.exec(
+            0,
+            "UPDATE books SET title = 'A' WHERE id = 1; DELETE FROM books WHERE id = 2;",
+        );
+        c.capture(0);
+        // Node 2 missed that, and writes row 3 itself before its restore: not captured yet.
+        c.exec(1, "UPDATE books SET title = 'mine' WHERE id = 3;");
+        let staged = snapshot_of(&c, &c.nodes[1].path);
+        let n = &mut c.nodes[1];
+        let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+        assert!(rep.merged);
+        assert!(
+            rep.captured.is_some(),
+            "its own write was captured first, to be published"
+        );
+        assert_eq!(
+            c.dump(1, "books"),
+            vec![
+                "(1, 'A', NULL, NULL, NULL, NULL)",
+                "(3, 'mine', NULL, NULL, NULL, NULL)"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_corrupt_or_truncated_snapshot_is_detected_and_not_used() {
+        let c = Cluster::new(1, SCHEMA);
+        c.exec(0, "INSERT INTO books (id, title) VALUES (1, 'a');");
+        let dir = SnapshotDir::new(&c.nodes[0].path, Duration::ZERO);
+        let local = dir.create(1).unwrap();
+        let i = info(&local, 1);
+        let bytes = std::fs::read(&local.path).unwrap();
+        let target = dir.download_path("x");
+        // One flipped byte.
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x40;
+        std::fs::write(&target, &flipped).unwrap();
+        assert!(matches!(
+            dir.stage(&target, &i),
+            Err(SnapshotError::Corrupt { .. })
+        ));
+        // Cut short.
+        std::fs::write(&target, &bytes[..bytes.len() - 10]).unwrap();
+        let e = dir.stage(&target, &i).unwrap_err();
+        assert!(e.to_string().contains("corrupt or truncated"), "{e}");
+        // Intact.
+        std::fs::write(&target, &bytes).unwrap();
+        assert!(dir.stage(&target, &i).is_ok());
+    }
+
+    #[test]
+    fn tombstones_past_the_horizon_are_collected_and_merges_drop_what_they_hid() {
+        let mut c = Cluster::new(2, SCHEMA);
+        c.exec(
+            0,
+            "INSERT INTO books (id, title) VALUES (1, 'a'), (2, 'b');",
+        );
+        c.settle();
+        c.exec(0, "DELETE FROM books WHERE id = 2;");
+        c.capture(0);
+        // Node 1 collects tombstones older than "now" (a horizon in the future of the delete).
+        let src = SnapshotDir::new(&c.nodes[0].path, Duration::from_millis(1));
+        let local = src.create(c.wall + 1_000_000).unwrap();
+        assert!(local.horizon_ms > 0);
+        let tomb: i64 = c.nodes[0]
+            .app
+            .query_row(
+                "SELECT count(*) FROM __marmot__ver__books WHERE deleted = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tomb, 0, "the tombstone is gone");
+        // Node 2 never heard of the delete; the snapshot (without the tombstone) still removes
+        // row 2, whose version is older than the horizon.
+        let i = info(&local, 2);
+        let dst = SnapshotDir::new(&c.nodes[1].path, Duration::ZERO);
+        let download = dst.download_path(&i.object);
+        std::fs::copy(&local.path, &download).unwrap();
+        let staged = dst.stage(&download, &i).unwrap();
+        let n = &mut c.nodes[1];
+        n.store.restore(&mut n.clock, c.wall + 20, &staged).unwrap();
+        assert_eq!(c.dump(1, "books"), vec!["(1, 'a', NULL, NULL, NULL, NULL)"]);
+    }
+}

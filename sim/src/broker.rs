@@ -8,7 +8,9 @@
 //! - consumers positioned by start sequence (below the first held message they start at the
 //!   first one, as JetStream does), pushing messages in order, plus heartbeats;
 //! - server timestamps from the broker host's clock;
-//! - node-id claims with expiry (compare-and-set keys, as marmot uses a key-value bucket).
+//! - leases with expiry (node ids and the snapshot lock: compare-and-set keys, as marmot uses
+//!   a key-value bucket);
+//! - an object store for snapshots.
 //!
 //! Its state lives outside the host (it survives a broker restart, as JetStream's file
 //! storage does); connections do not. It can also duplicate deliveries, as a redelivering
@@ -52,7 +54,8 @@ pub struct BrokerState {
     last_seq: u64,
     ids: BTreeMap<String, u64>,
     id_times: VecDeque<(u64, String)>,
-    claims: BTreeMap<u64, (String, u64)>,
+    leases: BTreeMap<String, (String, u64)>,
+    objects: BTreeMap<String, Bytes>,
     notify: Rc<tokio::sync::Notify>,
     rng: ChaCha8Rng,
     /// Every publish stored, in order: (sequence, payload). The checker reads it.
@@ -71,7 +74,8 @@ impl BrokerState {
             last_seq: 0,
             ids: BTreeMap::new(),
             id_times: VecDeque::new(),
-            claims: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            objects: BTreeMap::new(),
             notify: Rc::new(tokio::sync::Notify::new()),
             rng: ChaCha8Rng::seed_from_u64(seed),
             published: Vec::new(),
@@ -116,19 +120,46 @@ impl BrokerState {
         (seq, false)
     }
 
-    fn claim(&mut self, node: u64, owner: String, now_ms: u64) -> Response {
-        match self.claims.get(&node) {
+    fn lease(&mut self, key: String, owner: String, now_ms: u64) -> Response {
+        match self.leases.get(&key) {
             Some((holder, expires)) if *holder != owner && *expires > now_ms => {
                 Response::Held { by: holder.clone() }
             }
             _ => {
-                self.claims.insert(
-                    node,
-                    (owner, now_ms + self.cfg.claim_ttl.as_millis() as u64),
-                );
+                let expires = now_ms + self.cfg.claim_ttl.as_millis() as u64;
+                self.leases.insert(key, (owner, expires));
                 Response::Claimed { server_ms: now_ms }
             }
         }
+    }
+
+    fn release(&mut self, key: &str, owner: &str) {
+        if self
+            .leases
+            .get(key)
+            .is_some_and(|(holder, _)| holder == owner)
+        {
+            self.leases.remove(key);
+        }
+    }
+
+    /// Flips a byte in the newest snapshot object, as a bad disk or a cut upload would
+    /// (the fault that checks readers verify checksums). Returns its name.
+    pub fn corrupt_newest_snapshot(&mut self) -> Option<String> {
+        let name = self
+            .objects
+            .keys()
+            .rev()
+            .find(|n| n.starts_with("snapshot-"))?
+            .clone();
+        let data = self.objects.get_mut(&name)?;
+        let mut v = data.to_vec();
+        let mid = v.len() / 2;
+        if let Some(b) = v.get_mut(mid) {
+            *b ^= 0x5a;
+        }
+        *data = Bytes::from(v);
+        Some(name)
     }
 
     /// Up to `max` messages from `from` on, and how many follow the last of them.
@@ -177,7 +208,21 @@ async fn handle(broker: Broker, mut stream: turmoil::net::TcpStream) -> std::io:
             let (first, last) = broker.borrow().bounds();
             Response::Info { first, last }
         }
-        Request::Claim { node, owner } => broker.borrow_mut().claim(node, owner, now_ms()),
+        Request::Lease { key, owner } => broker.borrow_mut().lease(key, owner, now_ms()),
+        Request::Release { key, owner } => {
+            broker.borrow_mut().release(&key, &owner);
+            Response::Done
+        }
+        Request::ObjPut { name, data } => {
+            broker.borrow_mut().objects.insert(name, data);
+            Response::Done
+        }
+        Request::ObjGet { name } => Response::Obj(broker.borrow().objects.get(&name).cloned()),
+        Request::ObjList => Response::Names(broker.borrow().objects.keys().cloned().collect()),
+        Request::ObjDelete { name } => {
+            broker.borrow_mut().objects.remove(&name);
+            Response::Done
+        }
         Request::Subscribe { from } => return subscription(broker, stream, from).await,
     };
     send_response(&mut stream, &reply).await

@@ -22,6 +22,8 @@ pub struct Swarm {
     pub broker_restarts: bool,
     /// Per-node clock skew and jumps (backwards too).
     pub clocks: bool,
+    /// Snapshots are taken, and the stream keeps few messages (nodes fall behind and restore).
+    pub snapshots: bool,
 }
 
 /// One scheduled fault.
@@ -55,6 +57,8 @@ pub enum Fault {
         /// How long.
         for_: Duration,
     },
+    /// Flip a byte of the newest snapshot in the store (readers must notice and skip it).
+    CorruptSnapshot,
     /// Move node `node`'s wall clock by `delta_ms` (negative: backwards).
     ClockJump {
         /// Node index.
@@ -93,6 +97,15 @@ pub struct Plan {
     pub latency: (Duration, Duration),
     /// How often nodes renew their claim (and measure clock skew).
     pub claim_interval: Duration,
+    /// Snapshot policy when snapshots are on: (every so many changes, at least this often).
+    pub snapshot_every: Option<(u64, Duration)>,
+    /// Messages the stream keeps.
+    pub max_messages: usize,
+    /// Tombstones older than this are collected when a snapshot is taken (zero: never). It
+    /// stays longer than any outage a run can have, as the README requires.
+    pub tombstone_ttl: Duration,
+    /// A node that joins late, with an empty database: (node, when).
+    pub late_join: Option<(usize, Duration)>,
 }
 
 impl Plan {
@@ -108,6 +121,7 @@ impl Plan {
             crashes: r.random_bool(0.6),
             broker_restarts: r.random_bool(0.3),
             clocks: r.random_bool(0.5),
+            snapshots: r.random_bool(0.5),
         };
         let chaos = Duration::from_millis(r.random_range(4_000..=10_000));
         let mut faults = Vec::new();
@@ -116,7 +130,7 @@ impl Plan {
             let at = Duration::from_millis(r.random_range(0..chaos.as_millis() as u64));
             let node = r.random_range(0..nodes);
             let for_ = Duration::from_millis(r.random_range(100..=4_000));
-            let kind = r.random_range(0..6);
+            let kind = r.random_range(0..7);
             let f = match kind {
                 0 if swarm.partitions => Fault::Partition {
                     node,
@@ -135,6 +149,7 @@ impl Plan {
                     node,
                     delta_ms: r.random_range(-20_000..=20_000),
                 },
+                6 if swarm.snapshots => Fault::CorruptSnapshot,
                 _ => continue,
             };
             faults.push((at, f));
@@ -151,6 +166,22 @@ impl Plan {
             })
             .collect();
         let claim_interval = Duration::from_millis(r.random_range(500..=5_000));
+        let snapshot_every = swarm.snapshots.then(|| {
+            (
+                r.random_range(10..=60),
+                Duration::from_millis(r.random_range(1_000..=4_000)),
+            )
+        });
+        let max_messages = if swarm.snapshots {
+            r.random_range(15..=150)
+        } else {
+            1_000_000
+        };
+        let tombstone_ttl = if swarm.snapshots && r.random_bool(0.5) {
+            Duration::from_secs(15)
+        } else {
+            Duration::ZERO
+        };
         Plan {
             seed,
             nodes,
@@ -174,6 +205,15 @@ impl Plan {
                 )
             },
             claim_interval,
+            late_join: (swarm.snapshots && r.random_bool(0.5)).then(|| {
+                (
+                    nodes - 1,
+                    Duration::from_millis(r.random_range(1_000..=chaos.as_millis() as u64)),
+                )
+            }),
+            snapshot_every,
+            max_messages,
+            tombstone_ttl,
             swarm,
         }
     }

@@ -24,12 +24,38 @@ pub enum Request {
         /// First sequence.
         from: u64,
     },
-    /// Claim a node id.
-    Claim {
-        /// Node id.
-        node: u64,
+    /// Take or renew a lease.
+    Lease {
+        /// Lease key.
+        key: String,
         /// Owner token.
         owner: String,
+    },
+    /// Give up a lease.
+    Release {
+        /// Lease key.
+        key: String,
+        /// Owner token.
+        owner: String,
+    },
+    /// Store an object.
+    ObjPut {
+        /// Name.
+        name: String,
+        /// Content.
+        data: Bytes,
+    },
+    /// Read an object.
+    ObjGet {
+        /// Name.
+        name: String,
+    },
+    /// List object names.
+    ObjList,
+    /// Delete an object.
+    ObjDelete {
+        /// Name.
+        name: String,
     },
 }
 
@@ -73,6 +99,12 @@ pub enum Response {
         /// The owner.
         by: String,
     },
+    /// Done.
+    Done,
+    /// An object, or none.
+    Obj(Option<Bytes>),
+    /// Object names.
+    Names(Vec<String>),
 }
 
 fn put_bytes(b: &mut BytesMut, x: &[u8]) {
@@ -110,10 +142,29 @@ impl Request {
                 b.put_u8(3);
                 b.put_u64(*from);
             }
-            Request::Claim { node, owner } => {
+            Request::Lease { key, owner } => {
                 b.put_u8(4);
-                b.put_u64(*node);
+                put_bytes(&mut b, key.as_bytes());
                 put_bytes(&mut b, owner.as_bytes());
+            }
+            Request::Release { key, owner } => {
+                b.put_u8(5);
+                put_bytes(&mut b, key.as_bytes());
+                put_bytes(&mut b, owner.as_bytes());
+            }
+            Request::ObjPut { name, data } => {
+                b.put_u8(6);
+                put_bytes(&mut b, name.as_bytes());
+                put_bytes(&mut b, data);
+            }
+            Request::ObjGet { name } => {
+                b.put_u8(7);
+                put_bytes(&mut b, name.as_bytes());
+            }
+            Request::ObjList => b.put_u8(8),
+            Request::ObjDelete { name } => {
+                b.put_u8(9);
+                put_bytes(&mut b, name.as_bytes());
             }
         }
         b
@@ -132,9 +183,24 @@ impl Request {
             3 => Request::Subscribe {
                 from: get_u64(&mut b)?,
             },
-            4 => Request::Claim {
-                node: get_u64(&mut b)?,
+            4 => Request::Lease {
+                key: get_string(&mut b)?,
                 owner: get_string(&mut b)?,
+            },
+            5 => Request::Release {
+                key: get_string(&mut b)?,
+                owner: get_string(&mut b)?,
+            },
+            6 => Request::ObjPut {
+                name: get_string(&mut b)?,
+                data: get_bytes(&mut b)?,
+            },
+            7 => Request::ObjGet {
+                name: get_string(&mut b)?,
+            },
+            8 => Request::ObjList,
+            9 => Request::ObjDelete {
+                name: get_string(&mut b)?,
             },
             _ => return None,
         })
@@ -176,6 +242,24 @@ impl Response {
                 b.put_u8(6);
                 put_bytes(&mut b, by.as_bytes());
             }
+            Response::Done => b.put_u8(7),
+            Response::Obj(o) => {
+                b.put_u8(8);
+                match o {
+                    Some(d) => {
+                        b.put_u8(1);
+                        put_bytes(&mut b, d);
+                    }
+                    None => b.put_u8(0),
+                }
+            }
+            Response::Names(names) => {
+                b.put_u8(9);
+                b.put_u32(names.len() as u32);
+                for n in names {
+                    put_bytes(&mut b, n.as_bytes());
+                }
+            }
         }
         b
     }
@@ -206,6 +290,25 @@ impl Response {
             6 => Response::Held {
                 by: get_string(&mut b)?,
             },
+            7 => Response::Done,
+            8 => {
+                if b.has_remaining() && b.get_u8() == 1 {
+                    Response::Obj(Some(get_bytes(&mut b)?))
+                } else {
+                    Response::Obj(None)
+                }
+            }
+            9 => {
+                if b.remaining() < 4 {
+                    return None;
+                }
+                let n = b.get_u32() as usize;
+                let mut names = Vec::with_capacity(n.min(1024));
+                for _ in 0..n {
+                    names.push(get_string(&mut b)?);
+                }
+                Response::Names(names)
+            }
             _ => return None,
         })
     }

@@ -8,9 +8,10 @@ use crate::broker::request;
 use crate::proto::{Request, Response, send_request};
 use bytes::Bytes;
 use futures::StreamExt;
-use marmot_core::NodeId;
 use marmot_core::apply::Delivery;
 use marmot_core::ports::{Claim, Deliveries, StreamBounds, Transport, TransportError};
+use marmot_core::snapshot::{ObjectStore, Progress};
+use std::path::Path;
 use std::time::Duration;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -121,10 +122,10 @@ impl Transport for SimTransport {
         Ok((bounds, deliveries.boxed()))
     }
 
-    async fn claim(&self, node: NodeId, owner: &str) -> Result<Claim, TransportError> {
+    async fn lease(&self, key: &str, owner: &str) -> Result<Claim, TransportError> {
         match self
-            .call(Request::Claim {
-                node,
+            .call(Request::Lease {
+                key: key.to_string(),
                 owner: owner.to_string(),
             })
             .await?
@@ -133,5 +134,91 @@ impl Transport for SimTransport {
             Response::Held { by } => Ok(Claim::Held { by }),
             other => Err(TransportError::other(format!("unexpected {other:?}"))),
         }
+    }
+
+    async fn release(&self, key: &str, owner: &str) -> Result<(), TransportError> {
+        self.call(Request::Release {
+            key: key.to_string(),
+            owner: owner.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+/// The simulated broker's object store, behind the same port as the real stores.
+pub struct SimObjectStore {
+    transport: SimTransport,
+}
+
+impl SimObjectStore {
+    /// The object store of broker host `broker`.
+    pub fn new(broker: &str) -> Self {
+        SimObjectStore {
+            transport: SimTransport::new(broker),
+        }
+    }
+
+    async fn call(&self, req: Request) -> Result<Response, String> {
+        self.transport.call(req).await.map_err(|e| e.to_string())
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for SimObjectStore {
+    async fn put_file(
+        &self,
+        name: &str,
+        path: &Path,
+        progress: Progress<'_>,
+    ) -> Result<(), String> {
+        let data = std::fs::read(path).map_err(|e| e.to_string())?;
+        progress(data.len() as u64);
+        self.put_bytes(name, Bytes::from(data)).await
+    }
+    async fn get_file(
+        &self,
+        name: &str,
+        path: &Path,
+        progress: Progress<'_>,
+    ) -> Result<(), String> {
+        let data = self
+            .get_bytes(name)
+            .await?
+            .ok_or_else(|| format!("{name}: no such object"))?;
+        progress(data.len() as u64);
+        std::fs::write(path, &data).map_err(|e| e.to_string())
+    }
+    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<(), String> {
+        self.call(Request::ObjPut {
+            name: name.to_string(),
+            data,
+        })
+        .await
+        .map(|_| ())
+    }
+    async fn get_bytes(&self, name: &str) -> Result<Option<Bytes>, String> {
+        match self
+            .call(Request::ObjGet {
+                name: name.to_string(),
+            })
+            .await?
+        {
+            Response::Obj(o) => Ok(o),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+    async fn list(&self) -> Result<Vec<String>, String> {
+        match self.call(Request::ObjList).await? {
+            Response::Names(n) => Ok(n),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+    async fn delete(&self, name: &str) -> Result<(), String> {
+        self.call(Request::ObjDelete {
+            name: name.to_string(),
+        })
+        .await
+        .map(|_| ())
     }
 }

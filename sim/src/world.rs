@@ -7,16 +7,24 @@ use crate::broker::{BrokerConfig, BrokerState};
 use crate::check::{Checker, batch_rows};
 use crate::oracle::{Effect, Oracle};
 use crate::plan::{Fault, Plan};
-use crate::transport::SimTransport;
+use crate::transport::{SimObjectStore, SimTransport};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use marmot_core::capture::Captured;
 use marmot_core::drive::{self, Control, Observer};
+use marmot_core::node::SnapshotPolicy;
 use marmot_core::node::{Event, Node, NodeConfig, Stop};
-use marmot_core::ports::{ApplyOutcome, CaptureOutcome, Env, ParkedRetry, Recovered, Storage};
+use marmot_core::ports::{
+    ApplyOutcome, CaptureOutcome, Env, ParkedRetry, Recovered, RestoreReport, Snapshots, Storage,
+};
+use marmot_core::snapshot::{
+    self, Fetched, LocalSnapshot, SaveOutcome, SnapshotError, SnapshotFiles, SnapshotInfo,
+    StagedSnapshot,
+};
 use marmot_core::value::sql_row_literal;
 use marmot_core::wire::BatchId;
 use marmot_core::{Clock, Version};
+use marmot_sqlite::snapshot::SnapshotDir;
 use marmot_sqlite::{SqliteStore, StoreConfig, StoreError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -275,6 +283,92 @@ impl Storage for Recorded {
         }
         r
     }
+    fn restore(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        snap: &StagedSnapshot,
+    ) -> Result<RestoreReport, StoreError> {
+        let r = self.inner.restore(clock, wall_ms, snap);
+        if let Ok(o) = &r {
+            self.note(&o.captured);
+            let t = format!(
+                "{:?} n{} restored generation {} (merged: {})",
+                now(),
+                self.node + 1,
+                o.generation,
+                o.merged
+            );
+            self.world.borrow_mut().trace.push(t);
+        }
+        SnapshotDir::discard(&snap.path);
+        r
+    }
+}
+
+/// The local half of simulated snapshots: the real SQLite snapshot files, run inline.
+struct SimFiles {
+    dir: SnapshotDir,
+}
+
+#[async_trait::async_trait]
+impl SnapshotFiles for SimFiles {
+    async fn create(&self) -> Result<LocalSnapshot, SnapshotError> {
+        self.dir
+            .create(turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64))
+    }
+    fn download_path(&self, object: &str) -> PathBuf {
+        self.dir.download_path(object)
+    }
+    async fn stage(
+        &self,
+        downloaded: &std::path::Path,
+        info: &SnapshotInfo,
+    ) -> Result<StagedSnapshot, SnapshotError> {
+        self.dir.stage(downloaded, info)
+    }
+    fn discard(&self, path: &std::path::Path) {
+        SnapshotDir::discard(path);
+    }
+}
+
+/// Snapshots of a simulated node, through the broker's object store and lease.
+struct SimSnapshots {
+    store: SimObjectStore,
+    transport: SimTransport,
+    files: SimFiles,
+    node: u64,
+    owner: String,
+    every: (u64, Duration),
+}
+
+#[async_trait::async_trait]
+impl Snapshots for SimSnapshots {
+    async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError> {
+        let now_ms = turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64);
+        let (min_changes, min_age) = if force {
+            (0, 0)
+        } else {
+            (self.every.0 / 2, self.every.1.as_millis() as u64 / 2)
+        };
+        snapshot::save(
+            &self.store,
+            &self.transport,
+            &self.files,
+            self.node,
+            &self.owner,
+            position,
+            now_ms,
+            min_changes,
+            min_age,
+            2,
+            &|_| {},
+        )
+        .await
+    }
+    async fn fetch(&self) -> Result<Fetched, SnapshotError> {
+        snapshot::fetch_latest(&self.store, &self.files, &|_| {}).await
+    }
 }
 
 struct SimObserver {
@@ -326,8 +420,29 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
         start: tokio::time::Instant::now(),
         skew,
     };
-    let mut cfg = NodeConfig::new(i as u64 + 1, format!("sim-db-{}", i + 1));
+    let owner = format!("sim-db-{}", i + 1);
+    let mut cfg = NodeConfig::new(i as u64 + 1, owner.clone());
     cfg.claim_interval = plan.claim_interval;
+    cfg.alarm_interval = Duration::from_secs(2);
+    cfg.snapshots = plan
+        .snapshot_every
+        .map(|(every_changes, interval)| SnapshotPolicy {
+            every_changes,
+            interval: Some(interval),
+            restore_empty: true,
+        });
+    let snapshots = Arc::new(SimSnapshots {
+        store: SimObjectStore::new("broker"),
+        transport: SimTransport::new("broker"),
+        files: SimFiles {
+            dir: SnapshotDir::new(&path, plan.tombstone_ttl),
+        },
+        node: i as u64 + 1,
+        owner,
+        every: plan
+            .snapshot_every
+            .unwrap_or((0, Duration::from_secs(3600))),
+    });
     let mut node = Node::new(cfg);
     let mut obs = SimObserver {
         world: world.clone(),
@@ -338,6 +453,7 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
         &mut node,
         &mut store,
         transport,
+        snapshots,
         &env,
         &mut obs,
         wake.as_mut(),
@@ -488,6 +604,12 @@ async fn writer(world: World, i: usize) -> turmoil::Result {
     let conn = Connection::open(&path)?;
     let mut rng = ChaCha8Rng::seed_from_u64(plan.seed.wrapping_mul(31).wrapping_add(i as u64));
     let mut txn = 0;
+    if let Some((late, at)) = plan.late_join
+        && late == i
+    {
+        // The application of a node that joins late starts with it.
+        tokio::time::sleep(at).await;
+    }
     loop {
         let gap = plan.write_gap.as_millis() as u64;
         tokio::time::sleep(Duration::from_millis(rng.random_range(1..=2 * gap))).await;
@@ -625,7 +747,7 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
     }));
     let broker = BrokerState::new(
         BrokerConfig {
-            max_messages: 1_000_000,
+            max_messages: plan.max_messages,
             dedupe_window: plan.dedupe_window,
             claim_ttl: Duration::from_secs(15),
             duplicate_rate: plan.duplicate_rate,
@@ -662,6 +784,12 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
     let mut faults = plan.faults.clone().into_iter().peekable();
     let mut heals: Vec<(Duration, Heal)> = Vec::new();
     let mut crashed = vec![false; plan.nodes];
+    if let Some((late, at)) = plan.late_join {
+        // Not started yet: it starts at `at`, with its empty database.
+        crashed[late] = true;
+        sim.crash(host_name(late));
+        heals.push((at, Heal::Bounce(late)));
+    }
     let mut healed = false;
     let mut next_check = Duration::ZERO;
     loop {
@@ -712,6 +840,13 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
                 Fault::BrokerRestart { for_ } => {
                     sim.crash("broker");
                     heals.push((now + for_, Heal::BounceBroker));
+                }
+                Fault::CorruptSnapshot => {
+                    let hit = broker.borrow_mut().corrupt_newest_snapshot();
+                    world
+                        .borrow_mut()
+                        .trace
+                        .push(format!("{now:?} corrupted {hit:?}"));
                 }
                 Fault::ClockJump { node, delta_ms } => {
                     world.borrow().skew[node].fetch_add(delta_ms, Ordering::Relaxed);

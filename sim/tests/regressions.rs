@@ -17,3 +17,11 @@ fn passes(seed: u64) {
 fn regression_01_drive_loop_spun_while_the_clock_was_paused() {
     passes(36);
 }
+
+/// Postmortem: a new node that took a snapshot whole also took the source node's capture
+/// counter, so its first batch was numbered after the source's; the restore now keeps the
+/// node's own counter with the rest of its identity.
+#[test]
+fn regression_02_a_whole_restore_carried_the_source_nodes_capture_sequence() {
+    passes(5);
+}

@@ -3,6 +3,7 @@
 use super::*;
 use crate::apply::ApplyReport;
 use crate::ports::{CaptureOutcome, TransportErrorKind};
+use crate::snapshot::{Fetched, SaveOutcome, StagedSnapshot};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -42,6 +43,7 @@ fn recovered(position: u64, outbox: Vec<(BatchId, u32)>) -> Recovered {
         incarnation: 1,
         incomplete_batches: 0,
         parked: 0,
+        empty: false,
     }
 }
 
@@ -679,4 +681,227 @@ fn a_superseded_subscription_is_ignored() {
     );
     drain(&mut n);
     assert!(n.status().subscribed);
+}
+
+fn snapshot_node(every_changes: u64) -> Node {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.snapshots = Some(SnapshotPolicy {
+        every_changes,
+        interval: None,
+        restore_empty: true,
+    });
+    Node::new(cfg)
+}
+
+fn staged(position: u64) -> StagedSnapshot {
+    StagedSnapshot {
+        info: crate::snapshot::SnapshotInfo {
+            format: 1,
+            generation: 3,
+            object: "snapshot-x".into(),
+            position,
+            node: 2,
+            created_ms: 1,
+            size: 1,
+            raw_size: 1,
+            checksum: "00".into(),
+            horizon_ms: 0,
+        },
+        path: std::path::PathBuf::from("/tmp/staged.db"),
+    }
+}
+
+fn restored(position: u64) -> Input {
+    Input::Restored(Ok(RestoreReport {
+        position,
+        generation: 3,
+        merged: false,
+        captured: None,
+    }))
+}
+
+#[test]
+fn a_new_node_starts_from_the_newest_snapshot_then_reads_the_stream_after_it() {
+    let mut n = snapshot_node(0);
+    let mut r = recovered(0, vec![]);
+    r.empty = true;
+    n.handle(ms(0), Input::Recovered(r));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 500,
+        })),
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(o, Output::FetchSnapshot)));
+    assert!(
+        !has(&outs, |o| matches!(o, Output::Subscribe { .. })),
+        "not before the restore"
+    );
+    n.handle(
+        ms(5),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: Some(staged(420)),
+            rejected: vec![],
+        })),
+    );
+    assert!(has(
+        &drain(&mut n),
+        |o| matches!(o, Output::RestoreSnapshot(s) if s.info.position == 420)
+    ));
+    n.handle(ms(6), restored(420));
+    let outs = drain(&mut n);
+    assert!(
+        has(&outs, |o| matches!(
+            o,
+            Output::Subscribe { from_seq: 421, .. }
+        )),
+        "{outs:?}"
+    );
+    assert_eq!(n.status().position, 420);
+}
+
+#[test]
+fn a_new_node_without_any_snapshot_reads_the_whole_stream() {
+    let mut n = snapshot_node(0);
+    let mut r = recovered(0, vec![]);
+    r.empty = true;
+    n.handle(ms(0), Input::Recovered(r));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 5,
+        })),
+    );
+    drain(&mut n);
+    n.handle(
+        ms(1),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: None,
+            rejected: vec![],
+        })),
+    );
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::Subscribe { from_seq: 1, .. }
+    )));
+}
+
+#[test]
+fn a_node_behind_the_stream_restores_and_carries_on() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.snapshots = Some(SnapshotPolicy {
+        every_changes: 0,
+        interval: None,
+        restore_empty: true,
+    });
+    let mut n = Node::new(cfg);
+    n.handle(ms(0), Input::Recovered(recovered(10, vec![])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 100,
+            last_seq: 200,
+        })),
+    );
+    drain(&mut n);
+    n.handle(
+        ms(1),
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(StreamBounds {
+                first_seq: 100,
+                last_seq: 200,
+            }),
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::Behind { .. })
+    )));
+    assert!(has(&outs, |o| matches!(o, Output::FetchSnapshot)));
+    // A corrupt newest snapshot is reported and skipped; the next one is used.
+    let rejected = vec![crate::snapshot::SnapshotError::Corrupt {
+        object: "snapshot-new".into(),
+        detail: "checksum".into(),
+    }];
+    n.handle(
+        ms(2),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: Some(staged(150)),
+            rejected,
+        })),
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::SnapshotRejected { .. })
+    )));
+    assert!(has(&outs, |o| matches!(o, Output::RestoreSnapshot(_))));
+    n.handle(ms(3), restored(150));
+    let outs = drain(&mut n);
+    assert!(!n.status().behind);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Subscribe { from_seq: 151, .. }
+    )));
+}
+
+#[test]
+fn a_snapshot_is_due_after_enough_changes() {
+    let mut n = snapshot_node(100);
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    n.handle(
+        ms(0),
+        Input::Claimed {
+            result: Ok(Claim::Granted { server_ms: 1000 }),
+            sent_wall_ms: 1000,
+            received_wall_ms: 1000,
+        },
+    );
+    drain(&mut n);
+    let mut c = captured(1, 1);
+    c.rows = 60;
+    n.handle(
+        ms(1),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(c),
+            schema_changed: false,
+        })),
+    );
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::SaveSnapshot { .. }
+    )));
+    let mut c = captured(2, 1);
+    c.rows = 60;
+    n.handle(
+        ms(2),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(c),
+            schema_changed: false,
+        })),
+    );
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::SaveSnapshot { .. }
+    )));
+    n.handle(
+        ms(3),
+        Input::SnapshotSaved(Ok(SaveOutcome::Busy { by: "other".into() })),
+    );
+    assert!(
+        !has(&drain(&mut n), |o| matches!(o, Output::SaveSnapshot { .. })),
+        "not again right away"
+    );
 }
