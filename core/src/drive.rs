@@ -56,7 +56,7 @@ pub async fn run<S, T, P, E, O>(
 where
     S: Storage,
     T: Transport,
-    P: Snapshots,
+    P: Snapshots + ?Sized,
     E: Env + Clone + Send + Sync + 'static,
     O: Observer,
 {

@@ -25,7 +25,7 @@ pub struct Cli {
     /// Go Marmot's -cleanup: same as the `cleanup` command.
     #[arg(long, hide = true)]
     pub cleanup: bool,
-    /// Go Marmot's -save-snapshot: snapshots are not implemented in this version.
+    /// Go Marmot's -save-snapshot: same as `snapshot save`.
     #[arg(long, hide = true)]
     pub save_snapshot: bool,
     /// Go Marmot's -pprof: ignored.
@@ -58,6 +58,24 @@ pub enum Command {
     },
     /// What the database holds for marmot: position, pending and parked batches, tables.
     Status,
+    /// Snapshots: save one now, restore the newest, list what exists.
+    Snapshot {
+        /// What to do.
+        #[command(subcommand)]
+        action: SnapshotCommand,
+    },
+}
+
+/// `marmot snapshot ...`.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot of this node's database now and store it.
+    Save,
+    /// Restore the newest snapshot that verifies into this node's database (merged under the
+    /// merge rule when the database has content; taken whole when it is empty).
+    Restore,
+    /// List stored snapshots: generation, position, size, age.
+    List,
 }
 
 /// `marmot parked ...`.

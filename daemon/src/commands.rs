@@ -1,6 +1,6 @@
 //! Dispatching commands.
 
-use crate::cli::{Cli, Command, ParkedCommand};
+use crate::cli::{Cli, Command, ParkedCommand, SnapshotCommand};
 use crate::config::{LogFormat, Settings};
 use anyhow::{Context, bail};
 use std::process::ExitCode;
@@ -40,13 +40,12 @@ fn open_db(s: &Settings) -> anyhow::Result<rusqlite::Connection> {
 
 /// Runs the command the user asked for.
 pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
-    if cli.save_snapshot {
-        bail!(
-            "snapshots are not implemented in this version of marmot (-save-snapshot); copy the database file of a stopped node instead"
-        );
-    }
     let command = if cli.cleanup {
         Some(Command::Cleanup)
+    } else if cli.save_snapshot {
+        Some(Command::Snapshot {
+            action: SnapshotCommand::Save,
+        })
     } else {
         cli.command.take()
     };
@@ -94,9 +93,23 @@ pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => status(&s),
+        Command::Snapshot { action } => {
+            init_logging_quiet(&s);
+            crate::snapshots::command(&s, action)
+        }
     }
 }
 
+/// Logging for one-shot commands: warnings and errors only, unless verbose.
+fn init_logging_quiet(s: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if s.verbose { "debug" } else { "warn" }));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
 fn stamp(raw: u64) -> String {
     marmot_core::Stamp::from_u64(raw).to_string()
 }

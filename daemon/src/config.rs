@@ -84,17 +84,24 @@ pub struct Config {
     pub prometheus: Option<PrometheusSection>,
 }
 
-/// `[snapshot]`: accepted so Go Marmot configs load; snapshots are not implemented yet.
+/// `[snapshot]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // accepted so Go Marmot configs load; snapshots are not implemented yet
 pub struct SnapshotSection {
-    /// Take snapshots.
+    /// Take snapshots (and restore from them).
     pub enabled: Option<bool>,
-    /// Interval, ms.
+    /// Take one at least this often, ms (0: not by time).
     pub interval: Option<u64>,
-    /// Store kind.
+    /// Store kind: nats, s3, webdav or sftp.
     pub store: Option<String>,
+    /// Take one after this many rows captured and applied on this node (0: not by count).
+    pub every_changes: Option<u64>,
+    /// Snapshot generations kept in the store.
+    pub keep: Option<usize>,
+    /// Tombstones older than this many hours are removed when a snapshot is taken (0: keep).
+    pub tombstone_ttl_hours: Option<u64>,
+    /// A new node with an empty database starts from the newest snapshot.
+    pub restore_empty: Option<bool>,
     /// `[snapshot.nats]`.
     pub nats: Option<SnapshotNats>,
     /// `[snapshot.s3]`.
@@ -108,7 +115,6 @@ pub struct SnapshotSection {
 /// `[snapshot.nats]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // accepted so Go Marmot configs load; snapshots are not implemented yet
 pub struct SnapshotNats {
     /// Replicas.
     pub replicas: Option<u64>,
@@ -119,7 +125,6 @@ pub struct SnapshotNats {
 /// `[snapshot.s3]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // accepted so Go Marmot configs load; snapshots are not implemented yet
 pub struct SnapshotS3 {
     /// Path.
     pub path: Option<String>,
@@ -135,15 +140,92 @@ pub struct SnapshotS3 {
     pub bucket: Option<String>,
     /// TLS.
     pub use_ssl: Option<bool>,
+    /// Region (default us-east-1).
+    pub region: Option<String>,
 }
 
 /// `[snapshot.webdav]` / `[snapshot.sftp]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)] // accepted so Go Marmot configs load; snapshots are not implemented yet
 pub struct SnapshotUrl {
     /// URL.
     pub url: Option<String>,
+    /// SFTP: the private key to authenticate with (default: ssh-agent / ~/.ssh).
+    pub key_file: Option<PathBuf>,
+    /// SFTP: accept any host key instead of checking known_hosts.
+    pub insecure_accept_any_host_key: Option<bool>,
+}
+
+/// Where snapshots are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnapshotStoreKind {
+    /// A JetStream object store bucket.
+    Nats {
+        /// Bucket.
+        bucket: String,
+        /// Replicas.
+        replicas: usize,
+    },
+    /// An S3-compatible service.
+    S3 {
+        /// Endpoint URL (None: AWS).
+        endpoint: Option<String>,
+        /// Bucket.
+        bucket: String,
+        /// Key prefix.
+        root: String,
+        /// Region.
+        region: String,
+        /// Access key (None: from the environment).
+        access_key: Option<String>,
+        /// Secret (None: from the environment).
+        secret: Option<String>,
+        /// Session token.
+        session_token: Option<String>,
+    },
+    /// A WebDAV server.
+    WebDav {
+        /// Base URL.
+        endpoint: String,
+        /// Directory.
+        root: String,
+        /// User.
+        user: Option<String>,
+        /// Password.
+        password: Option<String>,
+    },
+    /// An SFTP server.
+    Sftp {
+        /// `ssh://host:port`.
+        endpoint: String,
+        /// User.
+        user: String,
+        /// Directory.
+        root: String,
+        /// Private key.
+        key: Option<PathBuf>,
+        /// Skip the known_hosts check.
+        accept_any_host_key: bool,
+    },
+}
+
+/// Snapshot settings with defaults applied.
+#[derive(Clone, Debug)]
+pub struct SnapshotSettings {
+    /// Snapshots on.
+    pub enabled: bool,
+    /// Where.
+    pub store: SnapshotStoreKind,
+    /// Every so many changes (0: not by count).
+    pub every_changes: u64,
+    /// At least this often.
+    pub interval: Option<Duration>,
+    /// Generations kept.
+    pub keep: usize,
+    /// Tombstone horizon.
+    pub tombstone_ttl: Duration,
+    /// New nodes start from a snapshot.
+    pub restore_empty: bool,
 }
 
 /// `[replication_log]`.
@@ -252,9 +334,34 @@ pub const GO_KEYS: &[(&str, &str)] = &[
         "polling_interval",
         "honoured (0 keeps the 1 s fallback; the file watch is the main wake-up)",
     ),
+    ("snapshot.enabled", "honoured (default true)"),
     (
-        "snapshot.*",
-        "accepted and ignored with a warning: snapshots are not implemented in this version",
+        "snapshot.interval",
+        "honoured (ms; 0: snapshots by change count only)",
+    ),
+    ("snapshot.store", "honoured: nats, s3, webdav or sftp"),
+    ("snapshot.nats.replicas", "honoured"),
+    (
+        "snapshot.nats.bucket",
+        "honoured (default marmot-snapshots)",
+    ),
+    ("snapshot.s3.path", "honoured (key prefix)"),
+    ("snapshot.s3.endpoint", "honoured"),
+    ("snapshot.s3.access_key", "honoured (or AWS_ACCESS_KEY_ID)"),
+    ("snapshot.s3.secret", "honoured (or AWS_SECRET_ACCESS_KEY)"),
+    (
+        "snapshot.s3.session_token",
+        "honoured (or AWS_SESSION_TOKEN)",
+    ),
+    ("snapshot.s3.bucket", "honoured"),
+    ("snapshot.s3.use_ssl", "honoured"),
+    (
+        "snapshot.webdav.url",
+        "honoured (https://host/path?dir=/snapshots&login=u&secret=p)",
+    ),
+    (
+        "snapshot.sftp.url",
+        "honoured without a password (sftp://user@host:port/path; keys or ssh-agent authenticate)",
     ),
     (
         "replication_log.shards",
@@ -366,6 +473,8 @@ pub struct Settings {
     pub metrics_bind: Option<String>,
     /// Metric prefix (namespace and subsystem joined).
     pub metrics_prefix: String,
+    /// Snapshots.
+    pub snapshot: SnapshotSettings,
     /// Warnings about ignored keys, to log once logging is up.
     pub warnings: Vec<String>,
 }
@@ -414,15 +523,7 @@ impl Settings {
                 "published changes leave the outbox when acknowledged",
             );
         }
-        if c.snapshot
-            .as_ref()
-            .is_some_and(|s| s.enabled != Some(false))
-        {
-            ignored(
-                "[snapshot]",
-                "snapshots are not implemented in this version",
-            );
-        }
+
         let rl = c.replication_log.unwrap_or_default();
         if let Some(s) = rl.shards
             && s != 1
@@ -485,6 +586,7 @@ impl Settings {
                 "JetStream streams have 1 to 5 replicas",
             ));
         }
+        let snapshot = snapshot_settings(path, c.snapshot.unwrap_or_default(), replicas as usize)?;
         let urls: Vec<String> = nats
             .urls
             .unwrap_or_default()
@@ -536,6 +638,7 @@ impl Settings {
                 key_file: nats.key_file,
             },
             reconnect_wait: Duration::from_secs(nats.reconnect_wait_seconds.unwrap_or(2).max(1)),
+            snapshot,
             verbose: logging.verbose.unwrap_or(false),
             log_format,
             metrics_bind,
@@ -543,6 +646,142 @@ impl Settings {
             warnings,
         })
     }
+}
+
+fn snapshot_settings(
+    path: &Path,
+    s: SnapshotSection,
+    stream_replicas: usize,
+) -> Result<SnapshotSettings, ConfigError> {
+    let reject = |key, value: String, reason| ConfigError::Rejected {
+        path: path.to_path_buf(),
+        key,
+        value,
+        reason,
+    };
+    let store = match s.store.as_deref().unwrap_or("nats") {
+        "nats" => {
+            let n = s.nats.unwrap_or_default();
+            SnapshotStoreKind::Nats {
+                bucket: n.bucket.unwrap_or_else(|| "marmot-snapshots".into()),
+                replicas: n.replicas.map_or(stream_replicas, |r| r as usize),
+            }
+        }
+        "s3" => {
+            let c = s.s3.unwrap_or_default();
+            let Some(bucket) = c.bucket else {
+                return Err(reject(
+                    "snapshot.s3.bucket",
+                    "missing".into(),
+                    "an S3 snapshot store needs a bucket",
+                ));
+            };
+            let endpoint = c.endpoint.map(|e| {
+                if e.contains("://") {
+                    e
+                } else if c.use_ssl.unwrap_or(true) {
+                    format!("https://{e}")
+                } else {
+                    format!("http://{e}")
+                }
+            });
+            SnapshotStoreKind::S3 {
+                endpoint,
+                bucket,
+                root: c.path.unwrap_or_else(|| "/".into()),
+                region: c.region.unwrap_or_else(|| "us-east-1".into()),
+                access_key: c.access_key,
+                secret: c.secret,
+                session_token: c.session_token,
+            }
+        }
+        "webdav" => {
+            let c = s.webdav.unwrap_or_default();
+            let Some(raw) = c.url else {
+                return Err(reject(
+                    "snapshot.webdav.url",
+                    "missing".into(),
+                    "a WebDAV snapshot store needs a url",
+                ));
+            };
+            let u = url::Url::parse(&raw).map_err(|_| {
+                reject(
+                    "snapshot.webdav.url",
+                    raw.clone(),
+                    "not a URL (https://host/path?dir=/snapshots&login=user&secret=password)",
+                )
+            })?;
+            let q = |k: &str| {
+                u.query_pairs()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.into_owned())
+            };
+            let mut base = u.clone();
+            base.set_query(None);
+            SnapshotStoreKind::WebDav {
+                endpoint: base.to_string().trim_end_matches('/').to_string(),
+                root: q("dir").unwrap_or_else(|| "/".into()),
+                user: q("login"),
+                password: q("secret"),
+            }
+        }
+        "sftp" => {
+            let c = s.sftp.unwrap_or_default();
+            let Some(raw) = c.url else {
+                return Err(reject(
+                    "snapshot.sftp.url",
+                    "missing".into(),
+                    "an SFTP snapshot store needs a url",
+                ));
+            };
+            let u = url::Url::parse(&raw).map_err(|_| {
+                reject(
+                    "snapshot.sftp.url",
+                    raw.clone(),
+                    "not a URL (sftp://user@host:port/path)",
+                )
+            })?;
+            if u.password().is_some() {
+                return Err(reject(
+                    "snapshot.sftp.url",
+                    "sftp://user:***@...".into(),
+                    "SFTP with a password is not supported: authenticate with a key (snapshot.sftp.key_file) or ssh-agent",
+                ));
+            }
+            let host = u.host_str().unwrap_or("localhost").to_string();
+            SnapshotStoreKind::Sftp {
+                endpoint: format!("ssh://{host}:{}", u.port().unwrap_or(22)),
+                user: if u.username().is_empty() {
+                    "root".into()
+                } else {
+                    u.username().to_string()
+                },
+                root: if u.path().is_empty() {
+                    "/".into()
+                } else {
+                    u.path().to_string()
+                },
+                key: c.key_file,
+                accept_any_host_key: c.insecure_accept_any_host_key.unwrap_or(false),
+            }
+        }
+        other => {
+            return Err(reject(
+                "snapshot.store",
+                format!("{other:?}"),
+                "use \"nats\", \"s3\", \"webdav\" or \"sftp\"",
+            ));
+        }
+    };
+    Ok(SnapshotSettings {
+        enabled: s.enabled.unwrap_or(true),
+        store,
+        every_changes: s.every_changes.unwrap_or(100_000),
+        interval: s.interval.filter(|&ms| ms > 0).map(Duration::from_millis),
+        keep: s.keep.unwrap_or(2).max(1),
+        tombstone_ttl: Duration::from_secs(s.tombstone_ttl_hours.unwrap_or(24 * 7) * 3600),
+        restore_empty: s.restore_empty.unwrap_or(true),
+    })
 }
 
 /// Go Marmot derived the node id from the machine id; marmot mixes in the database path so
@@ -612,7 +851,7 @@ mod tests {
         );
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.metrics_bind.as_deref(), Some("0.0.0.0:3010"));
-        assert_eq!(s.warnings.len(), 5, "{:?}", s.warnings);
+        assert_eq!(s.warnings.len(), 4, "{:?}", s.warnings);
         assert!(s.warnings.iter().any(|w| w.contains("scan_max_changes")));
     }
 

@@ -7,6 +7,7 @@ mod commands;
 mod config;
 mod observe;
 mod run;
+mod snapshots;
 mod supervisor;
 
 use clap::Parser;

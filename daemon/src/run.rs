@@ -56,7 +56,7 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-fn data_dir_for(db: &std::path::Path) -> PathBuf {
+pub(crate) fn data_dir_for(db: &std::path::Path) -> PathBuf {
     let name = db
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -228,7 +228,26 @@ async fn serve(
         });
     }
 
+    let snapshots: Arc<dyn marmot_core::ports::Snapshots> = if s.snapshot.enabled {
+        Arc::new(crate::snapshots::DaemonSnapshots {
+            store: tokio::sync::OnceCell::new(),
+            transport: transport.clone(),
+            files: crate::snapshots::BlockingFiles::new(&s.db_path, s.snapshot.tombstone_ttl),
+            node: s.node_id,
+            owner: owner.clone(),
+            settings: s.snapshot.clone(),
+        })
+    } else {
+        Arc::new(marmot_core::ports::NoSnapshots)
+    };
     let mut cfg = NodeConfig::new(s.node_id, owner);
+    if s.snapshot.enabled {
+        cfg.snapshots = Some(marmot_core::node::SnapshotPolicy {
+            every_changes: s.snapshot.every_changes,
+            interval: s.snapshot.interval,
+            restore_empty: s.snapshot.restore_empty,
+        });
+    }
     cfg.publish = s.publish;
     cfg.replicate = s.replicate;
     cfg.max_clock_skew_ms = s.max_clock_skew_ms;
@@ -242,7 +261,7 @@ async fn serve(
             &mut node,
             &mut store,
             t,
-            Arc::new(marmot_core::ports::NoSnapshots),
+            snapshots,
             &env,
             &mut observer,
             wake.as_mut(),

