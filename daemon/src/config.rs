@@ -586,7 +586,15 @@ impl Settings {
                 "JetStream streams have 1 to 5 replicas",
             ));
         }
-        let snapshot = snapshot_settings(path, c.snapshot.unwrap_or_default(), replicas as usize)?;
+        let max_entries = rl.max_entries.unwrap_or(1_000_000);
+        let snapshot = snapshot_settings(
+            path,
+            c.snapshot.unwrap_or_default(),
+            replicas as usize,
+            max_entries,
+        )?;
+        let max_age = Duration::from_secs(rl.max_age_seconds.unwrap_or(0));
+        warnings.extend(retention_warnings(&snapshot, max_entries, max_age));
         let urls: Vec<String> = nats
             .urls
             .unwrap_or_default()
@@ -613,9 +621,9 @@ impl Settings {
             max_clock_skew_ms: c.max_clock_skew_ms.unwrap_or(5_000),
             busy_timeout: Duration::from_millis(c.busy_timeout_ms.unwrap_or(5_000)),
             keep_conflicts: c.keep_conflicts.unwrap_or(10_000),
-            max_entries: rl.max_entries.unwrap_or(1_000_000),
+            max_entries,
             max_bytes: rl.max_bytes.unwrap_or(1 << 30),
-            max_age: Duration::from_secs(rl.max_age_seconds.unwrap_or(0)),
+            max_age,
             replicas: replicas as usize,
             compress: rl.compress.unwrap_or(true),
             update_existing: rl.update_existing.unwrap_or(false),
@@ -648,10 +656,49 @@ impl Settings {
     }
 }
 
+/// Every node can always catch up only if some snapshot always covers what the stream has
+/// dropped: snapshots must come more often than the stream forgets messages.
+fn retention_warnings(s: &SnapshotSettings, max_entries: i64, max_age: Duration) -> Vec<String> {
+    let mut w = Vec::new();
+    let limited = max_entries > 0 || !max_age.is_zero();
+    if !s.enabled {
+        if limited {
+            w.push(
+                "snapshots are off while the stream drops old messages: a node down longer than the stream keeps \
+                 messages stops applying and must be restored by hand (copy another node's database)"
+                    .into(),
+            );
+        }
+        return w;
+    }
+    if s.every_changes == 0 && s.interval.is_none() {
+        w.push("snapshot.every_changes and snapshot.interval are both 0: no snapshot is ever taken automatically".into());
+    }
+    if max_entries > 0 && s.interval.is_none() && s.every_changes > max_entries as u64 {
+        w.push(format!(
+            "snapshots come every {} changes but the stream keeps {} messages (each carries one change or more): \
+             messages can be dropped before a snapshot covers them; make snapshot.every_changes at most \
+             replication_log.max_entries, or set snapshot.interval",
+            s.every_changes, max_entries
+        ));
+    }
+    if !max_age.is_zero()
+        && let Some(i) = s.interval
+        && i >= max_age
+    {
+        w.push(format!(
+            "snapshot.interval ({i:?}) is not shorter than replication_log.max_age_seconds ({max_age:?}): \
+             messages can expire before a snapshot covers them"
+        ));
+    }
+    w
+}
+
 fn snapshot_settings(
     path: &Path,
     s: SnapshotSection,
     stream_replicas: usize,
+    max_entries: i64,
 ) -> Result<SnapshotSettings, ConfigError> {
     let reject = |key, value: String, reason| ConfigError::Rejected {
         path: path.to_path_buf(),
@@ -776,7 +823,12 @@ fn snapshot_settings(
     Ok(SnapshotSettings {
         enabled: s.enabled.unwrap_or(true),
         store,
-        every_changes: s.every_changes.unwrap_or(100_000),
+        // Unless told otherwise, snapshot well before the stream forgets messages.
+        every_changes: s.every_changes.unwrap_or(if max_entries > 0 {
+            (max_entries as u64 / 2).clamp(1, 100_000)
+        } else {
+            100_000
+        }),
         interval: s.interval.filter(|&ms| ms > 0).map(Duration::from_millis),
         keep: s.keep.unwrap_or(2).max(1),
         tombstone_ttl: Duration::from_secs(s.tombstone_ttl_hours.unwrap_or(24 * 7) * 3600),
@@ -912,5 +964,68 @@ mod readme {
                 "README.md does not list the Go Marmot key `{key}`"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod retention {
+    use super::*;
+
+    fn parse(text: &str) -> Settings {
+        Settings::parse(Path::new("n.toml"), text).unwrap()
+    }
+
+    #[test]
+    fn a_configuration_where_nodes_cannot_catch_up_is_warned_about() {
+        let s = parse("[replication_log]\nmax_entries = 1000\n[snapshot]\nevery_changes = 50000\n");
+        assert!(
+            s.warnings.iter().any(|w| w.contains("every 50000 changes")),
+            "{:?}",
+            s.warnings
+        );
+        let s = parse("[replication_log]\nmax_age_seconds = 60\n[snapshot]\ninterval = 3600000\n");
+        assert!(
+            s.warnings.iter().any(|w| w.contains("max_age")),
+            "{:?}",
+            s.warnings
+        );
+        let s = parse("[snapshot]\nenabled = false\n");
+        assert!(
+            s.warnings.iter().any(|w| w.contains("snapshots are off")),
+            "{:?}",
+            s.warnings
+        );
+        // A sound one: snapshots every 10,000 changes, a million messages kept.
+        let s = parse("[snapshot]\nevery_changes = 10000\n");
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn go_marmot_snapshot_urls_are_understood() {
+        let s = parse(
+            "[snapshot]\nstore = \"webdav\"\n[snapshot.webdav]\nurl = \"https://dav.example/remote.php?dir=/snapshots&login=u&secret=p\"\n",
+        );
+        assert_eq!(
+            s.snapshot.store,
+            SnapshotStoreKind::WebDav {
+                endpoint: "https://dav.example/remote.php".into(),
+                root: "/snapshots".into(),
+                user: Some("u".into()),
+                password: Some("p".into()),
+            }
+        );
+        let e = Settings::parse(
+            Path::new("n.toml"),
+            "[snapshot]\nstore = \"sftp\"\n[snapshot.sftp]\nurl = \"sftp://u:pw@h:2022/x\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("password is not supported"), "{e}");
+        let s = parse(
+            "[snapshot]\nstore = \"s3\"\n[snapshot.s3]\nbucket = \"b\"\nendpoint = \"minio:9000\"\nuse_ssl = false\n",
+        );
+        assert!(
+            matches!(s.snapshot.store, SnapshotStoreKind::S3 { endpoint: Some(ref e), .. } if e == "http://minio:9000")
+        );
     }
 }

@@ -92,7 +92,7 @@ impl ObjectStore for NatsObjectStore {
         };
         let meta = object_store::ObjectMetadata {
             name: name.to_string(),
-            chunk_size: Some(256 * 1024),
+            chunk_size: Some(512 * 1024),
             ..Default::default()
         };
         self.store

@@ -907,6 +907,9 @@ impl SqliteStore {
         {
             let source = Connection::open_with_flags(&snap.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .map_err(|x| e(self, x))?;
+            // One step, so other connections see the old database or the new one, never a mix;
+            // the WAL makes it atomic, a full sync of every page on the way adds nothing to it.
+            let _ = self.conn.pragma_update(None, "synchronous", "NORMAL");
             let backup = rusqlite::backup::Backup::new(&source, &mut self.conn).map_err(|x| {
                 StoreError::Sqlite {
                     path: self.cfg.path.clone(),
@@ -926,6 +929,7 @@ impl SqliteStore {
                 }
             }
         }
+        let _ = self.conn.pragma_update(None, "synchronous", "FULL");
         let _ = self
             .conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0));

@@ -186,6 +186,11 @@ impl SnapshotDir {
         };
         {
             let mut enc = zstd::stream::write::Encoder::new(&mut hashing, 1).map_err(local)?;
+            // Compression is most of a snapshot's cost: use the machine's cores.
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+            if workers > 1 {
+                enc.multithread(workers).map_err(local)?;
+            }
             let mut input = BufReader::with_capacity(1 << 20, File::open(&raw).map_err(local)?);
             std::io::copy(&mut input, &mut enc).map_err(local)?;
             enc.finish().map_err(local)?;
@@ -251,14 +256,10 @@ impl SnapshotDir {
             }
         }
         let checked = (|| -> Result<(), SnapshotError> {
+            // The BLAKE3 checksum proves these are the bytes the source's backup produced;
+            // reading marmot's tables proves they are a marmot database at this position.
             let c = Connection::open_with_flags(&staged, OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .map_err(local)?;
-            let ok: String = c
-                .query_row("PRAGMA quick_check", [], |r| r.get(0))
-                .map_err(|e| corrupt(format!("not a database: {e}")))?;
-            if ok != "ok" {
-                return Err(corrupt(format!("quick_check: {ok}")));
-            }
             let meta = |k: &str| -> Result<Option<i64>, SnapshotError> {
                 c.query_row(
                     "SELECT value FROM \"__marmot__meta\" WHERE key = ?1",

@@ -7,7 +7,10 @@
 //! (d) replication lag (commit on node 1 to visible on node 2) for single-row writes at a
 //!     fixed rate;
 //! (e) how long marmot holds the write lock to capture, and to apply, one application
-//!     transaction of N rows.
+//!     transaction of N rows;
+//! (f) snapshot save (copy, compress, checksum, upload to a NATS object store) and restore
+//!     (download, verify, decompress, restore into an empty database) of a database of
+//!     `--snapshot-mib` MiB (default 1024), next to `cp` of the same file on the same disk.
 //!
 //! Each figure is measured `--runs` times; the JSON keeps every run and the median. Ratios
 //! (b/a) are taken within the same run. Usage:
@@ -23,6 +26,7 @@ const TABLE: &str = "CREATE TABLE Books (id INTEGER PRIMARY KEY, title TEXT NOT 
                      CREATE TABLE Lag (id INTEGER PRIMARY KEY, payload TEXT);";
 
 struct Args {
+    snapshot_mib: u64,
     rows: u64,
     runs: usize,
     rate: u64,
@@ -32,6 +36,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
+        snapshot_mib: 1024,
         rows: 100_000,
         runs: 3,
         rate: 500,
@@ -43,6 +48,7 @@ fn args() -> Args {
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
         match k.as_str() {
             "--rows" => a.rows = v.parse().expect("--rows N"),
+            "--snapshot-mib" => a.snapshot_mib = v.parse().expect("--snapshot-mib N"),
             "--runs" => a.runs = v.parse().expect("--runs K"),
             "--rate" => a.rate = v.parse().expect("--rate W"),
             "--seconds" => a.seconds = v.parse().expect("--seconds S"),
@@ -155,6 +161,181 @@ fn one_big_transaction(dir: &Path, rows: u64) -> (f64, f64) {
     let apply_ms = t.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(out.report.rows_written, rows);
     (capture_ms, apply_ms)
+}
+
+/// A database of about `mib` MiB whose rows compress about as well as ordinary text does.
+fn big_database(path: &Path, mib: u64) {
+    let c = app_connection(path);
+    c.execute_batch(
+        "CREATE TABLE docs (id INTEGER PRIMARY KEY, owner TEXT, body TEXT, n INTEGER);",
+    )
+    .unwrap();
+    let words = [
+        "replication",
+        "sqlite",
+        "node",
+        "stream",
+        "snapshot",
+        "leader",
+        "clock",
+        "row",
+        "table",
+        "write",
+        "conflict",
+        "merge",
+        "batch",
+        "message",
+        "server",
+        "client",
+        "disk",
+        "page",
+        "index",
+        "value",
+    ];
+    let mut x: u64 = 0x2545F4914F6CDD1D;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let rows = mib * 1024; // about 1 KiB per row
+    let mut id = 0u64;
+    while id < rows {
+        let tx = c.unchecked_transaction().unwrap();
+        {
+            let mut stmt = c
+                .prepare_cached("INSERT INTO docs VALUES (?1, ?2, ?3, ?4)")
+                .unwrap();
+            for _ in 0..10_000 {
+                id += 1;
+                let mut body = String::with_capacity(1000);
+                while body.len() < 900 {
+                    let r = next();
+                    body.push_str(words[(r % 20) as usize]);
+                    body.push(' ');
+                    if r % 7 == 0 {
+                        body.push_str(&format!("{:x} ", r >> 20));
+                    }
+                }
+                stmt.execute(params![
+                    id as i64,
+                    format!("user{}", next() % 5000),
+                    body,
+                    (next() % 1_000_000) as i64
+                ])
+                .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+}
+
+/// (f): (cp MB/s, save MB/s, restore MB/s, compressed/raw) for a database of `mib` MiB.
+fn snapshot_speed(dir: &Path, mib: u64) -> (f64, f64, f64, f64) {
+    use marmot_core::ports::Storage;
+    use marmot_core::snapshot::{ObjectStore, SnapshotInfo};
+    let db = dir.join("big.db");
+    big_database(&db, mib);
+    drop(marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&db, 1, 1)).unwrap());
+    let raw = std::fs::metadata(&db).unwrap().len() as f64 / 1e6;
+    let t = Instant::now();
+    let st = std::process::Command::new("cp")
+        .arg(&db)
+        .arg(dir.join("big-copy.db"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cp = raw / t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(dir.join("big-copy.db"));
+    let nats = Nats::start(dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(async {
+        let t =
+            marmot_nats::NatsTransport::connect(marmot_nats::NatsConfig::new(vec![nats.url()], 1))
+                .await
+                .unwrap();
+        wait_for(Duration::from_secs(30), "NATS", || Some(()));
+        let mut tries = 0;
+        loop {
+            match t.object_store("bench-snapshots", 1).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tries += 1;
+                    assert!(tries < 100, "object store: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    let files = marmot_sqlite::snapshot::SnapshotDir::new(&db, Duration::ZERO);
+    // Save: consistent copy, compression, checksum, upload.
+    let t = Instant::now();
+    let local = files.create(1).unwrap();
+    let created = t.elapsed();
+    rt.block_on(store.put_file("snap", &local.path, &|_| {}))
+        .unwrap();
+    let save = raw / t.elapsed().as_secs_f64();
+    eprintln!(
+        "  save: copy+compress+checksum {:?}, upload {:?}",
+        created,
+        t.elapsed() - created
+    );
+    let ratio = local.size as f64 / local.raw_size as f64;
+    let info = SnapshotInfo {
+        format: 1,
+        generation: 1,
+        object: "snap".into(),
+        position: local.position,
+        node: 1,
+        created_ms: 1,
+        size: local.size,
+        raw_size: local.raw_size,
+        checksum: local.checksum.clone(),
+        horizon_ms: 0,
+    };
+    marmot_sqlite::snapshot::SnapshotDir::discard(&local.path);
+    // Restore into an empty database: download, verify, decompress, check, copy in.
+    let target = dir.join("restored.db");
+    let mut restored =
+        marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&target, 2, 2)).unwrap();
+    let tfiles = marmot_sqlite::snapshot::SnapshotDir::new(&target, Duration::ZERO);
+    let t = Instant::now();
+    let download = tfiles.download_path("snap");
+    rt.block_on(store.get_file("snap", &download, &|_| {}))
+        .unwrap();
+    let downloaded = t.elapsed();
+    let staged = tfiles.stage(&download, &info).unwrap();
+    let stage_done = t.elapsed();
+    marmot_sqlite::snapshot::SnapshotDir::discard(&download);
+    let mut clock = marmot_core::Clock::new(marmot_core::Stamp::ZERO);
+    restored.restore(&mut clock, 1, &staged).unwrap();
+    let restore = raw / t.elapsed().as_secs_f64();
+    eprintln!(
+        "  restore: download {:?}, verify+decompress+check {:?}, copy in {:?}",
+        downloaded,
+        stage_done - downloaded,
+        t.elapsed() - stage_done
+    );
+    marmot_sqlite::snapshot::SnapshotDir::discard(&staged.path);
+    drop(restored);
+    let count = |p: &Path| -> i64 {
+        Connection::open(p)
+            .unwrap()
+            .query_row("SELECT count(*) FROM docs", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(
+        count(&target),
+        count(&db),
+        "the restored database holds every row"
+    );
+    (cp, save, restore, ratio)
 }
 
 fn count(db: &Path, table: &str) -> u64 {
@@ -330,14 +511,33 @@ fn main() {
         );
         let mut lags = lag(&c, a.rate, a.seconds);
         lags.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        drop(c);
+        let snap = if a.snapshot_mib > 0 {
+            eprintln!(
+                "run {run}: (f) snapshot of a {} MiB database",
+                a.snapshot_mib
+            );
+            let d = tempfile::tempdir_in(&base).unwrap();
+            Some(snapshot_speed(d.path(), a.snapshot_mib))
+        } else {
+            None
+        };
         let r = serde_json::json!({
             "a_plain_rows_per_s": plain.round(),
             "b_triggers_rows_per_s": triggers.round(),
             "b_over_a": (triggers / plain * 1000.0).round() / 1000.0,
             "c_end_to_end_rows_per_s": e2e.round(),
             "c_writers_seconds": (wrote * 1000.0).round() / 1000.0,
-            "e_one_transaction_capture_ms": (big_capture * 10.0).round() / 10.0,
-            "e_one_transaction_apply_ms": (big_apply * 10.0).round() / 10.0,
+                        "f_snapshot": snap.map(|(cp, save, restore, ratio)| serde_json::json!({
+                "database_mib": a.snapshot_mib,
+                "cp_mb_per_s": cp.round(),
+                "save_mb_per_s": save.round(),
+                "restore_mb_per_s": restore.round(),
+                "save_over_cp": (save / cp * 1000.0).round() / 1000.0,
+                "restore_over_cp": (restore / cp * 1000.0).round() / 1000.0,
+                "compressed_over_raw": (ratio * 1000.0).round() / 1000.0,
+            })),
+            "e_one_transaction_capture_ms": (big_capture * 10.0).round() / 10.0,"e_one_transaction_apply_ms": (big_apply * 10.0).round() / 10.0,
             "d_lag_ms": {
                 "samples": lags.len(),
                 "p50": percentile(&lags, 0.50),
@@ -348,7 +548,6 @@ fn main() {
         });
         eprintln!("run {run}: {r}");
         runs.push(r);
-        drop(c);
     }
     let col = |f: &dyn Fn(&serde_json::Value) -> f64| median(runs.iter().map(f).collect());
     let summary = serde_json::json!({
@@ -367,8 +566,12 @@ fn main() {
             "d_lag_ms_p50": col(&|r| r["d_lag_ms"]["p50"].as_f64().unwrap()),
             "d_lag_ms_p99": col(&|r| r["d_lag_ms"]["p99"].as_f64().unwrap()),
             "e_one_transaction_capture_ms": col(&|r| r["e_one_transaction_capture_ms"].as_f64().unwrap()),
-            "e_one_transaction_apply_ms": col(&|r| r["e_one_transaction_apply_ms"].as_f64().unwrap()),
-        },
+                        "e_one_transaction_apply_ms": col(&|r| r["e_one_transaction_apply_ms"].as_f64().unwrap()),
+            "f_snapshot_cp_mb_per_s": col(&|r| r["f_snapshot"]["cp_mb_per_s"].as_f64().unwrap_or(f64::NAN)),
+            "f_snapshot_save_mb_per_s": col(&|r| r["f_snapshot"]["save_mb_per_s"].as_f64().unwrap_or(f64::NAN)),
+            "f_snapshot_restore_mb_per_s": col(&|r| r["f_snapshot"]["restore_mb_per_s"].as_f64().unwrap_or(f64::NAN)),
+            "f_snapshot_save_over_cp": col(&|r| r["f_snapshot"]["save_over_cp"].as_f64().unwrap_or(f64::NAN)),
+            "f_snapshot_restore_over_cp": col(&|r| r["f_snapshot"]["restore_over_cp"].as_f64().unwrap_or(f64::NAN)),},
         "all_runs": runs,
     });
     let text = serde_json::to_string_pretty(&summary).unwrap();
