@@ -189,10 +189,23 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> TransportError {
     TransportError::unavailable(format!("{what}: {e}"))
 }
 
+/// async-nats builds its TLS settings from rustls's process-wide crypto provider. rustls picks
+/// one by itself only when exactly one is compiled in; a binary that also links opendal (whose
+/// HTTP client enables aws-lc-rs next to async-nats's ring) has two, and the first TLS
+/// connection would panic. Installing ring, the provider async-nats is built with, before any
+/// connection avoids that; a provider the embedding program installed first is kept.
+fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing the race to another thread installing one is fine: a provider is set.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 impl NatsTransport {
     /// Creates the client. It connects in the background and keeps reconnecting for as long
     /// as it takes; operations fail (and are retried by the node) until it is connected.
     pub async fn connect(cfg: NatsConfig) -> Result<Self, ConnectError> {
+        ensure_crypto_provider();
         let urls = cfg.urls.join(",");
         let max = cfg.reconnect_wait_max;
         let connected = Arc::new(AtomicBool::new(false));
