@@ -165,7 +165,7 @@ where
                             Input::Published {
                                 batch,
                                 chunk,
-                                result: Ok(()),
+                                result: Ok(0),
                             },
                         ),
                         Err(e) => node.handle(
@@ -218,12 +218,12 @@ where
                         .boxed(),
                     );
                 }
-                Output::FetchSnapshot => {
+                Output::FetchSnapshot { newer_than } => {
                     let p = snapshots.clone();
                     ops.push(
                         async move {
                             Done::Input(Input::SnapshotFetched(
-                                p.fetch().await.map_err(|e| e.to_string()),
+                                p.fetch(newer_than).await.map_err(|e| e.to_string()),
                             ))
                         }
                         .boxed(),

@@ -51,6 +51,13 @@ pub struct NodeConfig {
     pub max_clock_skew_ms: u64,
     /// Most messages in flight (published, not yet acknowledged).
     pub publish_window: usize,
+    /// Publish only while the stream holds fewer than this many messages this node has not
+    /// applied yet (None: no limit). A stream with retention limits drops its oldest
+    /// messages; this keeps every publishing node within reach of the stream's tail, so
+    /// whatever it publishes is applied by someone (or is in a snapshot) before it is
+    /// dropped, even when every node flushes a backlog at once after an outage. Set it well
+    /// below the stream's message limit (the daemon uses a quarter of it).
+    pub max_lag: Option<u64>,
     /// Aim for apply transactions that hold the write lock no longer than this.
     pub apply_target: Duration,
     /// Most messages per apply transaction.
@@ -116,6 +123,7 @@ impl NodeConfig {
             replicate: true,
             max_clock_skew_ms: 5_000,
             publish_window: 256,
+            max_lag: None,
             apply_target: Duration::from_millis(10),
             apply_max_messages: 1024,
             max_buffered_deliveries: 8192,
@@ -129,6 +137,16 @@ impl NodeConfig {
             max_cached_bytes: 64 << 20,
             snapshots: None,
         }
+    }
+
+    /// Fits publishing to a stream that keeps at most `stream_messages` messages: a node
+    /// publishes only while fewer than a quarter of that are unapplied here ([`Self::max_lag`]),
+    /// with at most a quarter of that in flight. However many nodes flush at once (up to a
+    /// dozen), the stream then never runs ahead of every reader by more than it keeps.
+    pub fn fit_to_retention(&mut self, stream_messages: u64) {
+        let lag = (stream_messages / 4).max(1);
+        self.max_lag = Some(lag);
+        self.publish_window = self.publish_window.min((lag as usize / 4).max(1));
     }
 }
 
@@ -179,8 +197,8 @@ pub enum Input {
         batch: BatchId,
         /// Which chunk.
         chunk: u32,
-        /// Stored by the stream, or why not.
-        result: Result<(), TransportError>,
+        /// The stream sequence it was stored at, or why not.
+        result: Result<u64, TransportError>,
     },
     /// Result of [`Output::Apply`]; on failure the deliveries come back to be retried.
     Applied {
@@ -254,7 +272,10 @@ pub enum Output {
         position: u64,
     },
     /// Call [`crate::ports::Snapshots::fetch`]; answer with [`Input::SnapshotFetched`].
-    FetchSnapshot,
+    FetchSnapshot {
+        /// Only a generation above this one is of use (0: any).
+        newer_than: u64,
+    },
     /// Call [`crate::ports::Storage::restore`]; answer with [`Input::Restored`].
     RestoreSnapshot(StagedSnapshot),
     /// Report something (logs, metrics).
@@ -294,6 +315,16 @@ pub enum Event {
     BatchPublished {
         /// Which batch.
         batch: BatchId,
+    },
+    /// Publishing paused (or resumed): the stream holds `max_lag` messages or more that
+    /// this node has not applied yet.
+    PublishThrottled {
+        /// Paused (true) or resumed (false).
+        throttled: bool,
+        /// The newest stream sequence known.
+        head: u64,
+        /// The last sequence applied here.
+        position: u64,
     },
     /// A publish failed; it will be retried.
     PublishFailed {
@@ -587,6 +618,13 @@ pub struct Node {
     restore: RestorePhase,
     restore_retry_at: Duration,
     restore_failures: u32,
+    /// The newest snapshot generation restored here: a node still behind after restoring it
+    /// waits for a newer one instead of restoring the same one again.
+    restored_generation: u64,
+    /// The highest stream sequence known to exist (from acknowledgements and deliveries).
+    stream_head: u64,
+    /// Publishing waits for this node to apply more of the stream (see `max_lag`).
+    lag_throttled: bool,
 }
 
 impl Node {
@@ -648,6 +686,9 @@ impl Node {
             restore: RestorePhase::Idle,
             restore_retry_at: Duration::ZERO,
             restore_failures: 0,
+            restored_generation: 0,
+            stream_head: 0,
+            lag_throttled: false,
             cfg,
         }
     }
@@ -866,6 +907,7 @@ impl Node {
         if !self.send_queue.is_empty()
             && self.can_publish()
             && self.in_flight < self.cfg.publish_window
+            && !self.too_far_ahead()
         {
             consider(self.publish_blocked_until);
         }
@@ -1071,6 +1113,7 @@ impl Node {
                         },
                     );
                 } else {
+                    self.stream_head = self.stream_head.max(bounds.last_seq);
                     self.sub = Phase::Ready;
                     self.sub_backoff.reset(&self.cfg);
                     self.event(Event::Subscribed {
@@ -1171,6 +1214,7 @@ impl Node {
             Ok(rep) => {
                 self.restore = RestorePhase::Idle;
                 self.restore_failures = 0;
+                self.restored_generation = self.restored_generation.max(rep.generation);
                 self.position = self.position.max(rep.position);
                 self.next_seq = self.position + 1;
                 self.behind = None;
@@ -1221,6 +1265,7 @@ impl Node {
             }
             self.next_seq += 1;
             self.lag_messages = d.pending;
+            self.stream_head = self.stream_head.max(d.stream_seq + d.pending);
             self.queued_bytes += d.payload.len();
             self.queue.push_back(d);
         }
@@ -1231,11 +1276,12 @@ impl Node {
         now: Duration,
         batch: BatchId,
         chunk: u32,
-        result: Result<(), TransportError>,
+        result: Result<u64, TransportError>,
     ) {
         self.in_flight = self.in_flight.saturating_sub(1);
         match result {
-            Ok(()) => {
+            Ok(seq) => {
+                self.stream_head = self.stream_head.max(seq);
                 self.publish_backoff.reset(&self.cfg);
                 let Some(b) = self.batches.get_mut(&batch) else {
                     return;
@@ -1356,6 +1402,16 @@ impl Node {
         self.cfg.publish && self.stream == Phase::Ready && self.claimed_once
     }
 
+    /// Too far ahead of what this node applied to publish more (see `max_lag`). A node that
+    /// does not read the stream (`replicate = false`) is not limited.
+    fn too_far_ahead(&self) -> bool {
+        self.cfg.replicate
+            && self
+                .cfg
+                .max_lag
+                .is_some_and(|l| self.stream_head.saturating_sub(self.position) >= l)
+    }
+
     /// Capture stamps, so it waits until the clock was checked against the server once (a
     /// node started with a far-future clock must not stamp), and pauses while it is ahead.
     /// Writes meanwhile wait, safe, in the change log.
@@ -1454,7 +1510,11 @@ impl Node {
             && self.shutdown_deadline.is_none()
         {
             self.restore = RestorePhase::Fetching(reason);
-            self.outputs.push_back(Output::FetchSnapshot);
+            let newer_than = match reason {
+                RestoreReason::Behind => self.restored_generation,
+                RestoreReason::EmptyJoin => 0,
+            };
+            self.outputs.push_back(Output::FetchSnapshot { newer_than });
         }
         if self.save_due(now) {
             self.saving = true;
@@ -1512,7 +1572,16 @@ impl Node {
         }
 
         // Publishing.
-        if self.can_publish() && now >= self.publish_blocked_until {
+        let throttled = self.too_far_ahead();
+        if throttled != self.lag_throttled && !self.send_queue.is_empty() {
+            self.lag_throttled = throttled;
+            self.event(Event::PublishThrottled {
+                throttled,
+                head: self.stream_head,
+                position: self.position,
+            });
+        }
+        if self.can_publish() && now >= self.publish_blocked_until && !throttled {
             while self.in_flight < self.cfg.publish_window {
                 let Some((batch, chunk)) = self.send_queue.pop_front() else {
                     break;

@@ -182,9 +182,10 @@ pub type Deliveries = BoxStream<'static, Result<Delivery, TransportError>>;
 pub trait Transport: Send + Sync + 'static {
     /// Makes sure the stream exists (creating it as configured) and returns its extent.
     async fn prepare(&self) -> Result<StreamBounds, TransportError>;
-    /// Publishes one message with a deduplication id; returns once the stream stored it.
-    /// Many calls run concurrently (pipelined).
-    async fn publish(&self, message_id: String, payload: Bytes) -> Result<(), TransportError>;
+    /// Publishes one message with a deduplication id; returns once the stream stored it,
+    /// with the stream sequence it has (a duplicate's: the original's). Many calls run
+    /// concurrently (pipelined).
+    async fn publish(&self, message_id: String, payload: Bytes) -> Result<u64, TransportError>;
     /// Delivers every message from `from_seq` on, in order. Also returns the stream's extent
     /// at the time of subscribing.
     async fn subscribe(&self, from_seq: u64) -> Result<(StreamBounds, Deliveries), TransportError>;
@@ -206,8 +207,8 @@ pub trait Snapshots: Send + Sync + 'static {
     /// Takes and stores a snapshot of the local database at `position`, unless another node
     /// is taking one or the newest is recent enough (`force`: take one regardless).
     async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError>;
-    /// Downloads and verifies the newest snapshot.
-    async fn fetch(&self) -> Result<Fetched, SnapshotError>;
+    /// Downloads and verifies the newest snapshot of a generation above `newer_than`.
+    async fn fetch(&self, newer_than: u64) -> Result<Fetched, SnapshotError>;
 }
 
 /// For nodes without snapshots.
@@ -218,7 +219,7 @@ impl Snapshots for NoSnapshots {
     async fn save(&self, _: u64, _: bool) -> Result<SaveOutcome, SnapshotError> {
         Err(SnapshotError::Store("snapshots are not configured".into()))
     }
-    async fn fetch(&self) -> Result<Fetched, SnapshotError> {
+    async fn fetch(&self, _: u64) -> Result<Fetched, SnapshotError> {
         Ok(Fetched {
             staged: None,
             rejected: Vec::new(),

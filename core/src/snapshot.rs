@@ -360,11 +360,13 @@ pub struct Fetched {
 }
 
 /// Downloads and verifies the newest snapshot, falling back to older generations when one
-/// does not verify (each rejection is reported).
+/// does not verify (each rejection is reported). Generations up to `newer_than` are not
+/// looked at (0: any).
 pub async fn fetch_latest<S, F>(
     store: &S,
     files: &F,
     progress: Progress<'_>,
+    newer_than: u64,
 ) -> Result<Fetched, SnapshotError>
 where
     S: ObjectStore + ?Sized,
@@ -372,6 +374,9 @@ where
 {
     let mut rejected = Vec::new();
     for g in generations(store).await? {
+        if g <= newer_than {
+            break;
+        }
         let Some(info) = read_manifest(store, g).await? else {
             continue;
         };

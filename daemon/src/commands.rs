@@ -14,6 +14,7 @@ pub fn init_logging(s: &Settings) {
         .unwrap_or_else(|_| EnvFilter::new(format!("{default},async_nats=warn,nats_server=info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(stderr_is_terminal())
         .with_writer(std::io::stderr);
     let _ = match s.log_format {
         LogFormat::Json => builder.json().try_init(),
@@ -107,8 +108,15 @@ fn init_logging_quiet(s: &Settings) {
         .unwrap_or_else(|_| EnvFilter::new(if s.verbose { "debug" } else { "warn" }));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(stderr_is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Colours only on a terminal: logs redirected to a file or a collector stay plain text.
+fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
 }
 fn stamp(raw: u64) -> String {
     marmot_core::Stamp::from_u64(raw).to_string()

@@ -480,6 +480,18 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// How many messages the stream surely keeps under its message and byte limits
+    /// (messages carry at most 512 KiB of batch plus a header), or None when unlimited.
+    pub fn stream_message_capacity(&self) -> Option<u64> {
+        const LARGEST_MESSAGE: u64 = 516 * 1024;
+        let by_count = (self.max_entries > 0).then_some(self.max_entries as u64);
+        let by_bytes = (self.max_bytes > 0).then_some(self.max_bytes as u64 / LARGEST_MESSAGE);
+        match (by_count, by_bytes) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Reads and checks a config file. Relative paths in it are relative to the current
     /// directory, as in Go Marmot.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
@@ -865,6 +877,19 @@ mod tests {
     }
 
     #[test]
+    fn the_stream_capacity_counts_messages_at_their_largest() {
+        let base = "db_path = \"/tmp/x.db\"\nnode_id = 1\n";
+        let s = parse(base).unwrap();
+        // Defaults: 1,000,000 messages but 1 GiB, which holds 2,032 messages of 516 KiB.
+        assert_eq!(s.stream_message_capacity(), Some(2032));
+        let s = parse(&format!(
+            "{base}[replication_log]\nmax_entries = 0\nmax_bytes = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(s.stream_message_capacity(), None, "unlimited");
+    }
+
+    #[test]
     fn a_go_marmot_config_loads_with_warnings_for_ignored_keys() {
         let s = parse(
             r#"
@@ -897,6 +922,11 @@ mod tests {
         .unwrap();
         assert_eq!(s.node_id, 1);
         assert_eq!(s.max_entries, 1024);
+        assert_eq!(
+            s.stream_message_capacity(),
+            Some(1024),
+            "the message limit binds"
+        );
         assert_eq!(
             s.urls,
             vec!["nats://localhost:4222", "nats://localhost:4223"]

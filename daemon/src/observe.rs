@@ -46,6 +46,7 @@ struct Metrics {
     skew: Gauge,
     clock_paused: Gauge,
     behind: Gauge,
+    throttled: Gauge,
     position: Gauge,
     connected: Gauge,
     tables: Gauge,
@@ -81,6 +82,7 @@ impl Metrics {
             skew: g("clock_skew_seconds"),
             clock_paused: g("clock_paused"),
             behind: g("behind_stream"),
+            throttled: g("publish_throttled"),
             position: g("stream_position"),
             connected: g("stream_ready"),
             tables: g("tables_replicated"),
@@ -153,6 +155,22 @@ impl Observer for DaemonObserver {
                     tracing::info!("publishing works again");
                 }
                 tracing::debug!(%batch, "published");
+            }
+            Event::PublishThrottled {
+                throttled,
+                head,
+                position,
+            } => {
+                self.m.throttled.set(if *throttled { 1.0 } else { 0.0 });
+                if *throttled {
+                    tracing::info!(
+                        head,
+                        position,
+                        "publishing waits until this node applies more of the stream (it is a quarter of the stream's retention behind); local changes wait in the outbox"
+                    );
+                } else {
+                    tracing::info!(head, position, "publishing again");
+                }
             }
             Event::PublishFailed { error, retry_in } => {
                 self.m.publish_failures.increment(1);

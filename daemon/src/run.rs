@@ -253,6 +253,9 @@ async fn serve(
     cfg.max_clock_skew_ms = s.max_clock_skew_ms;
     cfg.poll_interval = s.poll_interval;
     cfg.retry_max = s.reconnect_wait;
+    if let Some(m) = s.stream_message_capacity() {
+        cfg.fit_to_retention(m);
+    }
     let mut observer = DaemonObserver::new(&s.metrics_prefix, shared, store.stats());
     let t = transport.clone();
     let stop = tokio::spawn(async move {

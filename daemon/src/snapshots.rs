@@ -333,10 +333,10 @@ impl Snapshots for DaemonSnapshots {
         .await
     }
 
-    async fn fetch(&self) -> Result<Fetched, SnapshotError> {
+    async fn fetch(&self, newer_than: u64) -> Result<Fetched, SnapshotError> {
         let progress = log_progress("download");
         let store = self.store().await?;
-        snapshot::fetch_latest(&**store, &self.files, &progress).await
+        snapshot::fetch_latest(&**store, &self.files, &progress, newer_than).await
     }
 }
 
@@ -448,7 +448,7 @@ pub fn command(
             }
             SnapshotCommand::Restore => {
                 let progress = progress_bar("downloading");
-                let fetched = snapshot::fetch_latest(&*store, &files, &*progress).await?;
+                let fetched = snapshot::fetch_latest(&*store, &files, &*progress, 0).await?;
                 for r in &fetched.rejected {
                     eprintln!("marmot: rejected: {r}");
                 }

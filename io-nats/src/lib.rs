@@ -418,7 +418,7 @@ impl Transport for NatsTransport {
         Ok(bounds_of(&info.state))
     }
 
-    async fn publish(&self, message_id: String, payload: Bytes) -> Result<(), TransportError> {
+    async fn publish(&self, message_id: String, payload: Bytes) -> Result<u64, TransportError> {
         let ack = self
             .js
             .send_publish(
@@ -429,8 +429,8 @@ impl Transport for NatsTransport {
             )
             .await
             .map_err(publish_error)?;
-        ack.await.map_err(publish_error)?;
-        Ok(())
+        let ack = ack.await.map_err(publish_error)?;
+        Ok(ack.sequence)
     }
 
     async fn subscribe(&self, from_seq: u64) -> Result<(StreamBounds, Deliveries), TransportError> {

@@ -81,16 +81,27 @@ async fn publishes_are_deduplicated_and_read_back_in_order_from_any_position() {
     for i in 0..100u32 {
         pending.push_back(a.publish(format!("a-{i}"), Bytes::from(i.to_le_bytes().to_vec())));
     }
+    let mut acked = Vec::new();
     while let Some(r) = pending.next().await {
-        r.unwrap();
+        acked.push(r.unwrap());
     }
-    // Retries with the same ids are dropped by the server.
-    a.publish("a-5".into(), Bytes::from_static(b"dup"))
+    let a5 = acked[5];
+    acked.sort_unstable();
+    assert_eq!(acked, (1..=100).collect::<Vec<u64>>(), "stream sequences");
+    // Retries with the same ids are dropped by the server, which names the original.
+    let dup = a
+        .publish("a-5".into(), Bytes::from_static(b"dup"))
         .await
         .unwrap();
-    b.publish("b-0".into(), Bytes::from_static(b"from b"))
+    assert_eq!(
+        dup, a5,
+        "a duplicate is acknowledged with the original's sequence"
+    );
+    let seq = b
+        .publish("b-0".into(), Bytes::from_static(b"from b"))
         .await
         .unwrap();
+    assert_eq!(seq, 101);
     let (bounds, mut d) = b.subscribe(51).await.unwrap();
     assert_eq!((bounds.first_seq, bounds.last_seq), (1, 101));
     let mut seqs = Vec::new();
@@ -180,7 +191,7 @@ async fn operations_fail_while_the_server_is_down_and_work_again_after() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match a.publish("x-2".into(), Bytes::from_static(b"2")).await {
-            Ok(()) => break,
+            Ok(_) => break,
             Err(e) => {
                 assert!(Instant::now() < deadline, "never recovered: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;

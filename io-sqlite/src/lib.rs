@@ -1010,6 +1010,17 @@ impl SqliteStore {
                 }
             }
             snapshot::import_cluster_state(&s.conn).map_err(err)?;
+            // The merge applied the snapshot's tombstone collection: this database is now
+            // collected up to its horizon too (the next snapshot taken here says so).
+            if horizon > 0 {
+                s.conn
+                    .execute(
+                        "INSERT INTO \"__marmot__meta\" (key, value) VALUES ('horizon', ?1) \
+                         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                        [horizon as i64],
+                    )
+                    .map_err(err)?;
+            }
             let theirs: Option<i64> = s
                 .conn
                 .query_row("SELECT value FROM snap.\"__marmot__meta\" WHERE key = 'clock'", [], |r| r.get(0))

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use marmot_core::value::{ValueRef, sql_row_literal};
 use marmot_core::wire::{BatchId, BodyReader, Header, Item, decode_message, unseal};
 use marmot_core::{Stamp, Version};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -104,6 +104,27 @@ fn versions(db: &PathBuf) -> rusqlite::Result<Versions> {
         }
     }
     Ok(out)
+}
+
+/// The node's tombstone horizon (ms; 0 when no tombstone was ever collected).
+fn horizon(db: &PathBuf) -> rusqlite::Result<u64> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let meta: i64 = c.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE name = '__marmot__meta'",
+        [],
+        |r| r.get(0),
+    )?;
+    if meta == 0 {
+        return Ok(0);
+    }
+    let h: Option<i64> = c
+        .query_row(
+            "SELECT value FROM \"__marmot__meta\" WHERE key = 'horizon'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(h.unwrap_or(0) as u64)
 }
 
 /// A node's user tables as sorted row literals.
@@ -198,14 +219,23 @@ impl Checker {
             // holds what the application wrote.
             let mut rows: Option<BTreeMap<(String, String), String>> = None;
             let pending = oracle.uncaptured_keys(n);
+            let horizon = horizon(db).map_err(|e| Failure::Crash {
+                detail: format!("reading node {}: {e}", n + 1),
+            })?;
             for ((table, key), (version, row)) in oracle.captured_writes(n) {
                 let held = now.get(&(table.to_string(), key.clone())).copied();
-                if held.is_none_or(|h| h < version) {
+                // A row deleted (by this write or a later one) below the tombstone horizon may
+                // have no version left.
+                let collected = held.is_none()
+                    && ((row.is_none() && version.stamp.wall_ms() < horizon)
+                        || oracle.deleted_below_horizon(table, &key, version, false, horizon));
+                if held.is_none_or(|h| h < version) && !collected {
                     return Err(Failure::Safety {
                         invariant: "a committed write is never lost",
                         detail: format!(
-                            "node {}: {table} {key} written at {version} is at {held:?}",
-                            n + 1
+                            "node {}: {table} {key} written at {version} is at {held:?} (tombstone horizon {horizon} ms); its captured changes: {}",
+                            n + 1,
+                            oracle.history(table, &key)
                         ),
                     });
                 }
@@ -252,7 +282,16 @@ impl Checker {
                 if !applied {
                     continue;
                 }
-                if let Some(r) = rows.iter().find(|r| holds(r).is_none_or(|v| v < *version)) {
+                // A row of the batch deleted (by it or later) below the tombstone horizon may
+                // have no version left.
+                let collected = |r: &BatchRow| {
+                    holds(r).is_none()
+                        && oracle.deleted_below_horizon(&r.table, &r.key, *version, true, horizon)
+                };
+                if let Some(r) = rows
+                    .iter()
+                    .find(|r| holds(r).is_none_or(|v| v < *version) && !collected(r))
+                {
                     return Err(Failure::Safety {
                         invariant: "each batch applies atomically",
                         detail: format!(

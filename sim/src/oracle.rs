@@ -110,6 +110,41 @@ impl Oracle {
             .collect()
     }
 
+    /// Whether some node captured a delete of this row with a version above `after` (or
+    /// equal to it, with `inclusive`) whose stamp is older than `horizon_ms`: its tombstone
+    /// may have been collected, so the row may legitimately have no version at all.
+    pub fn deleted_below_horizon(
+        &self,
+        table: &str,
+        key: &str,
+        after: Version,
+        inclusive: bool,
+        horizon_ms: u64,
+    ) -> bool {
+        (0..self.writes.len()).any(|n| {
+            self.ranked(n).any(|((v, _, _), e)| {
+                e.table == table
+                    && e.key == key
+                    && e.row.is_none()
+                    && (v > after || (inclusive && v == after))
+                    && v.stamp.wall_ms() < horizon_ms
+            })
+        })
+    }
+
+    /// Every captured change of this row on every node, for failure reports.
+    pub fn history(&self, table: &str, key: &str) -> String {
+        let mut out = Vec::new();
+        for n in 0..self.writes.len() {
+            for ((v, _, _), e) in self.ranked(n) {
+                if e.table == table && e.key == key {
+                    out.push(format!("node {} at {v}: {:?}", n + 1, e.row));
+                }
+            }
+        }
+        out.join("; ")
+    }
+
     /// Rows of node `n` changed by transactions no capture covered yet.
     pub fn uncaptured_keys(&self, n: usize) -> std::collections::BTreeSet<(&'static str, String)> {
         let covered = self.captures[n].last().map_or(0, |(c, _)| *c);

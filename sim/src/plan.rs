@@ -177,6 +177,10 @@ impl Plan {
         } else {
             1_000_000
         };
+        // As the README asks of a configuration (and the daemon's default does): a snapshot
+        // at least every half of what the stream keeps (a message carries one change or more).
+        let snapshot_every =
+            snapshot_every.map(|(n, every)| (n.min(max_messages as u64 / 2), every));
         let tombstone_ttl = if swarm.snapshots && r.random_bool(0.5) {
             Duration::from_secs(15)
         } else {

@@ -54,7 +54,7 @@ impl Transport for SimTransport {
         self.bounds().await
     }
 
-    async fn publish(&self, message_id: String, payload: Bytes) -> Result<(), TransportError> {
+    async fn publish(&self, message_id: String, payload: Bytes) -> Result<u64, TransportError> {
         match self
             .call(Request::Publish {
                 id: message_id,
@@ -62,7 +62,7 @@ impl Transport for SimTransport {
             })
             .await?
         {
-            Response::PubAck { .. } => Ok(()),
+            Response::PubAck { seq, .. } => Ok(seq),
             other => Err(TransportError::other(format!("unexpected {other:?}"))),
         }
     }

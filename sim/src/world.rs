@@ -366,8 +366,8 @@ impl Snapshots for SimSnapshots {
         )
         .await
     }
-    async fn fetch(&self) -> Result<Fetched, SnapshotError> {
-        snapshot::fetch_latest(&self.store, &self.files, &|_| {}).await
+    async fn fetch(&self, newer_than: u64) -> Result<Fetched, SnapshotError> {
+        snapshot::fetch_latest(&self.store, &self.files, &|_| {}, newer_than).await
     }
 }
 
@@ -424,6 +424,7 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
     let mut cfg = NodeConfig::new(i as u64 + 1, owner.clone());
     cfg.claim_interval = plan.claim_interval;
     cfg.alarm_interval = Duration::from_secs(2);
+    cfg.fit_to_retention(plan.max_messages as u64);
     cfg.snapshots = plan
         .snapshot_every
         .map(|(every_changes, interval)| SnapshotPolicy {
@@ -774,6 +775,11 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
         sim.client(format!("app{}", i + 1), writer(world.clone(), i));
     }
     let fail = |failure: Failure, at: Duration| {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            for line in &world.borrow().trace {
+                eprintln!("{line}");
+            }
+        }
         Box::new(Report {
             plan: plan.clone(),
             failure,

@@ -58,7 +58,15 @@ fn has(outs: &[Output], f: impl Fn(&Output) -> bool) -> bool {
 /// A node that recovered, prepared the stream and holds its claim; its first capture found
 /// nothing. Returns the outputs it asked for on the way.
 fn ready_with(position: u64, outbox: Vec<(BatchId, u32)>) -> (Node, Vec<Output>) {
-    let mut n = Node::new(NodeConfig::new(1, "db-a"));
+    ready_configured(NodeConfig::new(1, "db-a"), position, outbox)
+}
+
+fn ready_configured(
+    cfg: NodeConfig,
+    position: u64,
+    outbox: Vec<(BatchId, u32)>,
+) -> (Node, Vec<Output>) {
+    let mut n = Node::new(cfg);
     let mut outs = Vec::new();
     n.handle(ms(0), Input::Recovered(recovered(position, outbox)));
     outs.extend(drain(&mut n));
@@ -122,7 +130,7 @@ fn a_batch_is_marked_published_only_after_every_chunk_is_acknowledged() {
         Input::Published {
             batch: batch(1),
             chunk: 1,
-            result: Ok(()),
+            result: Ok(1),
         },
     );
     assert!(!has(&drain(&mut n), |o| matches!(
@@ -134,7 +142,7 @@ fn a_batch_is_marked_published_only_after_every_chunk_is_acknowledged() {
         Input::Published {
             batch: batch(1),
             chunk: 0,
-            result: Ok(()),
+            result: Ok(1),
         },
     );
     assert!(has(
@@ -460,7 +468,7 @@ fn shutdown_captures_then_waits_for_acks_within_the_grace_period() {
         Input::Published {
             batch: batch(1),
             chunk: 0,
-            result: Ok(()),
+            result: Ok(1),
         },
     );
     let outs = drain(&mut n);
@@ -734,7 +742,10 @@ fn a_new_node_starts_from_the_newest_snapshot_then_reads_the_stream_after_it() {
         })),
     );
     let outs = drain(&mut n);
-    assert!(has(&outs, |o| matches!(o, Output::FetchSnapshot)));
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::FetchSnapshot { newer_than: 0 }
+    )));
     assert!(
         !has(&outs, |o| matches!(o, Output::Subscribe { .. })),
         "not before the restore"
@@ -822,7 +833,10 @@ fn a_node_behind_the_stream_restores_and_carries_on() {
         o,
         Output::Event(Event::Behind { .. })
     )));
-    assert!(has(&outs, |o| matches!(o, Output::FetchSnapshot)));
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::FetchSnapshot { newer_than: 0 }
+    )));
     // A corrupt newest snapshot is reported and skipped; the next one is used.
     let rejected = vec![crate::snapshot::SnapshotError::Corrupt {
         object: "snapshot-new".into(),
@@ -848,6 +862,140 @@ fn a_node_behind_the_stream_restores_and_carries_on() {
         o,
         Output::Subscribe { from_seq: 151, .. }
     )));
+}
+
+#[test]
+fn a_node_still_behind_after_a_restore_waits_for_a_newer_snapshot() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.alarm_interval = Duration::from_secs(2);
+    cfg.snapshots = Some(SnapshotPolicy {
+        every_changes: 0,
+        interval: None,
+        restore_empty: true,
+    });
+    let mut n = Node::new(cfg);
+    n.handle(ms(0), Input::Recovered(recovered(10, vec![])));
+    let bounds = StreamBounds {
+        first_seq: 300,
+        last_seq: 400,
+    };
+    n.handle(ms(0), Input::Prepared(Ok(bounds)));
+    drain(&mut n);
+    n.handle(
+        ms(1),
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(bounds),
+        },
+    );
+    drain(&mut n);
+    n.handle(
+        ms(2),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: Some(staged(150)),
+            rejected: vec![],
+        })),
+    );
+    drain(&mut n);
+    // Generation 3 ends at 150; the stream starts at 300: still behind.
+    n.handle(ms(3), restored(150));
+    let outs = drain(&mut n);
+    let generation = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Subscribe { generation, .. } => Some(*generation),
+            _ => None,
+        })
+        .expect("subscribes after the restore");
+    n.handle(
+        ms(4),
+        Input::Subscribed {
+            generation,
+            result: Ok(bounds),
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(
+        has(&outs, |o| matches!(
+            o,
+            Output::FetchSnapshot { newer_than: 3 }
+        )),
+        "only a newer generation is of use: {outs:?}"
+    );
+    n.handle(
+        ms(5),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: None,
+            rejected: vec![],
+        })),
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::NoSnapshot {
+            reason: RestoreReason::Behind
+        })
+    )));
+    // No spinning: nothing is fetched again before the alarm interval.
+    n.handle(ms(1000), Input::Tick);
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::FetchSnapshot { .. }
+    )));
+    assert!(n.poll_timeout() <= ms(2005));
+    n.handle(ms(2005), Input::Tick);
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::FetchSnapshot { newer_than: 3 }
+    )));
+}
+
+#[test]
+fn publishing_waits_while_the_node_is_too_far_behind_the_stream_head() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.max_lag = Some(10);
+    let (mut n, _) = ready_configured(cfg, 0, vec![]);
+    let publishes = |outs: &[Output]| {
+        outs.iter()
+            .filter(|o| matches!(o, Output::Publish { .. }))
+            .count()
+    };
+    n.handle(
+        ms(1),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(captured(1, 1)),
+            schema_changed: false,
+        })),
+    );
+    assert_eq!(publishes(&drain(&mut n)), 1);
+    // Acknowledged at sequence 25: the stream holds 25 messages this node has not applied.
+    n.handle(
+        ms(2),
+        Input::Published {
+            batch: batch(1),
+            chunk: 0,
+            result: Ok(25),
+        },
+    );
+    drain(&mut n);
+    n.handle(
+        ms(3),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(captured(2, 1)),
+            schema_changed: false,
+        })),
+    );
+    let outs = drain(&mut n);
+    assert_eq!(publishes(&outs), 0, "too far ahead: {outs:?}");
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::PublishThrottled {
+            throttled: true,
+            head: 25,
+            position: 0
+        })
+    )));
+    assert_eq!(n.status().outbox_batches, 1, "kept, not dropped");
 }
 
 #[test]
