@@ -218,12 +218,12 @@ where
                         .boxed(),
                     );
                 }
-                Output::FetchSnapshot { newer_than } => {
+                Output::FetchSnapshot { min_position } => {
                     let p = snapshots.clone();
                     ops.push(
                         async move {
                             Done::Input(Input::SnapshotFetched(
-                                p.fetch(newer_than).await.map_err(|e| e.to_string()),
+                                p.fetch(min_position).await.map_err(|e| e.to_string()),
                             ))
                         }
                         .boxed(),

@@ -273,8 +273,8 @@ pub enum Output {
     },
     /// Call [`crate::ports::Snapshots::fetch`]; answer with [`Input::SnapshotFetched`].
     FetchSnapshot {
-        /// Only a generation above this one is of use (0: any).
-        newer_than: u64,
+        /// Only a snapshot at this stream position or later is of use (0: any).
+        min_position: u64,
     },
     /// Call [`crate::ports::Storage::restore`]; answer with [`Input::Restored`].
     RestoreSnapshot(StagedSnapshot),
@@ -618,9 +618,10 @@ pub struct Node {
     restore: RestorePhase,
     restore_retry_at: Duration,
     restore_failures: u32,
-    /// The newest snapshot generation restored here: a node still behind after restoring it
-    /// waits for a newer one instead of restoring the same one again.
-    restored_generation: u64,
+    /// The smallest snapshot position that gets this node back onto the stream (it holds
+    /// every message the stream no longer has): a node behind waits for such a snapshot
+    /// instead of restoring one that leaves it behind again.
+    restore_needs: u64,
     /// The highest stream sequence known to exist (from acknowledgements and deliveries).
     stream_head: u64,
     /// Publishing waits for this node to apply more of the stream (see `max_lag`).
@@ -686,7 +687,7 @@ impl Node {
             restore: RestorePhase::Idle,
             restore_retry_at: Duration::ZERO,
             restore_failures: 0,
-            restored_generation: 0,
+            restore_needs: 0,
             stream_head: 0,
             lag_throttled: false,
             cfg,
@@ -1088,6 +1089,7 @@ impl Node {
         }
         match r {
             Ok(bounds) => {
+                self.stream_head = self.stream_head.max(bounds.last_seq);
                 if bounds.first_seq > self.next_seq {
                     self.sub = Phase::Idle;
                     self.outputs.push_back(Output::Unsubscribe {
@@ -1113,7 +1115,6 @@ impl Node {
                         },
                     );
                 } else {
-                    self.stream_head = self.stream_head.max(bounds.last_seq);
                     self.sub = Phase::Ready;
                     self.sub_backoff.reset(&self.cfg);
                     self.event(Event::Subscribed {
@@ -1133,6 +1134,12 @@ impl Node {
     }
 
     fn set_behind(&mut self, now: Duration, alarm: Event) {
+        self.restore_needs = match alarm {
+            Event::Behind { first_seq, .. } => first_seq - 1,
+            // The stream was replaced and is shorter than what this node applied: no snapshot
+            // of it can be ahead of this node yet.
+            _ => self.position + 1,
+        };
         self.event(alarm.clone());
         self.behind = Some(alarm);
         self.next_alarm_at = now + self.cfg.alarm_interval;
@@ -1214,7 +1221,6 @@ impl Node {
             Ok(rep) => {
                 self.restore = RestorePhase::Idle;
                 self.restore_failures = 0;
-                self.restored_generation = self.restored_generation.max(rep.generation);
                 self.position = self.position.max(rep.position);
                 self.next_seq = self.position + 1;
                 self.behind = None;
@@ -1403,9 +1409,11 @@ impl Node {
     }
 
     /// Too far ahead of what this node applied to publish more (see `max_lag`). A node that
-    /// does not read the stream (`replicate = false`) is not limited.
+    /// does not read the stream (`replicate = false`, or behind it and waiting for a snapshot)
+    /// is not limited: waiting would not make it read, and its writes would only pile up.
     fn too_far_ahead(&self) -> bool {
         self.cfg.replicate
+            && self.behind.is_none()
             && self
                 .cfg
                 .max_lag
@@ -1510,11 +1518,12 @@ impl Node {
             && self.shutdown_deadline.is_none()
         {
             self.restore = RestorePhase::Fetching(reason);
-            let newer_than = match reason {
-                RestoreReason::Behind => self.restored_generation,
+            let min_position = match reason {
+                RestoreReason::Behind => self.restore_needs,
                 RestoreReason::EmptyJoin => 0,
             };
-            self.outputs.push_back(Output::FetchSnapshot { newer_than });
+            self.outputs
+                .push_back(Output::FetchSnapshot { min_position });
         }
         if self.save_due(now) {
             self.saving = true;
@@ -1610,7 +1619,9 @@ impl Node {
             // off), the outbox keeps it for the next start.
             let captured =
                 !self.cfg.publish || self.skew_paused || (!self.capture_wanted && !self.capturing);
-            let flushed = captured && (self.batches.is_empty() || !self.can_publish());
+            // Paced publishing cannot go on either: reading stopped with the shutdown.
+            let stuck = !self.can_publish() || (self.too_far_ahead() && self.in_flight == 0);
+            let flushed = captured && (self.batches.is_empty() || stuck);
             if flushed || now >= deadline {
                 self.stopped = true;
                 self.outputs.push_back(Output::Stop(Stop::Shutdown {

@@ -207,8 +207,8 @@ pub trait Snapshots: Send + Sync + 'static {
     /// Takes and stores a snapshot of the local database at `position`, unless another node
     /// is taking one or the newest is recent enough (`force`: take one regardless).
     async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError>;
-    /// Downloads and verifies the newest snapshot of a generation above `newer_than`.
-    async fn fetch(&self, newer_than: u64) -> Result<Fetched, SnapshotError>;
+    /// Downloads and verifies the newest snapshot at stream position `min_position` or later.
+    async fn fetch(&self, min_position: u64) -> Result<Fetched, SnapshotError>;
 }
 
 /// For nodes without snapshots.

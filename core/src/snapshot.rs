@@ -360,13 +360,13 @@ pub struct Fetched {
 }
 
 /// Downloads and verifies the newest snapshot, falling back to older generations when one
-/// does not verify (each rejection is reported). Generations up to `newer_than` are not
-/// looked at (0: any).
+/// does not verify (each rejection is reported). Snapshots at a stream position below
+/// `min_position` are passed over without downloading them (0: any will do).
 pub async fn fetch_latest<S, F>(
     store: &S,
     files: &F,
     progress: Progress<'_>,
-    newer_than: u64,
+    min_position: u64,
 ) -> Result<Fetched, SnapshotError>
 where
     S: ObjectStore + ?Sized,
@@ -374,12 +374,12 @@ where
 {
     let mut rejected = Vec::new();
     for g in generations(store).await? {
-        if g <= newer_than {
-            break;
-        }
         let Some(info) = read_manifest(store, g).await? else {
             continue;
         };
+        if info.position < min_position {
+            continue;
+        }
         let path = files.download_path(&info.object);
         if let Err(e) = store.get_file(&info.object, &path, progress).await {
             files.discard(&path);

@@ -324,7 +324,7 @@ impl Observer for DaemonObserver {
                     tracing::info!("no snapshot to start from: reading the stream from its start")
                 }
                 RestoreReason::Behind => tracing::error!(
-                    "this node is behind the stream and no usable snapshot exists yet; it retries"
+                    "this node is behind the stream and no snapshot holds what it misses yet; it looks again every 30 s"
                 ),
             },
             Event::Restored {

@@ -333,10 +333,10 @@ impl Snapshots for DaemonSnapshots {
         .await
     }
 
-    async fn fetch(&self, newer_than: u64) -> Result<Fetched, SnapshotError> {
+    async fn fetch(&self, min_position: u64) -> Result<Fetched, SnapshotError> {
         let progress = log_progress("download");
         let store = self.store().await?;
-        snapshot::fetch_latest(&**store, &self.files, &progress, newer_than).await
+        snapshot::fetch_latest(&**store, &self.files, &progress, min_position).await
     }
 }
 

@@ -831,5 +831,15 @@ mod snapshots {
         let n = &mut c.nodes[1];
         n.store.restore(&mut n.clock, c.wall + 20, &staged).unwrap();
         assert_eq!(c.dump(1, "books"), vec!["(1, 'a', NULL, NULL, NULL, NULL)"]);
+        // The merge took the snapshot's collection with it: node 2's horizon is the same now.
+        let horizon: i64 = c.nodes[1]
+            .app
+            .query_row(
+                "SELECT value FROM __marmot__meta WHERE key = 'horizon'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(horizon as u64, local.horizon_ms);
     }
 }

@@ -366,8 +366,8 @@ impl Snapshots for SimSnapshots {
         )
         .await
     }
-    async fn fetch(&self, newer_than: u64) -> Result<Fetched, SnapshotError> {
-        snapshot::fetch_latest(&self.store, &self.files, &|_| {}, newer_than).await
+    async fn fetch(&self, min_position: u64) -> Result<Fetched, SnapshotError> {
+        snapshot::fetch_latest(&self.store, &self.files, &|_| {}, min_position).await
     }
 }
 

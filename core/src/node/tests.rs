@@ -744,7 +744,7 @@ fn a_new_node_starts_from_the_newest_snapshot_then_reads_the_stream_after_it() {
     let outs = drain(&mut n);
     assert!(has(&outs, |o| matches!(
         o,
-        Output::FetchSnapshot { newer_than: 0 }
+        Output::FetchSnapshot { min_position: 0 }
     )));
     assert!(
         !has(&outs, |o| matches!(o, Output::Subscribe { .. })),
@@ -835,7 +835,7 @@ fn a_node_behind_the_stream_restores_and_carries_on() {
     )));
     assert!(has(&outs, |o| matches!(
         o,
-        Output::FetchSnapshot { newer_than: 0 }
+        Output::FetchSnapshot { min_position: 99 }
     )));
     // A corrupt newest snapshot is reported and skipped; the next one is used.
     let rejected = vec![crate::snapshot::SnapshotError::Corrupt {
@@ -865,7 +865,7 @@ fn a_node_behind_the_stream_restores_and_carries_on() {
 }
 
 #[test]
-fn a_node_still_behind_after_a_restore_waits_for_a_newer_snapshot() {
+fn a_node_still_behind_after_a_restore_waits_for_a_snapshot_that_covers_the_gap() {
     let mut cfg = NodeConfig::new(1, "db-a");
     cfg.alarm_interval = Duration::from_secs(2);
     cfg.snapshots = Some(SnapshotPolicy {
@@ -888,17 +888,20 @@ fn a_node_still_behind_after_a_restore_waits_for_a_newer_snapshot() {
             result: Ok(bounds),
         },
     );
-    drain(&mut n);
+    // Messages up to 299 are gone: only a snapshot at 299 or later helps.
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::FetchSnapshot { min_position: 299 }
+    )));
     n.handle(
         ms(2),
         Input::SnapshotFetched(Ok(Fetched {
-            staged: Some(staged(150)),
+            staged: Some(staged(320)),
             rejected: vec![],
         })),
     );
     drain(&mut n);
-    // Generation 3 ends at 150; the stream starts at 300: still behind.
-    n.handle(ms(3), restored(150));
+    n.handle(ms(3), restored(320));
     let outs = drain(&mut n);
     let generation = outs
         .iter()
@@ -907,20 +910,24 @@ fn a_node_still_behind_after_a_restore_waits_for_a_newer_snapshot() {
             _ => None,
         })
         .expect("subscribes after the restore");
+    // Meanwhile the stream moved on past the snapshot.
     n.handle(
         ms(4),
         Input::Subscribed {
             generation,
-            result: Ok(bounds),
+            result: Ok(StreamBounds {
+                first_seq: 500,
+                last_seq: 600,
+            }),
         },
     );
     let outs = drain(&mut n);
     assert!(
         has(&outs, |o| matches!(
             o,
-            Output::FetchSnapshot { newer_than: 3 }
+            Output::FetchSnapshot { min_position: 499 }
         )),
-        "only a newer generation is of use: {outs:?}"
+        "only a snapshot past the new gap is of use: {outs:?}"
     );
     n.handle(
         ms(5),
@@ -946,7 +953,7 @@ fn a_node_still_behind_after_a_restore_waits_for_a_newer_snapshot() {
     n.handle(ms(2005), Input::Tick);
     assert!(has(&drain(&mut n), |o| matches!(
         o,
-        Output::FetchSnapshot { newer_than: 3 }
+        Output::FetchSnapshot { min_position: 499 }
     )));
 }
 
@@ -996,6 +1003,13 @@ fn publishing_waits_while_the_node_is_too_far_behind_the_stream_head() {
         })
     )));
     assert_eq!(n.status().outbox_batches, 1, "kept, not dropped");
+    // Shutting down stops reading, so waiting out the grace period would not help.
+    n.handle(ms(4), Input::Shutdown);
+    n.handle(ms(5), Input::Captured(Ok(CaptureOutcome::default())));
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::Stop(Stop::Shutdown { unpublished: 1 })
+    )));
 }
 
 #[test]
