@@ -1409,11 +1409,14 @@ impl Node {
     }
 
     /// Too far ahead of what this node applied to publish more (see `max_lag`). A node that
-    /// does not read the stream (`replicate = false`, or behind it and waiting for a snapshot)
-    /// is not limited: waiting would not make it read, and its writes would only pile up.
+    /// does not read the stream (`replicate = false`) is not limited: waiting would not make
+    /// it read. A node behind the stream and waiting for a snapshot is limited like any other
+    /// (its position is old, so it holds everything): its writes wait, safe, in the outbox
+    /// until it restored. Publishing them unpaced pushed the nodes that were still reading
+    /// off the stream's end too, and then no node could take the snapshot everyone needed
+    /// (regression 05).
     fn too_far_ahead(&self) -> bool {
         self.cfg.replicate
-            && self.behind.is_none()
             && self
                 .cfg
                 .max_lag

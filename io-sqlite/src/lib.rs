@@ -1003,6 +1003,7 @@ impl SqliteStore {
                 path: s.cfg.path.clone(),
                 source: x,
             };
+            snapshot::remember_unpublished(&s.conn, s.cfg.node_id).map_err(err)?;
             for t in &s.tables {
                 match snapshot::merge_table(&s.conn, &t.info, horizon).map_err(err)? {
                     Ok(()) => {}
@@ -1034,6 +1035,7 @@ impl SqliteStore {
             meta_set(&s.conn, "position", position as i64).map_err(err)?;
             Ok((position, captured))
         });
+        snapshot::forget_unpublished(&self.conn);
         let _ = self.conn.execute("DETACH DATABASE snap", []);
         let (position, captured) = result?;
         tracing::info!(

@@ -6,6 +6,7 @@
 //! are removed (no node can still need them: see the README) and the horizon is recorded in
 //! the copy. Temporary files live in `<db>-marmot-snapshots/`, beside the database.
 
+use marmot_core::NodeId;
 use marmot_core::snapshot::{LocalSnapshot, SnapshotError, SnapshotInfo, StagedSnapshot};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -362,6 +363,39 @@ pub(crate) fn import_cluster_state(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Merges table `t` from the attached `snap` database into `main` under the merge rule.
 /// `Ok(Err(why))`: the snapshot's table cannot be merged (missing, different key).
+/// Records, in a temporary table, the versions of this node's batches still waiting in the
+/// outbox: their rows are this node's unpublished writes, which no snapshot can hold, so the
+/// merge must not take their absence from the snapshot for a collected delete.
+pub(crate) fn remember_unpublished(conn: &Connection, me: NodeId) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS \"marmot_unpublished\" (stamp INTEGER PRIMARY KEY, node INTEGER NOT NULL); \
+         DELETE FROM temp.\"marmot_unpublished\";",
+    )?;
+    let payloads: Vec<Vec<u8>> = conn
+        .prepare("SELECT payload FROM main.\"__marmot__outbox\" WHERE chunk = 0")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut ins = conn.prepare(
+        "INSERT OR IGNORE INTO temp.\"marmot_unpublished\" (stamp, node) VALUES (?1, ?2)",
+    )?;
+    for p in payloads {
+        match marmot_core::wire::decode_message(&p) {
+            Ok((h, _)) => {
+                ins.execute([h.stamp.as_u64() as i64, me as i64])?;
+            }
+            Err(e) => {
+                tracing::warn!("an outbox message does not decode ({e}); it is published as it is")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops the table [`remember_unpublished`] filled.
+pub(crate) fn forget_unpublished(conn: &Connection) {
+    let _ = conn.execute_batch("DROP TABLE IF EXISTS temp.\"marmot_unpublished\";");
+}
+
 pub(crate) fn merge_table(
     conn: &Connection,
     t: &crate::schema::TableInfo,
@@ -468,11 +502,14 @@ pub(crate) fn merge_table(
         [],
     )?;
     // Rows the snapshot no longer knows at all, with a version older than its tombstone
-    // horizon: they were deleted and the tombstone collected.
+    // horizon: they were deleted and the tombstone collected. Not this node's unpublished
+    // writes (see `remember_unpublished`): a clock that lags by more than the tombstone
+    // lifetime stamps them below the horizon, and the snapshot cannot have seen them.
     if horizon_ms > 0 {
         let limit = (horizon_ms << 16) as i64;
         let gone = format!(
-            "SELECT {lk} FROM main.{qv} lv WHERE lv.stamp < {limit} AND NOT EXISTS (SELECT 1 FROM snap.{qv} sv WHERE {vv})",
+            "SELECT {lk} FROM main.{qv} lv WHERE lv.stamp < {limit} AND NOT EXISTS (SELECT 1 FROM snap.{qv} sv WHERE {vv}) \
+             AND NOT EXISTS (SELECT 1 FROM temp.\"marmot_unpublished\" u WHERE u.stamp = lv.stamp AND u.node = lv.node)",
             lk = klist("lv."),
             vv = ver_to_ver("lv", "sv"),
         );

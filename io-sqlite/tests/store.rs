@@ -822,15 +822,31 @@ mod snapshots {
             .unwrap();
         assert_eq!(tomb, 0, "the tombstone is gone");
         // Node 2 never heard of the delete; the snapshot (without the tombstone) still removes
-        // row 2, whose version is older than the horizon.
+        // row 2, whose version is older than the horizon. Node 2's own unpublished write is
+        // stamped below the horizon too (its clock lags), but the snapshot cannot hold it: it
+        // stays (regression 05).
+        c.exec(
+            1,
+            "INSERT INTO books (id, title) VALUES (5, 'unpublished');",
+        );
         let i = info(&local, 2);
         let dst = SnapshotDir::new(&c.nodes[1].path, Duration::ZERO);
         let download = dst.download_path(&i.object);
         std::fs::copy(&local.path, &download).unwrap();
         let staged = dst.stage(&download, &i).unwrap();
         let n = &mut c.nodes[1];
-        n.store.restore(&mut n.clock, c.wall + 20, &staged).unwrap();
-        assert_eq!(c.dump(1, "books"), vec!["(1, 'a', NULL, NULL, NULL, NULL)"]);
+        let rep = n.store.restore(&mut n.clock, c.wall + 20, &staged).unwrap();
+        let cap = rep
+            .captured
+            .expect("the write was captured before the merge");
+        assert!(cap.stamp.wall_ms() < local.horizon_ms);
+        assert_eq!(
+            c.dump(1, "books"),
+            vec![
+                "(1, 'a', NULL, NULL, NULL, NULL)",
+                "(5, 'unpublished', NULL, NULL, NULL, NULL)"
+            ]
+        );
         // The merge took the snapshot's collection with it: node 2's horizon is the same now.
         let horizon: i64 = c.nodes[1]
             .app

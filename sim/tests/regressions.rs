@@ -46,3 +46,21 @@ fn regression_03_nodes_flushing_at_once_outran_the_stream_and_restored_forever()
 fn regression_04_a_collected_tombstone_is_not_a_lost_write() {
     passes(200287);
 }
+
+/// Postmortem: a node behind the stream published its whole outbox unpaced while it waited
+/// for a snapshot (it was exempt from pacing), pushing the one node still reading off the
+/// stream's end before that node could take the snapshot the first one needed: both waited
+/// forever. A node behind the stream now holds its writes in the outbox until it restored.
+#[test]
+fn regression_05_a_behind_node_publishing_unpaced_pushed_the_others_behind() {
+    passes(307726);
+}
+
+/// Postmortem: a late joiner whose clock lagged 18 s stamped its own writes below the
+/// snapshot's tombstone horizon; merging the snapshot took them, absent from it, for
+/// collected deletes and removed them, though they were still waiting in its outbox. The
+/// merge now keeps rows whose version is one of the node's unpublished batches.
+#[test]
+fn regression_06_a_merge_restore_removed_unpublished_writes_stamped_below_the_horizon() {
+    passes(305454);
+}
