@@ -242,27 +242,23 @@ fn snapshot_speed(dir: &Path, mib: u64) -> serde_json::Value {
     big_database(&db, mib);
     drop(marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&db, 1, 1)).unwrap());
     let raw = std::fs::metadata(&db).unwrap().len() as f64 / 1e6;
-    let t = Instant::now();
-    let st = std::process::Command::new("cp")
-        .arg(&db)
-        .arg(dir.join("big-copy.db"))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let cp = raw / t.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(dir.join("big-copy.db"));
-    let t = Instant::now();
-    let st = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("cp \"$1\" \"$2\" && sync \"$2\"")
-        .arg("sh")
-        .arg(&db)
-        .arg(dir.join("big-copy.db"))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let cp_sync = raw / t.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(dir.join("big-copy.db"));
+    // MB/s of a shell command copying the database to `$2`, which is removed after.
+    let copy_speed = |script: &str| {
+        let copy = dir.join("big-copy.db");
+        let t = Instant::now();
+        let st = std::process::Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(&db)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+        let speed = raw / t.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&copy);
+        speed
+    };
+    let cp = copy_speed("cp \"$1\" \"$2\"");
+    let cp_sync = copy_speed("cp \"$1\" \"$2\" && sync \"$2\"");
     let nats = Nats::start(dir);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
