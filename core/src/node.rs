@@ -271,7 +271,9 @@ pub enum Output {
         /// This node's position.
         position: u64,
     },
-    /// Call [`crate::ports::Snapshots::fetch`]; answer with [`Input::SnapshotFetched`].
+    /// Release this node's snapshot lease if it still holds one (never while a save is in
+    /// flight: none is), then call [`crate::ports::Snapshots::fetch`]; answer with
+    /// [`Input::SnapshotFetched`].
     FetchSnapshot {
         /// Only a snapshot at this stream position or later is of use (0: any).
         min_position: u64,
@@ -940,7 +942,10 @@ impl Node {
         if self.incomplete > 0 {
             consider(self.next_incomplete_alarm);
         }
-        if matches!(self.restore, RestorePhase::Wanted(_)) && self.shutdown_deadline.is_none() {
+        if matches!(self.restore, RestorePhase::Wanted(_))
+            && self.shutdown_deadline.is_none()
+            && !self.saving
+        {
             consider(self.restore_retry_at);
         }
         if self.save_possible() {
@@ -1515,10 +1520,13 @@ impl Node {
             self.outputs.push_back(Output::Capture);
         }
 
-        // Snapshots: restore when wanted, save when due.
+        // Snapshots: restore when wanted, save when due. A fetch waits for a save in flight
+        // to end: the drive loop releases this node's snapshot lease before fetching (see
+        // `Output::FetchSnapshot`), which must not cut a save short.
         if let RestorePhase::Wanted(reason) = self.restore
             && now >= self.restore_retry_at
             && self.shutdown_deadline.is_none()
+            && !self.saving
         {
             self.restore = RestorePhase::Fetching(reason);
             let min_position = match reason {

@@ -64,3 +64,13 @@ fn regression_05_a_behind_node_publishing_unpaced_pushed_the_others_behind() {
 fn regression_06_a_merge_restore_removed_unpublished_writes_stamped_below_the_horizon() {
     passes(305454);
 }
+
+/// Postmortem: a node cut off one way took the snapshot lease (the grant reached the broker,
+/// the answer did not) and then fell behind; nobody else could snapshot until the lease
+/// expired 15 s later, so it held its writes past the 15 s tombstone lifetime and, published
+/// at last, one of them brought back a row whose delete's tombstone was already collected. A
+/// node now releases a lease it still holds before it fetches a snapshot.
+#[test]
+fn regression_07_a_stale_lease_of_a_behind_node_kept_everyone_from_snapshotting() {
+    passes(302253);
+}
