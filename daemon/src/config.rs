@@ -718,6 +718,15 @@ fn snapshot_settings(
         value,
         reason,
     };
+    // A store's required url, parsed.
+    let store_url = |key: &'static str,
+                     raw: Option<String>,
+                     missing: &'static str,
+                     malformed: &'static str|
+     -> Result<url::Url, ConfigError> {
+        let raw = raw.ok_or_else(|| reject(key, "missing".into(), missing))?;
+        url::Url::parse(&raw).map_err(|_| reject(key, raw.clone(), malformed))
+    };
     let store = match s.store.as_deref().unwrap_or("nats") {
         "nats" => {
             let n = s.nats.unwrap_or_default();
@@ -756,20 +765,12 @@ fn snapshot_settings(
         }
         "webdav" => {
             let c = s.webdav.unwrap_or_default();
-            let Some(raw) = c.url else {
-                return Err(reject(
-                    "snapshot.webdav.url",
-                    "missing".into(),
-                    "a WebDAV snapshot store needs a url",
-                ));
-            };
-            let u = url::Url::parse(&raw).map_err(|_| {
-                reject(
-                    "snapshot.webdav.url",
-                    raw.clone(),
-                    "not a URL (https://host/path?dir=/snapshots&login=user&secret=password)",
-                )
-            })?;
+            let u = store_url(
+                "snapshot.webdav.url",
+                c.url,
+                "a WebDAV snapshot store needs a url",
+                "not a URL (https://host/path?dir=/snapshots&login=user&secret=password)",
+            )?;
             let q = |k: &str| {
                 u.query_pairs()
                     .find(|(n, _)| n == k)
@@ -786,20 +787,12 @@ fn snapshot_settings(
         }
         "sftp" => {
             let c = s.sftp.unwrap_or_default();
-            let Some(raw) = c.url else {
-                return Err(reject(
-                    "snapshot.sftp.url",
-                    "missing".into(),
-                    "an SFTP snapshot store needs a url",
-                ));
-            };
-            let u = url::Url::parse(&raw).map_err(|_| {
-                reject(
-                    "snapshot.sftp.url",
-                    raw.clone(),
-                    "not a URL (sftp://user@host:port/path)",
-                )
-            })?;
+            let u = store_url(
+                "snapshot.sftp.url",
+                c.url,
+                "an SFTP snapshot store needs a url",
+                "not a URL (sftp://user@host:port/path)",
+            )?;
             if u.password().is_some() {
                 return Err(reject(
                     "snapshot.sftp.url",

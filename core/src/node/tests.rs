@@ -101,6 +101,17 @@ fn ready(position: u64, outbox: Vec<(BatchId, u32)>) -> Node {
     ready_with(position, outbox).0
 }
 
+/// The subscription of `generation` succeeded on a stream holding `first_seq..=last_seq`.
+fn subscribed(generation: u64, first_seq: u64, last_seq: u64) -> Input {
+    Input::Subscribed {
+        generation,
+        result: Ok(StreamBounds {
+            first_seq,
+            last_seq,
+        }),
+    }
+}
+
 fn unavailable() -> TransportError {
     TransportError::unavailable("no servers")
 }
@@ -234,16 +245,7 @@ fn deliveries_are_applied_in_order_and_a_gap_resubscribes_from_the_missing_seque
         o,
         Output::Subscribe { from_seq: 11, .. }
     )));
-    n.handle(
-        ms(1),
-        Input::Subscribed {
-            generation: 1,
-            result: Ok(StreamBounds {
-                first_seq: 1,
-                last_seq: 20,
-            }),
-        },
-    );
+    n.handle(ms(1), subscribed(1, 1, 20));
     drain(&mut n);
     n.handle(
         ms(2),
@@ -285,16 +287,7 @@ fn deliveries_are_applied_in_order_and_a_gap_resubscribes_from_the_missing_seque
 fn a_position_older_than_the_stream_stops_applying_and_alarms() {
     let mut n = ready(5, vec![]);
     drain(&mut n);
-    n.handle(
-        ms(1),
-        Input::Subscribed {
-            generation: 1,
-            result: Ok(StreamBounds {
-                first_seq: 100,
-                last_seq: 200,
-            }),
-        },
-    );
+    n.handle(ms(1), subscribed(1, 100, 200));
     let outs = drain(&mut n);
     assert!(has(&outs, |o| matches!(
         o,
@@ -321,16 +314,7 @@ fn a_position_older_than_the_stream_stops_applying_and_alarms() {
 fn a_clock_ahead_of_the_server_pauses_capture_and_apply_until_it_is_sane() {
     let mut n = ready(0, vec![]);
     drain(&mut n);
-    n.handle(
-        ms(1),
-        Input::Subscribed {
-            generation: 1,
-            result: Ok(StreamBounds {
-                first_seq: 1,
-                last_seq: 0,
-            }),
-        },
-    );
+    n.handle(ms(1), subscribed(1, 1, 0));
     drain(&mut n);
     let bound = n.config().max_clock_skew_ms;
     n.handle(
@@ -385,16 +369,7 @@ fn a_clock_ahead_of_the_server_pauses_capture_and_apply_until_it_is_sane() {
 fn a_failed_apply_is_retried_with_the_same_deliveries() {
     let mut n = ready(0, vec![]);
     drain(&mut n);
-    n.handle(
-        ms(1),
-        Input::Subscribed {
-            generation: 1,
-            result: Ok(StreamBounds {
-                first_seq: 1,
-                last_seq: 2,
-            }),
-        },
-    );
+    n.handle(ms(1), subscribed(1, 1, 2));
     drain(&mut n);
     n.handle(
         ms(2),
@@ -601,16 +576,7 @@ fn the_next_deadline_is_always_in_the_future() {
         },
     );
     check(&mut n, ms(2001));
-    n.handle(
-        ms(2002),
-        Input::Subscribed {
-            generation: 1,
-            result: Ok(StreamBounds {
-                first_seq: 1,
-                last_seq: 5,
-            }),
-        },
-    );
+    n.handle(ms(2002), subscribed(1, 1, 5));
     n.handle(
         ms(2003),
         Input::Delivered {
@@ -662,31 +628,13 @@ fn a_superseded_subscription_is_ignored() {
         Output::Subscribe { generation: 2, .. }
     )));
     // The first subscription answers late: it is dropped, not installed.
-    n.handle(
-        at,
-        Input::Subscribed {
-            generation: 1,
-            result: Ok(StreamBounds {
-                first_seq: 1,
-                last_seq: 0,
-            }),
-        },
-    );
+    n.handle(at, subscribed(1, 1, 0));
     assert!(has(&drain(&mut n), |o| matches!(
         o,
         Output::Unsubscribe { generation: 1 }
     )));
     assert!(!n.status().subscribed);
-    n.handle(
-        at,
-        Input::Subscribed {
-            generation: 2,
-            result: Ok(StreamBounds {
-                first_seq: 1,
-                last_seq: 0,
-            }),
-        },
-    );
+    n.handle(at, subscribed(2, 1, 0));
     drain(&mut n);
     assert!(n.status().subscribed);
 }
@@ -818,16 +766,7 @@ fn a_node_behind_the_stream_restores_and_carries_on() {
         })),
     );
     drain(&mut n);
-    n.handle(
-        ms(1),
-        Input::Subscribed {
-            generation: 1,
-            result: Ok(StreamBounds {
-                first_seq: 100,
-                last_seq: 200,
-            }),
-        },
-    );
+    n.handle(ms(1), subscribed(1, 100, 200));
     let outs = drain(&mut n);
     assert!(has(&outs, |o| matches!(
         o,
