@@ -43,6 +43,11 @@ pub enum ApplyFault<E> {
     /// The batch can never apply as it is here (bad bytes, unknown table or column,
     /// constraint failure): park it.
     Poison(String),
+    /// A write hit a UNIQUE constraint. The batch's own rows may be in each other's way (two
+    /// rows that swapped values, values moved along a column): the batch is applied again
+    /// with its local rows removed first, and parked only if it still collides, with a row
+    /// outside the batch.
+    Collision(String),
     /// The storage failed (busy, I/O): roll everything back and retry later.
     Storage(E),
 }
@@ -323,7 +328,15 @@ fn apply_isolated<T: ApplyTxn>(
     };
     txn.savepoint()?;
     let mut stats = BatchStats::default();
-    match apply_batch(txn, header, &body, ctx.own, &mut stats) {
+    let mut result = apply_batch(txn, header, &body, ctx.own, &mut stats, Order::InPlace);
+    if let Err(ApplyFault::Collision(_)) = result {
+        // A batch is one atomic set of final rows, so its rows never collide with each
+        // other once the local rows they replace are out of the way.
+        txn.rollback_to()?;
+        stats = BatchStats::default();
+        result = apply_batch(txn, header, &body, ctx.own, &mut stats, Order::ClearFirst);
+    }
+    match result {
         Ok(()) => {
             txn.release()?;
             report.batches += 1;
@@ -332,7 +345,7 @@ fn apply_isolated<T: ApplyTxn>(
             report.conflicts += stats.conflicts;
             Ok(None)
         }
-        Err(ApplyFault::Poison(reason)) => {
+        Err(ApplyFault::Poison(reason) | ApplyFault::Collision(reason)) => {
             txn.rollback_to()?;
             txn.release()?;
             Ok(Some(Parked {
@@ -362,22 +375,35 @@ struct BatchStats {
     conflicts: u64,
 }
 
+/// How a batch's rows are written.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Order {
+    /// Row by row, in the batch's order (one statement per row: the common case).
+    InPlace,
+    /// First every row the batch replaces or deletes is removed, then the batch's rows are
+    /// written: the batch's own rows can no longer collide with each other's old values.
+    ClearFirst,
+}
+
 fn apply_batch<T: ApplyTxn>(
     txn: &mut T,
     header: &Header,
     body: &[u8],
     own: bool,
     stats: &mut BatchStats,
+    order: Order,
 ) -> Result<(), ApplyFault<T::Error>> {
     let incoming = header.version();
     let mut reader = BodyReader::new(body);
     let mut values: Vec<ValueRef<'_>> = Vec::new();
     let mut table: Option<(T::Table, TableDef<'_>)> = None;
+    // Rows to write once everything the batch replaces is removed (ClearFirst).
+    let mut writes: Vec<(T::Table, Vec<ValueRef<'_>>)> = Vec::new();
     loop {
         let item = reader
             .next_item(&mut values)
             .map_err(|e: WireError| ApplyFault::Poison(e.to_string()))?;
-        let Some(item) = item else { return Ok(()) };
+        let Some(item) = item else { break };
         let (base, delete) = match item {
             Item::Table(def) => {
                 let handle = txn.table(&def)?;
@@ -411,10 +437,15 @@ fn apply_batch<T: ApplyTxn>(
                         stats.conflicts += 1;
                     }
                 }
-                if delete {
-                    txn.delete_row(*t, key)?;
-                } else {
-                    txn.write_row(*t, &values)?;
+                match order {
+                    Order::InPlace if delete => txn.delete_row(*t, key)?,
+                    Order::InPlace => txn.write_row(*t, &values)?,
+                    Order::ClearFirst => {
+                        txn.delete_row(*t, key)?;
+                        if !delete {
+                            writes.push((*t, values.clone()));
+                        }
+                    }
                 }
                 txn.set_version(
                     *t,
@@ -445,6 +476,10 @@ fn apply_batch<T: ApplyTxn>(
             }
         }
     }
+    for (t, row) in &writes {
+        txn.write_row(*t, row)?;
+    }
+    Ok(())
 }
 
 /// Whether the local row (None: absent) holds what the incoming change would leave.

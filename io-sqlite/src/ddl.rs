@@ -94,6 +94,29 @@ pub fn create_table_state(t: &TableInfo) -> String {
     )
 }
 
+/// Copies the keys a table still has to publish (its change log, and its live versions) into
+/// a temporary table, before marmot's state for it is rebuilt ([`unstash_pending`]).
+pub fn stash_pending(t: &TableInfo) -> String {
+    let k = k_list(t, "");
+    format!(
+        "DROP TABLE IF EXISTS temp.\"marmot_pending\";\n\
+         CREATE TEMP TABLE \"marmot_pending\" AS SELECT {k} FROM {log} UNION ALL \
+         SELECT {k} FROM {ver} WHERE deleted = 0;",
+        log = quote(&log_table(&t.name)),
+        ver = quote(&ver_table(&t.name)),
+    )
+}
+
+/// Logs the keys [`stash_pending`] kept into the new change log.
+pub fn unstash_pending(t: &TableInfo) -> String {
+    let k = k_list(t, "");
+    format!(
+        "INSERT INTO {log} ({k}) SELECT {k} FROM temp.\"marmot_pending\";\n\
+         DROP TABLE temp.\"marmot_pending\";",
+        log = quote(&log_table(&t.name)),
+    )
+}
+
 /// Drops the change log and version tables of a table.
 pub fn drop_table_state(table: &str) -> String {
     format!(
@@ -118,10 +141,18 @@ pub fn create_triggers(t: &TableInfo) -> [String; 3] {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // Under the key's collation: `PRIMARY KEY (k COLLATE NOCASE)` leaves the column BINARY,
+    // and 'y' -> 'Y' is then no key change at all.
     let key_changed = t
         .key()
         .iter()
-        .map(|c| format!("OLD.{q} IS NOT NEW.{q}", q = quote(&c.name)))
+        .map(|c| {
+            format!(
+                "OLD.{q} IS NOT NEW.{q} COLLATE {}",
+                c.collation,
+                q = quote(&c.name)
+            )
+        })
         .collect::<Vec<_>>()
         .join(" OR ");
     [
@@ -162,13 +193,34 @@ pub struct TableSql {
     pub capture_clear: String,
     /// Logs every key of the table (a new table, or one whose triggers were missing).
     pub log_all: String,
+    /// Logs every key with a live version whose row is gone: deletes made while no trigger
+    /// logged them (a table rebuild, marmot stopped), to be published as tombstones.
+    pub log_gone: String,
 }
 
-fn key_match(t: &TableInfo, left: &str, right: &str) -> String {
+/// `left`'s key columns equal `right`'s `k0, k1, ...`, each compared under the key's own
+/// collation (never the column's: see [`crate::schema::Column::collation`]).
+pub fn key_match(t: &TableInfo, left: &str, right: &str) -> String {
     t.key()
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{left}.{} = {right}.\"k{i}\"", quote(&c.name)))
+        .map(|(i, c)| {
+            format!(
+                "{left}.{} = {right}.\"k{i}\" COLLATE {}",
+                quote(&c.name),
+                c.collation
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Two of marmot's key tables (`k0, k1, ...` on both sides) hold the same key.
+pub fn ver_match(t: &TableInfo, left: &str, right: &str) -> String {
+    t.key()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{left}.\"k{i}\" = {right}.\"k{i}\" COLLATE {}", c.collation))
         .collect::<Vec<_>>()
         .join(" AND ")
 }
@@ -198,10 +250,7 @@ impl TableSql {
             .collect::<Vec<_>>()
             .join(", ");
         let first_key = quote(&t.key()[0].name);
-        let ver_match = (0..t.key_columns)
-            .map(|i| format!("v.\"k{i}\" = l.\"k{i}\""))
-            .collect::<Vec<_>>()
-            .join(" AND ");
+        let ver_match = ver_match(t, "v", "l");
         TableSql {
             has_dirty: format!("SELECT 1 FROM {log} LIMIT 1"),
             null_keys: format!("SELECT count(*) FROM {log} WHERE {any_null}"),
@@ -232,6 +281,13 @@ impl TableSql {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
+            log_gone: format!(
+                "INSERT INTO {log} ({k}) SELECT {vk} FROM {ver} AS v WHERE v.deleted = 0 \
+                 AND NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {tm})",
+                k = k_list(t, ""),
+                vk = k_list(t, "v."),
+                tm = key_match(t, "t", "v"),
+            ),
         }
     }
 }
@@ -260,7 +316,15 @@ impl ApplySql {
         let ver = quote(&ver_table(&t.name));
         let where_row = local_key
             .iter()
-            .map(|&i| format!("{} = ?{}", quote(incoming[i]), i + 1))
+            .zip(t.key())
+            .map(|(&i, c)| {
+                format!(
+                    "{} = ?{} COLLATE {}",
+                    quote(incoming[i]),
+                    i + 1,
+                    c.collation
+                )
+            })
             .collect::<Vec<_>>()
             .join(" AND ");
         let where_ver = local_key

@@ -21,6 +21,8 @@
 
 pub mod admin;
 pub mod ddl;
+mod migrate;
+mod restore;
 pub mod schema;
 pub mod snapshot;
 mod txn;
@@ -47,7 +49,9 @@ use txn::{Table, Tx, is_busy};
 pub use txn::{Bind, from_sql};
 
 /// The format of marmot's tables that this build writes and reads.
-pub const STORE_FORMAT: i64 = 1;
+/// Format 2 declares the key columns of a STRICT table's `ANY` key without affinity (format 1
+/// gave them NUMERIC); a format-1 database is migrated in place when it is opened.
+pub const STORE_FORMAT: i64 = 2;
 
 /// How to open the store.
 #[derive(Clone, Debug)]
@@ -110,6 +114,23 @@ pub enum StoreError {
         path: PathBuf,
         /// Its journal mode.
         mode: String,
+    },
+    /// A snapshot cannot be merged: one of its rows collides with a local row it does not
+    /// replace.
+    #[error(
+        "{path}: cannot merge the snapshot into table {}: {detail}. A row of the snapshot collides with a local row \
+         the snapshot does not replace (a local write not published yet, or a row written behind marmot's back); \
+         nothing was changed. To resolve it, change or delete the local row that holds that value: the restore is \
+         tried again until it succeeds",
+        ddl::quote(table)
+    )]
+    RestoreCollision {
+        /// The database.
+        path: PathBuf,
+        /// The table.
+        table: String,
+        /// SQLite's message (it names the constraint's columns).
+        detail: String,
     },
     /// marmot's tables were written by a newer marmot.
     #[error(
@@ -326,6 +347,11 @@ impl SqliteStore {
                     found,
                 });
             }
+            Some(found) if found < STORE_FORMAT => {
+                migrate::format1_to_2(c).map_err(e)?;
+                meta_set(c, "format", STORE_FORMAT).map_err(e)?;
+                tracing::info!(db = %self.cfg.path.display(), from = found, to = STORE_FORMAT, "upgraded marmot's tables");
+            }
             Some(_) => {}
         }
         let first_start = meta_get(c, "tables_registered").map_err(e)?.is_none();
@@ -478,9 +504,21 @@ impl SqliteStore {
                 }
                 Some(old) if *old != sig => {
                     tracing::warn!(table = %t.name, "primary key changed: rebuilding marmot's row versions and publishing every row");
+                    // Keys still to publish survive: pending changes in the change log, and
+                    // rows with a live version that are gone now (their deletes). They are
+                    // carried over position by position when the key keeps its width.
+                    let carried = old.split(',').count() == t.key_columns;
+                    if carried {
+                        c.execute_batch(&ddl::stash_pending(&t)).map_err(e)?;
+                    } else {
+                        tracing::warn!(table = %t.name, "the primary key has other columns now: changes of the old key not captured yet are not published");
+                    }
                     c.execute_batch(&ddl::drop_table_state(&t.name))
                         .map_err(e)?;
                     c.execute_batch(&ddl::create_table_state(&t)).map_err(e)?;
+                    if carried {
+                        c.execute_batch(&ddl::unstash_pending(&t)).map_err(e)?;
+                    }
                     c.execute(
                         "UPDATE \"__marmot__tables\" SET key_signature = ?2 WHERE name = ?1",
                         params![t.name, sig],
@@ -491,7 +529,7 @@ impl SqliteStore {
                 Some(_) => {
                     c.execute_batch(&ddl::create_table_state(&t)).map_err(e)?;
                     if self.cfg.capture && names.iter().any(|n| !triggers.contains_key(n)) {
-                        tracing::warn!(table = %t.name, "capture triggers were missing (table rebuilt?): reinstalling them and publishing every row");
+                        tracing::warn!(table = %t.name, "capture triggers were missing (table rebuilt?): reinstalling them and publishing every row, and a delete of every row gone meanwhile");
                         log_all = true;
                     }
                 }
@@ -512,7 +550,10 @@ impl SqliteStore {
                 info: t,
             };
             if log_all && self.cfg.capture {
+                // Every row as it is, and a tombstone for every versioned row that is gone:
+                // deletes made while no trigger logged them (a rebuild, marmot stopped).
                 c.execute_batch(&table.sql.log_all).map_err(e)?;
+                c.execute_batch(&table.sql.log_gone).map_err(e)?;
             }
             out.push(table);
         }
@@ -704,7 +745,7 @@ impl Storage for SqliteStore {
                 .conn
                 .query_row("SELECT count(*) FROM \"__marmot__parked\"", [], |r| r.get(0))
                 .map_err(e)?;
-            let empty = snapshot::is_empty(&s.conn).map_err(e)?;
+            let empty = restore::is_empty(&s.conn).map_err(e)?;
             Ok(Recovered {
                 position,
                 clock: Stamp::from_u64(clock),
@@ -875,179 +916,6 @@ impl Storage for SqliteStore {
         wall_ms: u64,
         snapshot: &StagedSnapshot,
     ) -> Result<RestoreReport, StoreError> {
-        let empty = snapshot::is_empty(&self.conn).map_err(|e| self.sql_err(e))?;
-        if empty {
-            self.restore_whole(clock, snapshot)
-        } else {
-            self.restore_merge(clock, wall_ms, snapshot)
-        }
-    }
-}
-
-impl SqliteStore {
-    /// An empty database takes the snapshot whole, through SQLite's backup API (which writes
-    /// pages under SQLite's own locks: other connections see the old or the new database,
-    /// never a mix). The source node's own bookkeeping is then dropped and this node's
-    /// identity put back.
-    fn restore_whole(
-        &mut self,
-        clock: &mut Clock,
-        snap: &StagedSnapshot,
-    ) -> Result<RestoreReport, StoreError> {
-        let e = |s: &Self, x| s.sql_err(x);
-        let uuid = meta_get(&self.conn, "db_uuid")
-            .map_err(|x| e(self, x))?
-            .unwrap_or(0);
-        let starts = meta_get(&self.conn, "starts")
-            .map_err(|x| e(self, x))?
-            .unwrap_or(1);
-        let batch_seq = meta_get(&self.conn, "batch_seq")
-            .map_err(|x| e(self, x))?
-            .unwrap_or(0);
-        {
-            let source = Connection::open_with_flags(&snap.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .map_err(|x| e(self, x))?;
-            // One step, so other connections see the old database or the new one, never a mix;
-            // the WAL makes it atomic, a full sync of every page on the way adds nothing to it.
-            let _ = self.conn.pragma_update(None, "synchronous", "NORMAL");
-            let backup = rusqlite::backup::Backup::new(&source, &mut self.conn).map_err(|x| {
-                StoreError::Sqlite {
-                    path: self.cfg.path.clone(),
-                    source: x,
-                }
-            })?;
-            loop {
-                match backup.step(-1) {
-                    Ok(rusqlite::backup::StepResult::Done) => break,
-                    Ok(_) => std::thread::sleep(Duration::from_millis(10)),
-                    Err(x) => {
-                        return Err(StoreError::Sqlite {
-                            path: self.cfg.path.clone(),
-                            source: x,
-                        });
-                    }
-                }
-            }
-        }
-        let _ = self.conn.pragma_update(None, "synchronous", "FULL");
-        let _ = self
-            .conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get::<_, String>(0));
-        self.schema_version = -1;
-        let node = self.cfg.node_id as i64;
-        let incarnation = self.incarnation as i64;
-        let position = self.in_txn(|s| {
-            let c = &s.conn;
-            let err = |x| StoreError::Sqlite {
-                path: s.cfg.path.clone(),
-                source: x,
-            };
-            c.execute_batch(
-                "DELETE FROM \"__marmot__outbox\"; DELETE FROM \"__marmot__conflicts\"; DELETE FROM \"__marmot__incarnations\";",
-            )
-            .map_err(err)?;
-            for log in user_marmot_tables(c, "log__").map_err(err)? {
-                c.execute(&format!("DELETE FROM {}", ddl::quote(&log)), []).map_err(err)?;
-            }
-            meta_set(c, "node_id", node).map_err(err)?;
-            meta_set(c, "db_uuid", uuid).map_err(err)?;
-            meta_set(c, "starts", starts).map_err(err)?;
-            // This node's capture sequence goes on from its own, not the source's.
-            meta_set(c, "batch_seq", batch_seq).map_err(err)?;
-            c.execute(
-                "INSERT INTO \"__marmot__incarnations\" (incarnation, last_seq) VALUES (?1, 0)",
-                [incarnation],
-            )
-            .map_err(err)?;
-            s.load_clock(clock)?;
-            s.save_clock(clock)?;
-            s.follow_schema()?;
-            s.position()
-        })?;
-        self.incarnations = load_incarnations(&self.conn).map_err(|x| self.sql_err(x))?;
-        self.scan_needed = true;
-        self.data_version = -1;
-        tracing::info!(
-            generation = snap.info.generation,
-            position,
-            "restored the database whole from a snapshot"
-        );
-        Ok(RestoreReport {
-            position,
-            generation: snap.info.generation,
-            merged: false,
-            captured: None,
-        })
-    }
-
-    /// A database with content merges the snapshot in one transaction: its own pending
-    /// writes are captured first (they keep their stamps and are published), then every row
-    /// of the snapshot with a higher version than the local one replaces it, deletes
-    /// included; rows the snapshot lost to its tombstone horizon are removed.
-    fn restore_merge(
-        &mut self,
-        clock: &mut Clock,
-        wall_ms: u64,
-        snap: &StagedSnapshot,
-    ) -> Result<RestoreReport, StoreError> {
-        let path = snap.path.to_string_lossy().into_owned();
-        self.conn
-            .execute("ATTACH DATABASE ?1 AS snap", [&path])
-            .map_err(|x| self.sql_err(x))?;
-        let horizon = snap.info.horizon_ms;
-        let result = self.in_txn(|s| {
-            s.follow_schema()?;
-            s.load_clock(clock)?;
-            let captured = s.capture_in_txn(clock, wall_ms)?;
-            let err = |x| StoreError::Sqlite {
-                path: s.cfg.path.clone(),
-                source: x,
-            };
-            snapshot::remember_unpublished(&s.conn, s.cfg.node_id).map_err(err)?;
-            for t in &s.tables {
-                match snapshot::merge_table(&s.conn, &t.info, horizon).map_err(err)? {
-                    Ok(()) => {}
-                    Err(why) => tracing::warn!(table = %t.info.name, "not restored from the snapshot: {why}"),
-                }
-            }
-            snapshot::import_cluster_state(&s.conn).map_err(err)?;
-            // The merge applied the snapshot's tombstone collection: this database is now
-            // collected up to its horizon too (the next snapshot taken here says so).
-            if horizon > 0 {
-                s.conn
-                    .execute(
-                        "INSERT INTO \"__marmot__meta\" (key, value) VALUES ('horizon', ?1) \
-                         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-                        [horizon as i64],
-                    )
-                    .map_err(err)?;
-            }
-            let theirs: Option<i64> = s
-                .conn
-                .query_row("SELECT value FROM snap.\"__marmot__meta\" WHERE key = 'clock'", [], |r| r.get(0))
-                .optional()
-                .map_err(err)?;
-            if let Some(c) = theirs {
-                clock.observe(Stamp::from_u64(c as u64));
-            }
-            s.save_clock(clock)?;
-            let position = s.position()?.max(snap.info.position);
-            meta_set(&s.conn, "position", position as i64).map_err(err)?;
-            Ok((position, captured))
-        });
-        snapshot::forget_unpublished(&self.conn);
-        let _ = self.conn.execute("DETACH DATABASE snap", []);
-        let (position, captured) = result?;
-        tracing::info!(
-            generation = snap.info.generation,
-            position,
-            "merged a snapshot into the database"
-        );
-        Ok(RestoreReport {
-            position,
-            generation: snap.info.generation,
-            merged: true,
-            captured,
-        })
+        self.restore_snapshot(clock, wall_ms, snapshot)
     }
 }

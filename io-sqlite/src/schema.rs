@@ -61,10 +61,16 @@ impl Affinity {
 pub struct Column {
     /// Column name.
     pub name: String,
-    /// Its affinity.
+    /// Its affinity. In a STRICT table a column declared `ANY` has none ([`Affinity::Blob`]):
+    /// it keeps every value's own storage class, so `'7'` and `7` are two keys there.
     pub affinity: Affinity,
-    /// Its collation (BINARY, NOCASE or RTRIM).
+    /// Its collation (BINARY, NOCASE or RTRIM). For a key column, the collation of the
+    /// primary key's index, which `PRIMARY KEY (k COLLATE NOCASE)` sets apart from the
+    /// column's own: every comparison of keys spells it out.
     pub collation: String,
+    /// Declared `ANY` in a STRICT table (format 1 of marmot's tables gave its key NUMERIC
+    /// affinity; see [`TableInfo::format1_key_signature`]).
+    pub strict_any: bool,
 }
 
 /// A replicated table.
@@ -77,6 +83,8 @@ pub struct TableInfo {
     pub columns: Vec<Column>,
     /// How many of `columns` form the primary key.
     pub key_columns: usize,
+    /// A STRICT table.
+    pub strict: bool,
 }
 
 impl TableInfo {
@@ -96,6 +104,24 @@ impl TableInfo {
         self.key()
             .iter()
             .map(|c| format!("{}/{}", c.affinity.sql_type(), c.collation))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The key signature marmot's format 1 recorded for this table (it gave a STRICT
+    /// table's `ANY` key NUMERIC affinity): when the recorded signature is this one, the key
+    /// did not change, only marmot's rule did, and its tables are migrated in place.
+    pub fn format1_key_signature(&self) -> String {
+        self.key()
+            .iter()
+            .map(|c| {
+                let a = if c.strict_any {
+                    Affinity::Numeric
+                } else {
+                    c.affinity
+                };
+                format!("{}/{}", a.sql_type(), c.collation)
+            })
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -153,10 +179,10 @@ pub struct Discovery {
 /// Lists the tables to replicate.
 pub fn discover(conn: &Connection) -> rusqlite::Result<Discovery> {
     let mut found = Discovery::default();
-    let mut listed: Vec<(Result<String, Vec<u8>>, String)> = Vec::new();
+    let mut listed: Vec<(Result<String, Vec<u8>>, String, bool)> = Vec::new();
     {
         let mut stmt =
-            conn.prepare("SELECT name, type FROM pragma_table_list WHERE schema = 'main'")?;
+            conn.prepare("SELECT name, type, strict FROM pragma_table_list WHERE schema = 'main'")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let name = match row.get_ref(0)? {
@@ -166,11 +192,12 @@ pub fn discover(conn: &Connection) -> rusqlite::Result<Discovery> {
                 other => Err(format!("{other:?}").into_bytes()),
             };
             let kind: String = row.get(1)?;
-            listed.push((name, kind));
+            let strict: bool = row.get(2)?;
+            listed.push((name, kind, strict));
         }
     }
     listed.sort_by(|a, b| name_bytes(&a.0).cmp(name_bytes(&b.0)));
-    for (name, kind) in listed {
+    for (name, kind, strict) in listed {
         let name = match name {
             Ok(n) => n,
             Err(bytes) => {
@@ -196,7 +223,7 @@ pub fn discover(conn: &Connection) -> rusqlite::Result<Discovery> {
             }
             _ => continue, // views
         }
-        match table_info(conn, &name, &mut found.generated)? {
+        match table_info(conn, &name, strict, &mut found.generated)? {
             Ok(t) => found.tables.push(t),
             Err(reason) => found.skipped.push((name, reason)),
         }
@@ -214,6 +241,7 @@ fn name_bytes(n: &Result<String, Vec<u8>>) -> &[u8] {
 fn table_info(
     conn: &Connection,
     name: &str,
+    strict: bool,
     generated: &mut Vec<(String, String)>,
 ) -> rusqlite::Result<Result<TableInfo, SkipReason>> {
     let mut keyed: Vec<(i64, Column)> = Vec::new();
@@ -235,10 +263,16 @@ fn table_info(
             generated.push((name.to_string(), col));
             continue;
         }
+        let strict_any = strict && decl.trim().eq_ignore_ascii_case("ANY");
         let column = Column {
             name: col,
-            affinity: Affinity::of_declared(&decl),
+            affinity: if strict_any {
+                Affinity::Blob
+            } else {
+                Affinity::of_declared(&decl)
+            },
             collation: "BINARY".into(),
+            strict_any,
         };
         if pk > 0 {
             keyed.push((pk, column));
@@ -293,6 +327,7 @@ fn table_info(
         name: name.to_string(),
         columns,
         key_columns,
+        strict,
     }))
 }
 

@@ -76,6 +76,14 @@ pub fn is_transient(e: &rusqlite::Error) -> bool {
     }
 }
 
+/// Whether an SQLite error is a UNIQUE constraint (a secondary one: marmot's writes never
+/// collide on the primary key, they update the row that has it).
+pub fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
 /// Whether an SQLite error is the write lock being held by someone else.
 pub fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
@@ -219,14 +227,18 @@ impl Tx<'_> {
         e: rusqlite::Error,
     ) -> ApplyFault<rusqlite::Error> {
         if is_transient(&e) {
-            ApplyFault::Storage(e)
+            return ApplyFault::Storage(e);
+        }
+        let name = &self.tables[self.apply_tables[t].0].info.name;
+        let reason = format!(
+            "table {}, key {}: {e}",
+            quote(name),
+            marmot_core::value::sql_row_literal(key.iter().copied())
+        );
+        if is_unique_violation(&e) {
+            ApplyFault::Collision(reason)
         } else {
-            let name = &self.tables[self.apply_tables[t].0].info.name;
-            ApplyFault::Poison(format!(
-                "table {}, key {}: {e}",
-                quote(name),
-                marmot_core::value::sql_row_literal(key.iter().copied())
-            ))
+            ApplyFault::Poison(reason)
         }
     }
 }

@@ -659,13 +659,16 @@ fn a_node_restored_from_an_older_copy_of_itself_applies_its_own_later_batches() 
     assert_eq!(out.report.rows_written, 0);
 }
 
+#[path = "store/real_schemas.rs"]
+mod real_schemas;
+
 mod snapshots {
     use super::*;
     use marmot_core::snapshot::{LocalSnapshot, SnapshotError, SnapshotInfo};
     use marmot_sqlite::snapshot::SnapshotDir;
     use std::time::Duration;
 
-    fn info(l: &LocalSnapshot, generation: u64) -> SnapshotInfo {
+    pub(super) fn info(l: &LocalSnapshot, generation: u64) -> SnapshotInfo {
         SnapshotInfo {
             format: 1,
             generation,
@@ -682,7 +685,10 @@ mod snapshots {
 
     /// Node 1's database as a snapshot (made while it keeps its own connection open), staged
     /// for `dir_of`.
-    fn snapshot_of(c: &Cluster, dir_of: &std::path::Path) -> marmot_core::snapshot::StagedSnapshot {
+    pub(super) fn snapshot_of(
+        c: &Cluster,
+        dir_of: &std::path::Path,
+    ) -> marmot_core::snapshot::StagedSnapshot {
         let src = SnapshotDir::new(&c.nodes[0].path, Duration::ZERO);
         let local = src.create(1_700_000_000_000).unwrap();
         let i = info(&local, 7);

@@ -1,0 +1,532 @@
+//! Bringing a verified snapshot into the live database, without ever replacing its file.
+//!
+//! Everything happens in one `BEGIN IMMEDIATE` transaction on marmot's connection, with the
+//! snapshot attached read-only: whether the database is empty is decided under the same write
+//! lock that then changes it, so an application that commits a write just before (or holds the
+//! lock while the restore starts) never has it wiped, and no change-log row that the restore
+//! did not bring is ever cleared.
+//!
+//! - **Whole** (an empty database: no rows anywhere, nothing ever captured or applied): the
+//!   snapshot's schema and rows are copied in, object by object (`INSERT INTO main.t SELECT *
+//!   FROM snap.t`, which SQLite turns into a page-level copy of the b-tree for identical
+//!   tables), the application's own objects first dropped; then the source's bookkeeping is
+//!   dropped and this node's identity put back.
+//! - **Merge** (anything else): the node's pending writes are captured first (they keep their
+//!   stamps and are published), then every row the snapshot holds at a higher version replaces
+//!   the local one, deletes included. The local rows the snapshot replaces are removed before
+//!   its rows are written, so the snapshot's rows (one consistent state, where every UNIQUE
+//!   constraint held) never collide with each other's old values; a collision that remains is
+//!   with a local row the snapshot does not replace, and the restore fails saying so.
+//!
+//! Never: copy a file, or hold the write lock across anything but this one transaction.
+
+use crate::ddl::{key_match, quote, ver_match, ver_table};
+use crate::schema::{PREFIX, TableInfo};
+use crate::{SqliteStore, StoreError, meta_get, meta_set, user_marmot_tables};
+use marmot_core::Clock;
+use marmot_core::ports::RestoreReport;
+use marmot_core::snapshot::StagedSnapshot;
+use marmot_core::{NodeId, Stamp};
+use rusqlite::{Connection, OptionalExtension, params};
+
+impl SqliteStore {
+    /// [`marmot_core::ports::Storage::restore`].
+    pub(crate) fn restore_snapshot(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        snap: &StagedSnapshot,
+    ) -> Result<RestoreReport, StoreError> {
+        let path = snap.path.to_string_lossy().into_owned();
+        self.conn
+            .execute("ATTACH DATABASE ?1 AS snap", [&path])
+            .map_err(|x| self.sql_err(x))?;
+        let result = self.in_txn(|s| {
+            s.follow_schema()?;
+            let empty = is_empty(&s.conn).map_err(|x| s.sql_err(x))?;
+            if empty {
+                s.restore_whole(clock, snap)
+            } else {
+                s.restore_merge(clock, wall_ms, snap)
+            }
+        });
+        forget_unpublished(&self.conn);
+        let _ = self.conn.execute("DETACH DATABASE snap", []);
+        let report = result?;
+        self.incarnations = crate::load_incarnations(&self.conn).map_err(|x| self.sql_err(x))?;
+        self.scan_needed = true;
+        self.data_version = -1;
+        if report.merged {
+            tracing::info!(
+                generation = snap.info.generation,
+                position = report.position,
+                "merged a snapshot into the database"
+            );
+        } else {
+            tracing::info!(
+                generation = snap.info.generation,
+                position = report.position,
+                "restored the database whole from a snapshot"
+            );
+        }
+        Ok(report)
+    }
+
+    /// An empty database takes the snapshot whole: schema, rows, marmot's row versions; then
+    /// this node's own identity (node id, database id, capture sequence, incarnation) is put
+    /// back and the source node's bookkeeping (change logs, outbox, conflicts) dropped.
+    fn restore_whole(
+        &mut self,
+        clock: &mut Clock,
+        snap: &StagedSnapshot,
+    ) -> Result<RestoreReport, StoreError> {
+        let e = |s: &Self, x| s.sql_err(x);
+        let get = |s: &Self, k: &str| meta_get(&s.conn, k).map_err(|x| e(s, x));
+        let uuid = get(self, "db_uuid")?.unwrap_or(0);
+        let starts = get(self, "starts")?.unwrap_or(1);
+        let batch_seq = get(self, "batch_seq")?.unwrap_or(0);
+        // From here on, a failure rolls everything back (the schema too: DDL is
+        // transactional), and the schema must be read again.
+        self.synced_in_txn = true;
+        copy_whole(&self.conn).map_err(|x| e(self, x))?;
+        let c = &self.conn;
+        let err = |x| StoreError::Sqlite {
+            path: self.cfg.path.clone(),
+            source: x,
+        };
+        c.execute_batch(
+            "DELETE FROM \"__marmot__outbox\"; DELETE FROM \"__marmot__conflicts\"; DELETE FROM \"__marmot__incarnations\";",
+        )
+        .map_err(err)?;
+        // The source's change logs are its own writes, not captured there yet: the source
+        // publishes them. (This database's were empty: that is what made it empty.)
+        for log in user_marmot_tables(c, "log__").map_err(err)? {
+            c.execute(&format!("DELETE FROM {}", quote(&log)), [])
+                .map_err(err)?;
+        }
+        meta_set(c, "node_id", self.cfg.node_id as i64).map_err(err)?;
+        meta_set(c, "db_uuid", uuid).map_err(err)?;
+        meta_set(c, "starts", starts).map_err(err)?;
+        // This node's capture sequence goes on from its own, not the source's.
+        meta_set(c, "batch_seq", batch_seq).map_err(err)?;
+        c.execute(
+            "INSERT INTO \"__marmot__incarnations\" (incarnation, last_seq) VALUES (?1, 0)",
+            [self.incarnation as i64],
+        )
+        .map_err(err)?;
+        let format = meta_get(c, "format").map_err(err)?.unwrap_or(1);
+        if format < crate::STORE_FORMAT {
+            crate::migrate::format1_to_2(c).map_err(err)?;
+            meta_set(c, "format", crate::STORE_FORMAT).map_err(err)?;
+        }
+        if let Some(theirs) = meta_get(c, "clock").map_err(err)? {
+            clock.observe(Stamp::from_u64(theirs as u64));
+        }
+        self.save_clock(clock)?;
+        self.schema_version = -1;
+        self.follow_schema()?;
+        Ok(RestoreReport {
+            position: self.position()?,
+            generation: snap.info.generation,
+            merged: false,
+            captured: None,
+        })
+    }
+
+    /// A database with content merges the snapshot: its own pending writes are captured
+    /// first (they keep their stamps and are published), then every row of the snapshot with
+    /// a higher version than the local one replaces it, deletes included; rows the snapshot
+    /// lost to its tombstone horizon are removed.
+    fn restore_merge(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        snap: &StagedSnapshot,
+    ) -> Result<RestoreReport, StoreError> {
+        let horizon = snap.info.horizon_ms;
+        let captured = self.capture_in_txn(clock, wall_ms)?;
+        let err = |x| StoreError::Sqlite {
+            path: self.cfg.path.clone(),
+            source: x,
+        };
+        remember_unpublished(&self.conn, self.cfg.node_id).map_err(err)?;
+        for t in &self.tables {
+            match merge_table(&self.conn, &t.info, horizon) {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    tracing::warn!(table = %t.info.name, "not restored from the snapshot: {why}")
+                }
+                Err(x) if crate::txn::is_unique_violation(&x) => {
+                    return Err(StoreError::RestoreCollision {
+                        path: self.cfg.path.clone(),
+                        table: t.info.name.clone(),
+                        detail: x.to_string(),
+                    });
+                }
+                Err(x) => return Err(err(x)),
+            }
+        }
+        import_cluster_state(&self.conn).map_err(err)?;
+        // The merge applied the snapshot's tombstone collection: this database is now
+        // collected up to its horizon too (the next snapshot taken here says so).
+        if horizon > 0 {
+            self.conn
+                .execute(
+                    "INSERT INTO \"__marmot__meta\" (key, value) VALUES ('horizon', ?1) \
+                     ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                    [horizon as i64],
+                )
+                .map_err(err)?;
+        }
+        let theirs: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM snap.\"__marmot__meta\" WHERE key = 'clock'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        if let Some(c) = theirs {
+            clock.observe(Stamp::from_u64(c as u64));
+        }
+        self.save_clock(clock)?;
+        let position = self.position()?.max(snap.info.position);
+        meta_set(&self.conn, "position", position as i64).map_err(err)?;
+        Ok(RestoreReport {
+            position,
+            generation: snap.info.generation,
+            merged: true,
+            captured,
+        })
+    }
+}
+
+/// Whether every user table (replicated or not) of `conn` is empty and marmot never captured,
+/// applied or versioned anything here: such a database can take a snapshot whole.
+pub fn is_empty(conn: &Connection) -> rusqlite::Result<bool> {
+    let names: Vec<(String, String)> = conn
+        .prepare("SELECT name, type FROM pragma_table_list WHERE schema = 'main'")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (name, kind) in names {
+        if name.starts_with("sqlite_") || kind != "table" {
+            continue;
+        }
+        // marmot's own tables that say something local happened; the rest (meta, registry,
+        // inbox, parked, conflicts) do not make a database "not empty".
+        let marmot_local = [
+            format!("{PREFIX}log__"),
+            format!("{PREFIX}ver__"),
+            format!("{PREFIX}outbox"),
+        ];
+        if name.starts_with(PREFIX) && !marmot_local.iter().any(|p| name.starts_with(p.as_str())) {
+            continue;
+        }
+        let q = format!("SELECT 1 FROM main.{} LIMIT 1", quote(&name));
+        if conn.query_row(&q, [], |_| Ok(())).optional()?.is_some() {
+            return Ok(false);
+        }
+    }
+    let position: Option<i64> = conn
+        .query_row(
+            "SELECT value FROM main.\"__marmot__meta\" WHERE key = 'position'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap_or(None);
+    Ok(position.unwrap_or(0) == 0)
+}
+
+/// Kinds of the tables of a schema (`table`, `virtual`, `shadow`, `view`), by name.
+fn table_kinds(
+    conn: &Connection,
+    schema: &str,
+) -> rusqlite::Result<std::collections::BTreeMap<String, String>> {
+    conn.prepare("SELECT name, type FROM pragma_table_list WHERE schema = ?1")?
+        .query_map([schema], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+}
+
+/// Replaces every object of `main` with the attached `snap`'s, rows included. Inside a
+/// transaction.
+fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
+    let internal = |n: &str| n.starts_with("sqlite_");
+    // Drop what main has (an application's empty tables, marmot's own): triggers and views
+    // first, then virtual tables (which drop their shadow tables), then tables with their
+    // indexes.
+    let kinds = table_kinds(c, "main")?;
+    let objects: Vec<(String, String)> = c
+        .prepare(
+            "SELECT type, name FROM main.sqlite_master WHERE type IN ('trigger', 'view', 'table')",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let rank = |kind: &str, name: &str| match kind {
+        "trigger" => 0,
+        "view" => 1,
+        _ if kinds.get(name).map(String::as_str) == Some("virtual") => 2,
+        _ => 3,
+    };
+    let mut drops: Vec<&(String, String)> = objects
+        .iter()
+        .filter(|(_, n)| !internal(n) && kinds.get(n).map(String::as_str) != Some("shadow"))
+        .collect();
+    drops.sort_by_key(|(k, n)| rank(k, n));
+    for (kind, name) in drops {
+        let what = match kind.as_str() {
+            "trigger" => "TRIGGER",
+            "view" => "VIEW",
+            _ => "TABLE",
+        };
+        c.execute_batch(&format!("DROP {what} IF EXISTS main.{}", quote(name)))?;
+    }
+    // Create the snapshot's: tables (virtual ones create their shadow tables themselves) and
+    // indexes, then the rows, then views and triggers (which must not fire while copying).
+    let snap_kinds = table_kinds(c, "snap")?;
+    let schema: Vec<(String, String, Option<String>)> = c
+        .prepare("SELECT type, name, sql FROM snap.sqlite_master ORDER BY rowid")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let create = |kinds: &[&str]| -> rusqlite::Result<()> {
+        for (kind, name, sql) in &schema {
+            let Some(sql) = sql else { continue }; // automatic indexes
+            if internal(name)
+                || !kinds.contains(&kind.as_str())
+                || snap_kinds.get(name).map(String::as_str) == Some("shadow")
+            {
+                continue;
+            }
+            c.execute_batch(sql)?;
+        }
+        Ok(())
+    };
+    create(&["table"])?;
+    create(&["index"])?;
+    for (name, kind) in &snap_kinds {
+        let copied = match kind.as_str() {
+            "table" => !internal(name) || name == "sqlite_sequence",
+            // The full-text index as it was, consistent with the rows.
+            "shadow" => true,
+            _ => false,
+        };
+        if !copied {
+            continue;
+        }
+        let q = quote(name);
+        if kind == "shadow" || name == "sqlite_sequence" {
+            // Rows the virtual table (or AUTOINCREMENT) wrote when it was created.
+            c.execute_batch(&format!("DELETE FROM main.{q}"))?;
+        }
+        // Generated columns are computed, not copied; SELECT * (which SQLite copies page by
+        // page for an identical table) only where there are none.
+        let generated: i64 = c.query_row(
+            "SELECT count(*) FROM pragma_table_xinfo(?1, 'snap') WHERE hidden IN (2, 3)",
+            [name],
+            |r| r.get(0),
+        )?;
+        if generated == 0 {
+            c.execute_batch(&format!("INSERT INTO main.{q} SELECT * FROM snap.{q}"))?;
+        } else {
+            let cols: Vec<String> = c
+                .prepare("SELECT name FROM pragma_table_xinfo(?1, 'snap') WHERE hidden = 0")?
+                .query_map([name], |r| r.get::<_, String>(0))?
+                .map(|n| n.map(|n| quote(&n)))
+                .collect::<Result<_, _>>()?;
+            let cols = cols.join(", ");
+            c.execute_batch(&format!(
+                "INSERT INTO main.{q} ({cols}) SELECT {cols} FROM snap.{q}"
+            ))?;
+        }
+    }
+    create(&["view", "trigger"])?;
+    for pragma in ["user_version", "application_id"] {
+        let v: i64 = c.query_row(&format!("PRAGMA snap.{pragma}"), [], |r| r.get(0))?;
+        c.execute_batch(&format!("PRAGMA main.{pragma} = {v}"))?;
+    }
+    Ok(())
+}
+
+/// Adds missing rows of another database's marmot bookkeeping that belong to the cluster
+/// (stashed chunks, parked batches), not to that node.
+fn import_cluster_state(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO main.\"__marmot__inbox\" SELECT * FROM snap.\"__marmot__inbox\"",
+        [],
+    )?;
+    conn.execute(
+        "INSERT INTO main.\"__marmot__parked\" (stream_seq, origin, incarnation, batch_seq, reason, message, parked_at_ms, attempts, retry_requested) \
+         SELECT stream_seq, origin, incarnation, batch_seq, reason, message, parked_at_ms, attempts, retry_requested FROM snap.\"__marmot__parked\" p \
+         WHERE NOT EXISTS (SELECT 1 FROM main.\"__marmot__parked\" q WHERE q.stream_seq = p.stream_seq)",
+        params![],
+    )?;
+    Ok(())
+}
+
+/// Records, in a temporary table, the versions of this node's batches still waiting in the
+/// outbox: their rows are this node's unpublished writes, which no snapshot can hold, so the
+/// merge must not take their absence from the snapshot for a collected delete.
+fn remember_unpublished(conn: &Connection, me: NodeId) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS \"marmot_unpublished\" (stamp INTEGER PRIMARY KEY, node INTEGER NOT NULL); \
+         DELETE FROM temp.\"marmot_unpublished\";",
+    )?;
+    let payloads: Vec<Vec<u8>> = conn
+        .prepare("SELECT payload FROM main.\"__marmot__outbox\" WHERE chunk = 0")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut ins = conn.prepare(
+        "INSERT OR IGNORE INTO temp.\"marmot_unpublished\" (stamp, node) VALUES (?1, ?2)",
+    )?;
+    for p in payloads {
+        match marmot_core::wire::decode_message(&p) {
+            Ok((h, _)) => {
+                ins.execute([h.stamp.as_u64() as i64, me as i64])?;
+            }
+            Err(e) => {
+                tracing::warn!("an outbox message does not decode ({e}); it is published as it is")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops the temporary tables of a merge.
+fn forget_unpublished(conn: &Connection) {
+    let _ = conn.execute_batch(
+        "DROP TABLE IF EXISTS temp.\"marmot_unpublished\"; DROP TABLE IF EXISTS temp.\"marmot_newer\";",
+    );
+}
+
+/// Merges table `t` from the attached `snap` database into `main` under the merge rule.
+/// `Ok(Err(why))`: the snapshot's table cannot be merged (missing, different key).
+fn merge_table(
+    conn: &Connection,
+    t: &TableInfo,
+    horizon_ms: u64,
+) -> rusqlite::Result<Result<(), String>> {
+    let name = &t.name;
+    let ver = ver_table(name);
+    let has = |table: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    if !has(name)? || !has(&ver)? {
+        return Ok(Err("the snapshot has no such table".into()));
+    }
+    let snap_cols: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_xinfo(?1, 'snap') WHERE hidden = 0")?
+        .query_map([name], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if t.key().iter().any(|k| !snap_cols.contains(&k.name)) {
+        return Ok(Err(
+            "the snapshot's table has a different primary key".into()
+        ));
+    }
+    let cols: Vec<&str> = t
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|c| snap_cols.iter().any(|s| s == c))
+        .collect();
+    let list = |prefix: &str| {
+        cols.iter()
+            .map(|c| format!("{prefix}{}", quote(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let klist = |prefix: &str| {
+        (0..t.key_columns)
+            .map(|i| format!("{prefix}\"k{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let newer =
+        "(lv.stamp IS NULL OR sv.stamp > lv.stamp OR (sv.stamp = lv.stamp AND sv.node > lv.node))";
+    let (qt, qv) = (quote(name), quote(&ver));
+    // The snapshot's versions that win here, deletes included.
+    conn.execute_batch(&format!(
+        "DROP TABLE IF EXISTS temp.\"marmot_newer\";
+         CREATE TEMP TABLE \"marmot_newer\" AS SELECT {sk}, sv.stamp AS stamp, sv.node AS node, sv.deleted AS deleted \
+         FROM snap.{qv} sv LEFT JOIN main.{qv} lv ON {vv} WHERE {newer};",
+        sk = klist("sv."),
+        vv = ver_match(t, "lv", "sv"),
+    ))?;
+    // Out of the way first: the local rows the snapshot replaces or deletes. Then the
+    // snapshot's rows: one consistent state, so they cannot collide with each other.
+    conn.execute(
+        &format!(
+            "DELETE FROM main.{qt} AS d WHERE EXISTS (SELECT 1 FROM temp.\"marmot_newer\" n WHERE {m})",
+            m = key_match(t, "d", "n"),
+        ),
+        [],
+    )?;
+    conn.execute(
+        &format!(
+            "INSERT INTO main.{qt} ({cl}) SELECT {sl} FROM snap.{qt} s \
+             WHERE EXISTS (SELECT 1 FROM temp.\"marmot_newer\" n WHERE n.deleted = 0 AND {m})",
+            cl = list(""),
+            sl = list("s."),
+            m = key_match(t, "s", "n"),
+        ),
+        [],
+    )?;
+    // Rows that existed before marmot started (no version anywhere): add the missing ones.
+    conn.execute(
+        &format!(
+            "INSERT OR IGNORE INTO main.{qt} ({cl}) SELECT {sl} FROM snap.{qt} s \
+             WHERE NOT EXISTS (SELECT 1 FROM snap.{qv} sv WHERE {rs}) \
+             AND NOT EXISTS (SELECT 1 FROM main.{qv} lv WHERE {rl})",
+            cl = list(""),
+            sl = list("s."),
+            rs = key_match(t, "s", "sv"),
+            rl = key_match(t, "s", "lv"),
+        ),
+        [],
+    )?;
+    // Rows the snapshot no longer knows at all, with a version older than its tombstone
+    // horizon: they were deleted and the tombstone collected. Not this node's unpublished
+    // writes (see `remember_unpublished`): a clock that lags by more than the tombstone
+    // lifetime stamps them below the horizon, and the snapshot cannot have seen them.
+    if horizon_ms > 0 {
+        let limit = (horizon_ms << 16) as i64;
+        let gone = |m: String| {
+            format!(
+                "EXISTS (SELECT 1 FROM main.{qv} lv WHERE {m} AND lv.stamp < {limit} \
+                 AND NOT EXISTS (SELECT 1 FROM snap.{qv} sv WHERE {vv}) \
+                 AND NOT EXISTS (SELECT 1 FROM temp.\"marmot_unpublished\" u WHERE u.stamp = lv.stamp AND u.node = lv.node))",
+                vv = ver_match(t, "lv", "sv"),
+            )
+        };
+        conn.execute(
+            &format!(
+                "DELETE FROM main.{qt} AS d WHERE {}",
+                gone(key_match(t, "d", "lv"))
+            ),
+            [],
+        )?;
+        conn.execute(
+            &format!(
+                "DELETE FROM main.{qv} AS d WHERE {}",
+                gone(ver_match(t, "lv", "d"))
+            ),
+            [],
+        )?;
+    }
+    // Finally the versions themselves.
+    conn.execute(
+        &format!(
+            "INSERT INTO main.{qv} ({k}, stamp, node, deleted) SELECT {k}, stamp, node, deleted \
+             FROM temp.\"marmot_newer\" WHERE true \
+             ON CONFLICT ({k}) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = excluded.deleted",
+            k = klist(""),
+        ),
+        [],
+    )?;
+    Ok(Ok(()))
+}
