@@ -240,6 +240,11 @@ pub fn apply_deliveries<T: ApplyTxn>(
             stream_seq: d.stream_seq,
             own,
             limit_ms,
+            received_ms: if d.published_ms == 0 {
+                wall_ms
+            } else {
+                d.published_ms
+            },
         };
         if let Some(p) = apply_isolated(txn, clock, &header, payload, ctx, &mut report)? {
             txn.park(&p)?;
@@ -268,6 +273,7 @@ pub fn retry_parked<T: ApplyTxn>(
         stream_seq: parked.stream_seq,
         own: header.batch.origin == me,
         limit_ms: wall_ms.saturating_add(MAX_STAMP_LEAD_MS),
+        received_ms: wall_ms,
     };
     Ok(apply_isolated(txn, clock, &header, payload, ctx, report)?.map(|p| p.reason))
 }
@@ -280,6 +286,9 @@ struct BatchContext {
     own: bool,
     /// Stamps beyond this wall time (ms) are refused.
     limit_ms: u64,
+    /// When the stream stored it (or, for a parked batch, now): the clock takes in its stamp
+    /// only up to its lead bound past this.
+    received_ms: u64,
 }
 
 /// Applies a whole batch inside a savepoint. On a poison fault everything it wrote is undone
@@ -307,8 +316,9 @@ fn apply_isolated<T: ApplyTxn>(
             message: reseal(&h, &payload),
         }));
     }
-    // Every stamp seen is merged into the clock, applied or not.
-    clock.observe(header.stamp);
+    // Every stamp seen is merged into the clock, applied or not, up to the clock's lead
+    // bound past the time the stream stored it (see `Clock::observe_remote`).
+    clock.observe_remote(header.stamp, ctx.received_ms);
     let single = || {
         let mut h = *header;
         h.chunk = 0;

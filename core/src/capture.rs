@@ -111,10 +111,9 @@ pub fn capture<T: CaptureTxn>(
             }
         })?;
     }
-    // Every replaced version was observed (or stamped) here already; observing the
-    // largest again makes the invariant hold even for versions written by another process.
-    clock.observe(max_base);
-    let stamp = clock.tick(p.wall_ms);
+    // Above every version the batch replaces, however far ahead a fast clock elsewhere put
+    // it (without letting that drag this clock: see `Clock::tick_above`).
+    let stamp = clock.tick_above(p.wall_ms, max_base);
     let version = Version {
         stamp,
         node: p.node,

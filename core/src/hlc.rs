@@ -74,28 +74,82 @@ impl std::fmt::Display for Version {
 }
 
 /// The hybrid logical clock of one node.
+///
+/// How far ahead it may be taken by stamps from elsewhere is bounded ([`Clock::max_lead_ms`],
+/// the node's `max_clock_skew_ms`): a received stamp further ahead of the time it was
+/// received at is applied to its rows, but not taken into the clock, so one node whose clock
+/// runs fast can neither drag every other clock ahead nor make them pause. A local write
+/// still gets a stamp above the version it replaces, however far ahead that version is
+/// ([`Clock::tick_above`]): last-writer-wins is per row, and needs no more than that.
+///
+/// A wall clock that lags the server's (as last measured, [`Clock::set_lag_ms`]) does not
+/// stamp into the past: the physical part follows the later of the two. (Stamps far in the
+/// past would fall below the tombstone horizon of snapshots taken meanwhile, whose merge
+/// takes such a version, absent from the snapshot, for a collected delete.)
 #[derive(Clone, Debug)]
 pub struct Clock {
     last: Stamp,
+    max_lead_ms: u64,
+    lag_ms: u64,
 }
+
+/// The default bound on how far ahead a received stamp can take the clock (ms).
+pub const DEFAULT_MAX_LEAD_MS: u64 = 5_000;
 
 impl Clock {
     /// Starts the clock from a persisted high-water mark.
     pub fn new(high_water: Stamp) -> Clock {
-        Clock { last: high_water }
+        Clock {
+            last: high_water,
+            max_lead_ms: DEFAULT_MAX_LEAD_MS,
+            lag_ms: 0,
+        }
     }
 
-    /// Merges a stamp seen elsewhere (a remote row, a stored version): every later
-    /// [`Clock::tick`] is above it.
+    /// The same clock, taking in received stamps up to `max_lead_ms` ahead of the time they
+    /// were received at.
+    pub fn with_max_lead(mut self, max_lead_ms: u64) -> Clock {
+        self.max_lead_ms = max_lead_ms;
+        self
+    }
+
+    /// The local wall clock lags the server's by this much (measured; 0 when it does not):
+    /// stamps take the server's time instead of the local wall clock's.
+    pub fn set_lag_ms(&mut self, lag_ms: u64) {
+        self.lag_ms = lag_ms;
+    }
+
+    /// The physical time stamps follow: the local wall clock, or the server's when it lags.
+    fn physical_ms(&self, wall_ms: u64) -> u64 {
+        wall_ms.saturating_add(self.lag_ms)
+    }
+
+    /// How far ahead of the receiving time a received stamp may take the clock (ms).
+    pub fn max_lead_ms(&self) -> u64 {
+        self.max_lead_ms
+    }
+
+    /// Merges a stamp this node itself gave or holds for sure (its own persisted mark):
+    /// every later [`Clock::tick`] is above it.
     pub fn observe(&mut self, seen: Stamp) {
         if seen > self.last {
             self.last = seen;
         }
     }
 
+    /// Merges a stamp received from elsewhere at `reference_ms` (the stream's time of the
+    /// message, or this node's wall time): up to [`Clock::max_lead_ms`] beyond it, no further.
+    pub fn observe_remote(&mut self, seen: Stamp, reference_ms: u64) {
+        self.observe(seen.min(self.ceiling(reference_ms)));
+    }
+
+    fn ceiling(&self, reference_ms: u64) -> Stamp {
+        Stamp::new(reference_ms.saturating_add(self.max_lead_ms), 0)
+    }
+
     /// Takes a new stamp, strictly above every stamp taken or observed before.
     pub fn tick(&mut self, wall_ms: u64) -> Stamp {
-        let physical = Stamp::new(wall_ms, 0);
+        let physical = Stamp::new(self.physical_ms(wall_ms), 0);
         let next = if physical > self.last {
             physical
         } else {
@@ -106,9 +160,34 @@ impl Clock {
         next
     }
 
+    /// Takes a new stamp strictly above `floor` (the newest version a write replaces) too.
+    /// A floor within [`Clock::max_lead_ms`] of `wall_ms` is taken into the clock; one
+    /// further ahead is not (the stamp is then just above it, and the clock stays where it
+    /// was): a row written far ahead by a fast clock elsewhere does not drag this clock.
+    pub fn tick_above(&mut self, wall_ms: u64, floor: Stamp) -> Stamp {
+        if floor <= self.ceiling(self.physical_ms(wall_ms)) {
+            self.observe(floor);
+        }
+        let s = self.tick(wall_ms);
+        if s > floor {
+            s
+        } else {
+            Stamp(floor.0.saturating_add(1))
+        }
+    }
+
     /// The highest stamp taken or observed: persist it so a restart never goes back.
     pub fn high_water(&self) -> Stamp {
         self.last
+    }
+
+    /// Brings the high-water mark back to `wall_ms`: for a node that stamped while its wall
+    /// clock ran fast, before a check caught it, once its wall clock is right again. Its
+    /// later stamps may then be below some it gave before; every write still gets a stamp
+    /// above the version it replaces ([`Clock::tick_above`]), which is all the merge rule
+    /// needs, and the node does not stop stamping until real time catches up.
+    pub fn lower_to(&mut self, wall_ms: u64) {
+        self.last = self.last.min(Stamp::new(self.physical_ms(wall_ms), 0));
     }
 }
 
@@ -141,6 +220,57 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_stamp_far_ahead_does_not_drag_the_clock() {
+        let mut c = Clock::new(Stamp::ZERO).with_max_lead(5_000);
+        // Received at server time 10 s, stamped an hour ahead: taken in up to 15 s only.
+        c.observe_remote(Stamp::new(3_600_000, 0), 10_000);
+        assert_eq!(c.high_water(), Stamp::new(15_000, 0));
+        // Within the bound it is taken in whole.
+        let mut d = Clock::new(Stamp::ZERO).with_max_lead(5_000);
+        d.observe_remote(Stamp::new(12_000, 3), 10_000);
+        assert_eq!(d.high_water(), Stamp::new(12_000, 3));
+    }
+
+    #[test]
+    fn a_write_over_a_far_future_version_is_stamped_above_it_without_moving_the_clock() {
+        let mut c = Clock::new(Stamp::ZERO).with_max_lead(5_000);
+        let far = Stamp::new(3_600_000, 9);
+        let s = c.tick_above(1_000, far);
+        assert!(s > far);
+        assert_eq!(
+            c.high_water(),
+            Stamp::new(1_000, 0),
+            "the clock stays where it was"
+        );
+        // The next write of another row is stamped from the wall clock again.
+        assert_eq!(c.tick(1_001), Stamp::new(1_001, 0));
+        // A floor within the bound moves the clock like any observed stamp.
+        let near = Stamp::new(3_000, 4);
+        let t = c.tick_above(1_002, near);
+        assert_eq!(t, Stamp::new(3_000, 5));
+        assert_eq!(c.high_water(), t);
+    }
+
+    #[test]
+    fn lowering_the_high_water_mark_resumes_stamping_from_the_wall_clock() {
+        let mut c = Clock::new(Stamp::new(3_600_000, 0));
+        c.lower_to(1_000);
+        assert_eq!(c.tick(1_000), Stamp::new(1_000, 1));
+        // Never raises it.
+        c.lower_to(9_000_000);
+        assert_eq!(c.high_water(), Stamp::new(1_000, 1));
+    }
+
+    #[test]
+    fn a_lagging_wall_clock_stamps_with_the_servers_time() {
+        let mut c = Clock::new(Stamp::ZERO);
+        c.set_lag_ms(18_000);
+        assert_eq!(c.tick(1_000), Stamp::new(19_000, 0));
+        c.set_lag_ms(0);
+        assert_eq!(c.tick(20_000), Stamp::new(20_000, 0));
+    }
+
+    #[test]
     fn counter_overflow_carries_into_milliseconds() {
         let mut c = Clock::new(Stamp::new(100, u16::MAX));
         let s = c.tick(100);
@@ -160,6 +290,28 @@ mod tests {
     }
 
     proptest! {
+        /// Whatever is observed from elsewhere and however far ahead the versions it
+        /// replaces are, a write is stamped above its floor, and the clock never leads the
+        /// time of any observation by more than the bound.
+        #[test]
+        fn writes_beat_their_floor_and_the_clock_stays_within_its_lead(
+            steps in proptest::collection::vec((0u64..1u64 << 40, 0u64..1u64 << 41, any::<bool>()), 1..200),
+        ) {
+            let mut c = Clock::new(Stamp::ZERO).with_max_lead(5_000);
+            let mut wall = 0u64;
+            for (advance, seen_ms, write) in steps {
+                wall = wall.max(advance);
+                let seen = Stamp::new(seen_ms, 0);
+                if write {
+                    let s = c.tick_above(wall, seen);
+                    prop_assert!(s > seen);
+                } else {
+                    c.observe_remote(seen, wall);
+                }
+                prop_assert!(c.high_water() <= Stamp::new(wall + 5_000, u16::MAX).max(Stamp::new(wall, u16::MAX)));
+            }
+        }
+
         /// Whatever the wall clock does (jumps, goes back) and whatever is observed, stamps
         /// strictly increase and stay above everything observed.
         #[test]

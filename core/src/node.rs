@@ -415,10 +415,15 @@ pub enum Event {
     },
     /// Clock skew measured against the server.
     ClockSkew {
-        /// Local wall clock minus server clock, milliseconds.
+        /// How far the stamps this node gives lead the server's clock (the later of its wall
+        /// clock and its clock's high-water mark, minus the server's clock), milliseconds.
         skew_ms: i64,
-        /// Capture and apply are paused because of it.
+        /// Every stamping (capture, apply, merge restores, parked retries) is paused because
+        /// of it.
         paused: bool,
+        /// The high-water mark led the server by this much (ms) while the wall clock was
+        /// right, and was brought back to the wall clock.
+        lowered_high_water: Option<i64>,
     },
     /// The node-id claim was granted.
     ClaimGranted,
@@ -942,10 +947,7 @@ impl Node {
         if self.incomplete > 0 {
             consider(self.next_incomplete_alarm);
         }
-        if matches!(self.restore, RestorePhase::Wanted(_))
-            && self.shutdown_deadline.is_none()
-            && !self.saving
-        {
+        if self.restore_enabled(Duration::MAX) {
             consider(self.restore_retry_at);
         }
         if self.save_possible() {
@@ -963,7 +965,7 @@ impl Node {
 
     fn on_recovered(&mut self, now: Duration, r: Recovered) {
         self.started = true;
-        self.clock = Clock::new(r.clock);
+        self.clock = Clock::new(r.clock).with_max_lead(self.cfg.max_clock_skew_ms);
         self.position = r.position;
         self.next_seq = r.position + 1;
         self.incomplete = r.incomplete_batches;
@@ -1046,7 +1048,7 @@ impl Node {
         received: u64,
     ) {
         match result {
-            Ok(Claim::Granted { server_ms }) => {
+            Ok(Claim::Granted { server_ms, .. }) => {
                 self.connected = true;
                 if !self.claimed_once {
                     self.event(Event::ClaimGranted);
@@ -1056,17 +1058,35 @@ impl Node {
                 self.claim = Phase::RetryAt(now + self.cfg.claim_interval);
                 // The server stamped the claim between our two readings.
                 let local_mid = sent / 2 + received / 2 + (sent % 2 + received % 2) / 2;
-                let skew = local_mid as i64 - server_ms as i64;
                 let uncertainty = (received.saturating_sub(sent) / 2) as i64;
+                let bound = self.cfg.max_clock_skew_ms as i64;
+                let wall_skew = local_mid as i64 - server_ms as i64;
+                // A wall clock that lags stamps with the server's time instead.
+                self.clock
+                    .set_lag_ms((-wall_skew - uncertainty).max(0) as u64);
+                // The stamps this node would give follow the later of its wall clock and its
+                // high-water mark. A high-water mark that leads while the wall clock is right
+                // (it stamped while the wall clock ran fast, before a check caught it) is
+                // brought back: waiting for real time to catch up would stop this node for
+                // as long as the clock had jumped.
+                let mut lowered = false;
+                let hw_skew = self.clock.high_water().wall_ms() as i64 - server_ms as i64;
+                if wall_skew - uncertainty <= bound && hw_skew - uncertainty > bound {
+                    self.clock.lower_to(received);
+                    lowered = true;
+                }
+                let stamp_skew =
+                    wall_skew.max(self.clock.high_water().wall_ms() as i64 - server_ms as i64);
                 // Only a lead beyond the bound plus the measurement's own uncertainty pauses.
-                let ahead = skew - uncertainty > self.cfg.max_clock_skew_ms as i64;
+                let ahead = stamp_skew - uncertainty > bound;
                 let changed = ahead != self.skew_paused;
-                self.skew_ms = skew;
+                self.skew_ms = stamp_skew;
                 self.skew_paused = ahead;
-                if changed || ahead {
+                if changed || ahead || lowered {
                     self.event(Event::ClockSkew {
-                        skew_ms: skew,
+                        skew_ms: stamp_skew,
                         paused: ahead,
+                        lowered_high_water: lowered.then_some(hw_skew),
                     });
                 }
             }
@@ -1432,7 +1452,15 @@ impl Node {
     /// node started with a far-future clock must not stamp), and pauses while it is ahead.
     /// Writes meanwhile wait, safe, in the change log.
     fn capture_enabled(&self) -> bool {
-        self.cfg.publish && self.claimed_once && !self.skew_paused && !self.capturing
+        self.cfg.publish && self.clock_sane() && !self.capturing
+    }
+
+    /// Whether this node may stamp now: its clock was checked against the server at least
+    /// once (a node started with a far-future clock must not stamp) and the stamps it would
+    /// give do not lead the server by more than the bound. Capture, apply (which captures
+    /// pending local writes first), merge restores and parked retries all stamp.
+    fn clock_sane(&self) -> bool {
+        self.claimed_once && !self.skew_paused
     }
 
     fn apply_enabled(&self) -> bool {
@@ -1440,7 +1468,7 @@ impl Node {
             self.restore,
             RestorePhase::Applying(_) | RestorePhase::Fetching(_)
         ) && self.apply_started_at.is_none()
-            && !self.skew_paused
+            && self.clock_sane()
             && self.shutdown_deadline.is_none()
     }
 
@@ -1452,8 +1480,12 @@ impl Node {
             && self.stream == Phase::Ready
     }
 
+    /// A receive-only node (`publish = false`) never takes snapshots: its database may hold
+    /// local rows no other node has (nothing captures them), and a node that restored from
+    /// it would then differ from the others by how it joined. It restores from others'.
     fn save_possible(&self) -> bool {
         self.cfg.snapshots.is_some()
+            && self.cfg.publish
             && self.claimed_once
             && !self.saving
             && self.restore == RestorePhase::Idle
@@ -1470,7 +1502,16 @@ impl Node {
     }
 
     fn parked_retry_enabled(&self) -> bool {
-        !self.skew_paused && self.shutdown_deadline.is_none() && self.claimed_once
+        self.clock_sane() && self.shutdown_deadline.is_none()
+    }
+
+    /// A restore may start: a merge restore captures (stamps) pending local writes first.
+    fn restore_enabled(&self, now: Duration) -> bool {
+        matches!(self.restore, RestorePhase::Wanted(_))
+            && now >= self.restore_retry_at
+            && self.shutdown_deadline.is_none()
+            && !self.saving
+            && self.clock_sane()
     }
 
     /// Turns state into outputs. Called at the end of every `handle`.
@@ -1524,9 +1565,7 @@ impl Node {
         // to end: the drive loop releases this node's snapshot lease before fetching (see
         // `Output::FetchSnapshot`), which must not cut a save short.
         if let RestorePhase::Wanted(reason) = self.restore
-            && now >= self.restore_retry_at
-            && self.shutdown_deadline.is_none()
-            && !self.saving
+            && self.restore_enabled(now)
         {
             self.restore = RestorePhase::Fetching(reason);
             let min_position = match reason {

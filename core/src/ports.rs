@@ -166,6 +166,9 @@ pub enum Claim {
     Granted {
         /// Server time of the claim, milliseconds since the Unix epoch.
         server_ms: u64,
+        /// The grant's revision: it changes with every grant and renewal of any lease, and
+        /// orders them ([`Transport::renew_lease`] renews only from the revision last seen).
+        revision: u64,
     },
     /// Another live node holds the id.
     Held {
@@ -192,6 +195,16 @@ pub trait Transport: Send + Sync + 'static {
     /// Takes (or renews) the lease `key` for `owner`; a lease not renewed expires. Held by
     /// someone else: [`Claim::Held`]. Granted: the server's time of the grant.
     async fn lease(&self, key: &str, owner: &str) -> Result<Claim, TransportError>;
+    /// Renews the lease `key` for `owner` only if it is still the grant of `revision`
+    /// (compare-and-set: nobody took it meanwhile, it did not expire): `Some(new revision)`,
+    /// or `None` when it was lost. A fence: work done under a lease checks it this way before
+    /// its one irrevocable step.
+    async fn renew_lease(
+        &self,
+        key: &str,
+        owner: &str,
+        revision: u64,
+    ) -> Result<Option<u64>, TransportError>;
     /// Gives up the lease `key` if `owner` holds it.
     async fn release(&self, key: &str, owner: &str) -> Result<(), TransportError>;
     /// Claims (or renews the claim of) node id `node` for `owner`.

@@ -14,6 +14,7 @@
 use crate::hlc::NodeId;
 use crate::ports::{Claim, Transport};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -224,21 +225,51 @@ pub async fn list<S: ObjectStore + ?Sized>(store: &S) -> Result<Vec<SnapshotInfo
     Ok(out)
 }
 
+/// How a save is asked for.
+#[derive(Clone, Debug)]
+pub struct SaveParams<'a> {
+    /// The saving node.
+    pub node: NodeId,
+    /// Its owner token (who holds the lease).
+    pub owner: &'a str,
+    /// Its stream position.
+    pub position: u64,
+    /// Wall time, ms since the Unix epoch.
+    pub now_ms: u64,
+    /// Skip the save when the newest snapshot is within this many positions...
+    pub min_changes: u64,
+    /// ... and younger than this (ms). Both 0: save regardless.
+    pub min_age_ms: u64,
+    /// Generations kept in the store.
+    pub keep: usize,
+}
+
+/// Sleeps for a while (the caller's timer: the core has none).
+pub type Pause<'a> = &'a (dyn Fn(std::time::Duration) -> BoxFuture<'static, ()> + Send + Sync);
+
+/// While a save runs, its lease is renewed this often (the lease lives 15 s).
+pub const LEASE_RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Snapshot objects that no manifest refers to are deleted only once they are this old: a
+/// younger one may be a save still under way on another node, whose manifest comes next.
+pub const ORPHAN_GRACE_MS: u64 = 60 * 60 * 1000;
+
 /// Takes and stores a snapshot, unless another node is taking one, or the newest one is
 /// within `min_changes` positions of ours and younger than `min_age_ms` (set both to 0 to
 /// force one). Keeps the newest `keep` generations.
-#[allow(clippy::too_many_arguments)]
+///
+/// The lease is renewed every [`LEASE_RENEW_EVERY`] while the copy is made and uploaded,
+/// however long that takes, and the manifest is written only after a compare-and-set
+/// renewal from the revision last granted proves the lease was never lost meanwhile (not
+/// every store has a create-only write to fence with: the NATS object store has not). A save
+/// that lost its lease deletes its object and writes nothing. The manifest's generation is
+/// at least the lease's revision, so two savers never write the same manifest name.
 pub async fn save<S, T, F>(
     store: &S,
     transport: &T,
     files: &F,
-    node: NodeId,
-    owner: &str,
-    position: u64,
-    now_ms: u64,
-    min_changes: u64,
-    min_age_ms: u64,
-    keep: usize,
+    p: &SaveParams<'_>,
+    pause: Pause<'_>,
     progress: Progress<'_>,
 ) -> Result<SaveOutcome, SnapshotError>
 where
@@ -246,44 +277,106 @@ where
     T: Transport + ?Sized,
     F: SnapshotFiles + ?Sized,
 {
-    match transport
-        .lease(SNAPSHOT_LEASE, owner)
+    let revision = match transport
+        .lease(SNAPSHOT_LEASE, p.owner)
         .await
         .map_err(|e| SnapshotError::Lease(e.to_string()))?
     {
         Claim::Held { by } => return Ok(SaveOutcome::Busy { by }),
-        Claim::Granted { .. } => {}
-    }
-    let result = save_leased(
-        store,
-        files,
-        node,
-        position,
-        now_ms,
-        min_changes,
-        min_age_ms,
-        keep,
-        progress,
-    )
-    .await;
-    let _ = transport.release(SNAPSHOT_LEASE, owner).await;
+        Claim::Granted { revision, .. } => revision,
+    };
+    let mut lease = Lease {
+        transport,
+        owner: p.owner,
+        revision,
+    };
+    let result = save_leased(store, files, p, &mut lease, pause, progress).await;
+    let _ = transport.release(SNAPSHOT_LEASE, p.owner).await;
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn save_leased<S, F>(
+/// The snapshot lease, as held by a save.
+struct Lease<'a, T: ?Sized> {
+    transport: &'a T,
+    owner: &'a str,
+    revision: u64,
+}
+
+/// What one renewal of the lease found.
+enum Renewal {
+    /// Still ours, at a new revision.
+    Renewed,
+    /// Not ours any more: it expired, and may be another node's now.
+    Lost,
+    /// The transport did not answer.
+    Unreachable(String),
+}
+
+impl<T: Transport + ?Sized> Lease<'_, T> {
+    async fn try_renew(&mut self) -> Renewal {
+        match self
+            .transport
+            .renew_lease(SNAPSHOT_LEASE, self.owner, self.revision)
+            .await
+        {
+            Ok(Some(r)) => {
+                self.revision = r;
+                Renewal::Renewed
+            }
+            Ok(None) => Renewal::Lost,
+            Err(e) => Renewal::Unreachable(e.to_string()),
+        }
+    }
+
+    /// Renews the lease from the revision last granted: the fence before the manifest.
+    async fn renew(&mut self) -> Result<(), SnapshotError> {
+        match self.try_renew().await {
+            Renewal::Renewed => Ok(()),
+            Renewal::Lost => Err(lost()),
+            Renewal::Unreachable(e) => Err(SnapshotError::Lease(e)),
+        }
+    }
+
+    /// Runs `work`, renewing the lease every [`LEASE_RENEW_EVERY`] meanwhile. A renewal the
+    /// transport did not answer is tried again at the next turn (the fence decides in the
+    /// end); a lease known lost ends the work.
+    async fn during<R>(
+        &mut self,
+        pause: Pause<'_>,
+        work: impl std::future::Future<Output = R>,
+    ) -> Result<R, SnapshotError> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            match futures::future::select(work.as_mut(), pause(LEASE_RENEW_EVERY)).await {
+                futures::future::Either::Left((out, _)) => return Ok(out),
+                futures::future::Either::Right(((), _)) => {
+                    if let Renewal::Lost = self.try_renew().await {
+                        return Err(lost());
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lost() -> SnapshotError {
+    SnapshotError::Lease(
+        "the snapshot lease expired during the save and may be another node's now: this save is abandoned"
+            .into(),
+    )
+}
+
+async fn save_leased<S, T, F>(
     store: &S,
     files: &F,
-    node: NodeId,
-    position: u64,
-    now_ms: u64,
-    min_changes: u64,
-    min_age_ms: u64,
-    keep: usize,
+    p: &SaveParams<'_>,
+    lease: &mut Lease<'_, T>,
+    pause: Pause<'_>,
     progress: Progress<'_>,
 ) -> Result<SaveOutcome, SnapshotError>
 where
     S: ObjectStore + ?Sized,
+    T: Transport + ?Sized,
     F: SnapshotFiles + ?Sized,
 {
     let gens = generations(store).await?;
@@ -292,23 +385,38 @@ where
         None => None,
     };
     if let Some(n) = &newest
-        && n.position + min_changes > position
-        && now_ms.saturating_sub(n.created_ms) < min_age_ms
+        && n.position + p.min_changes > p.position
+        && p.now_ms.saturating_sub(n.created_ms) < p.min_age_ms
     {
         return Ok(SaveOutcome::UpToDate(n.clone()));
     }
-    let local = files.create().await?;
-    let object = object_name(node, local.position, now_ms);
-    let uploaded = store.put_file(&object, &local.path, progress).await;
+    let local = lease.during(pause, files.create()).await??;
+    let object = object_name(p.node, local.position, p.now_ms);
+    let uploaded = lease
+        .during(pause, store.put_file(&object, &local.path, progress))
+        .await;
     files.discard(&local.path);
-    uploaded.map_err(SnapshotError::Store)?;
+    match uploaded {
+        Ok(r) => r.map_err(SnapshotError::Store)?,
+        Err(e) => {
+            let _ = store.delete(&object).await;
+            return Err(e);
+        }
+    }
+    // The fence: nobody held the lease since our last grant. The manifest and the pruning
+    // follow at once, well within the lease's lifetime.
+    if let Err(e) = lease.renew().await {
+        let _ = store.delete(&object).await;
+        return Err(e);
+    }
+    let gens = generations(store).await?;
     let info = SnapshotInfo {
         format: MANIFEST_FORMAT,
-        generation: gens.first().map_or(1, |g| g + 1),
+        generation: gens.first().map_or(1, |g| g + 1).max(lease.revision),
         object,
         position: local.position,
-        node,
-        created_ms: now_ms,
+        node: p.node,
+        created_ms: p.now_ms,
         size: local.size,
         raw_size: local.raw_size,
         checksum: local.checksum,
@@ -319,13 +427,28 @@ where
         .put_bytes(&manifest_name(info.generation), Bytes::from(json))
         .await
         .map_err(SnapshotError::Store)?;
-    prune(store, keep.max(1)).await?;
+    prune(store, p.keep.max(1), p.now_ms).await?;
     Ok(SaveOutcome::Saved(info))
 }
 
-/// Deletes manifests beyond the newest `keep` generations, then every snapshot object no
-/// kept manifest refers to.
-async fn prune<S: ObjectStore + ?Sized>(store: &S, keep: usize) -> Result<(), SnapshotError> {
+/// The creation time (ms) in a snapshot object's name.
+fn object_created_ms(name: &str) -> Option<u64> {
+    name.strip_prefix("snapshot-")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Deletes manifests beyond the newest `keep` generations and the objects only they refer
+/// to, and objects no manifest refers to that are older than [`ORPHAN_GRACE_MS`] (left by a
+/// saver that died before writing its manifest). An object younger than that and in no
+/// manifest may be another node's save under way: it is left alone.
+async fn prune<S: ObjectStore + ?Sized>(
+    store: &S,
+    keep: usize,
+    now_ms: u64,
+) -> Result<(), SnapshotError> {
     let gens = generations(store).await?;
     let mut kept = std::collections::BTreeSet::new();
     for g in gens.iter().take(keep) {
@@ -336,14 +459,23 @@ async fn prune<S: ObjectStore + ?Sized>(store: &S, keep: usize) -> Result<(), Sn
     if kept.is_empty() {
         return Ok(());
     }
+    let mut dropped = std::collections::BTreeSet::new();
     for g in gens.iter().skip(keep) {
+        if let Some(info) = read_manifest(store, *g).await? {
+            dropped.insert(info.object);
+        }
         store
             .delete(&manifest_name(*g))
             .await
             .map_err(SnapshotError::Store)?;
     }
     for name in store.list().await.map_err(SnapshotError::Store)? {
-        if name.starts_with("snapshot-") && !kept.contains(&name) {
+        if !name.starts_with("snapshot-") || kept.contains(&name) {
+            continue;
+        }
+        let orphan_old =
+            object_created_ms(&name).is_none_or(|c| now_ms.saturating_sub(c) > ORPHAN_GRACE_MS);
+        if dropped.contains(&name) || orphan_old {
             store.delete(&name).await.map_err(SnapshotError::Store)?;
         }
     }

@@ -262,11 +262,23 @@ impl Observer for DaemonObserver {
                      it was deleted or replaced. Restore this node from a copy of another node's database."
                 );
             }
-            Event::ClockSkew { skew_ms, paused } => {
+            Event::ClockSkew {
+                skew_ms,
+                paused,
+                lowered_high_water,
+            } => {
+                if let Some(lead_ms) = lowered_high_water {
+                    tracing::warn!(
+                        lead_ms,
+                        "this node's clock had stamped ahead of the NATS server (its wall clock ran fast before a check caught it); \
+                         its wall clock is right again, so its clock goes on from the wall clock (later writes of the rows stamped \
+                         ahead are still stamped above them)"
+                    );
+                }
                 if *paused {
                     tracing::error!(
                         skew_ms,
-                        "this node's clock is ahead of the NATS server beyond max_clock_skew_ms: capture and apply are paused until it is fixed (writes wait safely in the change log)"
+                        "the stamps this node would give are ahead of the NATS server's clock beyond max_clock_skew_ms: capture, apply and restores are paused until it is fixed (writes wait safely in the change log)"
                     );
                 } else {
                     tracing::info!(

@@ -232,7 +232,11 @@ async fn serve(
         Arc::new(crate::snapshots::DaemonSnapshots {
             store: tokio::sync::OnceCell::new(),
             transport: transport.clone(),
-            files: crate::snapshots::BlockingFiles::new(&s.db_path, s.snapshot.tombstone_ttl),
+            files: crate::snapshots::BlockingFiles::new(
+                &s.db_path,
+                s.snapshot.tombstone_ttl,
+                s.busy_timeout,
+            ),
             node: s.node_id,
             owner: owner.clone(),
             settings: s.snapshot.clone(),

@@ -226,16 +226,21 @@ pub async fn open_store(
     Ok(Arc::new(OpendalStore { op }))
 }
 
+/// The core's timer for renewing the snapshot lease during a save.
+fn tokio_pause(d: Duration) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(tokio::time::sleep(d))
+}
+
 /// Snapshot files made and checked off the async workers.
 pub struct BlockingFiles {
     dir: SnapshotDir,
 }
 
 impl BlockingFiles {
-    /// Files for the database at `db`.
-    pub fn new(db: &Path, tombstone_ttl: Duration) -> Self {
+    /// Files for the database at `db`; a lock is waited for at most `busy_timeout`.
+    pub fn new(db: &Path, tombstone_ttl: Duration, busy_timeout: Duration) -> Self {
         BlockingFiles {
-            dir: SnapshotDir::new(db, tombstone_ttl),
+            dir: SnapshotDir::new(db, tombstone_ttl).with_busy_timeout(busy_timeout),
         }
     }
 }
@@ -317,17 +322,21 @@ impl Snapshots for DaemonSnapshots {
         };
         let progress = log_progress("upload");
         let store = self.store().await?;
+        let params = snapshot::SaveParams {
+            node: self.node,
+            owner: &self.owner,
+            position,
+            now_ms: now_ms(),
+            min_changes,
+            min_age_ms: min_age,
+            keep: self.settings.keep,
+        };
         snapshot::save(
             &**store,
             &*self.transport,
             &self.files,
-            self.node,
-            &self.owner,
-            position,
-            now_ms(),
-            min_changes,
-            min_age,
-            self.settings.keep,
+            &params,
+            &tokio_pause,
             &progress,
         )
         .await
@@ -397,7 +406,7 @@ pub fn command(
             None
         };
                 let store = open_store(&s.snapshot, transport.as_deref()).await?;
-        let files = BlockingFiles::new(&s.db_path, s.snapshot.tombstone_ttl);
+        let files = BlockingFiles::new(&s.db_path, s.snapshot.tombstone_ttl, s.busy_timeout);
         if matches!(action, SnapshotCommand::Save) {
             // Sets marmot up in the database if it never ran there.
             let mut cfg = marmot_sqlite::StoreConfig::new(&s.db_path, s.node_id, rand::random());
@@ -427,9 +436,16 @@ pub fn command(
                 };
                 let owner = format!("marmot-cli-node{}", s.node_id);
                 let progress = progress_bar("uploading");
-                let out = snapshot::save(
-                    &*store, &*transport, &files, s.node_id, &owner, position, now_ms(), 0, 0, s.snapshot.keep, &*progress,
-                )
+                let params = snapshot::SaveParams {
+                    node: s.node_id,
+                    owner: &owner,
+                    position,
+                    now_ms: now_ms(),
+                    min_changes: 0,
+                    min_age_ms: 0,
+                    keep: s.snapshot.keep,
+                };
+                let out = snapshot::save(&*store, &*transport, &files, &params, &tokio_pause, &*progress)
                 .await?;
                 match out {
                     SaveOutcome::Saved(i) => {

@@ -503,7 +503,27 @@ impl Transport for NatsTransport {
             .map_err(|e| unavailable("reading a lease", e))?;
         Ok(Claim::Granted {
             server_ms: millis(written.time),
+            revision,
         })
+    }
+
+    async fn renew_lease(
+        &self,
+        key: &str,
+        owner: &str,
+        revision: u64,
+    ) -> Result<Option<u64>, TransportError> {
+        let kv = self.kv().await?;
+        // A compare-and-set update: it fails when the key's last revision is another one
+        // (someone else took the lease, or it expired and the bucket dropped it).
+        match kv
+            .update(key, Bytes::copy_from_slice(owner.as_bytes()), revision)
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(unavailable("renewing a lease", e)),
+        }
     }
 
     async fn release(&self, key: &str, owner: &str) -> Result<(), TransportError> {

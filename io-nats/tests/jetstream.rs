@@ -138,7 +138,7 @@ async fn limits_discard_old_messages_and_bounds_show_it() {
 async fn a_node_id_is_claimed_by_one_database_only() {
     let s = start_server();
     let a = transport(&s, 7, |_| {}).await;
-    let Claim::Granted { server_ms } = a.claim(7, "db-one").await.unwrap() else {
+    let Claim::Granted { server_ms, .. } = a.claim(7, "db-one").await.unwrap() else {
         panic!("first claim refused")
     };
     let now = std::time::SystemTime::now()

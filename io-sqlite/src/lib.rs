@@ -614,13 +614,9 @@ impl SqliteStore {
         }
     }
 
-    fn load_clock(&self, clock: &mut Clock) -> Result<(), StoreError> {
-        if let Some(c) = meta_get(&self.conn, "clock").map_err(|e| self.sql_err(e))? {
-            clock.observe(Stamp::from_u64(c as u64));
-        }
-        Ok(())
-    }
-
+    /// Persists the clock's high-water mark. The running node's clock is the truth (it is
+    /// read back only at start, in `recover`): it may have been lowered on purpose
+    /// (`Clock::lower_to`), and reading the stored mark back would undo that.
     fn save_clock(&self, clock: &Clock) -> Result<(), StoreError> {
         meta_set(&self.conn, "clock", clock.high_water().as_u64() as i64)
             .map_err(|e| self.sql_err(e))
@@ -765,7 +761,6 @@ impl Storage for SqliteStore {
         }
         self.in_txn(|s| {
             s.follow_schema()?;
-            s.load_clock(clock)?;
             let captured = s.capture_in_txn(clock, wall_ms)?;
             if !s.cfg.capture {
                 // Nothing to capture, but follow what other connections did.
@@ -789,7 +784,6 @@ impl Storage for SqliteStore {
         let me = self.cfg.node_id;
         self.in_txn(|s| {
             s.follow_schema()?;
-            s.load_clock(clock)?;
             // Stamp local writes before any remote row is compared with them.
             let captured = s.capture_in_txn(clock, wall_ms)?;
             let position = s.position()?;
@@ -845,7 +839,6 @@ impl Storage for SqliteStore {
         let me = self.cfg.node_id;
         self.in_txn(|s| {
             s.follow_schema()?;
-            s.load_clock(clock)?;
             let captured = s.capture_in_txn(clock, wall_ms)?;
             let e = |x| s.sql_err(x);
             let filter = if all { "" } else { " WHERE retry_requested = 1" };

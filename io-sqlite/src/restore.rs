@@ -45,7 +45,7 @@ impl SqliteStore {
             s.follow_schema()?;
             let empty = is_empty(&s.conn).map_err(|x| s.sql_err(x))?;
             if empty {
-                s.restore_whole(clock, snap)
+                s.restore_whole(clock, wall_ms, snap)
             } else {
                 s.restore_merge(clock, wall_ms, snap)
             }
@@ -78,6 +78,7 @@ impl SqliteStore {
     fn restore_whole(
         &mut self,
         clock: &mut Clock,
+        wall_ms: u64,
         snap: &StagedSnapshot,
     ) -> Result<RestoreReport, StoreError> {
         let e = |s: &Self, x| s.sql_err(x);
@@ -120,7 +121,7 @@ impl SqliteStore {
             meta_set(c, "format", crate::STORE_FORMAT).map_err(err)?;
         }
         if let Some(theirs) = meta_get(c, "clock").map_err(err)? {
-            clock.observe(Stamp::from_u64(theirs as u64));
+            clock.observe_remote(Stamp::from_u64(theirs as u64), wall_ms);
         }
         self.save_clock(clock)?;
         self.schema_version = -1;
@@ -188,7 +189,7 @@ impl SqliteStore {
             .optional()
             .map_err(err)?;
         if let Some(c) = theirs {
-            clock.observe(Stamp::from_u64(c as u64));
+            clock.observe_remote(Stamp::from_u64(c as u64), wall_ms);
         }
         self.save_clock(clock)?;
         let position = self.position()?.max(snap.info.position);

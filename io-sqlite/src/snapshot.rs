@@ -22,6 +22,7 @@ pub struct SnapshotDir {
     db: PathBuf,
     dir: PathBuf,
     tombstone_ttl_ms: u64,
+    busy_timeout: Duration,
 }
 
 fn local(e: impl std::fmt::Display) -> SnapshotError {
@@ -65,15 +66,32 @@ pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
 }
 
 /// Copies the database `from` into a new file `to` in one backup step (one consistent read
-/// transaction; the copy never restarts because someone wrote meanwhile).
-pub fn backup_into_file(from: &Connection, to: &Path) -> rusqlite::Result<()> {
+/// transaction; the copy never restarts because someone wrote meanwhile). A lock the copy
+/// needs is waited for up to `busy_timeout`, then the copy fails as busy (and is retried by
+/// the caller later), never forever.
+pub fn backup_into_file(
+    from: &Connection,
+    to: &Path,
+    busy_timeout: Duration,
+) -> rusqlite::Result<()> {
     let mut dest = Connection::open(to)?;
     let backup = Backup::new(from, &mut dest)?;
+    let deadline = std::time::Instant::now() + busy_timeout;
     loop {
         match backup.step(-1)? {
             StepResult::Done => return Ok(()),
-            // Another connection holds a lock the copy needs: wait and go on.
-            _ => std::thread::sleep(Duration::from_millis(10)),
+            // Another connection holds a lock the copy needs: wait and go on, for a while.
+            _ if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => {
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                    Some(format!(
+                        "the database stayed locked for {busy_timeout:?} while it was copied"
+                    )),
+                ));
+            }
         }
     }
 }
@@ -90,7 +108,14 @@ impl SnapshotDir {
             db: db.to_path_buf(),
             dir: db.with_file_name(format!("{name}-marmot-snapshots")),
             tombstone_ttl_ms: tombstone_ttl.as_millis() as u64,
+            busy_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// Waits at most this long for a lock (the store's `busy_timeout`; default 5 s).
+    pub fn with_busy_timeout(mut self, busy_timeout: Duration) -> Self {
+        self.busy_timeout = busy_timeout;
+        self
     }
 
     fn ensure_dir(&self) -> Result<(), SnapshotError> {
@@ -100,7 +125,7 @@ impl SnapshotDir {
 
     /// Removes tombstones older than the horizon; returns the horizon in force (ms).
     fn collect_tombstones(&self, now_ms: u64) -> Result<u64, SnapshotError> {
-        let conn = crate::open_connection(&self.db, Duration::from_secs(30)).map_err(local)?;
+        let conn = crate::open_connection(&self.db, self.busy_timeout).map_err(local)?;
         let stored: Option<i64> = conn
             .query_row(
                 "SELECT value FROM \"__marmot__meta\" WHERE key = 'horizon'",
@@ -159,8 +184,8 @@ impl SnapshotDir {
         {
             let src = Connection::open_with_flags(&self.db, OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .map_err(local)?;
-            src.busy_timeout(Duration::from_secs(30)).map_err(local)?;
-            backup_into_file(&src, &raw)
+            src.busy_timeout(self.busy_timeout).map_err(local)?;
+            backup_into_file(&src, &raw, self.busy_timeout)
                 .map_err(|e| local(format!("copying the database: {e}")))?;
         }
         let position: i64 = {

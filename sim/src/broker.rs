@@ -54,7 +54,10 @@ pub struct BrokerState {
     last_seq: u64,
     ids: BTreeMap<String, u64>,
     id_times: VecDeque<(u64, String)>,
-    leases: BTreeMap<String, (String, u64)>,
+    /// Leases: key -> (owner, expires at ms, revision).
+    leases: BTreeMap<String, (String, u64, u64)>,
+    /// The last lease revision handed out (as a key-value bucket's sequence).
+    lease_revision: u64,
     objects: BTreeMap<String, Bytes>,
     notify: Rc<tokio::sync::Notify>,
     rng: ChaCha8Rng,
@@ -75,6 +78,7 @@ impl BrokerState {
             ids: BTreeMap::new(),
             id_times: VecDeque::new(),
             leases: BTreeMap::new(),
+            lease_revision: 0,
             objects: BTreeMap::new(),
             notify: Rc::new(tokio::sync::Notify::new()),
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -122,14 +126,34 @@ impl BrokerState {
 
     fn lease(&mut self, key: String, owner: String, now_ms: u64) -> Response {
         match self.leases.get(&key) {
-            Some((holder, expires)) if *holder != owner && *expires > now_ms => {
+            Some((holder, expires, _)) if *holder != owner && *expires > now_ms => {
                 Response::Held { by: holder.clone() }
             }
-            _ => {
-                let expires = now_ms + self.cfg.claim_ttl.as_millis() as u64;
-                self.leases.insert(key, (owner, expires));
-                Response::Claimed { server_ms: now_ms }
+            _ => self.grant(key, owner, now_ms),
+        }
+    }
+
+    fn grant(&mut self, key: String, owner: String, now_ms: u64) -> Response {
+        let expires = now_ms + self.cfg.claim_ttl.as_millis() as u64;
+        self.lease_revision += 1;
+        let revision = self.lease_revision;
+        self.leases.insert(key, (owner, expires, revision));
+        Response::Claimed {
+            server_ms: now_ms,
+            revision,
+        }
+    }
+
+    /// Compare-and-set renewal: only the holder of `revision`, and only before it expired
+    /// (an expired entry is gone from a key-value bucket with a TTL).
+    fn renew(&mut self, key: String, owner: String, revision: u64, now_ms: u64) -> Response {
+        match self.leases.get(&key) {
+            Some((holder, expires, rev))
+                if *holder == owner && *rev == revision && *expires > now_ms =>
+            {
+                self.grant(key, owner, now_ms)
             }
+            _ => Response::Lost,
         }
     }
 
@@ -137,7 +161,7 @@ impl BrokerState {
         if self
             .leases
             .get(key)
-            .is_some_and(|(holder, _)| holder == owner)
+            .is_some_and(|(holder, _, _)| holder == owner)
         {
             self.leases.remove(key);
         }
@@ -209,6 +233,11 @@ async fn handle(broker: Broker, mut stream: turmoil::net::TcpStream) -> std::io:
             Response::Info { first, last }
         }
         Request::Lease { key, owner } => broker.borrow_mut().lease(key, owner, now_ms()),
+        Request::RenewLease {
+            key,
+            owner,
+            revision,
+        } => broker.borrow_mut().renew(key, owner, revision, now_ms()),
         Request::Release { key, owner } => {
             broker.borrow_mut().release(&key, &owner);
             Response::Done

@@ -62,14 +62,32 @@ pub async fn conformance<T: Transport>(t: &T, node: u64) {
         t.claim(node, "owner-x").await.expect("claim"),
         Claim::Granted { .. }
     ));
-    assert!(matches!(
-        t.claim(node, "owner-x").await.expect("renew"),
-        Claim::Granted { .. }
-    ));
+    let Claim::Granted { revision: r1, .. } = t.claim(node, "owner-x").await.expect("renew") else {
+        panic!("the owner renews its claim")
+    };
     assert_eq!(
         t.claim(node, "owner-y").await.expect("claim"),
         Claim::Held {
             by: "owner-x".into()
         }
+    );
+    // Fenced renewals: from the revision last granted only, each a new, higher revision.
+    let key = format!("node-{node}");
+    let r2 = t
+        .renew_lease(&key, "owner-x", r1)
+        .await
+        .expect("renew")
+        .expect("still the owner's at that revision");
+    assert!(r2 > r1, "{r2} after {r1}");
+    assert_eq!(
+        t.renew_lease(&key, "owner-x", r1).await.expect("renew"),
+        None,
+        "a renewal from a revision that is not the lease's any more is refused"
+    );
+    t.release(&key, "owner-x").await.expect("release");
+    assert_eq!(
+        t.renew_lease(&key, "owner-x", r2).await.expect("renew"),
+        None,
+        "a lease given up (or expired) cannot be renewed"
     );
 }

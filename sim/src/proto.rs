@@ -31,6 +31,15 @@ pub enum Request {
         /// Owner token.
         owner: String,
     },
+    /// Renew a lease only from this revision (compare-and-set).
+    RenewLease {
+        /// Lease key.
+        key: String,
+        /// Owner token.
+        owner: String,
+        /// The revision last granted.
+        revision: u64,
+    },
     /// Give up a lease.
     Release {
         /// Lease key.
@@ -93,7 +102,11 @@ pub enum Response {
     Claimed {
         /// Server time, ms since the epoch.
         server_ms: u64,
+        /// The grant's revision.
+        revision: u64,
     },
+    /// A renewal from a revision that is no longer the lease's.
+    Lost,
     /// Claim held by another owner.
     Held {
         /// The owner.
@@ -166,6 +179,16 @@ impl Request {
                 b.put_u8(9);
                 put_bytes(&mut b, name.as_bytes());
             }
+            Request::RenewLease {
+                key,
+                owner,
+                revision,
+            } => {
+                b.put_u8(10);
+                put_bytes(&mut b, key.as_bytes());
+                put_bytes(&mut b, owner.as_bytes());
+                b.put_u64(*revision);
+            }
         }
         b
     }
@@ -202,6 +225,11 @@ impl Request {
             9 => Request::ObjDelete {
                 name: get_string(&mut b)?,
             },
+            10 => Request::RenewLease {
+                key: get_string(&mut b)?,
+                owner: get_string(&mut b)?,
+                revision: get_u64(&mut b)?,
+            },
             _ => return None,
         })
     }
@@ -234,10 +262,15 @@ impl Response {
                 put_bytes(&mut b, payload);
             }
             Response::Heartbeat => b.put_u8(4),
-            Response::Claimed { server_ms } => {
+            Response::Claimed {
+                server_ms,
+                revision,
+            } => {
                 b.put_u8(5);
                 b.put_u64(*server_ms);
+                b.put_u64(*revision);
             }
+            Response::Lost => b.put_u8(10),
             Response::Held { by } => {
                 b.put_u8(6);
                 put_bytes(&mut b, by.as_bytes());
@@ -286,7 +319,9 @@ impl Response {
             4 => Response::Heartbeat,
             5 => Response::Claimed {
                 server_ms: get_u64(&mut b)?,
+                revision: get_u64(&mut b)?,
             },
+            10 => Response::Lost,
             6 => Response::Held {
                 by: get_string(&mut b)?,
             },

@@ -130,8 +130,34 @@ impl Transport for SimTransport {
             })
             .await?
         {
-            Response::Claimed { server_ms } => Ok(Claim::Granted { server_ms }),
+            Response::Claimed {
+                server_ms,
+                revision,
+            } => Ok(Claim::Granted {
+                server_ms,
+                revision,
+            }),
             Response::Held { by } => Ok(Claim::Held { by }),
+            other => Err(TransportError::other(format!("unexpected {other:?}"))),
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        key: &str,
+        owner: &str,
+        revision: u64,
+    ) -> Result<Option<u64>, TransportError> {
+        match self
+            .call(Request::RenewLease {
+                key: key.to_string(),
+                owner: owner.to_string(),
+                revision,
+            })
+            .await?
+        {
+            Response::Claimed { revision, .. } => Ok(Some(revision)),
+            Response::Lost => Ok(None),
             other => Err(TransportError::other(format!("unexpected {other:?}"))),
         }
     }

@@ -351,17 +351,22 @@ impl Snapshots for SimSnapshots {
         } else {
             (self.every.0 / 2, self.every.1.as_millis() as u64 / 2)
         };
+        let params = snapshot::SaveParams {
+            node: self.node,
+            owner: &self.owner,
+            position,
+            now_ms,
+            min_changes,
+            min_age_ms: min_age,
+            keep: 2,
+        };
+        let pause = |d: Duration| -> BoxFuture<'static, ()> { tokio::time::sleep(d).boxed() };
         snapshot::save(
             &self.store,
             &self.transport,
             &self.files,
-            self.node,
-            &self.owner,
-            position,
-            now_ms,
-            min_changes,
-            min_age,
-            2,
+            &params,
+            &pause,
             &|_| {},
         )
         .await

@@ -81,7 +81,10 @@ fn ready_configured(
     n.handle(
         ms(0),
         Input::Claimed {
-            result: Ok(Claim::Granted { server_ms: 1000 }),
+            result: Ok(Claim::Granted {
+                server_ms: 1000,
+                revision: 1,
+            }),
             sent_wall_ms: 1000,
             received_wall_ms: 1000,
         },
@@ -322,6 +325,7 @@ fn a_clock_ahead_of_the_server_pauses_capture_and_apply_until_it_is_sane() {
         Input::Claimed {
             result: Ok(Claim::Granted {
                 server_ms: 1_000_000,
+                revision: 1,
             }),
             sent_wall_ms: 1_000_000 + bound + 1000,
             received_wall_ms: 1_000_000 + bound + 1000,
@@ -352,6 +356,7 @@ fn a_clock_ahead_of_the_server_pauses_capture_and_apply_until_it_is_sane() {
         Input::Claimed {
             result: Ok(Claim::Granted {
                 server_ms: 2_000_000,
+                revision: 1,
             }),
             sent_wall_ms: 2_000_000,
             received_wall_ms: 2_000_010,
@@ -363,6 +368,113 @@ fn a_clock_ahead_of_the_server_pauses_capture_and_apply_until_it_is_sane() {
         &outs,
         |o| matches!(o, Output::Apply(ds) if ds[0].stream_seq == 1)
     ));
+}
+
+#[test]
+fn nothing_is_applied_before_the_clock_was_checked_against_the_server() {
+    // Apply captures (stamps) pending local writes first: it must wait for the first check,
+    // like capture, or a node started hours ahead stamps them in the far future.
+    let mut n = Node::new(NodeConfig::new(1, "db-a"));
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 1,
+        })),
+    );
+    let outs = drain(&mut n);
+    let generation = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Subscribe { generation, .. } => Some(*generation),
+            _ => None,
+        })
+        .expect("it reads the stream meanwhile");
+    n.handle(ms(1), subscribed(generation, 1, 1));
+    n.handle(
+        ms(1),
+        Input::Delivered {
+            generation,
+            deliveries: vec![delivery(1)],
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(
+        !has(&outs, |o| matches!(o, Output::Apply(_) | Output::Capture)),
+        "{outs:?}"
+    );
+    n.handle(ms(2), Input::Tick);
+    assert!(!has(&drain(&mut n), |o| matches!(o, Output::Apply(_))));
+    clock_checked(&mut n, ms(3));
+    assert!(has(&drain(&mut n), |o| matches!(o, Output::Apply(_))));
+}
+
+#[test]
+fn a_high_water_mark_that_leads_the_server_is_brought_back_once_the_wall_clock_is_right() {
+    // The node stamped an hour ahead (its wall clock jumped before a check caught it), and
+    // saved that clock; its wall clock is right again.
+    let mut n = Node::new(NodeConfig::new(1, "db-a"));
+    let mut r = recovered(0, vec![]);
+    r.clock = Stamp::new(1_000 + 3_600_000, 0);
+    n.handle(ms(0), Input::Recovered(r));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    drain(&mut n);
+    clock_checked(&mut n, ms(1));
+    let outs = drain(&mut n);
+    assert!(
+        has(&outs, |o| matches!(
+            o,
+            Output::Event(Event::ClockSkew {
+                paused: false,
+                lowered_high_water: Some(lead),
+                ..
+            }) if *lead >= 3_600_000
+        )),
+        "{outs:?}"
+    );
+    assert!(!n.status().clock_paused);
+    assert!(n.clock().high_water() <= Stamp::new(1_000, 0));
+    assert!(has(&outs, |o| matches!(o, Output::Capture)));
+    // A wall clock that is itself ahead still pauses, and nothing is lowered then.
+    let mut m = Node::new(NodeConfig::new(1, "db-a"));
+    let mut r = recovered(0, vec![]);
+    r.clock = Stamp::new(1_000 + 3_600_000, 0);
+    m.handle(ms(0), Input::Recovered(r));
+    m.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    drain(&mut m);
+    m.handle(
+        ms(1),
+        Input::Claimed {
+            result: Ok(Claim::Granted {
+                server_ms: 1_000,
+                revision: 1,
+            }),
+            sent_wall_ms: 1_000 + 3_600_000,
+            received_wall_ms: 1_000 + 3_600_000,
+        },
+    );
+    assert!(has(&drain(&mut m), |o| matches!(
+        o,
+        Output::Event(Event::ClockSkew {
+            paused: true,
+            lowered_high_water: None,
+            ..
+        })
+    )));
+    assert_eq!(m.clock().high_water(), Stamp::new(1_000 + 3_600_000, 0));
 }
 
 #[test]
@@ -570,7 +682,10 @@ fn the_next_deadline_is_always_in_the_future() {
     n.handle(
         ms(2001),
         Input::Claimed {
-            result: Ok(Claim::Granted { server_ms: 1 }),
+            result: Ok(Claim::Granted {
+                server_ms: 1,
+                revision: 1,
+            }),
             sent_wall_ms: 1_000_000,
             received_wall_ms: 1_000_000,
         },
@@ -639,6 +754,22 @@ fn a_superseded_subscription_is_ignored() {
     assert!(n.status().subscribed);
 }
 
+/// The node's clock was checked against the server (its claim was granted, server and local
+/// clocks agreeing).
+fn clock_checked(n: &mut Node, at: Duration) {
+    n.handle(
+        at,
+        Input::Claimed {
+            result: Ok(Claim::Granted {
+                server_ms: 1000,
+                revision: 1,
+            }),
+            sent_wall_ms: 1000,
+            received_wall_ms: 1000,
+        },
+    );
+}
+
 fn snapshot_node(every_changes: u64) -> Node {
     let mut cfg = NodeConfig::new(1, "db-a");
     cfg.snapshots = Some(SnapshotPolicy {
@@ -689,6 +820,14 @@ fn a_new_node_starts_from_the_newest_snapshot_then_reads_the_stream_after_it() {
             last_seq: 500,
         })),
     );
+    assert!(
+        !has(&drain(&mut n), |o| matches!(
+            o,
+            Output::FetchSnapshot { .. }
+        )),
+        "a restore may stamp (a merge captures first): not before the clock was checked"
+    );
+    clock_checked(&mut n, ms(0));
     let outs = drain(&mut n);
     assert!(has(&outs, |o| matches!(
         o,
@@ -722,6 +861,67 @@ fn a_new_node_starts_from_the_newest_snapshot_then_reads_the_stream_after_it() {
 }
 
 #[test]
+fn a_receive_only_node_never_takes_snapshots() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.publish = false;
+    cfg.snapshots = Some(SnapshotPolicy {
+        every_changes: 1,
+        interval: Some(Duration::from_secs(1)),
+        restore_empty: true,
+    });
+    let (mut n, outs) = ready_configured_receive_only(cfg);
+    assert!(!has(&outs, |o| matches!(o, Output::SaveSnapshot { .. })));
+    n.handle(ms(1), subscribed(1, 1, 1));
+    n.handle(
+        ms(1),
+        Input::Delivered {
+            generation: 1,
+            deliveries: vec![delivery(1)],
+        },
+    );
+    drain(&mut n);
+    n.handle(
+        ms(2),
+        Input::Applied {
+            result: Ok(ApplyOutcome {
+                report: ApplyReport {
+                    through_seq: 1,
+                    rows_written: 50,
+                    ..ApplyReport::default()
+                },
+                ..ApplyOutcome::default()
+            }),
+            deliveries: vec![delivery(1)],
+            wall_ms: 2,
+        },
+    );
+    n.handle(ms(5_000), Input::Tick);
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::SaveSnapshot { .. }
+    )));
+    assert!(n.poll_timeout() > ms(5_001));
+}
+
+/// Like [`ready_configured`], for a node that does not capture (no first capture).
+fn ready_configured_receive_only(cfg: NodeConfig) -> (Node, Vec<Output>) {
+    let mut n = Node::new(cfg);
+    let mut outs = Vec::new();
+    n.handle(ms(0), Input::Recovered(recovered(1, vec![])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 1,
+        })),
+    );
+    outs.extend(drain(&mut n));
+    clock_checked(&mut n, ms(0));
+    outs.extend(drain(&mut n));
+    (n, outs)
+}
+
+#[test]
 fn a_new_node_without_any_snapshot_reads_the_whole_stream() {
     let mut n = snapshot_node(0);
     let mut r = recovered(0, vec![]);
@@ -734,6 +934,7 @@ fn a_new_node_without_any_snapshot_reads_the_whole_stream() {
             last_seq: 5,
         })),
     );
+    clock_checked(&mut n, ms(0));
     drain(&mut n);
     n.handle(
         ms(1),
@@ -765,6 +966,7 @@ fn a_node_behind_the_stream_restores_and_carries_on() {
             last_seq: 200,
         })),
     );
+    clock_checked(&mut n, ms(0));
     drain(&mut n);
     n.handle(ms(1), subscribed(1, 100, 200));
     let outs = drain(&mut n);
@@ -819,6 +1021,7 @@ fn a_node_still_behind_after_a_restore_waits_for_a_snapshot_that_covers_the_gap(
         last_seq: 400,
     };
     n.handle(ms(0), Input::Prepared(Ok(bounds)));
+    clock_checked(&mut n, ms(0));
     drain(&mut n);
     n.handle(
         ms(1),
@@ -965,7 +1168,10 @@ fn a_snapshot_is_due_after_enough_changes() {
     n.handle(
         ms(0),
         Input::Claimed {
-            result: Ok(Claim::Granted { server_ms: 1000 }),
+            result: Ok(Claim::Granted {
+                server_ms: 1000,
+                revision: 1,
+            }),
             sent_wall_ms: 1000,
             received_wall_ms: 1000,
         },
