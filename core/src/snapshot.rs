@@ -538,3 +538,272 @@ where
         rejected,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The save procedure against an in-memory store and lease: renewals during a slow
+    //! upload, the fence when the lease was lost, and pruning that spares saves under way.
+    use super::*;
+    use crate::ports::{Deliveries, StreamBounds, TransportError};
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::task::Poll;
+
+    /// A store whose uploads take `slow` polls each.
+    #[derive(Default)]
+    struct MemStore {
+        objects: Mutex<BTreeMap<String, Bytes>>,
+        slow: usize,
+    }
+
+    /// Completes after `n` polls (waking itself each time): a transfer that takes a while.
+    async fn takes(n: usize) {
+        let mut left = n;
+        std::future::poll_fn(|cx| {
+            if left == 0 {
+                return Poll::Ready(());
+            }
+            left -= 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        })
+        .await
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for MemStore {
+        async fn put_file(&self, name: &str, _: &Path, _: Progress<'_>) -> Result<(), String> {
+            takes(self.slow).await;
+            self.put_bytes(name, Bytes::from_static(b"db")).await
+        }
+        async fn get_file(&self, _: &str, _: &Path, _: Progress<'_>) -> Result<(), String> {
+            Err("not in these tests".into())
+        }
+        async fn put_bytes(&self, name: &str, data: Bytes) -> Result<(), String> {
+            self.objects.lock().unwrap().insert(name.into(), data);
+            Ok(())
+        }
+        async fn get_bytes(&self, name: &str) -> Result<Option<Bytes>, String> {
+            Ok(self.objects.lock().unwrap().get(name).cloned())
+        }
+        async fn list(&self) -> Result<Vec<String>, String> {
+            Ok(self.objects.lock().unwrap().keys().cloned().collect())
+        }
+        async fn delete(&self, name: &str) -> Result<(), String> {
+            self.objects.lock().unwrap().remove(name);
+            Ok(())
+        }
+    }
+
+    /// A lease that is lost (expired, taken by another node) after `renewals_left` renewals.
+    struct MemLease {
+        revision: AtomicU64,
+        renewals: AtomicUsize,
+        renewals_left: usize,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for MemLease {
+        async fn prepare(&self) -> Result<StreamBounds, TransportError> {
+            Err(TransportError::other("lease only"))
+        }
+        async fn publish(&self, _: String, _: Bytes) -> Result<u64, TransportError> {
+            Err(TransportError::other("lease only"))
+        }
+        async fn subscribe(&self, _: u64) -> Result<(StreamBounds, Deliveries), TransportError> {
+            Err(TransportError::other("lease only"))
+        }
+        async fn lease(&self, _: &str, _: &str) -> Result<Claim, TransportError> {
+            Ok(Claim::Granted {
+                server_ms: 1,
+                revision: self.revision.fetch_add(1, Ordering::SeqCst) + 1,
+            })
+        }
+        async fn renew_lease(
+            &self,
+            _: &str,
+            _: &str,
+            revision: u64,
+        ) -> Result<Option<u64>, TransportError> {
+            let n = self.renewals.fetch_add(1, Ordering::SeqCst);
+            if n >= self.renewals_left || revision != self.revision.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            Ok(Some(self.revision.fetch_add(1, Ordering::SeqCst) + 1))
+        }
+        async fn release(&self, _: &str, _: &str) -> Result<(), TransportError> {
+            Ok(())
+        }
+    }
+
+    struct NoFiles;
+
+    #[async_trait::async_trait]
+    impl SnapshotFiles for NoFiles {
+        async fn create(&self) -> Result<LocalSnapshot, SnapshotError> {
+            Ok(LocalSnapshot {
+                path: PathBuf::from("/nonexistent/copy.db.zst"),
+                position: 42,
+                size: 2,
+                raw_size: 2,
+                checksum: "00".into(),
+                horizon_ms: 0,
+            })
+        }
+        fn download_path(&self, object: &str) -> PathBuf {
+            PathBuf::from(object)
+        }
+        async fn stage(&self, _: &Path, _: &SnapshotInfo) -> Result<StagedSnapshot, SnapshotError> {
+            Err(SnapshotError::Local("not in these tests".into()))
+        }
+        fn discard(&self, _: &Path) {}
+    }
+
+    /// Every pause is over at once: the lease is renewed at every turn of the upload.
+    fn no_wait(_: std::time::Duration) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    fn params(now_ms: u64) -> SaveParams<'static> {
+        SaveParams {
+            node: 1,
+            owner: "db-1",
+            position: 42,
+            now_ms,
+            min_changes: 0,
+            min_age_ms: 0,
+            keep: 2,
+        }
+    }
+
+    fn names(store: &MemStore, prefix: &str) -> Vec<String> {
+        store
+            .objects
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn a_long_upload_keeps_its_lease_and_names_its_manifest_after_the_revision() {
+        let store = MemStore {
+            slow: 5,
+            ..MemStore::default()
+        };
+        let lease = MemLease {
+            revision: AtomicU64::new(100),
+            renewals: AtomicUsize::new(0),
+            renewals_left: usize::MAX,
+        };
+        let out = futures::executor::block_on(save(
+            &store,
+            &lease,
+            &NoFiles,
+            &params(1_000),
+            &no_wait,
+            &|_| {},
+        ))
+        .unwrap();
+        let SaveOutcome::Saved(info) = out else {
+            panic!("{out:?}")
+        };
+        assert!(
+            lease.renewals.load(Ordering::SeqCst) >= 5,
+            "renewed during the upload and once more as the fence"
+        );
+        assert!(info.generation > 100, "{}", info.generation);
+        assert_eq!(
+            names(&store, "manifest-"),
+            vec![manifest_name(info.generation)]
+        );
+    }
+
+    #[test]
+    fn a_save_that_lost_its_lease_writes_no_manifest_and_removes_its_object() {
+        let store = MemStore {
+            slow: 5,
+            ..MemStore::default()
+        };
+        // Lost during the upload.
+        let lease = MemLease {
+            revision: AtomicU64::new(7),
+            renewals: AtomicUsize::new(0),
+            renewals_left: 2,
+        };
+        let e = futures::executor::block_on(save(
+            &store,
+            &lease,
+            &NoFiles,
+            &params(1_000),
+            &no_wait,
+            &|_| {},
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("lease"), "{e}");
+        assert!(names(&store, "manifest-").is_empty());
+        assert!(names(&store, "snapshot-").is_empty(), "its object is gone");
+        // Lost right before the manifest (the fence): the same.
+        let store = MemStore::default();
+        let lease = MemLease {
+            revision: AtomicU64::new(7),
+            renewals: AtomicUsize::new(0),
+            renewals_left: 0,
+        };
+        assert!(
+            futures::executor::block_on(save(
+                &store,
+                &lease,
+                &NoFiles,
+                &params(1_000),
+                &no_wait,
+                &|_| {}
+            ))
+            .is_err()
+        );
+        assert!(names(&store, "manifest-").is_empty());
+        assert!(names(&store, "snapshot-").is_empty());
+    }
+
+    #[test]
+    fn pruning_spares_an_object_another_save_is_still_writing_its_manifest_for() {
+        let store = MemStore::default();
+        let now = 10 * ORPHAN_GRACE_MS;
+        // Another node's save under way (object uploaded, manifest not yet written), and an
+        // orphan of a saver that died long ago.
+        let young = object_name(2, 40, now - 1_000);
+        let old = object_name(3, 10, now - 2 * ORPHAN_GRACE_MS);
+        futures::executor::block_on(async {
+            store.put_bytes(&young, Bytes::new()).await.unwrap();
+            store.put_bytes(&old, Bytes::new()).await.unwrap();
+        });
+        let lease = MemLease {
+            revision: AtomicU64::new(1),
+            renewals: AtomicUsize::new(0),
+            renewals_left: usize::MAX,
+        };
+        for i in 0..3 {
+            futures::executor::block_on(save(
+                &store,
+                &lease,
+                &NoFiles,
+                &params(now + i),
+                &no_wait,
+                &|_| {},
+            ))
+            .unwrap();
+        }
+        let objects = names(&store, "snapshot-");
+        assert!(objects.contains(&young), "{objects:?}");
+        assert!(!objects.contains(&old), "{objects:?}");
+        assert_eq!(names(&store, "manifest-").len(), 2, "keep = 2");
+        assert_eq!(
+            objects.len(),
+            3,
+            "two kept generations and the save under way: {objects:?}"
+        );
+    }
+}

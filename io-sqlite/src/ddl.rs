@@ -306,12 +306,23 @@ pub struct ApplySql {
     pub delete: String,
     /// Reads the row's incoming columns: incoming key values.
     pub read: String,
+    /// Removes the row from the full-text indexes that index it, with its current values
+    /// (before it changes or goes): incoming key values.
+    pub unindex: Vec<String>,
+    /// Adds the row, as written, to those indexes: incoming key values.
+    pub index: Vec<String>,
 }
 
 impl ApplySql {
     /// `incoming` lists column names, its first `key_columns` being the key; `local_key`
     /// maps local key position -> index into `incoming`.
-    pub fn new(t: &TableInfo, incoming: &[&str], key_columns: usize, local_key: &[usize]) -> Self {
+    pub fn new(
+        t: &TableInfo,
+        incoming: &[&str],
+        key_columns: usize,
+        local_key: &[usize],
+        indexes: &[crate::fts::ExternalIndex],
+    ) -> Self {
         let table = quote(&t.name);
         let ver = quote(&ver_table(&t.name));
         let where_row = local_key
@@ -380,6 +391,8 @@ impl ApplySql {
             upsert,
             delete: format!("DELETE FROM {table} WHERE {where_row}"),
             read: format!("SELECT {cols} FROM {table} WHERE {where_row}"),
+            unindex: indexes.iter().map(|i| i.delete_sql(&where_row)).collect(),
+            index: indexes.iter().map(|i| i.insert_sql(&where_row)).collect(),
         }
     }
 }

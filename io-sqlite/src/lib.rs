@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod ddl;
+pub mod fts;
 mod migrate;
 mod restore;
 pub mod schema;
@@ -479,6 +480,15 @@ impl SqliteStore {
         for (t, col) in &generated {
             tracing::info!(table = %t, column = %col, "generated column not replicated (every node computes it)");
         }
+        let indexes = fts::external_indexes(c).map_err(e)?;
+        for i in &indexes {
+            if tables
+                .iter()
+                .any(|t| i.content.eq_ignore_ascii_case(&t.name))
+            {
+                tracing::debug!(index = %i.name, table = %i.content, "keeping a full-text index in step with replicated rows");
+            }
+        }
         let mut out = Vec::with_capacity(tables.len());
         for t in tables {
             let sig = t.key_signature();
@@ -547,6 +557,11 @@ impl SqliteStore {
             }
             let table = Table {
                 sql: ddl::TableSql::new(&t),
+                indexes: indexes
+                    .iter()
+                    .filter(|i| i.content.eq_ignore_ascii_case(&t.name))
+                    .cloned()
+                    .collect(),
                 info: t,
             };
             if log_all && self.cfg.capture {

@@ -153,7 +153,12 @@ impl SqliteStore {
         remember_unpublished(&self.conn, self.cfg.node_id).map_err(err)?;
         for t in &self.tables {
             match merge_table(&self.conn, &t.info, horizon) {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => {
+                    // Rows changed in bulk: the full-text indexes over them start afresh.
+                    for i in &t.indexes {
+                        self.conn.execute_batch(&i.rebuild_sql()).map_err(err)?;
+                    }
+                }
                 Ok(Err(why)) => {
                     tracing::warn!(table = %t.info.name, "not restored from the snapshot: {why}")
                 }

@@ -23,6 +23,8 @@ pub struct Table {
     pub info: TableInfo,
     /// Its statements.
     pub sql: TableSql,
+    /// External-content full-text indexes over it, kept in step by apply (see [`crate::fts`]).
+    pub indexes: Vec<crate::fts::ExternalIndex>,
 }
 
 /// Binds a core value to a statement parameter, bytes as they are (TEXT need not be UTF-8).
@@ -220,6 +222,27 @@ impl CaptureTxn for Tx<'_> {
 }
 
 impl Tx<'_> {
+    /// Takes the row out of (`index` false: before it changes) or puts it into (`index`
+    /// true: after it was written) the full-text indexes over its table.
+    fn derived(
+        &self,
+        t: usize,
+        key: &[ValueRef<'_>],
+        index: bool,
+    ) -> Result<(), ApplyFault<rusqlite::Error>> {
+        let sql = &self.apply_tables[t].1;
+        let statements = if index { &sql.index } else { &sql.unindex };
+        for s in statements {
+            let r = self.conn.prepare_cached(s).and_then(|mut st| {
+                st.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))))
+            });
+            if let Err(e) = r {
+                return Err(self.poison(t, key, e));
+            }
+        }
+        Ok(())
+    }
+
     fn poison(
         &self,
         t: usize,
@@ -296,7 +319,8 @@ impl ApplyTxn for Tx<'_> {
                     .join(", ")
             )));
         }
-        let sql = ApplySql::new(t, &def.columns, def.key_columns, &local_key);
+        let indexes = &self.tables[index].indexes;
+        let sql = ApplySql::new(t, &def.columns, def.key_columns, &local_key, indexes);
         self.apply_tables.push((index, sql));
         Ok(self.apply_tables.len() - 1)
     }
@@ -330,17 +354,17 @@ impl ApplyTxn for Tx<'_> {
         t: usize,
         values: &[ValueRef<'_>],
     ) -> Result<(), ApplyFault<Self::Error>> {
+        let keys = self.tables[self.apply_tables[t].0].info.key_columns;
+        let key = &values[..keys.min(values.len())];
+        self.derived(t, key, false)?;
         let sql = &self.apply_tables[t].1.upsert;
         let r = self.conn.prepare_cached(sql).and_then(|mut s| {
             s.execute(rusqlite::params_from_iter(values.iter().map(|v| Bind(*v))))
         });
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let keys = self.tables[self.apply_tables[t].0].info.key_columns;
-                Err(self.poison(t, &values[..keys.min(values.len())], e))
-            }
+        if let Err(e) = r {
+            return Err(self.poison(t, key, e));
         }
+        self.derived(t, key, true)
     }
 
     fn delete_row(
@@ -348,6 +372,7 @@ impl ApplyTxn for Tx<'_> {
         t: usize,
         key: &[ValueRef<'_>],
     ) -> Result<(), ApplyFault<Self::Error>> {
+        self.derived(t, key, false)?;
         let sql = &self.apply_tables[t].1.delete;
         let r = self
             .conn

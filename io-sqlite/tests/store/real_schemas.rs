@@ -443,3 +443,133 @@ fn a_whole_restore_never_wipes_a_write_committed_meanwhile() {
         .expect("the write was captured before the merge");
     assert_eq!((captured.batch.origin, captured.rows), (9, 1));
 }
+
+/// The SQLite manual's external-content FTS5 table, kept in step by the application's
+/// triggers, on a table with a secondary UNIQUE column.
+const FTS: &str = "CREATE TABLE docs (id INTEGER PRIMARY KEY, slug TEXT UNIQUE, body TEXT);
+    CREATE VIRTUAL TABLE docs_fts USING fts5(slug, body, content='docs', content_rowid='id');
+    CREATE TRIGGER docs_ai AFTER INSERT ON docs BEGIN
+      INSERT INTO docs_fts(rowid, slug, body) VALUES (new.id, new.slug, new.body);
+    END;
+    CREATE TRIGGER docs_ad AFTER DELETE ON docs BEGIN
+      INSERT INTO docs_fts(docs_fts, rowid, slug, body) VALUES('delete', old.id, old.slug, old.body);
+    END;
+    CREATE TRIGGER docs_au AFTER UPDATE ON docs BEGIN
+      INSERT INTO docs_fts(docs_fts, rowid, slug, body) VALUES('delete', old.id, old.slug, old.body);
+      INSERT INTO docs_fts(rowid, slug, body) VALUES (new.id, new.slug, new.body);
+    END;";
+
+fn search(c: &Cluster, i: usize, q: &str) -> Vec<i64> {
+    c.nodes[i]
+        .app
+        .prepare("SELECT rowid FROM docs_fts WHERE docs_fts MATCH ?1 ORDER BY rowid")
+        .unwrap()
+        .query_map([q], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn fts_intact(c: &Cluster, i: usize) {
+    c.nodes[i]
+        .app
+        .execute_batch("INSERT INTO docs_fts(docs_fts, rank) VALUES ('integrity-check', 1);")
+        .unwrap_or_else(|e| {
+            panic!(
+                "node {}: the full-text index does not match its rows: {e}",
+                i + 1
+            )
+        });
+}
+
+#[test]
+fn a_full_text_index_kept_by_triggers_finds_replicated_rows_on_every_node() {
+    let mut c = Cluster::new(3, FTS);
+    c.exec(
+        0,
+        "INSERT INTO docs VALUES (1, 'marmots', 'alpine rodents whistle'), (2, 'otters', 'rivers and fish');",
+    );
+    c.settle();
+    for i in 0..3 {
+        assert_eq!(search(&c, i, "whistle"), vec![1], "node {}", i + 1);
+        fts_intact(&c, i);
+    }
+    // Updates, deletes, a swap of UNIQUE values (applied with the rows cleared first), and a
+    // write on another node.
+    c.exec(
+        0,
+        "UPDATE docs SET body = 'alpine rodents sleep' WHERE id = 1;",
+    );
+    c.exec(
+        1,
+        "INSERT INTO docs VALUES (3, 'beavers', 'rivers and dams');",
+    );
+    c.settle();
+    c.exec(
+        2,
+        "BEGIN; UPDATE docs SET slug = 'tmp' WHERE id = 1; UPDATE docs SET slug = 'marmots' WHERE id = 2;
+         UPDATE docs SET slug = 'otters' WHERE id = 1; COMMIT; DELETE FROM docs WHERE id = 3;",
+    );
+    c.settle();
+    assert_nothing_parked(&c);
+    c.assert_converged("docs");
+    for i in 0..3 {
+        assert!(search(&c, i, "whistle").is_empty(), "node {}", i + 1);
+        assert_eq!(search(&c, i, "sleep"), vec![1], "node {}", i + 1);
+        assert_eq!(search(&c, i, "slug:marmots"), vec![2], "node {}", i + 1);
+        assert_eq!(search(&c, i, "rivers"), vec![2], "node {}", i + 1);
+        fts_intact(&c, i);
+    }
+    // A merge restore leaves the index matching its rows too.
+    c.exec(0, "INSERT INTO docs VALUES (4, 'pikas', 'haystacks');");
+    c.capture(0);
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path);
+    let n = &mut c.nodes[1];
+    n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert_eq!(search(&c, 1, "haystacks"), vec![4]);
+    fts_intact(&c, 1);
+}
+
+#[test]
+fn a_whole_restore_brings_the_full_text_index_with_it() {
+    let c = Cluster::new(1, FTS);
+    c.exec(
+        0,
+        "INSERT INTO docs VALUES (1, 'marmots', 'alpine rodents whistle');",
+    );
+    let fresh = c.nodes[0].path.with_file_name("fresh.db");
+    let app = Connection::open(&fresh).unwrap();
+    app.execute_batch("PRAGMA journal_mode=WAL;").unwrap();
+    let mut store = SqliteStore::open(StoreConfig::new(&fresh, 9, 99)).unwrap();
+    let staged = super::snapshots::snapshot_of(&c, &fresh);
+    let mut clock = Clock::new(Stamp::ZERO);
+    let rep = store.restore(&mut clock, c.wall, &staged).unwrap();
+    assert!(!rep.merged);
+    let hits: i64 = app
+        .query_row(
+            "SELECT count(*) FROM docs_fts WHERE docs_fts MATCH 'whistle'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(hits, 1);
+    app.execute_batch("INSERT INTO docs_fts(docs_fts, rank) VALUES ('integrity-check', 1);")
+        .unwrap();
+    // The application's triggers came with it and keep working for local writes.
+    app.execute_batch("INSERT INTO docs VALUES (2, 'pikas', 'haystacks');")
+        .unwrap();
+    let hits: i64 = app
+        .query_row(
+            "SELECT count(*) FROM docs_fts WHERE docs_fts MATCH 'haystacks'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(hits, 1);
+    let cap = store
+        .capture(&mut clock, c.wall + 5)
+        .unwrap()
+        .captured
+        .unwrap();
+    assert_eq!((cap.batch.origin, cap.rows), (9, 1));
+}
