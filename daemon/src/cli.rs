@@ -58,6 +58,20 @@ pub enum Command {
     },
     /// What the database holds for marmot: position, pending and parked batches, tables.
     Status,
+    /// Republish rows of a table from this node with fresh stamps, so that every node
+    /// converges to this node's copy of them (the way out after nodes diverged). Works with
+    /// the daemon running (it captures them at once) or stopped (at its next start).
+    Repair {
+        /// The table.
+        table: String,
+        /// Only rows matching this SQL expression, e.g. "id BETWEEN 10 AND 20".
+        #[arg(long = "where", value_name = "SQL")]
+        filter: Option<String>,
+        /// Only this key, as a JSON array of the key's values in key order, e.g. '[42]' or
+        /// '["a", 1]': published as a delete when this node has no such row (repeatable).
+        #[arg(long = "key", value_name = "JSON")]
+        keys: Vec<String>,
+    },
     /// Snapshots: save one now, restore the newest, list what exists.
     Snapshot {
         /// What to do.

@@ -60,6 +60,8 @@ pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
             crate::run::run(s, &cli)
         }
         Command::Cleanup => {
+            // The daemon would put its triggers and tables back at once.
+            let _lock = crate::lock::exclusive(&s.db_path, "`marmot cleanup`")?;
             let conn = open_db(&s)?;
             let r = marmot_sqlite::admin::cleanup(&conn)
                 .context("removing marmot's triggers and tables")?;
@@ -94,11 +96,73 @@ pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => status(&s),
+        Command::Repair {
+            table,
+            filter,
+            keys,
+        } => repair(&s, &table, filter, &keys),
         Command::Snapshot { action } => {
             init_logging_quiet(&s);
             crate::snapshots::command(&s, action)
         }
     }
+}
+
+fn repair(
+    s: &Settings,
+    table: &str,
+    filter: Option<String>,
+    keys: &[String],
+) -> anyhow::Result<ExitCode> {
+    if !s.publish {
+        bail!(
+            "this node does not publish (publish = false): nothing it holds reaches the others; \
+             repair from a node that publishes"
+        );
+    }
+    let keys = keys
+        .iter()
+        .map(|k| parse_key(k).with_context(|| format!("--key {k}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let conn = open_db(s)?;
+    let whole = filter.is_none() && keys.is_empty();
+    let r = marmot_sqlite::admin::repair(
+        &conn,
+        table,
+        &marmot_sqlite::admin::RepairScope { filter, keys },
+    )
+    .map_err(|e| anyhow::anyhow!("repair: {e}"))?;
+    println!(
+        "logged {} rows of {table} to publish as they are here, and {} keys to publish as deleted{}; \
+         the running daemon publishes them now (or the next start does), with fresh stamps",
+        r.rows,
+        r.gone,
+        if whole {
+            " (rows only other nodes hold are not known here: name them with --key)"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A key given as a JSON array: numbers (integers or reals) and strings.
+fn parse_key(text: &str) -> anyhow::Result<Vec<marmot_core::Value>> {
+    let v: serde_json::Value = serde_json::from_str(text).context("not JSON")?;
+    let serde_json::Value::Array(items) = v else {
+        bail!("a key is a JSON array of its values, e.g. [42] or [\"a\", 1]");
+    };
+    items
+        .into_iter()
+        .map(|i| match i {
+            serde_json::Value::Number(n) => Ok(match n.as_i64() {
+                Some(i) => marmot_core::Value::Integer(i),
+                None => marmot_core::Value::Real(n.as_f64().unwrap_or(f64::NAN)),
+            }),
+            serde_json::Value::String(s) => Ok(marmot_core::Value::Text(s.into_bytes())),
+            other => bail!("{other} is not a key value (numbers and strings only)"),
+        })
+        .collect()
 }
 
 /// Logging for one-shot commands: warnings and errors only, unless verbose.

@@ -727,6 +727,19 @@ fn snapshot_settings(
         let raw = raw.ok_or_else(|| reject(key, "missing".into(), missing))?;
         url::Url::parse(&raw).map_err(|_| reject(key, raw.clone(), malformed))
     };
+    // 100 years: far beyond any outage, and far from overflowing the milliseconds stamps and
+    // horizons are counted in (a larger value used to panic in debug builds and wrap around
+    // in release builds).
+    const MAX_TOMBSTONE_TTL_HOURS: u64 = 100 * 365 * 24;
+    if let Some(h) = s.tombstone_ttl_hours
+        && h > MAX_TOMBSTONE_TTL_HOURS
+    {
+        return Err(reject(
+            "snapshot.tombstone_ttl_hours",
+            h.to_string(),
+            "at most 876000 hours (100 years); 0 keeps tombstones forever",
+        ));
+    }
     let store = match s.store.as_deref().unwrap_or("nats") {
         "nats" => {
             let n = s.nats.unwrap_or_default();
@@ -1050,5 +1063,173 @@ mod retention {
         assert!(
             matches!(s.snapshot.store, SnapshotStoreKind::S3 { endpoint: Some(ref e), .. } if e == "http://minio:9000")
         );
+    }
+
+    #[test]
+    fn a_tombstone_lifetime_that_would_overflow_is_rejected() {
+        let e = Settings::parse(
+            Path::new("n.toml"),
+            "db_path = \"/tmp/x.db\"\n[snapshot]\ntombstone_ttl_hours = 18446744073709551615\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("snapshot.tombstone_ttl_hours"), "{e}");
+        assert!(e.contains("at most"), "{e}");
+        let s = parse("[snapshot]\ntombstone_ttl_hours = 876000\n");
+        assert_eq!(
+            s.snapshot.tombstone_ttl,
+            Duration::from_secs(876_000 * 3600)
+        );
+    }
+
+    mod arbitrary {
+        //! Whatever the file says, parsing it gives settings or an error naming what is
+        //! wrong: never a panic.
+        use super::*;
+        use proptest::prelude::*;
+
+        const SECTIONS: &[(&str, &[&str])] = &[
+            (
+                "",
+                &[
+                    "db_path",
+                    "node_id",
+                    "publish",
+                    "replicate",
+                    "seq_map_path",
+                    "scan_max_changes",
+                    "cleanup_interval",
+                    "sleep_timeout",
+                    "polling_interval",
+                    "max_clock_skew_ms",
+                    "busy_timeout_ms",
+                    "keep_conflicts",
+                    "unknown_key",
+                ],
+            ),
+            (
+                "snapshot",
+                &[
+                    "enabled",
+                    "interval",
+                    "store",
+                    "every_changes",
+                    "keep",
+                    "tombstone_ttl_hours",
+                    "restore_empty",
+                ],
+            ),
+            ("snapshot.nats", &["replicas", "bucket"]),
+            (
+                "snapshot.s3",
+                &[
+                    "path",
+                    "endpoint",
+                    "access_key",
+                    "secret",
+                    "session_token",
+                    "bucket",
+                    "use_ssl",
+                    "region",
+                ],
+            ),
+            ("snapshot.webdav", &["url"]),
+            (
+                "snapshot.sftp",
+                &["url", "key_file", "insecure_accept_any_host_key"],
+            ),
+            (
+                "replication_log",
+                &[
+                    "shards",
+                    "max_entries",
+                    "max_bytes",
+                    "max_age_seconds",
+                    "replicas",
+                    "compress",
+                    "update_existing",
+                ],
+            ),
+            (
+                "nats",
+                &[
+                    "urls",
+                    "subject_prefix",
+                    "stream_prefix",
+                    "server_config",
+                    "seed_file",
+                    "user_name",
+                    "user_password",
+                    "ca_file",
+                    "cert_file",
+                    "key_file",
+                    "bind_address",
+                    "connect_retries",
+                    "reconnect_wait_seconds",
+                    "server_binary",
+                ],
+            ),
+            ("logging", &["verbose", "format"]),
+            ("prometheus", &["enable", "bind", "namespace", "subsystem"]),
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|v| v.to_string()),
+                any::<u64>().prop_map(|v| (v as i128 * 3).to_string()),
+                Just("18446744073709551615".to_string()),
+                any::<f64>().prop_map(|v| format!("{v:?}")),
+                any::<bool>().prop_map(|v| v.to_string()),
+                "[a-z0-9:/._ ?=&%@-]{0,40}".prop_map(|v| format!("{v:?}")),
+                Just("\"\"".to_string()),
+                Just("[]".to_string()),
+                Just("[\"nats://127.0.0.1:1\", 7]".to_string()),
+                Just("{ a = 1 }".to_string()),
+            ]
+        }
+
+        fn document() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                (
+                    0..SECTIONS.len(),
+                    proptest::collection::vec((0usize..16, value()), 0..6),
+                ),
+                0..6,
+            )
+            .prop_map(|sections| {
+                let mut out = String::new();
+                let mut seen = std::collections::BTreeSet::new();
+                for (si, keys) in sections {
+                    let (name, names) = SECTIONS[si];
+                    if !seen.insert(name) {
+                        continue;
+                    }
+                    if !name.is_empty() {
+                        out.push_str(&format!("[{name}]\n"));
+                    }
+                    let mut used = std::collections::BTreeSet::new();
+                    for (ki, v) in keys {
+                        let k = names[ki % names.len()];
+                        if used.insert(k) {
+                            out.push_str(&format!("{k} = {v}\n"));
+                        }
+                    }
+                }
+                out
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn any_document_of_known_keys_parses_or_is_refused_without_panicking(doc in document()) {
+                let _ = Settings::parse(Path::new("fuzz.toml"), &doc);
+            }
+
+            #[test]
+            fn any_text_parses_or_is_refused_without_panicking(text in "(?s).{0,300}") {
+                let _ = Settings::parse(Path::new("fuzz.toml"), &text);
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@
 mod cli;
 mod commands;
 mod config;
+mod lock;
 mod observe;
 mod run;
 mod snapshots;

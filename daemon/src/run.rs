@@ -56,6 +56,12 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// The token a node claims its id with: the database's identity, the host and the file.
+pub(crate) fn owner_token(db_owner: &str, db: &std::path::Path) -> String {
+    let canonical = std::fs::canonicalize(db).unwrap_or(db.to_path_buf());
+    format!("{db_owner}@{}:{}", hostname(), canonical.display())
+}
+
 pub(crate) fn data_dir_for(db: &std::path::Path) -> PathBuf {
     let name = db
         .file_name()
@@ -69,6 +75,8 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
     for w in &s.warnings {
         tracing::warn!("{w}");
     }
+    // One daemon per database; commands that must not run beside it check this lock.
+    let _lock = crate::lock::DaemonLock::acquire(&s.db_path)?;
     let db = s.db_path.clone();
     if !db.exists() {
         tracing::warn!(db = %db.display(), "the database does not exist: creating an empty one");
@@ -80,7 +88,7 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
     store_cfg.keep_conflicts = s.keep_conflicts;
     let store = SqliteStore::open(store_cfg)?;
     let canonical = std::fs::canonicalize(&db).unwrap_or(db.clone());
-    let owner = format!("{}@{}:{}", store.owner(), hostname(), canonical.display());
+    let owner = owner_token(store.owner(), &db);
     tracing::info!(node_id = s.node_id, db = %db.display(), tables = store.tables().count(), "database ready");
 
     let supervised = if s.urls.is_empty() {

@@ -382,6 +382,48 @@ fn progress_bar(what: &'static str) -> Box<dyn Fn(u64) + Send + Sync> {
     }
 }
 
+/// Claims this node's id (as its daemon would) and checks the clock against the server's,
+/// with the daemon's rule: refused when the stamps this node would give lead the server by
+/// more than `max_clock_skew_ms`; a lagging clock stamps with the server's time. Returns the
+/// owner token the claim was made with.
+async fn check_clock(
+    t: &NatsTransport,
+    s: &crate::config::Settings,
+    owner: &str,
+    clock: &mut marmot_core::Clock,
+) -> anyhow::Result<String> {
+    use marmot_core::ports::{Claim, Transport};
+    let sent = now_ms();
+    let claim = t.claim(s.node_id, owner).await?;
+    let received = now_ms();
+    match claim {
+        Claim::Held { by } => anyhow::bail!(
+            "node id {} is in use by another database ({by}): a daemon for it runs elsewhere, or ran less than 15 s ago",
+            s.node_id
+        ),
+        Claim::Granted { server_ms, .. } => {
+            let mid = (sent + received) / 2;
+            let uncertainty = (received.saturating_sub(sent) / 2) as i64;
+            let wall_skew = mid as i64 - server_ms as i64;
+            let hw_skew = clock.high_water().wall_ms() as i64 - server_ms as i64;
+            let lead = wall_skew.max(hw_skew) - uncertainty;
+            if wall_skew - uncertainty > s.max_clock_skew_ms as i64 {
+                anyhow::bail!(
+                    "this machine's clock is {} ms ahead of the NATS server's, beyond max_clock_skew_ms ({}): \
+                     fix the clock first (a merge restore stamps this node's pending writes)",
+                    wall_skew,
+                    s.max_clock_skew_ms
+                );
+            }
+            clock.set_lag_ms((-wall_skew - uncertainty).max(0) as u64);
+            if lead > s.max_clock_skew_ms as i64 {
+                clock.lower_to(received);
+            }
+            Ok(owner.to_string())
+        }
+    }
+}
+
 /// `marmot snapshot save | restore | list`.
 pub fn command(
     s: &crate::config::Settings,
@@ -394,8 +436,11 @@ pub fn command(
         .enable_all()
         .build()?;
     rt.block_on(async {
+        // A restore checks the clock against NATS when it can; with the daemon stopped, the
+        // address a supervising daemon left behind is stale, so only configured servers.
         let needs_nats = matches!(s.snapshot.store, crate::config::SnapshotStoreKind::Nats { .. })
-            || matches!(action, SnapshotCommand::Save);
+            || matches!(action, SnapshotCommand::Save)
+            || (matches!(action, SnapshotCommand::Restore) && !s.urls.is_empty());
         let transport = if needs_nats {
             let mut cfg = marmot_nats::NatsConfig::new(command_urls(s)?, s.node_id);
             cfg.auth = s.auth.clone();
@@ -463,6 +508,9 @@ pub fn command(
                 }
             }
             SnapshotCommand::Restore => {
+                // Not beside a running daemon (its outbox and clock are in its memory), and no
+                // daemon starts meanwhile: the daemon's lock is held until the restore is done.
+                let _lock = crate::lock::exclusive(&s.db_path, "`marmot snapshot restore`")?;
                 let progress = progress_bar("downloading");
                 let fetched = snapshot::fetch_latest(&*store, &files, &*progress, 0).await?;
                 for r in &fetched.rejected {
@@ -474,15 +522,34 @@ pub fn command(
                 };
                 let mut cfg = marmot_sqlite::StoreConfig::new(&s.db_path, s.node_id, rand::random());
                 cfg.capture = s.publish;
+                cfg.busy_timeout = s.busy_timeout;
                 let db = s.db_path.clone();
+                let mut store = tokio::task::spawn_blocking(move || marmot_sqlite::SqliteStore::open(cfg)).await??;
+                let recovered = store.recover()?;
+                let mut clock = marmot_core::Clock::new(recovered.clock).with_max_lead(s.max_clock_skew_ms);
+                // A merge restore stamps the node's pending writes: only with a clock checked
+                // against the server, as the daemon does (the same claim, the same rule).
+                let checked = match &transport {
+                    Some(t) => {
+                        let owner = crate::run::owner_token(store.owner(), &s.db_path);
+                        Some(check_clock(t, s, &owner, &mut clock).await?)
+                    }
+                    None => None,
+                };
+                let clock_checked = checked.is_some();
                 let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                    let mut store = marmot_sqlite::SqliteStore::open(cfg)?;
-                    let mut clock = marmot_core::Clock::new(store.recover()?.clock);
-                    let r = store.restore(&mut clock, now_ms(), &staged);
+                    let r = if clock_checked {
+                        store.restore(&mut clock, now_ms(), &staged)
+                    } else {
+                        store.restore_into_empty(&mut clock, now_ms(), &staged)
+                    };
                     SnapshotDir::discard(&staged.path);
                     Ok(r?)
                 })
                 .await??;
+                if let (Some(t), Some(owner)) = (&transport, checked) {
+                    let _ = marmot_core::ports::Transport::release(&**t, &format!("node-{}", s.node_id), &owner).await;
+                }
                 println!(
                     "restored generation {} into {} ({}); position {}",
                     report.generation,

@@ -201,3 +201,153 @@ pub fn list_conflicts(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<C
     })?;
     rows.collect()
 }
+
+/// Which rows `repair` republishes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RepairScope {
+    /// Only rows matching this SQL expression (over the table's columns); with keys or a
+    /// filter, only those, else the whole table.
+    pub filter: Option<String>,
+    /// These keys, present here or not (one value per key column, in key order): a key that
+    /// is absent here is published as a delete.
+    pub keys: Vec<Vec<marmot_core::Value>>,
+}
+
+/// What `repair` logged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Rows of the table logged (published again as they are here).
+    pub rows: u64,
+    /// Keys this node knows only as gone (tombstones, deleted rows) logged: published as deletes.
+    pub gone: u64,
+}
+
+/// The way out for nodes that diverged (a write made with marmot's triggers removed, a bug):
+/// logs the rows of `table` (or a part of it) as changed, so that marmot's next capture (the
+/// running daemon's, or the next start's) publishes them with fresh stamps, and every node
+/// converges to this node's copy of them. For the whole table, every key this node holds a
+/// version of but no row (its deletes) is logged too, and published as a delete. Rows that
+/// exist only on other nodes are not known here: name them with `keys` to delete them
+/// everywhere. One transaction.
+pub fn repair(conn: &Connection, table: &str, scope: &RepairScope) -> Result<RepairReport, String> {
+    let found = crate::schema::discover(conn).map_err(|e| e.to_string())?;
+    let Some(t) = found.tables.iter().find(|t| t.name == table) else {
+        let why = found
+            .skipped
+            .iter()
+            .find(|(n, _)| n == table)
+            .map(|(_, r)| format!(": it is not replicated ({r})"))
+            .unwrap_or_else(|| ": no such table".into());
+        return Err(format!("table {}{why}", quote(table)));
+    };
+    let registered: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [crate::ddl::log_table(table)],
+            |r| r.get(0),
+        )
+        .map_err(|e| e.to_string())?;
+    if registered == 0 {
+        return Err(format!(
+            "table {} has no change log yet: start marmot on this database once first",
+            quote(table)
+        ));
+    }
+    let sql = crate::ddl::TableSql::new(t);
+    let log = quote(&crate::ddl::log_table(table));
+    let ks = (0..t.key_columns)
+        .map(|i| format!("\"k{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cols = t
+        .key()
+        .iter()
+        .map(|c| quote(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tx = conn.unchecked_transaction().map_err(|e| e.to_string())?;
+    let mut report = RepairReport::default();
+    let e = |x: rusqlite::Error| x.to_string();
+    let whole = scope.filter.is_none() && scope.keys.is_empty();
+    if whole {
+        report.rows = tx.execute(&sql.log_all, []).map_err(e)? as u64;
+        let ver = quote(&crate::ddl::ver_table(table));
+        report.gone = tx
+            .execute(
+                &format!(
+                    "INSERT INTO {log} ({ks}) SELECT {vk} FROM {ver} AS v \
+                     WHERE NOT EXISTS (SELECT 1 FROM {qt} AS t WHERE {m})",
+                    vk = (0..t.key_columns)
+                        .map(|i| format!("v.\"k{i}\""))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    qt = quote(table),
+                    m = crate::ddl::key_match(t, "t", "v"),
+                ),
+                [],
+            )
+            .map_err(e)? as u64;
+    }
+    if let Some(filter) = &scope.filter {
+        report.rows += tx
+            .execute(
+                &format!(
+                    "INSERT INTO {log} ({ks}) SELECT {cols} FROM {} WHERE ({filter})",
+                    quote(table)
+                ),
+                [],
+            )
+            .map_err(|x| format!("--where {filter:?}: {x}"))? as u64;
+    }
+    for key in &scope.keys {
+        if key.len() != t.key_columns {
+            return Err(format!(
+                "a key of table {} has {} values ({}), this key has {}",
+                quote(table),
+                t.key_columns,
+                cols,
+                key.len()
+            ));
+        }
+        if key.iter().any(|v| matches!(v, marmot_core::Value::Null)) {
+            return Err("a key value is NULL: rows with NULL keys are not replicated".into());
+        }
+        let params = (1..=key.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tx.execute(
+            &format!("INSERT INTO {log} ({ks}) VALUES ({params})"),
+            rusqlite::params_from_iter(key.iter().map(|v| crate::Bind(v.as_ref()))),
+        )
+        .map_err(e)?;
+        let exists: bool = tx
+            .query_row(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} AS t WHERE {})",
+                    quote(table),
+                    t.key()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| format!(
+                            "t.{} = ?{} COLLATE {}",
+                            quote(&c.name),
+                            i + 1,
+                            c.collation
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(" AND ")
+                ),
+                rusqlite::params_from_iter(key.iter().map(|v| crate::Bind(v.as_ref()))),
+                |r| r.get(0),
+            )
+            .map_err(e)?;
+        if exists {
+            report.rows += 1;
+        } else {
+            report.gone += 1;
+        }
+    }
+    tx.commit().map_err(e)?;
+    Ok(report)
+}

@@ -133,6 +133,15 @@ pub enum StoreError {
         /// SQLite's message (it names the constraint's columns).
         detail: String,
     },
+    /// A restore that may only take a snapshot whole found content in the database.
+    #[error(
+        "{path}: the database has content, so the snapshot would be merged, which stamps this node's pending writes; \
+         marmot checks the clock against a NATS server first and none was reachable: set [nats] urls, or start the daemon"
+    )]
+    NotEmpty {
+        /// The database.
+        path: PathBuf,
+    },
     /// marmot's tables were written by a newer marmot.
     #[error(
         "{path}: marmot's tables have format {found}, this marmot knows format {STORE_FORMAT}; upgrade marmot (or run `marmot cleanup` to start over)"

@@ -37,6 +37,28 @@ impl SqliteStore {
         wall_ms: u64,
         snap: &StagedSnapshot,
     ) -> Result<RestoreReport, StoreError> {
+        self.restore_with(clock, wall_ms, snap, true)
+    }
+
+    /// Restores a snapshot only if the database is empty (a whole restore stamps nothing);
+    /// anything else is refused with [`StoreError::NotEmpty`], nothing changed. For a caller
+    /// that could not check the clock, which a merge restore needs (it stamps pending writes).
+    pub fn restore_into_empty(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        snap: &StagedSnapshot,
+    ) -> Result<RestoreReport, StoreError> {
+        self.restore_with(clock, wall_ms, snap, false)
+    }
+
+    fn restore_with(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        snap: &StagedSnapshot,
+        allow_merge: bool,
+    ) -> Result<RestoreReport, StoreError> {
         let path = snap.path.to_string_lossy().into_owned();
         self.conn
             .execute("ATTACH DATABASE ?1 AS snap", [&path])
@@ -46,8 +68,12 @@ impl SqliteStore {
             let empty = is_empty(&s.conn).map_err(|x| s.sql_err(x))?;
             if empty {
                 s.restore_whole(clock, wall_ms, snap)
-            } else {
+            } else if allow_merge {
                 s.restore_merge(clock, wall_ms, snap)
+            } else {
+                Err(StoreError::NotEmpty {
+                    path: s.cfg.path.clone(),
+                })
             }
         });
         forget_unpublished(&self.conn);

@@ -573,3 +573,80 @@ fn a_whole_restore_brings_the_full_text_index_with_it() {
         .unwrap();
     assert_eq!((cap.batch.origin, cap.rows), (9, 1));
 }
+
+#[test]
+fn repair_republishes_a_tables_rows_so_diverged_nodes_converge_to_one_copy() {
+    let mut c = Cluster::new(3, BOOKS);
+    c.exec(0, "INSERT INTO books VALUES (1, 'a'), (2, 'b'), (3, 'c');");
+    c.settle();
+    // Writes made behind marmot's back (its triggers disabled on these connections): the
+    // nodes now differ, and nothing will ever tell them.
+    let behind = |i: usize, sql: &str| {
+        let conn = Connection::open(&c.nodes[i].path).unwrap();
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
+            false,
+        )
+        .unwrap();
+        conn.execute_batch(sql).unwrap();
+    };
+    behind(
+        0,
+        "UPDATE books SET title = 'A' WHERE id = 1; DELETE FROM books WHERE id = 2;",
+    );
+    behind(
+        1,
+        "UPDATE books SET title = 'stale' WHERE id = 3; INSERT INTO books VALUES (9, 'only on node 2');",
+    );
+    behind(2, "DELETE FROM books WHERE id = 1;");
+    c.settle();
+    assert_ne!(c.dump(0, "books"), c.dump(1, "books"));
+    // Node 1's copy is the one to keep: its whole table, and the key only node 2 has.
+    let r = marmot_sqlite::admin::repair(
+        &c.nodes[0].app,
+        "books",
+        &marmot_sqlite::admin::RepairScope::default(),
+    )
+    .unwrap();
+    assert_eq!((r.rows, r.gone), (2, 1), "rows 1 and 3, and row 2's delete");
+    let r = marmot_sqlite::admin::repair(
+        &c.nodes[0].app,
+        "books",
+        &marmot_sqlite::admin::RepairScope {
+            keys: vec![vec![marmot_core::Value::Integer(9)]],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((r.rows, r.gone), (0, 1));
+    c.settle();
+    assert_nothing_parked(&c);
+    c.assert_converged("books");
+    assert_eq!(c.dump(2, "books"), vec!["(1, 'A')", "(3, 'c')"]);
+    // A part of a table, and the errors a person can make.
+    let r = marmot_sqlite::admin::repair(
+        &c.nodes[0].app,
+        "books",
+        &marmot_sqlite::admin::RepairScope {
+            filter: Some("id > 2".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.rows, 1);
+    let e = marmot_sqlite::admin::repair(&c.nodes[0].app, "nope", &Default::default()).unwrap_err();
+    assert!(e.contains("no such table"), "{e}");
+    let e = marmot_sqlite::admin::repair(
+        &c.nodes[0].app,
+        "books",
+        &marmot_sqlite::admin::RepairScope {
+            keys: vec![vec![
+                marmot_core::Value::Integer(1),
+                marmot_core::Value::Integer(2),
+            ]],
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(e.contains("has 1 values"), "{e}");
+}
