@@ -84,6 +84,12 @@ pub struct Parked {
     pub reason: String,
     /// The whole batch as one self-contained message (or the raw bytes if unreadable).
     pub message: Bytes,
+    /// It collided with a UNIQUE value a row outside the batch holds (even with the batch's
+    /// own rows cleared first). That row may move away with a batch that comes later (one
+    /// node's batches can reach the stream out of capture order when publishes are retried):
+    /// such a batch is retried whenever later batches change rows, and is a conflict to
+    /// resolve by hand only if it stays.
+    pub collision: bool,
 }
 
 /// What apply needs from the storage transaction it runs in.
@@ -176,8 +182,10 @@ pub struct ApplyReport {
     pub own_messages: u64,
     /// Chunks stashed for batches not yet complete.
     pub chunks_stashed: u64,
-    /// Batches parked.
+    /// Batches parked (those waiting on a UNIQUE value included).
     pub parked: Vec<Parked>,
+    /// Batches parked earlier, waiting on a UNIQUE value, that applied now.
+    pub unparked: u64,
 }
 
 /// Applies deliveries in stream order. `position` is the last stream sequence already
@@ -210,6 +218,7 @@ pub fn apply_deliveries<T: ApplyTxn>(
                     batch: None,
                     reason: e.to_string(),
                     message: d.payload.clone(),
+                    collision: false,
                 };
                 txn.park(&p)?;
                 report.parked.push(p);
@@ -254,8 +263,9 @@ pub fn apply_deliveries<T: ApplyTxn>(
     Ok(report)
 }
 
-/// Applies one parked batch again (after a schema change or on request). Returns `Ok(None)`
-/// when it applied, or the new reason it still cannot.
+/// Applies one parked batch again (after a schema change, on request, or after other rows
+/// moved). Returns `Ok(None)` when it applied, or the new reason it still cannot (and whether
+/// that is a collision with a UNIQUE value, see [`Parked::collision`]).
 pub fn retry_parked<T: ApplyTxn>(
     txn: &mut T,
     clock: &mut Clock,
@@ -263,10 +273,10 @@ pub fn retry_parked<T: ApplyTxn>(
     parked: &Parked,
     wall_ms: u64,
     report: &mut ApplyReport,
-) -> Result<Option<String>, T::Error> {
+) -> Result<Option<(String, bool)>, T::Error> {
     let (header, fragment) = match decode_message(&parked.message) {
         Ok(x) => x,
-        Err(e) => return Ok(Some(e.to_string())),
+        Err(e) => return Ok(Some((e.to_string(), false))),
     };
     let payload = parked.message.slice_ref(fragment);
     let ctx = BatchContext {
@@ -275,7 +285,7 @@ pub fn retry_parked<T: ApplyTxn>(
         limit_ms: wall_ms.saturating_add(MAX_STAMP_LEAD_MS),
         received_ms: wall_ms,
     };
-    Ok(apply_isolated(txn, clock, &header, payload, ctx, report)?.map(|p| p.reason))
+    Ok(apply_isolated(txn, clock, &header, payload, ctx, report)?.map(|p| (p.reason, p.collision)))
 }
 
 /// Where a batch comes from.
@@ -314,6 +324,7 @@ fn apply_isolated<T: ApplyTxn>(
                 header.stamp, MAX_STAMP_LEAD_MS
             ),
             message: reseal(&h, &payload),
+            collision: false,
         }));
     }
     // Every stamp seen is merged into the clock, applied or not, up to the clock's lead
@@ -333,6 +344,7 @@ fn apply_isolated<T: ApplyTxn>(
                 batch: Some(header.batch),
                 reason: e.to_string(),
                 message: reseal(&single(), &payload),
+                collision: false,
             }));
         }
     };
@@ -355,14 +367,20 @@ fn apply_isolated<T: ApplyTxn>(
             report.conflicts += stats.conflicts;
             Ok(None)
         }
-        Err(ApplyFault::Poison(reason) | ApplyFault::Collision(reason)) => {
+        Err(fault @ (ApplyFault::Poison(_) | ApplyFault::Collision(_))) => {
             txn.rollback_to()?;
             txn.release()?;
+            let (reason, collision) = match fault {
+                ApplyFault::Collision(r) => (r, true),
+                ApplyFault::Poison(r) => (r, false),
+                ApplyFault::Storage(_) => unreachable!("matched above"),
+            };
             Ok(Some(Parked {
                 stream_seq,
                 batch: Some(header.batch),
                 reason,
                 message: reseal(&single(), &payload),
+                collision,
             }))
         }
         Err(ApplyFault::Storage(e)) => {

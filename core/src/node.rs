@@ -361,6 +361,21 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A batch collided with a UNIQUE value a row outside it holds; it is parked and retried
+    /// whenever later batches change rows (the row may move away with one of them).
+    WaitingOnUnique {
+        /// Stream sequence of its last message.
+        stream_seq: u64,
+        /// Which batch.
+        batch: Option<BatchId>,
+        /// Why.
+        reason: String,
+    },
+    /// Batches that waited on a UNIQUE value applied.
+    Unparked {
+        /// How many.
+        batches: u64,
+    },
     /// Parked batches were retried.
     ParkedRetried {
         /// Now applied.
@@ -1387,10 +1402,24 @@ impl Node {
                 }
                 for p in &r.parked {
                     self.parked += 1;
-                    self.event(Event::Parked {
-                        stream_seq: p.stream_seq,
-                        batch: p.batch,
-                        reason: p.reason.clone(),
+                    if p.collision {
+                        self.event(Event::WaitingOnUnique {
+                            stream_seq: p.stream_seq,
+                            batch: p.batch,
+                            reason: p.reason.clone(),
+                        });
+                    } else {
+                        self.event(Event::Parked {
+                            stream_seq: p.stream_seq,
+                            batch: p.batch,
+                            reason: p.reason.clone(),
+                        });
+                    }
+                }
+                if r.unparked > 0 {
+                    self.parked = self.parked.saturating_sub(r.unparked);
+                    self.event(Event::Unparked {
+                        batches: r.unparked,
                     });
                 }
                 if o.schema_changed {

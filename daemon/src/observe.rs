@@ -203,9 +203,15 @@ impl Observer for DaemonObserver {
                 }
                 tracing::debug!(through_seq, batches, rows_written, rows_skipped, own_messages, took = ?took, "applied");
             }
-            Event::Parked { .. } => {
+            Event::Parked { .. } | Event::WaitingOnUnique { .. } => {
                 // io-sqlite logs the details with the batch.
                 self.m.parked_total.increment(1);
+            }
+            Event::Unparked { batches } => {
+                tracing::info!(
+                    batches,
+                    "batches that waited on a UNIQUE value applied once other rows moved"
+                );
             }
             Event::ParkedRetried { applied, remaining } => {
                 if *applied > 0 {

@@ -86,7 +86,17 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
     store_cfg.compress = s.compress;
     store_cfg.busy_timeout = s.busy_timeout;
     store_cfg.keep_conflicts = s.keep_conflicts;
-    let store = SqliteStore::open(store_cfg)?;
+    // An application may hold the write lock for a while: wait for it rather than fail.
+    let store = loop {
+        match SqliteStore::open(store_cfg.clone()) {
+            Ok(s) => break s,
+            Err(e) if e.is_busy() => {
+                tracing::warn!(db = %db.display(), "the database is locked by another connection; waiting to set marmot up in it");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let canonical = std::fs::canonicalize(&db).unwrap_or(db.clone());
     let owner = owner_token(store.owner(), &db);
     tracing::info!(node_id = s.node_id, db = %db.display(), tables = store.tables().count(), "database ready");

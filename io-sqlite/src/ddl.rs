@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS "__marmot__inbox" (
 CREATE TABLE IF NOT EXISTS "__marmot__parked" (
     id INTEGER PRIMARY KEY, stream_seq INTEGER NOT NULL, origin INTEGER, incarnation INTEGER,
     batch_seq INTEGER, reason TEXT NOT NULL, message BLOB NOT NULL, parked_at_ms INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 1, retry_requested INTEGER NOT NULL DEFAULT 0);
+    attempts INTEGER NOT NULL DEFAULT 1, retry_requested INTEGER NOT NULL DEFAULT 0,
+    collision INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS "__marmot__incarnations" (incarnation INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS "__marmot__conflicts" (
     id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, key TEXT NOT NULL,

@@ -54,8 +54,15 @@ pub use txn::{Bind, from_sql};
 /// gave them NUMERIC); a format-1 database is migrated in place when it is opened.
 pub const STORE_FORMAT: i64 = 2;
 
+/// A crash point: called with the point's name at every place where a process can die between
+/// two steps of one storage operation (before and after every commit, between the
+/// transactions of an operation that has several); `true` means "die here". The simulation
+/// uses it to crash a node inside an operation (turmoil crashes a host only at an `.await`);
+/// the daemon has none.
+pub type CrashPoint = Arc<dyn Fn(&'static str) -> bool + Send + Sync>;
+
 /// How to open the store.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StoreConfig {
     /// The application's database file.
     pub path: PathBuf,
@@ -74,6 +81,19 @@ pub struct StoreConfig {
     pub busy_timeout: Duration,
     /// How many conflict records to keep.
     pub keep_conflicts: u64,
+    /// Where to die on purpose (tests and the simulation only).
+    pub crash_point: Option<CrashPoint>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("path", &self.path)
+            .field("node_id", &self.node_id)
+            .field("capture", &self.capture)
+            .field("busy_timeout", &self.busy_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StoreConfig {
@@ -88,6 +108,7 @@ impl StoreConfig {
             max_fragment: 512 * 1024,
             busy_timeout: Duration::from_secs(5),
             keep_conflicts: 10_000,
+            crash_point: None,
         }
     }
 }
@@ -142,6 +163,13 @@ pub enum StoreError {
         /// The database.
         path: PathBuf,
     },
+    /// The process died here on purpose ([`StoreConfig::crash_point`]): nothing after this
+    /// point of the operation happened, and the store does nothing more until reopened.
+    #[error("simulated crash {point}")]
+    Crashed {
+        /// Where.
+        point: &'static str,
+    },
     /// marmot's tables were written by a newer marmot.
     #[error(
         "{path}: marmot's tables have format {found}, this marmot knows format {STORE_FORMAT}; upgrade marmot (or run `marmot cleanup` to start over)"
@@ -194,6 +222,8 @@ pub struct SqliteStore {
     incarnations: std::collections::BTreeMap<u64, u64>,
     owner: String,
     stats: Arc<StoreStats>,
+    /// Set when a crash point fired: the "process" is dead.
+    dead: Option<&'static str>,
 }
 
 fn meta_get(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
@@ -262,6 +292,7 @@ impl SqliteStore {
             incarnations: std::collections::BTreeMap::new(),
             owner: String::new(),
             stats: Arc::new(StoreStats::default()),
+            dead: None,
         };
         store.in_txn(|s| s.init())?;
         Ok(store)
@@ -308,13 +339,20 @@ impl SqliteStore {
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        self.alive()?;
         self.conn
             .execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| self.sql_err(e))?;
-        match f(self) {
+        let done = f(self).and_then(|r| {
+            self.crash_point("before commit")?;
+            Ok(r)
+        });
+        match done {
             Ok(r) => match self.conn.execute_batch("COMMIT") {
                 Ok(()) => {
                     self.synced_in_txn = false;
+                    // Committed, and the caller never hears of it.
+                    self.crash_point("after commit")?;
                     Ok(r)
                 }
                 Err(e) => {
@@ -327,6 +365,24 @@ impl SqliteStore {
                 Err(e)
             }
         }
+    }
+
+    /// Fails once a crash point fired: a dead process does nothing.
+    fn alive(&self) -> Result<(), StoreError> {
+        match self.dead {
+            Some(point) => Err(StoreError::Crashed { point }),
+            None => Ok(()),
+        }
+    }
+
+    /// Dies here if the crash point says so.
+    fn crash_point(&mut self, point: &'static str) -> Result<(), StoreError> {
+        self.alive()?;
+        if self.cfg.crash_point.as_ref().is_some_and(|c| c(point)) {
+            self.dead = Some(point);
+            return Err(StoreError::Crashed { point });
+        }
+        Ok(())
     }
 
     /// Undoes a transaction and forgets what it learnt: a capture it made is gone with it, so
@@ -349,6 +405,20 @@ impl SqliteStore {
             source: s,
         };
         c.execute_batch(ddl::CREATE_FIXED).map_err(e)?;
+        // Added with format 2 (to a table of format 1 that has it not).
+        let has_collision: i64 = c
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('__marmot__parked') WHERE name = 'collision'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(e)?;
+        if has_collision == 0 {
+            c.execute_batch(
+                "ALTER TABLE \"__marmot__parked\" ADD COLUMN collision INTEGER NOT NULL DEFAULT 0",
+            )
+            .map_err(e)?;
+        }
         match meta_get(c, "format").map_err(e)? {
             None => meta_set(c, "format", STORE_FORMAT).map_err(e)?,
             Some(found) if found > STORE_FORMAT => {
@@ -688,6 +758,70 @@ impl SqliteStore {
         Ok(captured)
     }
 
+    /// Applies again the parked batches `filter` selects (a `WHERE` clause, or nothing for
+    /// all), oldest first; removes those that apply. Inside a transaction. Returns (tried,
+    /// applied).
+    fn retry_parked_where(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        filter: &str,
+        report: &mut marmot_core::apply::ApplyReport,
+    ) -> Result<(u64, u64), StoreError> {
+        let me = self.cfg.node_id;
+        let parked: Vec<(i64, marmot_core::apply::Parked)> = {
+            let e = |x| self.sql_err(x);
+            let mut stmt = self
+                .conn
+                .prepare_cached(&format!(
+                    // In each node's capture order: the order its batches were made in.
+                    "SELECT id, stream_seq, message FROM \"__marmot__parked\"{filter} \
+                     ORDER BY origin, incarnation, batch_seq, id"
+                ))
+                .map_err(e)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        marmot_core::apply::Parked {
+                            stream_seq: r.get::<_, i64>(1)? as u64,
+                            batch: None,
+                            reason: String::new(),
+                            message: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                            collision: false,
+                        },
+                    ))
+                })
+                .map_err(e)?;
+            rows.collect::<Result<_, _>>().map_err(e)?
+        };
+        let attempted = parked.len() as u64;
+        let mut applied = 0;
+        for (id, p) in parked {
+            let mut tx = self.tx(wall_ms);
+            let outcome = marmot_core::apply::retry_parked(&mut tx, clock, me, &p, wall_ms, report)
+                .map_err(|x| self.sql_err(x))?;
+            match outcome {
+                None => {
+                    self.conn
+                        .execute("DELETE FROM \"__marmot__parked\" WHERE id = ?1", [id])
+                        .map_err(|x| self.sql_err(x))?;
+                    applied += 1;
+                    tracing::info!(parked_id = id, "parked batch applied on retry");
+                }
+                Some((reason, collision)) => {
+                    self.conn
+                        .execute(
+                            "UPDATE \"__marmot__parked\" SET reason = ?2, collision = ?3, attempts = attempts + 1, retry_requested = 0 WHERE id = ?1",
+                            params![id, reason, collision],
+                        )
+                        .map_err(|x| self.sql_err(x))?;
+                }
+            }
+        }
+        Ok((attempted, applied))
+    }
+
     fn incomplete_batches(&self) -> Result<u64, StoreError> {
         self.conn
             .query_row(
@@ -812,10 +946,27 @@ impl Storage for SqliteStore {
             let captured = s.capture_in_txn(clock, wall_ms)?;
             let position = s.position()?;
             let mut tx = s.tx(wall_ms);
-            let report = marmot_core::apply::apply_deliveries(
+            let mut report = marmot_core::apply::apply_deliveries(
                 &mut tx, clock, me, position, deliveries, wall_ms,
             )
             .map_err(|e| s.sql_err(e))?;
+            // Rows moved: a batch waiting on a UNIQUE value may fit now (its blocking row
+            // may have moved away with one of these batches).
+            // Each that applies may free a value another waits on: again, until a round
+            // frees nothing.
+            if report.rows_written > 0 {
+                loop {
+                    let mut again = marmot_core::apply::ApplyReport::default();
+                    let (_, applied) =
+                        s.retry_parked_where(clock, wall_ms, " WHERE collision = 1", &mut again)?;
+                    report.unparked += applied;
+                    report.rows_written += again.rows_written;
+                    report.conflicts += again.conflicts;
+                    if applied == 0 {
+                        break;
+                    }
+                }
+            }
             if report.through_seq != position {
                 meta_set(&s.conn, "position", report.through_seq as i64)
                     .map_err(|e| s.sql_err(e))?;
@@ -833,6 +984,7 @@ impl Storage for SqliteStore {
     }
 
     fn mark_published(&mut self, batch: BatchId) -> Result<(), StoreError> {
+        self.crash_point("before marking published")?;
         self.conn
             .prepare_cached("DELETE FROM \"__marmot__outbox\" WHERE incarnation = ?1 AND seq = ?2")
             .and_then(|mut s| s.execute(params![batch.incarnation as i64, batch.seq as i64]))
@@ -841,6 +993,7 @@ impl Storage for SqliteStore {
     }
 
     fn outbox_message(&mut self, batch: BatchId, chunk: u32) -> Result<Option<Bytes>, StoreError> {
+        self.alive()?;
         self.conn
             .prepare_cached("SELECT payload FROM \"__marmot__outbox\" WHERE incarnation = ?1 AND seq = ?2 AND chunk = ?3")
             .and_then(|mut s| {
@@ -860,62 +1013,21 @@ impl Storage for SqliteStore {
         wall_ms: u64,
         all: bool,
     ) -> Result<ParkedRetry, StoreError> {
-        let me = self.cfg.node_id;
         self.in_txn(|s| {
             s.follow_schema()?;
             let captured = s.capture_in_txn(clock, wall_ms)?;
-            let e = |x| s.sql_err(x);
-            let filter = if all { "" } else { " WHERE retry_requested = 1" };
-            let parked: Vec<(i64, marmot_core::apply::Parked)> = {
-                let mut stmt = s
-                    .conn
-                    .prepare(&format!(
-                        "SELECT id, stream_seq, message FROM \"__marmot__parked\"{filter} ORDER BY id"
-                    ))
-                    .map_err(e)?;
-                let rows = stmt
-                    .query_map([], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            marmot_core::apply::Parked {
-                                stream_seq: r.get::<_, i64>(1)? as u64,
-                                batch: None,
-                                reason: String::new(),
-                                message: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                            },
-                        ))
-                    })
-                    .map_err(e)?;
-                rows.collect::<Result<_, _>>().map_err(e)?
+            let filter = if all {
+                ""
+            } else {
+                " WHERE retry_requested = 1"
             };
-            let mut applied = 0;
-            let attempted = parked.len() as u64;
             let mut report = marmot_core::apply::ApplyReport::default();
-            for (id, p) in parked {
-                let mut tx = s.tx(wall_ms);
-                let outcome = marmot_core::apply::retry_parked(&mut tx, clock, me, &p, wall_ms, &mut report)
-                    .map_err(|x| s.sql_err(x))?;
-                match outcome {
-                    None => {
-                        s.conn
-                            .execute("DELETE FROM \"__marmot__parked\" WHERE id = ?1", [id])
-                            .map_err(|x| s.sql_err(x))?;
-                        applied += 1;
-                        tracing::info!(parked_id = id, "parked batch applied on retry");
-                    }
-                    Some(reason) => {
-                        s.conn
-                            .execute(
-                                "UPDATE \"__marmot__parked\" SET reason = ?2, attempts = attempts + 1, retry_requested = 0 WHERE id = ?1",
-                                params![id, reason],
-                            )
-                            .map_err(|x| s.sql_err(x))?;
-                    }
-                }
-            }
+            let (attempted, applied) = s.retry_parked_where(clock, wall_ms, filter, &mut report)?;
             let remaining: i64 = s
                 .conn
-                .query_row("SELECT count(*) FROM \"__marmot__parked\"", [], |r| r.get(0))
+                .query_row("SELECT count(*) FROM \"__marmot__parked\"", [], |r| {
+                    r.get(0)
+                })
                 .map_err(|x| s.sql_err(x))?;
             s.save_clock(clock)?;
             Ok(ParkedRetry {

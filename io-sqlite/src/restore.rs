@@ -381,7 +381,8 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Adds missing rows of another database's marmot bookkeeping that belong to the cluster
-/// (stashed chunks, parked batches), not to that node.
+/// (stashed chunks, parked batches), not to that node. The parked batches are marked for a
+/// retry: they may apply here (this node's schema, its rows).
 fn import_cluster_state(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT OR IGNORE INTO main.\"__marmot__inbox\" SELECT * FROM snap.\"__marmot__inbox\"",
@@ -389,7 +390,7 @@ fn import_cluster_state(conn: &Connection) -> rusqlite::Result<()> {
     )?;
     conn.execute(
         "INSERT INTO main.\"__marmot__parked\" (stream_seq, origin, incarnation, batch_seq, reason, message, parked_at_ms, attempts, retry_requested) \
-         SELECT stream_seq, origin, incarnation, batch_seq, reason, message, parked_at_ms, attempts, retry_requested FROM snap.\"__marmot__parked\" p \
+         SELECT stream_seq, origin, incarnation, batch_seq, reason, message, parked_at_ms, attempts, 1 FROM snap.\"__marmot__parked\" p \
          WHERE NOT EXISTS (SELECT 1 FROM main.\"__marmot__parked\" q WHERE q.stream_seq = p.stream_seq)",
         params![],
     )?;

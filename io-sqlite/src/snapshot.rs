@@ -17,12 +17,22 @@ use std::time::Duration;
 use crate::schema::PREFIX;
 
 /// Where a database's snapshot files are made and staged.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SnapshotDir {
     db: PathBuf,
     dir: PathBuf,
     tombstone_ttl_ms: u64,
     busy_timeout: Duration,
+    crash_point: Option<crate::CrashPoint>,
+}
+
+impl std::fmt::Debug for SnapshotDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotDir")
+            .field("db", &self.db)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 fn local(e: impl std::fmt::Display) -> SnapshotError {
@@ -109,7 +119,15 @@ impl SnapshotDir {
             dir: db.with_file_name(format!("{name}-marmot-snapshots")),
             tombstone_ttl_ms: tombstone_ttl.as_millis() as u64,
             busy_timeout: Duration::from_secs(5),
+            crash_point: None,
         }
+    }
+
+    /// Dies on purpose between the steps of making a snapshot (the simulation's crash
+    /// points; see [`crate::StoreConfig::crash_point`]).
+    pub fn with_crash_point(mut self, crash_point: Option<crate::CrashPoint>) -> Self {
+        self.crash_point = crash_point;
+        self
     }
 
     /// Waits at most this long for a lock (the store's `busy_timeout`; default 5 s).
@@ -178,6 +196,13 @@ impl SnapshotDir {
     pub fn create(&self, now_ms: u64) -> Result<LocalSnapshot, SnapshotError> {
         self.ensure_dir()?;
         let horizon_ms = self.collect_tombstones(now_ms)?;
+        if self
+            .crash_point
+            .as_ref()
+            .is_some_and(|c| c("between collecting tombstones and copying the database"))
+        {
+            return Err(local("simulated crash"));
+        }
         let raw = self.dir.join(format!("create-{now_ms}.db"));
         let packed = self.dir.join(format!("create-{now_ms}.db.zst"));
         let _ = std::fs::remove_file(&raw);

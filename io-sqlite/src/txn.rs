@@ -513,16 +513,30 @@ impl ApplyTxn for Tx<'_> {
 
     fn park(&mut self, p: &Parked) -> Result<(), Self::Error> {
         self.stats.parked.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(
-            stream_seq = p.stream_seq,
-            batch = %p.batch.map(|b| b.to_string()).unwrap_or_else(|| "unreadable".into()),
-            reason = %p.reason,
-            "parked a batch that cannot be applied; replication of everything else continues (see `marmot parked list`)"
-        );
+        let batch = p
+            .batch
+            .map(|b| b.to_string())
+            .unwrap_or_else(|| "unreadable".into());
+        if p.collision {
+            tracing::warn!(
+                stream_seq = p.stream_seq,
+                %batch,
+                reason = %p.reason,
+                "a batch collides with a UNIQUE value another row holds here: parked, and retried as later batches change rows \
+                 (that row may move away with one of them); if it stays parked, the value is taken on two nodes: see `marmot parked list`"
+            );
+        } else {
+            tracing::error!(
+                stream_seq = p.stream_seq,
+                %batch,
+                reason = %p.reason,
+                "parked a batch that cannot be applied; replication of everything else continues (see `marmot parked list`)"
+            );
+        }
         self.conn
             .prepare_cached(
-                "INSERT INTO \"__marmot__parked\" (stream_seq, origin, incarnation, batch_seq, reason, message, parked_at_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO \"__marmot__parked\" (stream_seq, origin, incarnation, batch_seq, reason, message, parked_at_ms, collision) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 p.stream_seq as i64,
@@ -531,7 +545,8 @@ impl ApplyTxn for Tx<'_> {
                 p.batch.map(|b| b.seq as i64),
                 p.reason,
                 &p.message[..],
-                self.wall_ms as i64
+                self.wall_ms as i64,
+                p.collision
             ])?;
         Ok(())
     }

@@ -29,18 +29,7 @@ pub struct BatchRow {
     pub base: Option<Version>,
 }
 
-fn norm_key(table: &str, values: &[ValueRef<'_>]) -> String {
-    // Table u's first key column is NOCASE: 'Y' and 'y' are one key.
-    if table == "u"
-        && let Some(ValueRef::Text(t)) = values.first()
-    {
-        let lower = String::from_utf8_lossy(t).to_lowercase();
-        let mut v: Vec<ValueRef<'_>> = vec![ValueRef::Text(lower.as_bytes())];
-        v.extend_from_slice(&values[1..]);
-        return sql_row_literal(v);
-    }
-    sql_row_literal(values.iter().copied())
-}
+use crate::workload::{Generator, TableSpec, norm_key};
 
 /// Decodes a complete batch from its messages (in chunk order).
 pub fn batch_rows(messages: &[Bytes]) -> Option<(Header, Vec<BatchRow>)> {
@@ -77,10 +66,10 @@ pub fn batch_rows(messages: &[Bytes]) -> Option<(Header, Vec<BatchRow>)> {
 type Versions = BTreeMap<(String, String), Version>;
 
 /// Reads a node's row versions.
-fn versions(db: &PathBuf) -> rusqlite::Result<Versions> {
+fn versions(db: &PathBuf, tables: &[TableSpec]) -> rusqlite::Result<Versions> {
     let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut out = Versions::new();
-    for (table, keys) in [("t", 1), ("u", 2)] {
+    for &TableSpec { name: table, keys } in tables {
         let exists: i64 = c.query_row(
             "SELECT count(*) FROM sqlite_master WHERE name = ?1",
             [format!("__marmot__ver__{table}")],
@@ -127,11 +116,25 @@ fn horizon(db: &PathBuf) -> rusqlite::Result<u64> {
     Ok(h.unwrap_or(0) as u64)
 }
 
+/// Reasons of the batches parked on a node (None: unreadable).
+fn parked(db: &PathBuf) -> Option<Vec<String>> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    c.prepare("SELECT reason FROM \"__marmot__parked\"")
+        .ok()?
+        .query_map([], |r| r.get(0))
+        .ok()?
+        .collect::<Result<_, _>>()
+        .ok()
+}
+
 /// A node's user tables as sorted row literals.
-pub fn contents(db: &PathBuf) -> rusqlite::Result<BTreeMap<&'static str, Vec<String>>> {
+pub fn contents(
+    db: &PathBuf,
+    tables: &[TableSpec],
+) -> rusqlite::Result<BTreeMap<&'static str, Vec<String>>> {
     let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut out = BTreeMap::new();
-    for table in ["t", "u"] {
+    for &TableSpec { name: table, .. } in tables {
         let mut stmt = c.prepare(&format!("SELECT * FROM {table}"))?;
         let n = stmt.column_count();
         let mut rows: Vec<String> = stmt
@@ -149,10 +152,13 @@ pub fn contents(db: &PathBuf) -> rusqlite::Result<BTreeMap<&'static str, Vec<Str
 }
 
 /// A node's rows by (table, key literal), keys normalised as the checker compares them.
-fn keyed_contents(db: &PathBuf) -> rusqlite::Result<BTreeMap<(String, String), String>> {
+fn keyed_contents(
+    db: &PathBuf,
+    tables: &[TableSpec],
+) -> rusqlite::Result<BTreeMap<(String, String), String>> {
     let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut out = BTreeMap::new();
-    for (table, keys) in [("t", 1), ("u", 2)] {
+    for &TableSpec { name: table, keys } in tables {
         let mut stmt = c.prepare(&format!("SELECT * FROM {table}"))?;
         let n = stmt.column_count();
         let mut rows = stmt.query([])?;
@@ -172,6 +178,7 @@ fn keyed_contents(db: &PathBuf) -> rusqlite::Result<BTreeMap<(String, String), S
 /// Checks invariants across the run.
 pub struct Checker {
     dbs: Vec<PathBuf>,
+    generator: Generator,
     seen: Vec<Versions>,
     decoded: BTreeMap<BatchId, (Version, Vec<BatchRow>)>,
     chunks: BTreeMap<BatchId, BTreeMap<u32, Bytes>>,
@@ -180,9 +187,10 @@ pub struct Checker {
 
 impl Checker {
     /// A checker for these databases.
-    pub fn new(nodes: usize, dbs: Vec<PathBuf>) -> Self {
+    pub fn new(nodes: usize, dbs: Vec<PathBuf>, generator: Generator) -> Self {
         Checker {
             dbs,
+            generator,
             seen: vec![Versions::new(); nodes],
             decoded: BTreeMap::new(),
             chunks: BTreeMap::new(),
@@ -211,7 +219,8 @@ impl Checker {
     pub fn check(&mut self, published: &[(u64, Bytes)], oracle: &Oracle) -> Result<(), Failure> {
         self.learn(published);
         for (n, db) in self.dbs.iter().enumerate() {
-            let now = versions(db).map_err(|e| Failure::Crash {
+            let tables = self.generator.tables();
+            let now = versions(db, tables).map_err(|e| Failure::Crash {
                 detail: format!("reading node {}: {e}", n + 1),
             })?;
             // A committed write is present, or replaced by a write with a higher stamp: on its
@@ -243,9 +252,11 @@ impl Checker {
                 if held == Some(version) && !pending.contains(&(table, key.clone())) {
                     let rows = match &mut rows {
                         Some(r) => r,
-                        None => rows.insert(keyed_contents(db).map_err(|e| Failure::Crash {
-                            detail: format!("reading node {}: {e}", n + 1),
-                        })?),
+                        None => {
+                            rows.insert(keyed_contents(db, tables).map_err(|e| Failure::Crash {
+                                detail: format!("reading node {}: {e}", n + 1),
+                            })?)
+                        }
                     };
                     let have = rows.get(&(table.to_string(), key.clone()));
                     if have != row.as_ref() {
@@ -320,16 +331,59 @@ impl Checker {
         if (0..self.dbs.len()).any(|n| oracle.uncaptured(n) > 0) {
             return None;
         }
+        if self
+            .dbs
+            .iter()
+            .any(|db| parked(db).is_none_or(|p| !p.is_empty()))
+        {
+            return None;
+        }
         let expected = oracle.expected();
         for db in &self.dbs {
-            let got = contents(db).ok()?;
-            for table in ["t", "u"] {
+            let got = contents(db, self.generator.tables()).ok()?;
+            for &TableSpec { name: table, .. } in self.generator.tables() {
                 if got.get(table) != Some(expected.get(table).unwrap_or(&Vec::new())) {
                     return None;
                 }
             }
         }
         Some(oracle.captures.iter().map(Vec::len).sum())
+    }
+
+    /// Once the tables converged: on every node the full-text index passes FTS5's integrity
+    /// check and finds, for every word, exactly the documents that contain it (so every node
+    /// gives the same search results, by key).
+    pub fn full_text_indexes(&self) -> Result<(), Failure> {
+        if !self.generator.has_fts() {
+            return Ok(());
+        }
+        for (n, db) in self.dbs.iter().enumerate() {
+            let broken = |what: String| Failure::Safety {
+                invariant: "a full-text index kept by the application's triggers matches its rows on every node",
+                detail: format!("node {}: {what}", n + 1),
+            };
+            // The integrity check is an INSERT statement: a read-write connection.
+            let c = Connection::open(db).map_err(|e| broken(e.to_string()))?;
+            c.execute_batch("INSERT INTO doc_fts(doc_fts, rank) VALUES ('integrity-check', 1);")
+                .map_err(|e| broken(format!("integrity check: {e}")))?;
+            for word in crate::workload::WORDS {
+                let ids = |sql: &str| -> rusqlite::Result<Vec<i64>> {
+                    c.prepare(sql)?.query_map([word], |r| r.get(0))?.collect()
+                };
+                let found = ids("SELECT rowid FROM doc_fts WHERE doc_fts MATCH ?1 ORDER BY rowid")
+                    .map_err(|e| broken(e.to_string()))?;
+                let holding = ids(
+                    "SELECT id FROM doc WHERE ' ' || body || ' ' LIKE '% ' || ?1 || ' %' ORDER BY id",
+                )
+                .map_err(|e| broken(e.to_string()))?;
+                if found != holding {
+                    return Err(broken(format!(
+                        "searching {word:?} finds {found:?}, the documents holding it are {holding:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Describes how the nodes differ from the oracle.
@@ -344,10 +398,19 @@ impl Checker {
                 ));
             }
         }
+        for (n, db) in self.dbs.iter().enumerate() {
+            if let Some(p) = parked(db)
+                && !p.is_empty()
+            {
+                out.push_str(&format!("node {}: still parked: {p:?}\n", n + 1));
+            }
+        }
         let expected = oracle.expected();
         for (n, db) in self.dbs.iter().enumerate() {
-            let Ok(got) = contents(db) else { continue };
-            for table in ["t", "u"] {
+            let Ok(got) = contents(db, self.generator.tables()) else {
+                continue;
+            };
+            for &TableSpec { name: table, .. } in self.generator.tables() {
                 let want = expected.get(table).cloned().unwrap_or_default();
                 let have = got.get(table).cloned().unwrap_or_default();
                 let missing: Vec<&String> =

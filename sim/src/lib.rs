@@ -18,7 +18,9 @@ pub mod oracle;
 pub mod plan;
 pub mod proto;
 pub mod transport;
+pub mod workload;
 pub mod world;
 
 pub use plan::Plan;
-pub use world::{Failure, Outcome, Report, run_seed, run_seed_watched};
+pub use workload::Generator;
+pub use world::{Failure, Outcome, Report, run_plan_watched, run_seed, run_seed_watched};

@@ -1,6 +1,7 @@
 //! A run's plan, drawn from its seed: how many nodes, which kinds of fault are switched on
 //! (swarm testing: each run picks its own mix), and when each fault starts and ends.
 
+use crate::workload::Generator;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
@@ -106,11 +107,64 @@ pub struct Plan {
     pub tombstone_ttl: Duration,
     /// A node that joins late, with an empty database: (node, when).
     pub late_join: Option<(usize, Duration)>,
+    /// Which workload the applications run (and which generator drew this plan: a pinned
+    /// seed keeps its generator, so it keeps doing what it did when it was pinned).
+    pub generator: Generator,
+    /// Share of transactions that rebuild table `t` (V2).
+    pub rebuild_share: f64,
+    /// Applications sometimes hold the write lock across a pause (V2): marmot's capture,
+    /// apply and restore meet SQLITE_BUSY.
+    pub lock_holds: bool,
+    /// Storage faults at the storage port, as FoundationDB's BUGGIFY (V2).
+    pub storage_faults: Option<StorageFaults>,
+    /// Snapshot uploads take this long during the chaos phase (V2): longer than the lease.
+    pub slow_upload: Option<Duration>,
+}
+
+/// Faults injected into a node's storage calls while the chaos phase lasts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StorageFaults {
+    /// Chance that a storage call fails with SQLITE_BUSY before doing anything.
+    pub busy: f64,
+    /// Chance that it fails with an I/O error before doing anything.
+    pub io: f64,
+    /// Chance, at each crash point inside the adapter (before and after every commit, between
+    /// the transactions of one operation), that the node dies right there.
+    pub crash: f64,
 }
 
 impl Plan {
-    /// Draws the plan of `seed`.
+    /// Draws the plan of `seed` with the current generator ([`Generator::V2`]).
     pub fn from_seed(seed: u64) -> Plan {
+        Plan::from_seed_with(seed, Generator::V2)
+    }
+
+    /// Draws the plan of `seed` with generator `g`. V2 draws everything V1 draws, the same
+    /// way, then its own additions.
+    pub fn from_seed_with(seed: u64, g: Generator) -> Plan {
+        let (mut plan, mut r) = Plan::v1(seed);
+        if g == Generator::V1 {
+            return plan;
+        }
+        plan.generator = Generator::V2;
+        plan.rebuild_share = if r.random_bool(0.5) {
+            r.random_range(0.005..0.04)
+        } else {
+            0.0
+        };
+        plan.lock_holds = r.random_bool(0.3);
+        plan.storage_faults = r.random_bool(0.3).then(|| StorageFaults {
+            busy: r.random_range(0.0..0.05),
+            io: r.random_range(0.0..0.02),
+            crash: r.random_range(0.0..0.004),
+        });
+        plan.slow_upload = (plan.swarm.snapshots && r.random_bool(0.3))
+            .then(|| Duration::from_millis(r.random_range(8_000..=25_000)));
+        plan
+    }
+
+    /// The V1 generator, frozen: regressions 01 to 07 were found with it.
+    fn v1(seed: u64) -> (Plan, ChaCha8Rng) {
         let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x005e_ed0f_a1a2);
         let nodes = r.random_range(2..=5);
         let swarm = Swarm {
@@ -186,7 +240,7 @@ impl Plan {
         } else {
             Duration::ZERO
         };
-        Plan {
+        let plan = Plan {
             seed,
             nodes,
             chaos,
@@ -219,6 +273,12 @@ impl Plan {
             max_messages,
             tombstone_ttl,
             swarm,
-        }
+            generator: Generator::V1,
+            rebuild_share: 0.0,
+            lock_holds: false,
+            storage_faults: None,
+            slow_upload: None,
+        };
+        (plan, r)
     }
 }

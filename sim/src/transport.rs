@@ -175,6 +175,10 @@ impl Transport for SimTransport {
 /// The simulated broker's object store, behind the same port as the real stores.
 pub struct SimObjectStore {
     transport: SimTransport,
+    slow: Option<(
+        std::time::Duration,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    )>,
 }
 
 impl SimObjectStore {
@@ -182,7 +186,19 @@ impl SimObjectStore {
     pub fn new(broker: &str) -> Self {
         SimObjectStore {
             transport: SimTransport::new(broker),
+            slow: None,
         }
+    }
+
+    /// Uploads of files (snapshots) take `slow` longer while `active` holds: longer than the
+    /// snapshot lease lives, so a save has to renew it.
+    pub fn with_slow_uploads(
+        mut self,
+        slow: Option<std::time::Duration>,
+        active: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        self.slow = slow.map(|d| (d, active));
+        self
     }
 
     async fn call(&self, req: Request) -> Result<Response, String> {
@@ -199,6 +215,11 @@ impl ObjectStore for SimObjectStore {
         progress: Progress<'_>,
     ) -> Result<(), String> {
         let data = std::fs::read(path).map_err(|e| e.to_string())?;
+        if let Some((d, active)) = &self.slow
+            && active.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::time::sleep(*d).await;
+        }
         progress(data.len() as u64);
         self.put_bytes(name, Bytes::from(data)).await
     }

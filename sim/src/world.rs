@@ -5,9 +5,10 @@
 
 use crate::broker::{BrokerConfig, BrokerState};
 use crate::check::{Checker, batch_rows};
-use crate::oracle::{Effect, Oracle};
+use crate::oracle::Oracle;
 use crate::plan::{Fault, Plan};
 use crate::transport::{SimObjectStore, SimTransport};
+use crate::workload::Generator;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use marmot_core::capture::Captured;
@@ -21,7 +22,6 @@ use marmot_core::snapshot::{
     self, Fetched, LocalSnapshot, SaveOutcome, SnapshotError, SnapshotFiles, SnapshotInfo,
     StagedSnapshot,
 };
-use marmot_core::value::sql_row_literal;
 use marmot_core::wire::BatchId;
 use marmot_core::{Clock, Version};
 use marmot_sqlite::snapshot::SnapshotDir;
@@ -36,10 +36,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
-
-/// The tables every node replicates.
-pub const SCHEMA: &str = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);
-    CREATE TABLE u (a TEXT COLLATE NOCASE, b INTEGER, v, PRIMARY KEY (a, b)) WITHOUT ROWID;";
 
 /// After the faults stop, every node must converge within this much simulated time.
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(60);
@@ -130,6 +126,28 @@ impl std::fmt::Display for Report {
     }
 }
 
+/// Storage faults of one node (see `Plan::storage_faults`): its own random draws, whether
+/// the chaos phase still lasts, and whether a crash point fired (the world then crashes the
+/// host, as a process dying there).
+pub(crate) struct StorageFaultState {
+    rng: std::sync::Mutex<ChaCha8Rng>,
+    active: Arc<std::sync::atomic::AtomicBool>,
+    crashed: std::sync::atomic::AtomicBool,
+    crash_point: std::sync::Mutex<Option<&'static str>>,
+}
+
+impl StorageFaultState {
+    fn draw(&self, p: f64) -> bool {
+        p > 0.0
+            && self.active.load(Ordering::Relaxed)
+            && self
+                .rng
+                .lock()
+                .expect("not poisoned")
+                .random_bool(p.min(1.0))
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) plan: Plan,
     pub(crate) dbs: Vec<PathBuf>,
@@ -141,6 +159,13 @@ pub(crate) struct Shared {
     pub(crate) trace: Vec<String>,
     pub(crate) failures: Vec<Failure>,
     pub(crate) writers_done: usize,
+    /// Per node, the state of its storage faults (V2 plans with storage faults).
+    pub(crate) storage_faults: Vec<Option<Arc<StorageFaultState>>>,
+    /// Storage faults and slow uploads stop when the faults heal.
+    pub(crate) chaos_active: Arc<std::sync::atomic::AtomicBool>,
+    /// Per node: table `t` was rebuilt and the node has not captured since (see
+    /// `workload::v2_operations`).
+    pub(crate) blind: Vec<bool>,
 }
 
 type World = Rc<RefCell<Shared>>;
@@ -174,9 +199,42 @@ struct Recorded {
     inner: SqliteStore,
     node: usize,
     world: World,
+    faults: Option<Arc<StorageFaultState>>,
 }
 
 impl Recorded {
+    /// A storage call fails before it does anything: the lock is held (SQLITE_BUSY) or the
+    /// disk failed (SQLITE_IOERR), as a BUGGIFY would have it.
+    fn injected(&self, call: &'static str) -> Result<(), StoreError> {
+        let Some(f) = &self.faults else { return Ok(()) };
+        let plan = self.world.borrow().plan.storage_faults.clone();
+        let Some(p) = plan else { return Ok(()) };
+        let code = if f.draw(p.busy) {
+            rusqlite::ffi::SQLITE_BUSY
+        } else if f.draw(p.io) {
+            rusqlite::ffi::SQLITE_IOERR
+        } else {
+            return Ok(());
+        };
+        self.world.borrow_mut().trace.push(format!(
+            "{:?} n{} injected {} into {call}",
+            now(),
+            self.node + 1,
+            if code == rusqlite::ffi::SQLITE_BUSY {
+                "SQLITE_BUSY"
+            } else {
+                "SQLITE_IOERR"
+            }
+        ));
+        Err(StoreError::Sqlite {
+            path: self.inner.path().to_path_buf(),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                Some(format!("injected into {call}")),
+            ),
+        })
+    }
+
     fn note(&self, c: &Option<Captured>) {
         let Some(c) = c else { return };
         let mut w = self.world.borrow_mut();
@@ -225,6 +283,8 @@ impl Recorded {
             }),
         }
         w.oracle.captured(n, version);
+        // The capture followed the schema first: triggers are back.
+        w.blind[n] = false;
         let t = format!(
             "{:?} n{} captured {} rows={} v={}",
             now(),
@@ -237,16 +297,71 @@ impl Recorded {
     }
 }
 
+impl Recorded {
+    /// After an operation failed: if the node died right after a commit, the batch it
+    /// captured is in its outbox although the operation never said so; learn it from there
+    /// (as the restarted node will).
+    fn after(&self, r: &Result<impl Sized, StoreError>) {
+        if !matches!(
+            r,
+            Err(StoreError::Crashed {
+                point: "after commit"
+            })
+        ) {
+            return;
+        }
+        let last = self.world.borrow().last_batch[self.node];
+        let Ok(c) = Connection::open_with_flags(
+            self.inner.path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        ) else {
+            return;
+        };
+        let rows: Vec<(i64, i64, Vec<u8>)> = c
+            .prepare("SELECT incarnation, seq, payload FROM \"__marmot__outbox\" WHERE seq > ?1 ORDER BY seq, chunk")
+            .and_then(|mut s| {
+                s.query_map([last as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut batches: std::collections::BTreeMap<(i64, i64), Vec<bytes::Bytes>> =
+            std::collections::BTreeMap::new();
+        for (inc, seq, payload) in rows {
+            batches
+                .entry((seq, inc))
+                .or_default()
+                .push(bytes::Bytes::from(payload));
+        }
+        for ((seq, inc), messages) in batches {
+            let Some((header, rows)) = batch_rows(&messages) else {
+                continue;
+            };
+            self.note(&Some(Captured {
+                batch: BatchId {
+                    origin: self.node as u64 + 1,
+                    incarnation: inc as u64,
+                    seq: seq as u64,
+                },
+                stamp: header.stamp,
+                rows: rows.len() as u64,
+                messages,
+            }));
+        }
+    }
+}
+
 impl Storage for Recorded {
     type Error = StoreError;
     fn recover(&mut self) -> Result<Recovered, StoreError> {
         self.inner.recover()
     }
     fn capture(&mut self, clock: &mut Clock, wall_ms: u64) -> Result<CaptureOutcome, StoreError> {
+        self.injected("capture")?;
         let r = self.inner.capture(clock, wall_ms);
         if let Ok(o) = &r {
             self.note(&o.captured);
         }
+        self.after(&r);
         r
     }
     fn apply(
@@ -255,13 +370,16 @@ impl Storage for Recorded {
         wall_ms: u64,
         ds: &[marmot_core::apply::Delivery],
     ) -> Result<ApplyOutcome, StoreError> {
+        self.injected("apply")?;
         let r = self.inner.apply(clock, wall_ms, ds);
         if let Ok(o) = &r {
             self.note(&o.captured);
         }
+        self.after(&r);
         r
     }
     fn mark_published(&mut self, batch: BatchId) -> Result<(), StoreError> {
+        self.injected("mark published")?;
         self.inner.mark_published(batch)
     }
     fn outbox_message(
@@ -269,6 +387,7 @@ impl Storage for Recorded {
         batch: BatchId,
         chunk: u32,
     ) -> Result<Option<bytes::Bytes>, StoreError> {
+        self.injected("outbox message")?;
         self.inner.outbox_message(batch, chunk)
     }
     fn retry_parked(
@@ -277,10 +396,12 @@ impl Storage for Recorded {
         wall_ms: u64,
         all: bool,
     ) -> Result<ParkedRetry, StoreError> {
+        self.injected("retry parked")?;
         let r = self.inner.retry_parked(clock, wall_ms, all);
         if let Ok(o) = &r {
             self.note(&o.captured);
         }
+        self.after(&r);
         r
     }
     fn restore(
@@ -289,7 +410,12 @@ impl Storage for Recorded {
         wall_ms: u64,
         snap: &StagedSnapshot,
     ) -> Result<RestoreReport, StoreError> {
+        if let Err(e) = self.injected("restore") {
+            SnapshotDir::discard(&snap.path);
+            return Err(e);
+        }
         let r = self.inner.restore(clock, wall_ms, snap);
+        self.after(&r);
         if let Ok(o) = &r {
             self.note(&o.captured);
             let t = format!(
@@ -384,6 +510,9 @@ struct SimObserver {
 impl Observer for SimObserver {
     fn event(&mut self, _now: Duration, e: &Event) {
         let mut w = self.world.borrow_mut();
+        // A batch waiting on a UNIQUE value is parked for a while (the row in its way moves
+        // with a later batch of the same node that reached the stream first); the checker
+        // requires that nothing is parked any more once the nodes converged.
         if let Event::Parked { reason, .. } = e {
             w.failures.push(Failure::Safety {
                 invariant: "nothing is parked (the simulated schema is the same everywhere)",
@@ -409,12 +538,43 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
     let nonce = plan.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((i as u64) << 40) ^ start;
     let mut cfg = StoreConfig::new(&path, i as u64 + 1, nonce);
     cfg.max_fragment = plan.max_fragment;
-    cfg.busy_timeout = Duration::from_millis(50);
-    let inner = SqliteStore::open(cfg).map_err(|e| e.to_string())?;
+    // SQLite's busy handler sleeps in real time, and here the application that holds the
+    // lock runs on this same thread: marmot gets SQLITE_BUSY at once and retries later.
+    let busy = match plan.generator {
+        Generator::V1 => Duration::from_millis(50),
+        Generator::V2 => Duration::ZERO,
+    };
+    cfg.busy_timeout = busy;
+    let faults = world.borrow().storage_faults[i].clone();
+    let crash_point: Option<marmot_sqlite::CrashPoint> = match (&faults, &plan.storage_faults) {
+        (Some(f), Some(p)) => {
+            let f = f.clone();
+            let rate = p.crash;
+            Some(Arc::new(move |point: &'static str| {
+                if f.crashed.load(Ordering::Relaxed) || !f.draw(rate) {
+                    return false;
+                }
+                f.crashed.store(true, Ordering::Relaxed);
+                *f.crash_point.lock().expect("not poisoned") = Some(point);
+                true
+            }))
+        }
+        _ => None,
+    };
+    cfg.crash_point = crash_point.clone();
+    // An application may hold the write lock while the node starts: wait, as the daemon does.
+    let inner = loop {
+        match SqliteStore::open(cfg.clone()) {
+            Ok(s) => break s,
+            Err(e) if e.is_busy() => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => return Err(e.to_string().into()),
+        }
+    };
     let mut store = Recorded {
         inner,
         node: i,
         world: world.clone(),
+        faults,
     };
     let (tx, rx) = futures::channel::mpsc::channel(1);
     world.borrow_mut().wake[i] = Some(tx);
@@ -438,10 +598,13 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
             restore_empty: true,
         });
     let snapshots = Arc::new(SimSnapshots {
-        store: SimObjectStore::new("broker"),
+        store: SimObjectStore::new("broker")
+            .with_slow_uploads(plan.slow_upload, world.borrow().chaos_active.clone()),
         transport: SimTransport::new("broker"),
         files: SimFiles {
-            dir: SnapshotDir::new(&path, plan.tombstone_ttl),
+            dir: SnapshotDir::new(&path, plan.tombstone_ttl)
+                .with_busy_timeout(busy)
+                .with_crash_point(crash_point),
         },
         node: i as u64 + 1,
         owner,
@@ -474,134 +637,6 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
     Ok(())
 }
 
-/// One application transaction on node `i`'s database, returning its effects.
-fn write_transaction(
-    conn: &Connection,
-    rng: &mut ChaCha8Rng,
-    i: usize,
-    txn: usize,
-    hot_share: f64,
-) -> rusqlite::Result<Vec<Effect>> {
-    let tx = conn.unchecked_transaction()?;
-    let mut effects = Vec::new();
-    let ops = rng.random_range(1..=3);
-    let row_t = |k: i64, v: &str, n: i64| -> String {
-        sql_row_literal([
-            marmot_core::ValueRef::Integer(k),
-            marmot_core::ValueRef::Text(v.as_bytes()),
-            marmot_core::ValueRef::Integer(n),
-        ])
-    };
-    let key_t = |k: i64| sql_row_literal([marmot_core::ValueRef::Integer(k)]);
-    for op in 0..ops {
-        let v = format!("n{}-t{txn}-o{op}", i + 1);
-        let existing: Vec<i64> = tx
-            .prepare_cached("SELECT k FROM t ORDER BY k")?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        let fresh = (i as i64 + 1) * 1_000_000 + (txn * 4 + op) as i64;
-        match rng.random_range(0..6) {
-            0 => {
-                let k = if rng.random_bool(hot_share) {
-                    rng.random_range(1..=4)
-                } else {
-                    fresh
-                };
-                tx.execute(
-                    "INSERT INTO t (k, v, n) VALUES (?1, ?2, ?3) ON CONFLICT (k) DO UPDATE SET v = excluded.v, n = excluded.n",
-                    rusqlite::params![k, v, txn as i64],
-                )?;
-                effects.push(Effect {
-                    table: "t",
-                    key: key_t(k),
-                    row: Some(row_t(k, &v, txn as i64)),
-                });
-            }
-            1 if !existing.is_empty() => {
-                let k = existing[rng.random_range(0..existing.len())];
-                let n: i64 = tx.query_row("SELECT n FROM t WHERE k = ?1", [k], |r| r.get(0))?;
-                tx.execute("UPDATE t SET v = ?2 WHERE k = ?1", rusqlite::params![k, v])?;
-                effects.push(Effect {
-                    table: "t",
-                    key: key_t(k),
-                    row: Some(row_t(k, &v, n)),
-                });
-            }
-            2 if !existing.is_empty() => {
-                let k = existing[rng.random_range(0..existing.len())];
-                tx.execute("DELETE FROM t WHERE k = ?1", [k])?;
-                effects.push(Effect {
-                    table: "t",
-                    key: key_t(k),
-                    row: None,
-                });
-            }
-            3 if !existing.is_empty() => {
-                let k = existing[rng.random_range(0..existing.len())];
-                let (old_v, n): (String, i64) =
-                    tx.query_row("SELECT v, n FROM t WHERE k = ?1", [k], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })?;
-                tx.execute("UPDATE t SET k = ?2 WHERE k = ?1", [k, fresh])?;
-                effects.push(Effect {
-                    table: "t",
-                    key: key_t(k),
-                    row: None,
-                });
-                effects.push(Effect {
-                    table: "t",
-                    key: key_t(fresh),
-                    row: Some(row_t(fresh, &old_v, n)),
-                });
-            }
-            4 => {
-                let a = ["x", "y", "Y", "z"][rng.random_range(0..4)];
-                let b = rng.random_range(0..3i64);
-                // Under NOCASE 'y' and 'Y' are one key; the row keeps the spelling written last.
-                tx.execute(
-                    "INSERT INTO u (a, b, v) VALUES (?1, ?2, ?3) ON CONFLICT (a, b) DO UPDATE SET a = excluded.a, v = excluded.v",
-                    rusqlite::params![a, b, v],
-                )?;
-                let key = sql_row_literal([
-                    marmot_core::ValueRef::Text(a.to_lowercase().as_bytes()),
-                    marmot_core::ValueRef::Integer(b),
-                ]);
-                let row = sql_row_literal([
-                    marmot_core::ValueRef::Text(a.as_bytes()),
-                    marmot_core::ValueRef::Integer(b),
-                    marmot_core::ValueRef::Text(v.as_bytes()),
-                ]);
-                effects.push(Effect {
-                    table: "u",
-                    key,
-                    row: Some(row),
-                });
-            }
-            _ => {
-                let a = ["x", "y", "z"][rng.random_range(0..3)];
-                let b = rng.random_range(0..3i64);
-                if tx.execute(
-                    "DELETE FROM u WHERE a = ?1 AND b = ?2",
-                    rusqlite::params![a, b],
-                )? > 0
-                {
-                    let key = sql_row_literal([
-                        marmot_core::ValueRef::Text(a.as_bytes()),
-                        marmot_core::ValueRef::Integer(b),
-                    ]);
-                    effects.push(Effect {
-                        table: "u",
-                        key,
-                        row: None,
-                    });
-                }
-            }
-        }
-    }
-    tx.commit()?;
-    Ok(effects)
-}
-
 async fn writer(world: World, i: usize) -> turmoil::Result {
     let (path, plan) = {
         let w = world.borrow();
@@ -622,8 +657,49 @@ async fn writer(world: World, i: usize) -> turmoil::Result {
         if now() >= plan.chaos {
             break;
         }
-        let effects = write_transaction(&conn, &mut rng, i, txn, plan.hot_share)
-            .map_err(|e| format!("writer {}: {e}", i + 1))?;
+        let effects = match plan.generator {
+            Generator::V1 => {
+                crate::workload::v1_transaction(&conn, &mut rng, i, txn, plan.hot_share)
+                    .map_err(|e| format!("writer {}: {e}", i + 1))?
+            }
+            Generator::V2 => {
+                // Now and then the application holds the write lock across a pause: marmot
+                // meets SQLITE_BUSY in capture, apply, restores and snapshots meanwhile.
+                let hold = plan.lock_holds && rng.random_bool(0.15);
+                conn.execute_batch(if hold { "BEGIN IMMEDIATE" } else { "BEGIN" })?;
+                let blind = world.borrow().blind[i];
+                let (effects, rebuilt) = match crate::workload::v2_operations(
+                    &conn,
+                    &mut rng,
+                    i,
+                    txn,
+                    plan.hot_share,
+                    plan.rebuild_share,
+                    blind,
+                ) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        return Err(format!("writer {}: {e}", i + 1).into());
+                    }
+                };
+                if hold {
+                    let pause = Duration::from_millis(rng.random_range(10..=400));
+                    world.borrow_mut().trace.push(format!(
+                        "{:?} app{} holds the write lock for {pause:?}",
+                        now(),
+                        i + 1
+                    ));
+                    tokio::time::sleep(pause).await;
+                }
+                conn.execute_batch("COMMIT")
+                    .map_err(|e| format!("writer {}: {e}", i + 1))?;
+                if rebuilt {
+                    world.borrow_mut().blind[i] = true;
+                }
+                effects
+            }
+        };
         txn += 1;
         let mut w = world.borrow_mut();
         let t = format!(
@@ -657,8 +733,8 @@ enum Heal {
     BounceBroker,
 }
 
-/// Runs one seed. `canary` switches the merge rule to "last arrival wins" (the checker must
-/// catch it).
+/// Runs one seed with the current generator. `canary` switches the merge rule to "last
+/// arrival wins" (the checker must catch it).
 pub fn run_seed(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
     let limit = Duration::from_secs(
         std::env::var("SIM_WATCHDOG_SECS")
@@ -666,11 +742,18 @@ pub fn run_seed(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(300),
     );
-    run_seed_watched(seed, canary, limit)
+    run_plan_watched(Plan::from_seed(seed), canary, limit)
 }
 
 /// [`run_seed`] with the real-time watchdog set to `limit`.
 pub fn run_seed_watched(seed: u64, canary: bool, limit: Duration) -> Result<Outcome, Box<Report>> {
+    run_plan_watched(Plan::from_seed(seed), canary, limit)
+}
+
+/// Runs a given plan (a pinned regression keeps the generator it was found with) under the
+/// real-time watchdog `limit`.
+pub fn run_plan_watched(plan: Plan, canary: bool, limit: Duration) -> Result<Outcome, Box<Report>> {
+    let seed = plan.seed;
     // A host that never yields stops simulated time and hangs the run inside turmoil, where
     // no check can see it: a watchdog turns that into a loud failure naming the seed.
     let (done, watch) = std::sync::mpsc::channel::<()>();
@@ -687,17 +770,18 @@ pub fn run_seed_watched(seed: u64, canary: bool, limit: Duration) -> Result<Outc
             std::process::abort();
         }
     });
-    let result = run_seed_guarded(seed, canary);
+    let result = run_plan_guarded(plan, canary);
     let _ = done.send(());
     let _ = watchdog.join();
     result
 }
 
-fn run_seed_guarded(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
+fn run_plan_guarded(plan: Plan, canary: bool) -> Result<Outcome, Box<Report>> {
     // A panic anywhere in the run (marmot's code or the simulator's) is a failure of this
     // seed, reported with its plan like any other.
+    let kept = plan.clone();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_seed_inner(seed, canary)
+        run_plan_inner(plan, canary)
     })) {
         Ok(r) => r,
         Err(panic) => {
@@ -707,7 +791,7 @@ fn run_seed_guarded(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "a panic".into());
             Err(Box::new(Report {
-                plan: Plan::from_seed(seed),
+                plan: kept,
                 failure: Failure::Crash {
                     detail: format!("panicked: {detail}"),
                 },
@@ -717,9 +801,9 @@ fn run_seed_guarded(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
     }
 }
 
-fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
+fn run_plan_inner(plan: Plan, canary: bool) -> Result<Outcome, Box<Report>> {
     marmot_core::merge::canary::set_last_arrival_wins(canary);
-    let plan = Plan::from_seed(seed);
+    let seed = plan.seed;
     let shm = std::path::Path::new("/dev/shm");
     let dir = if shm.is_dir() {
         tempfile::tempdir_in(shm)
@@ -732,9 +816,27 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
         .collect();
     for db in &dbs {
         let c = Connection::open(db).expect("create database");
-        c.execute_batch(&format!("PRAGMA journal_mode=WAL; {SCHEMA}"))
-            .expect("schema");
+        c.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; {}",
+            plan.generator.schema()
+        ))
+        .expect("schema");
     }
+    let chaos_active = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let storage_faults = (0..plan.nodes)
+        .map(|i| {
+            plan.storage_faults.as_ref().map(|_| {
+                Arc::new(StorageFaultState {
+                    rng: std::sync::Mutex::new(ChaCha8Rng::seed_from_u64(
+                        seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ i as u64,
+                    )),
+                    active: chaos_active.clone(),
+                    crashed: std::sync::atomic::AtomicBool::new(false),
+                    crash_point: std::sync::Mutex::new(None),
+                })
+            })
+        })
+        .collect();
     let world: World = Rc::new(RefCell::new(Shared {
         plan: plan.clone(),
         dbs: dbs.clone(),
@@ -750,6 +852,9 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
         trace: Vec::new(),
         failures: Vec::new(),
         writers_done: 0,
+        storage_faults,
+        chaos_active: chaos_active.clone(),
+        blind: vec![false; plan.nodes],
     }));
     let broker = BrokerState::new(
         BrokerConfig {
@@ -791,7 +896,7 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
             at,
         })
     };
-    let mut checker = Checker::new(plan.nodes, dbs.clone());
+    let mut checker = Checker::new(plan.nodes, dbs.clone(), plan.generator);
     let mut faults = plan.faults.clone().into_iter().peekable();
     let mut heals: Vec<(Duration, Heal)> = Vec::new();
     let mut crashed = vec![false; plan.nodes];
@@ -803,6 +908,7 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
     }
     let mut healed = false;
     let mut next_check = Duration::ZERO;
+    let mut crash_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc2a5_4000_0000_0001);
     loop {
         let step = sim.step();
         let now = sim.elapsed();
@@ -814,7 +920,9 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
                 now,
             ));
         }
-        if let Some(f) = world.borrow_mut().failures.pop() {
+        // (Not in the `if let`: `fail` reads the trace, and the borrow would still be held.)
+        let failed = world.borrow_mut().failures.pop();
+        if let Some(f) = failed {
             return Err(fail(f, now));
         }
         while !healed && faults.peek().is_some_and(|(at, _)| *at <= now) {
@@ -864,6 +972,31 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
                 }
             }
         }
+        // A crash point inside a node's storage fired: that process dies right there.
+        #[allow(clippy::needless_range_loop)] // several per-node tables, indexed alike
+        for i in 0..plan.nodes {
+            let Some(f) = world.borrow().storage_faults[i].clone() else {
+                continue;
+            };
+            if !f.crashed.load(Ordering::Relaxed) {
+                continue;
+            }
+            f.crashed.store(false, Ordering::Relaxed);
+            let point = f.crash_point.lock().expect("not poisoned").take();
+            if crashed[i] {
+                continue;
+            }
+            crashed[i] = true;
+            world.borrow_mut().wake[i] = None;
+            world.borrow_mut().trace.push(format!(
+                "{now:?} n{} died inside a storage operation ({})",
+                i + 1,
+                point.unwrap_or("?")
+            ));
+            sim.crash(host_name(i));
+            let back = Duration::from_millis(crash_rng.random_range(50..=1_500));
+            heals.push((now + back, Heal::Bounce(i)));
+        }
         let due: Vec<Heal> = {
             let (due, later): (Vec<_>, Vec<_>) =
                 heals.drain(..).partition(|(at, _)| *at <= now || healed);
@@ -875,6 +1008,7 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
         }
         if !healed && now >= plan.chaos {
             healed = true;
+            chaos_active.store(false, Ordering::Relaxed);
             world
                 .borrow_mut()
                 .trace
@@ -898,6 +1032,10 @@ fn run_seed_inner(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
             if healed && world.borrow().writers_done == plan.nodes {
                 let w = world.borrow();
                 if let Some(done) = checker.converged(&w.oracle) {
+                    if let Err(f) = checker.full_text_indexes() {
+                        drop(w);
+                        return Err(fail(f, now));
+                    }
                     return Ok(Outcome {
                         trace_hash: fnv(&w.trace),
                         trace_len: w.trace.len(),

@@ -1,0 +1,603 @@
+//! What the simulated applications do to their databases: the schema every node starts with
+//! and the transactions its application commits, with their effect on each row (for the
+//! oracle).
+//!
+//! Two generations, so that a pinned seed keeps doing what it did when it was pinned:
+//! - [`Generator::V1`]: an integer-keyed table and a `WITHOUT ROWID` table with a `NOCASE`
+//!   composite key; inserts, upserts of hot rows, updates, deletes, key changes.
+//! - [`Generator::V2`]: all of V1, plus what real applications do: a table with secondary
+//!   UNIQUE columns whose values each node swaps and shifts among its own rows; a key collated
+//!   on the PRIMARY KEY clause (`'y'` and `'Y'` one key, respelt); a STRICT table whose `ANY`
+//!   key holds `'7'` and `7` as two keys; an external-content FTS5 index kept by triggers;
+//!   table rebuilds (create, copy, drop, rename) and renames, with a delete in the same
+//!   transaction, while other writes go on; and transactions that hold the write lock for a
+//!   while (the writer decides that, see `crate::world`).
+
+use crate::oracle::Effect;
+use marmot_core::value::{ValueRef, sql_row_literal};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rusqlite::{Connection, OptionalExtension, ToSql};
+
+/// Which workload a plan runs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Generator {
+    /// Tables `t` and `u` (the workload until regression 07).
+    V1,
+    /// V1 plus unique constraints, collations on the key clause, STRICT `ANY` keys, FTS5,
+    /// rebuilds, lock holders, storage faults and slow snapshot uploads.
+    V2,
+}
+
+/// A replicated table the checker reads.
+#[derive(Copy, Clone, Debug)]
+pub struct TableSpec {
+    /// Its name.
+    pub name: &'static str,
+    /// How many columns its key has (they come first).
+    pub keys: usize,
+}
+
+const V1_SCHEMA: &str = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);
+    CREATE TABLE u (a TEXT COLLATE NOCASE, b INTEGER, v, PRIMARY KEY (a, b)) WITHOUT ROWID;";
+
+const V2_EXTRA: &str = "
+    CREATE TABLE uq (id INTEGER PRIMARY KEY, email TEXT NOT NULL UNIQUE, slot INTEGER NOT NULL UNIQUE);
+    CREATE TABLE pk (k TEXT, v TEXT, PRIMARY KEY (k COLLATE NOCASE));
+    CREATE TABLE st (k ANY PRIMARY KEY, v TEXT) STRICT;
+    CREATE TABLE doc (id INTEGER PRIMARY KEY, body TEXT);
+    CREATE VIRTUAL TABLE doc_fts USING fts5(body, content='doc', content_rowid='id');
+    CREATE TRIGGER doc_ai AFTER INSERT ON doc BEGIN
+      INSERT INTO doc_fts(rowid, body) VALUES (new.id, new.body);
+    END;
+    CREATE TRIGGER doc_ad AFTER DELETE ON doc BEGIN
+      INSERT INTO doc_fts(doc_fts, rowid, body) VALUES ('delete', old.id, old.body);
+    END;
+    CREATE TRIGGER doc_au AFTER UPDATE ON doc BEGIN
+      INSERT INTO doc_fts(doc_fts, rowid, body) VALUES ('delete', old.id, old.body);
+      INSERT INTO doc_fts(rowid, body) VALUES (new.id, new.body);
+    END;";
+
+/// Words the documents are made of (and the checker searches for).
+pub const WORDS: &[&str] = &["alpha", "beta", "gamma", "delta", "epsilon", "zeta"];
+
+impl Generator {
+    /// The schema every node's database starts with.
+    pub fn schema(self) -> String {
+        match self {
+            Generator::V1 => V1_SCHEMA.to_string(),
+            Generator::V2 => format!("{V1_SCHEMA}{V2_EXTRA}"),
+        }
+    }
+
+    /// The replicated tables.
+    pub fn tables(self) -> &'static [TableSpec] {
+        const V1: &[TableSpec] = &[
+            TableSpec { name: "t", keys: 1 },
+            TableSpec { name: "u", keys: 2 },
+        ];
+        const V2: &[TableSpec] = &[
+            TableSpec { name: "t", keys: 1 },
+            TableSpec { name: "u", keys: 2 },
+            TableSpec {
+                name: "uq",
+                keys: 1,
+            },
+            TableSpec {
+                name: "pk",
+                keys: 1,
+            },
+            TableSpec {
+                name: "st",
+                keys: 1,
+            },
+            TableSpec {
+                name: "doc",
+                keys: 1,
+            },
+        ];
+        match self {
+            Generator::V1 => V1,
+            Generator::V2 => V2,
+        }
+    }
+
+    /// Whether the schema has a full-text index to check.
+    pub fn has_fts(self) -> bool {
+        self == Generator::V2
+    }
+}
+
+/// A key as the checker compares keys: the first key column of `u` and `pk` is NOCASE, so
+/// `'Y'` and `'y'` are one key there.
+pub fn norm_key(table: &str, values: &[ValueRef<'_>]) -> String {
+    if (table == "u" || table == "pk")
+        && let Some(ValueRef::Text(t)) = values.first()
+    {
+        let lower = String::from_utf8_lossy(t).to_lowercase();
+        let mut v: Vec<ValueRef<'_>> = vec![ValueRef::Text(lower.as_bytes())];
+        v.extend_from_slice(&values[1..]);
+        return sql_row_literal(v);
+    }
+    sql_row_literal(values.iter().copied())
+}
+
+/// The whole row of `table` matching `cond` (with `params`), as an SQL row literal, read
+/// inside the writer's transaction: what the application left there.
+fn read_back(
+    tx: &Connection,
+    table: &str,
+    cond: &str,
+    params: &[&dyn ToSql],
+) -> rusqlite::Result<Option<String>> {
+    tx.prepare_cached(&format!("SELECT * FROM {table} WHERE {cond}"))?
+        .query_row(params, |r| {
+            let n = r.as_ref().column_count();
+            let vals: Vec<ValueRef<'_>> = (0..n)
+                .map(|i| marmot_sqlite::from_sql(r.get_ref(i).expect("column")))
+                .collect();
+            Ok(sql_row_literal(vals))
+        })
+        .optional()
+}
+
+/// One application transaction of the V1 workload on node `i`'s database (it opens and
+/// commits it), returning its effects. Unchanged since V1 was frozen.
+pub fn v1_transaction(
+    conn: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+) -> rusqlite::Result<Vec<Effect>> {
+    let tx = conn.unchecked_transaction()?;
+    let mut effects = Vec::new();
+    let ops = rng.random_range(1..=3);
+    for op in 0..ops {
+        let kind = rng.random_range(0..6);
+        v1_op(&tx, rng, i, txn, op, hot_share, kind, &mut effects)?;
+    }
+    tx.commit()?;
+    Ok(effects)
+}
+
+/// One operation of the V1 kinds (0..6) on tables `t` and `u`.
+#[allow(clippy::too_many_arguments)]
+fn v1_op(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    op: usize,
+    hot_share: f64,
+    kind: u32,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    let row_t = |k: i64, v: &str, n: i64| -> String {
+        sql_row_literal([
+            ValueRef::Integer(k),
+            ValueRef::Text(v.as_bytes()),
+            ValueRef::Integer(n),
+        ])
+    };
+    let key_t = |k: i64| sql_row_literal([ValueRef::Integer(k)]);
+    let v = format!("n{}-t{txn}-o{op}", i + 1);
+    let existing: Vec<i64> = tx
+        .prepare_cached("SELECT k FROM t ORDER BY k")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let fresh = (i as i64 + 1) * 1_000_000 + (txn * 4 + op) as i64;
+    match kind {
+        0 => {
+            let k = if rng.random_bool(hot_share) {
+                rng.random_range(1..=4)
+            } else {
+                fresh
+            };
+            tx.execute(
+                "INSERT INTO t (k, v, n) VALUES (?1, ?2, ?3) ON CONFLICT (k) DO UPDATE SET v = excluded.v, n = excluded.n",
+                rusqlite::params![k, v, txn as i64],
+            )?;
+            effects.push(Effect {
+                table: "t",
+                key: key_t(k),
+                row: Some(row_t(k, &v, txn as i64)),
+            });
+        }
+        1 if !existing.is_empty() => {
+            let k = existing[rng.random_range(0..existing.len())];
+            let n: i64 = tx.query_row("SELECT n FROM t WHERE k = ?1", [k], |r| r.get(0))?;
+            tx.execute("UPDATE t SET v = ?2 WHERE k = ?1", rusqlite::params![k, v])?;
+            effects.push(Effect {
+                table: "t",
+                key: key_t(k),
+                row: Some(row_t(k, &v, n)),
+            });
+        }
+        2 if !existing.is_empty() => {
+            let k = existing[rng.random_range(0..existing.len())];
+            tx.execute("DELETE FROM t WHERE k = ?1", [k])?;
+            effects.push(Effect {
+                table: "t",
+                key: key_t(k),
+                row: None,
+            });
+        }
+        3 if !existing.is_empty() => {
+            let k = existing[rng.random_range(0..existing.len())];
+            let (old_v, n): (String, i64) =
+                tx.query_row("SELECT v, n FROM t WHERE k = ?1", [k], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            tx.execute("UPDATE t SET k = ?2 WHERE k = ?1", [k, fresh])?;
+            effects.push(Effect {
+                table: "t",
+                key: key_t(k),
+                row: None,
+            });
+            effects.push(Effect {
+                table: "t",
+                key: key_t(fresh),
+                row: Some(row_t(fresh, &old_v, n)),
+            });
+        }
+        4 => {
+            let a = ["x", "y", "Y", "z"][rng.random_range(0..4)];
+            let b = rng.random_range(0..3i64);
+            // Under NOCASE 'y' and 'Y' are one key; the row keeps the spelling written last.
+            tx.execute(
+                "INSERT INTO u (a, b, v) VALUES (?1, ?2, ?3) ON CONFLICT (a, b) DO UPDATE SET a = excluded.a, v = excluded.v",
+                rusqlite::params![a, b, v],
+            )?;
+            let key = sql_row_literal([
+                ValueRef::Text(a.to_lowercase().as_bytes()),
+                ValueRef::Integer(b),
+            ]);
+            let row = sql_row_literal([
+                ValueRef::Text(a.as_bytes()),
+                ValueRef::Integer(b),
+                ValueRef::Text(v.as_bytes()),
+            ]);
+            effects.push(Effect {
+                table: "u",
+                key,
+                row: Some(row),
+            });
+        }
+        _ => {
+            let a = ["x", "y", "z"][rng.random_range(0..3)];
+            let b = rng.random_range(0..3i64);
+            if tx.execute(
+                "DELETE FROM u WHERE a = ?1 AND b = ?2",
+                rusqlite::params![a, b],
+            )? > 0
+            {
+                let key = sql_row_literal([ValueRef::Text(a.as_bytes()), ValueRef::Integer(b)]);
+                effects.push(Effect {
+                    table: "u",
+                    key,
+                    row: None,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The operations of one V2 transaction, inside a transaction the caller opened (and
+/// commits, perhaps after holding the write lock a while). Returns its effects.
+///
+/// `blind`: table `t` was rebuilt and marmot has not captured since, so no trigger logs its
+/// changes; marmot learns them from the table as it finds it (every row is published again,
+/// and a row it held a version of and finds gone is published as deleted). A delete of a row
+/// marmot never held a version of is invisible to it then, a documented limit: while blind,
+/// the application only inserts into and updates `t` (rows, not holes, are what marmot sees).
+#[allow(clippy::too_many_arguments)]
+pub fn v2_operations(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+    rebuild_share: f64,
+    blind: bool,
+) -> rusqlite::Result<(Vec<Effect>, bool)> {
+    let mut effects = Vec::new();
+    if rng.random_bool(rebuild_share) && !blind {
+        rebuild(tx, rng, &mut effects)?;
+        return Ok((effects, true));
+    }
+    let ops = rng.random_range(1..=3);
+    for op in 0..ops {
+        match rng.random_range(0..13) {
+            k @ 0..6 => {
+                let k = if blind && (k == 2 || k == 3) { 0 } else { k };
+                v1_op(tx, rng, i, txn, op, hot_share, k, &mut effects)?
+            }
+            6 | 7 => unique_moves(tx, rng, i, txn, &mut effects)?,
+            8 => unique_insert_or_delete(tx, rng, i, txn, &mut effects)?,
+            9 => key_collated_on_the_clause(tx, rng, txn, op, &mut effects)?,
+            10 => strict_any(tx, rng, txn, op, &mut effects)?,
+            _ => document(tx, rng, i, txn, hot_share, &mut effects)?,
+        }
+    }
+    Ok((effects, false))
+}
+
+/// Node `i`'s own rows of `uq`: ids, e-mails and slots only it uses, so that its swaps and
+/// shifts never collide with another node's rows (a collision between nodes parks, rightly).
+fn own_uq(tx: &Connection, i: usize) -> rusqlite::Result<Vec<(i64, String, i64)>> {
+    let base = (i as i64 + 1) * 1_000_000;
+    tx.prepare_cached("SELECT id, email, slot FROM uq WHERE id >= ?1 AND id < ?2 ORDER BY slot")?
+        .query_map([base, base + 1_000_000], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect()
+}
+
+fn uq_effect(tx: &Connection, id: i64, effects: &mut Vec<Effect>) -> rusqlite::Result<()> {
+    effects.push(Effect {
+        table: "uq",
+        key: sql_row_literal([ValueRef::Integer(id)]),
+        row: read_back(tx, "uq", "id = ?1", &[&id])?,
+    });
+    Ok(())
+}
+
+/// Swaps the e-mails (and sometimes the slots) of two of the node's rows through a temporary
+/// value, or shifts all its slots down by one after deleting the lowest.
+fn unique_moves(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    let own = own_uq(tx, i)?;
+    if own.len() < 2 {
+        return unique_insert_or_delete(tx, rng, i, txn, effects);
+    }
+    if rng.random_bool(0.5) {
+        let a = rng.random_range(0..own.len());
+        let b = (a + 1 + rng.random_range(0..own.len() - 1)) % own.len();
+        let ((ia, ea, sa), (ib, eb, sb)) = (&own[a], &own[b]);
+        let tmp = format!("n{}-tmp", i + 1);
+        tx.execute(
+            "UPDATE uq SET email = ?2 WHERE id = ?1",
+            rusqlite::params![ia, tmp],
+        )?;
+        tx.execute(
+            "UPDATE uq SET email = ?2 WHERE id = ?1",
+            rusqlite::params![ib, ea],
+        )?;
+        tx.execute(
+            "UPDATE uq SET email = ?2 WHERE id = ?1",
+            rusqlite::params![ia, eb],
+        )?;
+        if rng.random_bool(0.5) {
+            tx.execute("UPDATE uq SET slot = -slot WHERE id = ?1", [ia])?;
+            tx.execute(
+                "UPDATE uq SET slot = ?2 WHERE id = ?1",
+                rusqlite::params![ib, sa],
+            )?;
+            tx.execute(
+                "UPDATE uq SET slot = ?2 WHERE id = ?1",
+                rusqlite::params![ia, sb],
+            )?;
+        }
+        uq_effect(tx, *ia, effects)?;
+        uq_effect(tx, *ib, effects)?;
+    } else {
+        // Remove the first position and move the others up, as a list renumbering does
+        // (through negative values: SQLite checks UNIQUE row by row).
+        let (first, _, _) = own[0];
+        tx.execute("DELETE FROM uq WHERE id = ?1", [first])?;
+        effects.push(Effect {
+            table: "uq",
+            key: sql_row_literal([ValueRef::Integer(first)]),
+            row: None,
+        });
+        let base = (i as i64 + 1) * 1_000_000;
+        tx.execute(
+            "UPDATE uq SET slot = -slot WHERE id >= ?1 AND id < ?2",
+            [base, base + 1_000_000],
+        )?;
+        tx.execute(
+            "UPDATE uq SET slot = -slot - 1 WHERE id >= ?1 AND id < ?2",
+            [base, base + 1_000_000],
+        )?;
+        for (id, _, _) in &own[1..] {
+            uq_effect(tx, *id, effects)?;
+        }
+    }
+    Ok(())
+}
+
+fn unique_insert_or_delete(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    let own = own_uq(tx, i)?;
+    if own.len() >= 5 || (!own.is_empty() && rng.random_bool(0.2)) {
+        let (id, _, _) = own[rng.random_range(0..own.len())];
+        tx.execute("DELETE FROM uq WHERE id = ?1", [id])?;
+        effects.push(Effect {
+            table: "uq",
+            key: sql_row_literal([ValueRef::Integer(id)]),
+            row: None,
+        });
+        return Ok(());
+    }
+    let base = (i as i64 + 1) * 1_000_000;
+    let id = base + txn as i64;
+    // Slots of a node stay inside its own range: above the lowest ever used, below the next
+    // node's.
+    let slot = own.last().map_or(base + 500_000, |(_, _, s)| s + 1);
+    if tx.execute(
+        "INSERT INTO uq (id, email, slot) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO NOTHING",
+        rusqlite::params![id, format!("n{}-e{txn}", i + 1), slot],
+    )? == 0
+    {
+        return Ok(());
+    }
+    uq_effect(tx, id, effects)
+}
+
+/// `pk`'s key is collated on the PRIMARY KEY clause: 'a' and 'A' are one key, and the row
+/// keeps the spelling written last. Hot: every node writes the same few keys.
+fn key_collated_on_the_clause(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    txn: usize,
+    op: usize,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    let k = ["a", "A", "b", "B"][rng.random_range(0..4)];
+    let key = sql_row_literal([ValueRef::Text(k.to_lowercase().as_bytes())]);
+    let changed = match rng.random_range(0..3) {
+        0 => tx.execute(
+            "INSERT INTO pk (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET k = excluded.k, v = excluded.v",
+            rusqlite::params![k, format!("t{txn}-o{op}")],
+        )?,
+        // Respelt: the same key, not a delete and an insert.
+        1 => tx.execute(
+            "UPDATE pk SET k = ?1, v = ?2 WHERE k = ?1 COLLATE NOCASE",
+            rusqlite::params![k, format!("respelt t{txn}-o{op}")],
+        )?,
+        _ => tx.execute("DELETE FROM pk WHERE k = ?1 COLLATE NOCASE", [k])?,
+    };
+    // A statement that changed no row fires no trigger: nothing to capture, no effect.
+    if changed == 0 {
+        return Ok(());
+    }
+    effects.push(Effect {
+        table: "pk",
+        key,
+        row: read_back(tx, "pk", "k = ?1 COLLATE NOCASE", &[&k])?,
+    });
+    Ok(())
+}
+
+/// A STRICT table whose `ANY` key keeps the storage class: '7' and 7 are two rows.
+fn strict_any(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    txn: usize,
+    op: usize,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    let keys: [rusqlite::types::Value; 4] = [
+        rusqlite::types::Value::Integer(7),
+        rusqlite::types::Value::Text("7".into()),
+        rusqlite::types::Value::Integer(8),
+        rusqlite::types::Value::Text("8".into()),
+    ];
+    let k = &keys[rng.random_range(0..4)];
+    let changed = if rng.random_bool(0.7) {
+        tx.execute(
+            "INSERT INTO st (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            rusqlite::params![k, format!("t{txn}-o{op}")],
+        )?
+    } else {
+        tx.execute("DELETE FROM st WHERE k = ?1", [k])?
+    };
+    if changed == 0 {
+        return Ok(());
+    }
+    let key = match k {
+        rusqlite::types::Value::Integer(n) => sql_row_literal([ValueRef::Integer(*n)]),
+        rusqlite::types::Value::Text(s) => sql_row_literal([ValueRef::Text(s.as_bytes())]),
+        _ => unreachable!("keys are integers and texts"),
+    };
+    effects.push(Effect {
+        table: "st",
+        key,
+        row: read_back(tx, "st", "k = ?1", &[k])?,
+    });
+    Ok(())
+}
+
+/// Documents indexed by the FTS5 table the application's triggers keep in step.
+fn document(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    let id: i64 = if rng.random_bool(hot_share) {
+        rng.random_range(1..=4)
+    } else {
+        (i as i64 + 1) * 1_000_000 + txn as i64
+    };
+    let body = (0..rng.random_range(1..=3))
+        .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+        .collect::<Vec<_>>()
+        .join(" ");
+    let changed = if rng.random_bool(0.75) {
+        tx.execute(
+            "INSERT INTO doc (id, body) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            rusqlite::params![id, body],
+        )?
+    } else {
+        tx.execute("DELETE FROM doc WHERE id = ?1", [id])?
+    };
+    if changed == 0 {
+        return Ok(());
+    }
+    effects.push(Effect {
+        table: "doc",
+        key: sql_row_literal([ValueRef::Integer(id)]),
+        row: read_back(tx, "doc", "id = ?1", &[&id])?,
+    });
+    Ok(())
+}
+
+/// The rebuild SQLite's ALTER TABLE documentation prescribes (create the new table, copy,
+/// drop the old, rename), sometimes with a rename there and back and a delete in the same
+/// transaction. The schema is the same afterwards. marmot publishes every row of the rebuilt
+/// table again (its triggers went with the old table): every row is an effect.
+fn rebuild(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE t_new (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);
+         INSERT INTO t_new (k, v, n) SELECT k, v, n FROM t;
+         DROP TABLE t;
+         ALTER TABLE t_new RENAME TO t;",
+    )?;
+    if rng.random_bool(0.3) {
+        tx.execute_batch("ALTER TABLE t RENAME TO t_away; ALTER TABLE t_away RENAME TO t;")?;
+    }
+    let keys: Vec<i64> = tx
+        .prepare_cached("SELECT k FROM t ORDER BY k")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if !keys.is_empty() && rng.random_bool(0.7) {
+        let k = keys[rng.random_range(0..keys.len())];
+        tx.execute("DELETE FROM t WHERE k = ?1", [k])?;
+        effects.push(Effect {
+            table: "t",
+            key: sql_row_literal([ValueRef::Integer(k)]),
+            row: None,
+        });
+    }
+    let rows: Vec<i64> = tx
+        .prepare_cached("SELECT k FROM t ORDER BY k")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for k in rows {
+        effects.push(Effect {
+            table: "t",
+            key: sql_row_literal([ValueRef::Integer(k)]),
+            row: read_back(tx, "t", "k = ?1", &[&k])?,
+        });
+    }
+    Ok(())
+}
