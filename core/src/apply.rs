@@ -288,6 +288,73 @@ pub fn retry_parked<T: ApplyTxn>(
     Ok(apply_isolated(txn, clock, &header, payload, ctx, report)?.map(|p| (p.reason, p.collision)))
 }
 
+/// Applies several parked batches of one node together, as one atomic set: every row any of
+/// them replaces is removed first, then for each key the newest of their rows is written.
+/// One node's batches that reached the stream out of capture order can each be in the
+/// others' way (a value moved along a UNIQUE column over several batches) and then apply
+/// only together. Returns `Ok(None)` when they applied, or why not (the set stays parked).
+pub fn retry_parked_jointly<T: ApplyTxn>(
+    txn: &mut T,
+    clock: &mut Clock,
+    me: NodeId,
+    parked: &[Parked],
+    wall_ms: u64,
+    report: &mut ApplyReport,
+) -> Result<Option<String>, T::Error> {
+    let limit_ms = wall_ms.saturating_add(MAX_STAMP_LEAD_MS);
+    let mut bodies: Vec<(Header, Bytes)> = Vec::with_capacity(parked.len());
+    for p in parked {
+        let (header, fragment) = match decode_message(&p.message) {
+            Ok(x) => x,
+            Err(e) => return Ok(Some(e.to_string())),
+        };
+        if header.stamp.wall_ms() > limit_ms {
+            return Ok(Some(format!("stamp {} is too far ahead", header.stamp)));
+        }
+        clock.observe_remote(header.stamp, wall_ms);
+        match unseal(&header, p.message.slice_ref(fragment)) {
+            Ok(body) => bodies.push((header, body)),
+            Err(e) => return Ok(Some(e.to_string())),
+        }
+    }
+    txn.savepoint()?;
+    let mut stats = BatchStats::default();
+    let mut writes = Vec::new();
+    let mut result = Ok(());
+    for (header, body) in &bodies {
+        let own = header.batch.origin == me;
+        result = apply_batch(
+            txn,
+            header,
+            body,
+            own,
+            &mut stats,
+            Order::ClearFirst,
+            &mut writes,
+        );
+        if result.is_err() {
+            break;
+        }
+    }
+    let result = result.and_then(|()| write_pending(txn, &writes, true));
+    match result {
+        Ok(()) => {
+            txn.release()?;
+            report.batches += bodies.len() as u64;
+            report.rows_written += stats.written;
+            report.rows_skipped += stats.skipped;
+            report.conflicts += stats.conflicts;
+            Ok(None)
+        }
+        Err(ApplyFault::Poison(reason) | ApplyFault::Collision(reason)) => {
+            txn.rollback_to()?;
+            txn.release()?;
+            Ok(Some(reason))
+        }
+        Err(ApplyFault::Storage(e)) => Err(e),
+    }
+}
+
 /// Where a batch comes from.
 #[derive(Copy, Clone)]
 struct BatchContext {
@@ -350,13 +417,31 @@ fn apply_isolated<T: ApplyTxn>(
     };
     txn.savepoint()?;
     let mut stats = BatchStats::default();
-    let mut result = apply_batch(txn, header, &body, ctx.own, &mut stats, Order::InPlace);
+    let mut result = apply_batch(
+        txn,
+        header,
+        &body,
+        ctx.own,
+        &mut stats,
+        Order::InPlace,
+        &mut Vec::new(),
+    );
     if let Err(ApplyFault::Collision(_)) = result {
         // A batch is one atomic set of final rows, so its rows never collide with each
         // other once the local rows they replace are out of the way.
         txn.rollback_to()?;
         stats = BatchStats::default();
-        result = apply_batch(txn, header, &body, ctx.own, &mut stats, Order::ClearFirst);
+        let mut writes = Vec::new();
+        result = apply_batch(
+            txn,
+            header,
+            &body,
+            ctx.own,
+            &mut stats,
+            Order::ClearFirst,
+            &mut writes,
+        )
+        .and_then(|()| write_pending(txn, &writes, false));
     }
     match result {
         Ok(()) => {
@@ -413,20 +498,47 @@ enum Order {
     ClearFirst,
 }
 
-fn apply_batch<T: ApplyTxn>(
+/// A row to write once every row it replaces is out of the way ([`Order::ClearFirst`]).
+struct Pending<'a, H> {
+    table: H,
+    key_columns: usize,
+    values: Vec<ValueRef<'a>>,
+    version: Version,
+}
+
+/// Writes the rows [`Order::ClearFirst`] put aside. `check`: several batches were applied
+/// together, so a key may have several pending rows; only the one whose version the key holds
+/// now (the newest) is written.
+fn write_pending<T: ApplyTxn>(
+    txn: &mut T,
+    writes: &[Pending<'_, T::Table>],
+    check: bool,
+) -> Result<(), ApplyFault<T::Error>> {
+    for w in writes {
+        if check {
+            let key = &w.values[..w.key_columns];
+            if txn.version(w.table, key)?.map(|v| v.version) != Some(w.version) {
+                continue;
+            }
+        }
+        txn.write_row(w.table, &w.values)?;
+    }
+    Ok(())
+}
+
+fn apply_batch<'a, T: ApplyTxn>(
     txn: &mut T,
     header: &Header,
-    body: &[u8],
+    body: &'a [u8],
     own: bool,
     stats: &mut BatchStats,
     order: Order,
+    writes: &mut Vec<Pending<'a, T::Table>>,
 ) -> Result<(), ApplyFault<T::Error>> {
     let incoming = header.version();
     let mut reader = BodyReader::new(body);
-    let mut values: Vec<ValueRef<'_>> = Vec::new();
-    let mut table: Option<(T::Table, TableDef<'_>)> = None;
-    // Rows to write once everything the batch replaces is removed (ClearFirst).
-    let mut writes: Vec<(T::Table, Vec<ValueRef<'_>>)> = Vec::new();
+    let mut values: Vec<ValueRef<'a>> = Vec::new();
+    let mut table: Option<(T::Table, TableDef<'a>)> = None;
     loop {
         let item = reader
             .next_item(&mut values)
@@ -471,7 +583,12 @@ fn apply_batch<T: ApplyTxn>(
                     Order::ClearFirst => {
                         txn.delete_row(*t, key)?;
                         if !delete {
-                            writes.push((*t, values.clone()));
+                            writes.push(Pending {
+                                table: *t,
+                                key_columns: def.key_columns,
+                                values: values.clone(),
+                                version: incoming,
+                            });
                         }
                     }
                 }
@@ -503,9 +620,6 @@ fn apply_batch<T: ApplyTxn>(
                 }
             }
         }
-    }
-    for (t, row) in &writes {
-        txn.write_row(*t, row)?;
     }
     Ok(())
 }

@@ -68,21 +68,43 @@ where
     let mut control_open = true;
     let mut wake_open = true;
 
-    let recovered = env.blocking(|| storage.recover());
-    match recovered {
-        Ok(r) => node.handle(env.now(), Input::Recovered(r)),
-        Err(e) => {
-            // Without its persisted state the node cannot run at all; report and stop the
-            // way a shutdown does, nothing was touched.
-            observer.event(
-                env.now(),
-                &Event::StorageFailed {
-                    operation: "recover",
-                    error: e.to_string(),
-                    retry_in: Duration::ZERO,
-                },
-            );
-            return Stop::Shutdown { unpublished: 0 };
+    // Without its persisted state the node cannot run at all. A failure to read it (an
+    // application holding the write lock, a disk that failed for a moment) is retried, with
+    // backoff, until it works or a shutdown is asked for: nothing was touched meanwhile.
+    let mut retry_in = Duration::from_millis(100);
+    loop {
+        let recovered = env.blocking(|| storage.recover());
+        match recovered {
+            Ok(r) => {
+                node.handle(env.now(), Input::Recovered(r));
+                break;
+            }
+            Err(e) => {
+                observer.event(
+                    env.now(),
+                    &Event::StorageFailed {
+                        operation: "recover",
+                        error: e.to_string(),
+                        retry_in,
+                    },
+                );
+                let deadline = env.now() + retry_in;
+                retry_in = (retry_in * 2).min(Duration::from_secs(5));
+                let mut sleep = env.sleep_until(deadline);
+                loop {
+                    if !control_open {
+                        (&mut sleep).await;
+                        break;
+                    }
+                    match futures::future::select(control.next(), &mut sleep).await {
+                        futures::future::Either::Left((Some(Control::Shutdown), _)) => {
+                            return Stop::Shutdown { unpublished: 0 };
+                        }
+                        futures::future::Either::Left((None, _)) => control_open = false,
+                        futures::future::Either::Right(_) => break,
+                    }
+                }
+            }
         }
     }
 

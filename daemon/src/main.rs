@@ -4,7 +4,7 @@
 
 mod cli;
 mod commands;
-mod config;
+use marmot_daemon::config;
 mod lock;
 mod observe;
 mod run;

@@ -822,6 +822,65 @@ impl SqliteStore {
         Ok((attempted, applied))
     }
 
+    /// Applies the batches waiting on a UNIQUE value, each origin's together as one set (see
+    /// `marmot_core::apply::retry_parked_jointly`). Inside a transaction. Returns how many
+    /// applied.
+    fn retry_collisions_jointly(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        report: &mut marmot_core::apply::ApplyReport,
+    ) -> Result<u64, StoreError> {
+        let me = self.cfg.node_id;
+        let rows: Vec<(i64, Option<i64>, i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT id, origin, stream_seq, message FROM \"__marmot__parked\" WHERE collision = 1 \
+                 ORDER BY origin, incarnation, batch_seq, id",
+            )
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.sql_err(e))?;
+        let mut groups: Vec<(Option<i64>, Vec<i64>, Vec<marmot_core::apply::Parked>)> = Vec::new();
+        for (id, origin, stream_seq, message) in rows {
+            if groups.last().is_none_or(|g| g.0 != origin) {
+                groups.push((origin, Vec::new(), Vec::new()));
+            }
+            let g = groups.last_mut().expect("pushed above");
+            g.1.push(id);
+            g.2.push(marmot_core::apply::Parked {
+                stream_seq: stream_seq as u64,
+                batch: None,
+                reason: String::new(),
+                message: Bytes::from(message),
+                collision: true,
+            });
+        }
+        let mut applied = 0;
+        for (_, ids, parked) in groups.into_iter().filter(|g| g.2.len() > 1) {
+            let mut tx = self.tx(wall_ms);
+            let outcome = marmot_core::apply::retry_parked_jointly(
+                &mut tx, clock, me, &parked, wall_ms, report,
+            )
+            .map_err(|x| self.sql_err(x))?;
+            if outcome.is_none() {
+                for id in &ids {
+                    self.conn
+                        .execute("DELETE FROM \"__marmot__parked\" WHERE id = ?1", [id])
+                        .map_err(|x| self.sql_err(x))?;
+                }
+                tracing::info!(
+                    batches = ids.len(),
+                    "batches that waited on UNIQUE values applied together"
+                );
+                applied += ids.len() as u64;
+            }
+        }
+        Ok(applied)
+    }
+
     fn incomplete_batches(&self) -> Result<u64, StoreError> {
         self.conn
             .query_row(
@@ -966,6 +1025,12 @@ impl Storage for SqliteStore {
                         break;
                     }
                 }
+                // Those still waiting may be in each other's way (one node's batches, out of
+                // their capture order): each node's together, as one set.
+                let mut again = marmot_core::apply::ApplyReport::default();
+                report.unparked += s.retry_collisions_jointly(clock, wall_ms, &mut again)?;
+                report.rows_written += again.rows_written;
+                report.conflicts += again.conflicts;
             }
             if report.through_seq != position {
                 meta_set(&s.conn, "position", report.through_seq as i64)

@@ -160,6 +160,14 @@ impl Plan {
         });
         plan.slow_upload = (plan.swarm.snapshots && r.random_bool(0.3))
             .then(|| Duration::from_millis(r.random_range(8_000..=25_000)));
+        // While a slow upload holds the lease nobody else snapshots, so a node behind the
+        // stream holds its writes that long: tombstones must outlive that (the README's rule:
+        // longer than any node keeps unpublished writes).
+        if let Some(slow) = plan.slow_upload
+            && !plan.tombstone_ttl.is_zero()
+        {
+            plan.tombstone_ttl = plan.tombstone_ttl.max(slow * 3);
+        }
         plan
     }
 

@@ -567,6 +567,8 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
         match SqliteStore::open(cfg.clone()) {
             Ok(s) => break s,
             Err(e) if e.is_busy() => tokio::time::sleep(Duration::from_millis(20)).await,
+            // Died inside opening: the world crashes this host at once.
+            Err(StoreError::Crashed { .. }) => futures::future::pending::<()>().await,
             Err(e) => return Err(e.to_string().into()),
         }
     };
