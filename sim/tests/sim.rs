@@ -1,7 +1,8 @@
 //! The simulation suite: randomized runs, replay of one seed, trace determinism, the canary.
 //!
 //! `SIM_RUNS=<n>` sets how many seeds `randomized_runs` tries (default 200), from
-//! `SIM_SEED_START` (default 1); `SIM_SEED=<n>` replays one seed in `replay_one_seed`.
+//! `SIM_SEED_START` (default 1), stopping at the first failure with `SIM_STOP_AT_FIRST=1`;
+//! `SIM_SEED=<n>` replays one seed in `replay_one_seed`.
 //! Built with `--features canary`, every run uses the known-wrong merge rule and the suite
 //! must fail.
 
@@ -23,6 +24,8 @@ const CANARY: bool = cfg!(feature = "canary");
 #[test]
 fn randomized_runs() {
     let runs = env_u64("SIM_RUNS").unwrap_or(200);
+    // Hunting for a seed that catches something: stop at the first failure.
+    let stop_at_first = std::env::var_os("SIM_STOP_AT_FIRST").is_some();
     let start = env_u64("SIM_SEED_START").unwrap_or(1);
     let next = AtomicU64::new(start);
     let failures: Mutex<Vec<Box<Report>>> = Mutex::new(Vec::new());
@@ -43,6 +46,9 @@ fn randomized_runs() {
                         Err(r) => {
                             eprintln!("{r}\n");
                             failures.lock().unwrap().push(r);
+                            if stop_at_first {
+                                next.store(start + runs, Ordering::SeqCst);
+                            }
                         }
                     }
                     let d = done.fetch_add(1, Ordering::SeqCst) + 1;
