@@ -1012,8 +1012,9 @@ impl Storage for SqliteStore {
             // Rows moved: a batch waiting on a UNIQUE value may fit now (its blocking row
             // may have moved away with one of these batches).
             // Each that applies may free a value another waits on: again, until a round
-            // frees nothing.
-            if report.rows_written > 0 {
+            // frees nothing. A batch that just joined the waiting ones may apply together
+            // with them.
+            if report.rows_written > 0 || report.parked.iter().any(|p| p.collision) {
                 loop {
                     let mut again = marmot_core::apply::ApplyReport::default();
                     let (_, applied) =
