@@ -112,7 +112,7 @@ where
         while let Some(out) = node.poll_output() {
             match out {
                 Output::Capture => {
-                    let wall = env.wall_ms();
+                    let wall = node.stamp_time(env.now(), env.wall_ms());
                     let r = env.blocking(|| storage.capture(node.clock_mut(), wall));
                     node.handle(env.now(), Input::Captured(r.map_err(|e| e.to_string())));
                 }
@@ -203,7 +203,7 @@ where
                     }
                 }
                 Output::Apply(ds) => {
-                    let wall = env.wall_ms();
+                    let wall = node.stamp_time(env.now(), env.wall_ms());
                     let r = env.blocking(|| storage.apply(node.clock_mut(), wall, &ds));
                     let wall_ms = env.wall_ms();
                     node.handle(
@@ -223,7 +223,7 @@ where
                     );
                 }
                 Output::RetryParked { all } => {
-                    let wall = env.wall_ms();
+                    let wall = node.stamp_time(env.now(), env.wall_ms());
                     let r = env.blocking(|| storage.retry_parked(node.clock_mut(), wall, all));
                     node.handle(
                         env.now(),
@@ -259,7 +259,7 @@ where
                     );
                 }
                 Output::RestoreSnapshot(staged) => {
-                    let wall = env.wall_ms();
+                    let wall = node.stamp_time(env.now(), env.wall_ms());
                     let r = env.blocking(|| storage.restore(node.clock_mut(), wall, &staged));
                     node.handle(env.now(), Input::Restored(r.map_err(|e| e.to_string())));
                 }

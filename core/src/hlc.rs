@@ -81,16 +81,10 @@ impl std::fmt::Display for Version {
 /// runs fast can neither drag every other clock ahead nor make them pause. A local write
 /// still gets a stamp above the version it replaces, however far ahead that version is
 /// ([`Clock::tick_above`]): last-writer-wins is per row, and needs no more than that.
-///
-/// A wall clock that lags the server's (as last measured, [`Clock::set_lag_ms`]) does not
-/// stamp into the past: the physical part follows the later of the two. (Stamps far in the
-/// past would fall below the tombstone horizon of snapshots taken meanwhile, whose merge
-/// takes such a version, absent from the snapshot, for a collected delete.)
 #[derive(Clone, Debug)]
 pub struct Clock {
     last: Stamp,
     max_lead_ms: u64,
-    lag_ms: u64,
 }
 
 /// The default bound on how far ahead a received stamp can take the clock (ms).
@@ -102,7 +96,6 @@ impl Clock {
         Clock {
             last: high_water,
             max_lead_ms: DEFAULT_MAX_LEAD_MS,
-            lag_ms: 0,
         }
     }
 
@@ -111,17 +104,6 @@ impl Clock {
     pub fn with_max_lead(mut self, max_lead_ms: u64) -> Clock {
         self.max_lead_ms = max_lead_ms;
         self
-    }
-
-    /// The local wall clock lags the server's by this much (measured; 0 when it does not):
-    /// stamps take the server's time instead of the local wall clock's.
-    pub fn set_lag_ms(&mut self, lag_ms: u64) {
-        self.lag_ms = lag_ms;
-    }
-
-    /// The physical time stamps follow: the local wall clock, or the server's when it lags.
-    fn physical_ms(&self, wall_ms: u64) -> u64 {
-        wall_ms.saturating_add(self.lag_ms)
     }
 
     /// How far ahead of the receiving time a received stamp may take the clock (ms).
@@ -149,7 +131,7 @@ impl Clock {
 
     /// Takes a new stamp, strictly above every stamp taken or observed before.
     pub fn tick(&mut self, wall_ms: u64) -> Stamp {
-        let physical = Stamp::new(self.physical_ms(wall_ms), 0);
+        let physical = Stamp::new(wall_ms, 0);
         let next = if physical > self.last {
             physical
         } else {
@@ -165,7 +147,7 @@ impl Clock {
     /// further ahead is not (the stamp is then just above it, and the clock stays where it
     /// was): a row written far ahead by a fast clock elsewhere does not drag this clock.
     pub fn tick_above(&mut self, wall_ms: u64, floor: Stamp) -> Stamp {
-        if floor <= self.ceiling(self.physical_ms(wall_ms)) {
+        if floor <= self.ceiling(wall_ms) {
             self.observe(floor);
         }
         let s = self.tick(wall_ms);
@@ -187,7 +169,7 @@ impl Clock {
     /// above the version it replaces ([`Clock::tick_above`]), which is all the merge rule
     /// needs, and the node does not stop stamping until real time catches up.
     pub fn lower_to(&mut self, wall_ms: u64) {
-        self.last = self.last.min(Stamp::new(self.physical_ms(wall_ms), 0));
+        self.last = self.last.min(Stamp::new(wall_ms, 0));
     }
 }
 
@@ -259,15 +241,6 @@ mod tests {
         // Never raises it.
         c.lower_to(9_000_000);
         assert_eq!(c.high_water(), Stamp::new(1_000, 1));
-    }
-
-    #[test]
-    fn a_lagging_wall_clock_stamps_with_the_servers_time() {
-        let mut c = Clock::new(Stamp::ZERO);
-        c.set_lag_ms(18_000);
-        assert_eq!(c.tick(1_000), Stamp::new(19_000, 0));
-        c.set_lag_ms(0);
-        assert_eq!(c.tick(20_000), Stamp::new(20_000, 0));
     }
 
     #[test]

@@ -621,6 +621,8 @@ pub struct Node {
 
     skew_ms: i64,
     skew_paused: bool,
+    /// The server's clock at the last check, and when (monotonic): see `stamp_time`.
+    server_time: Option<(Duration, u64)>,
 
     parked: u64,
     incomplete: u64,
@@ -693,6 +695,7 @@ impl Node {
             cached_bytes: 0,
             skew_ms: 0,
             skew_paused: false,
+            server_time: None,
             parked: 0,
             incomplete: 0,
             next_incomplete_alarm: Duration::ZERO,
@@ -732,6 +735,23 @@ impl Node {
     /// [`Output::Apply`], [`Output::RetryParked`]).
     pub fn clock_mut(&mut self) -> &mut Clock {
         &mut self.clock
+    }
+
+    /// The wall time to stamp with at monotonic time `now`, given the local wall clock reads
+    /// `wall_ms`: the later of the local wall clock and the server's clock as last measured
+    /// plus the monotonic time since. A wall clock that lags the server's does not stamp into
+    /// the past (stamps far in the past would fall below the tombstone horizon of snapshots
+    /// taken meanwhile, whose merge takes such a version, absent from the snapshot, for a
+    /// collected delete); the estimate follows monotonic time, so a wall clock that jumps
+    /// forward after the check adds nothing to it. Pass it to every storage call that stamps.
+    pub fn stamp_time(&self, now: Duration, wall_ms: u64) -> u64 {
+        match self.server_time {
+            Some((at, server_ms)) => {
+                let since = now.saturating_sub(at).as_millis() as u64;
+                wall_ms.max(server_ms.saturating_add(since))
+            }
+            None => wall_ms,
+        }
     }
 
     /// Whether the node wants more deliveries now (false: stop reading the stream for a
@@ -1076,9 +1096,9 @@ impl Node {
                 let uncertainty = (received.saturating_sub(sent) / 2) as i64;
                 let bound = self.cfg.max_clock_skew_ms as i64;
                 let wall_skew = local_mid as i64 - server_ms as i64;
-                // A wall clock that lags stamps with the server's time instead.
-                self.clock
-                    .set_lag_ms((-wall_skew - uncertainty).max(0) as u64);
+                // The server's clock as of now; a wall clock that lags stamps with it
+                // instead (see `stamp_time`).
+                self.server_time = Some((now, server_ms));
                 // The stamps this node would give follow the later of its wall clock and its
                 // high-water mark. A high-water mark that leads while the wall clock is right
                 // (it stamped while the wall clock ran fast, before a check caught it) is
@@ -1087,7 +1107,7 @@ impl Node {
                 let mut lowered = false;
                 let hw_skew = self.clock.high_water().wall_ms() as i64 - server_ms as i64;
                 if wall_skew - uncertainty <= bound && hw_skew - uncertainty > bound {
-                    self.clock.lower_to(received);
+                    self.clock.lower_to(received.max(server_ms));
                     lowered = true;
                 }
                 let stamp_skew =

@@ -385,13 +385,13 @@ fn progress_bar(what: &'static str) -> Box<dyn Fn(u64) + Send + Sync> {
 /// Claims this node's id (as its daemon would) and checks the clock against the server's,
 /// with the daemon's rule: refused when the stamps this node would give lead the server by
 /// more than `max_clock_skew_ms`; a lagging clock stamps with the server's time. Returns the
-/// owner token the claim was made with.
+/// owner token the claim was made with, the server's time and when it was read.
 async fn check_clock(
     t: &NatsTransport,
     s: &crate::config::Settings,
     owner: &str,
     clock: &mut marmot_core::Clock,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, u64, std::time::Instant)> {
     use marmot_core::ports::{Claim, Transport};
     let sent = now_ms();
     let claim = t.claim(s.node_id, owner).await?;
@@ -415,11 +415,10 @@ async fn check_clock(
                     s.max_clock_skew_ms
                 );
             }
-            clock.set_lag_ms((-wall_skew - uncertainty).max(0) as u64);
             if lead > s.max_clock_skew_ms as i64 {
-                clock.lower_to(received);
+                clock.lower_to(received.max(server_ms));
             }
-            Ok(owner.to_string())
+            Ok((owner.to_string(), server_ms, std::time::Instant::now()))
         }
     }
 }
@@ -537,17 +536,23 @@ pub fn command(
                     None => None,
                 };
                 let clock_checked = checked.is_some();
+                let server_now = checked
+                    .as_ref()
+                    .map_or(0, |(_, ms, at)| ms + at.elapsed().as_millis() as u64);
                 let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    // A clock that lags stamps with the server's time (it moved on since
+                    // the check by about as much as ours).
+                    let wall = now_ms().max(server_now);
                     let r = if clock_checked {
-                        store.restore(&mut clock, now_ms(), &staged)
+                        store.restore(&mut clock, wall, &staged)
                     } else {
-                        store.restore_into_empty(&mut clock, now_ms(), &staged)
+                        store.restore_into_empty(&mut clock, wall, &staged)
                     };
                     SnapshotDir::discard(&staged.path);
                     Ok(r?)
                 })
                 .await??;
-                if let (Some(t), Some(owner)) = (&transport, checked) {
+                if let (Some(t), Some((owner, _, _))) = (&transport, checked) {
                     let _ = marmot_core::ports::Transport::release(&**t, &format!("node-{}", s.node_id), &owner).await;
                 }
                 println!(

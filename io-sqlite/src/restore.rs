@@ -314,8 +314,9 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
         };
         c.execute_batch(&format!("DROP {what} IF EXISTS main.{}", quote(name)))?;
     }
-    // Create the snapshot's: tables (virtual ones create their shadow tables themselves) and
-    // indexes, then the rows, then views and triggers (which must not fire while copying).
+    // Create the snapshot's: tables (virtual ones create their shadow tables themselves),
+    // then the rows, then indexes (built from sorted keys, faster than kept up row by row),
+    // views and triggers.
     let snap_kinds = table_kinds(c, "snap")?;
     let schema: Vec<(String, String, Option<String>)> = c
         .prepare("SELECT type, name, sql FROM snap.sqlite_master ORDER BY rowid")?
@@ -335,7 +336,6 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
         Ok(())
     };
     create(&["table"])?;
-    create(&["index"])?;
     for (name, kind) in &snap_kinds {
         let copied = match kind.as_str() {
             "table" => !internal(name) || name == "sqlite_sequence",
@@ -372,6 +372,7 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
             ))?;
         }
     }
+    create(&["index"])?;
     create(&["view", "trigger"])?;
     for pragma in ["user_version", "application_id"] {
         let v: i64 = c.query_row(&format!("PRAGMA snap.{pragma}"), [], |r| r.get(0))?;

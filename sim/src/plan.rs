@@ -119,6 +119,9 @@ pub struct Plan {
     pub storage_faults: Option<StorageFaults>,
     /// Snapshot uploads take this long during the chaos phase (V2): longer than the lease.
     pub slow_upload: Option<Duration>,
+    /// This node's clock starts two hours ahead (V2, clock runs): it must not stamp until its
+    /// clock is right (its batches would park everywhere, a stamp an hour ahead is refused).
+    pub far_ahead: Option<usize>,
 }
 
 /// Faults injected into a node's storage calls while the chaos phase lasts.
@@ -160,6 +163,11 @@ impl Plan {
         });
         plan.slow_upload = (plan.swarm.snapshots && r.random_bool(0.3))
             .then(|| Duration::from_millis(r.random_range(8_000..=25_000)));
+        plan.far_ahead =
+            (plan.swarm.clocks && r.random_bool(0.25)).then(|| r.random_range(0..plan.nodes));
+        if let Some(n) = plan.far_ahead {
+            plan.skews[n] = 2 * 3_600_000;
+        }
         // While a slow upload holds the lease nobody else snapshots, so a node behind the
         // stream holds its writes that long: tombstones must outlive that (the README's rule:
         // longer than any node keeps unpublished writes).
@@ -286,6 +294,7 @@ impl Plan {
             lock_holds: false,
             storage_faults: None,
             slow_upload: None,
+            far_ahead: None,
         };
         (plan, r)
     }

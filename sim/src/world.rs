@@ -166,6 +166,9 @@ pub(crate) struct Shared {
     /// Per node: table `t` was rebuilt and the node has not captured since (see
     /// `workload::v2_operations`).
     pub(crate) blind: Vec<bool>,
+    /// Per node: its clock's skew since when, in order (the checker allows a node's stamps to
+    /// lead true time as far as its own clock recently did, and no further).
+    pub(crate) skew_history: Vec<Vec<(Duration, i64)>>,
     /// Per node: marmot set itself up in the database once (rows written before that are
     /// not published, a documented rule: V2 applications wait for it).
     pub(crate) set_up: Vec<bool>,
@@ -261,6 +264,39 @@ impl Recorded {
         };
         match batch_rows(&c.messages) {
             Some((_, rows)) => {
+                // No drag: a node's stamps lead true time by no more than its own clock did
+                // lately (until its next check against the server) plus the bound, unless the
+                // stamp is just above a version it replaces that is itself that far ahead.
+                let floor = rows.iter().filter_map(|r| r.base).map(|b| b.stamp).max();
+                let just_above = floor.is_some_and(|f| c.stamp.as_u64() == f.as_u64() + 1);
+                let true_ms = turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64);
+                let window = w.plan.claim_interval + Duration::from_secs(1);
+                let t = now();
+                let history = &w.skew_history[n];
+                let at_start = history
+                    .iter()
+                    .rev()
+                    .find(|(since, _)| *since <= t.saturating_sub(window))
+                    .map_or(0, |(_, s)| *s);
+                let lead = history
+                    .iter()
+                    .filter(|(since, _)| *since > t.saturating_sub(window))
+                    .map(|(_, s)| *s)
+                    .fold(at_start, i64::max)
+                    .max(0) as u64;
+                let allowed = true_ms + lead + 5_000 + 1_000;
+                if c.stamp.wall_ms() > allowed && !just_above {
+                    let detail = format!(
+                        "node {} stamped {} at true time {true_ms} ms, {} ms ahead; its own clock led by at most {lead} ms lately",
+                        n + 1,
+                        c.stamp,
+                        c.stamp.wall_ms() - true_ms
+                    );
+                    w.failures.push(Failure::Safety {
+                        invariant: "a node's stamps lead true time no further than its own clock does (no node drags another's clock)",
+                        detail,
+                    });
+                }
                 for r in rows {
                     if let Some(base) = r.base
                         && base >= version
@@ -868,6 +904,11 @@ fn run_plan_inner(plan: Plan, canary: bool) -> Result<Outcome, Box<Report>> {
         chaos_active: chaos_active.clone(),
         blind: vec![false; plan.nodes],
         set_up: vec![false; plan.nodes],
+        skew_history: plan
+            .skews
+            .iter()
+            .map(|s| vec![(Duration::ZERO, *s)])
+            .collect(),
     }));
     let broker = BrokerState::new(
         BrokerConfig {
@@ -981,7 +1022,9 @@ fn run_plan_inner(plan: Plan, canary: bool) -> Result<Outcome, Box<Report>> {
                         .push(format!("{now:?} corrupted {hit:?}"));
                 }
                 Fault::ClockJump { node, delta_ms } => {
-                    world.borrow().skew[node].fetch_add(delta_ms, Ordering::Relaxed);
+                    let mut w = world.borrow_mut();
+                    let s = w.skew[node].fetch_add(delta_ms, Ordering::Relaxed) + delta_ms;
+                    w.skew_history[node].push((now, s));
                 }
             }
         }
@@ -1032,9 +1075,10 @@ fn run_plan_inner(plan: Plan, canary: bool) -> Result<Outcome, Box<Report>> {
             for i in 0..plan.nodes {
                 sim.repair(host_name(i), "broker");
                 sim.release(host_name(i), "broker");
-                let w = world.borrow();
-                let s = w.skew[i].load(Ordering::Relaxed);
-                w.skew[i].store(s.clamp(-1_000, 1_000), Ordering::Relaxed);
+                let mut w = world.borrow_mut();
+                let s = w.skew[i].load(Ordering::Relaxed).clamp(-1_000, 1_000);
+                w.skew[i].store(s, Ordering::Relaxed);
+                w.skew_history[i].push((now, s));
             }
         }
         if now >= next_check {

@@ -478,6 +478,33 @@ fn a_high_water_mark_that_leads_the_server_is_brought_back_once_the_wall_clock_i
 }
 
 #[test]
+fn a_lagging_wall_clock_stamps_with_the_servers_time_and_a_jump_adds_nothing() {
+    let mut n = Node::new(NodeConfig::new(1, "db-a"));
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
+    assert_eq!(
+        n.stamp_time(ms(0), 1_000),
+        1_000,
+        "unchecked: the wall clock"
+    );
+    n.handle(
+        ms(10),
+        Input::Claimed {
+            result: Ok(Claim::Granted {
+                server_ms: 60_000,
+                revision: 1,
+            }),
+            sent_wall_ms: 1_000,
+            received_wall_ms: 1_000,
+        },
+    );
+    // 59 s behind: stamps follow the server's clock, moving on with monotonic time.
+    assert_eq!(n.stamp_time(ms(510), 1_500), 60_500);
+    // The wall clock jumps ahead of the server: it leads (and the next check says so), but
+    // the correction it no longer needs is not added on top.
+    assert_eq!(n.stamp_time(ms(1_010), 90_000), 90_000);
+}
+
+#[test]
 fn a_failed_apply_is_retried_with_the_same_deliveries() {
     let mut n = ready(0, vec![]);
     drain(&mut n);
