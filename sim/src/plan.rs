@@ -122,6 +122,9 @@ pub struct Plan {
     /// This node's clock starts two hours ahead (V2, clock runs): it must not stamp until its
     /// clock is right (its batches would park everywhere, a stamp an hour ahead is refused).
     pub far_ahead: Option<usize>,
+    /// Node-id claims, through which nodes check their clocks, answer this late (V2): a node
+    /// reads the stream before its clock was checked.
+    pub slow_claims: Option<Duration>,
 }
 
 /// Faults injected into a node's storage calls while the chaos phase lasts.
@@ -168,6 +171,8 @@ impl Plan {
         if let Some(n) = plan.far_ahead {
             plan.skews[n] = 2 * 3_600_000;
         }
+        plan.slow_claims = (plan.far_ahead.is_some() || r.random_bool(0.2))
+            .then(|| Duration::from_millis(r.random_range(100..=1_500)));
         // While a slow upload holds the lease nobody else snapshots, so a node behind the
         // stream holds its writes that long: tombstones must outlive that (the README's rule:
         // longer than any node keeps unpublished writes).
@@ -295,6 +300,7 @@ impl Plan {
             storage_faults: None,
             slow_upload: None,
             far_ahead: None,
+            slow_claims: None,
         };
         (plan, r)
     }

@@ -20,6 +20,7 @@ const SILENCE: Duration = Duration::from_secs(2);
 /// The simulated transport of one node.
 pub struct SimTransport {
     broker: String,
+    slow_claims: Option<std::time::Duration>,
 }
 
 impl SimTransport {
@@ -27,7 +28,15 @@ impl SimTransport {
     pub fn new(broker: &str) -> Self {
         SimTransport {
             broker: broker.to_string(),
+            slow_claims: None,
         }
+    }
+
+    /// Node-id claims (the clock checks) answer only after `d`: a slow key-value store, while
+    /// the stream itself is quick.
+    pub fn with_slow_claims(mut self, d: Option<std::time::Duration>) -> Self {
+        self.slow_claims = d;
+        self
     }
 
     async fn call(&self, req: Request) -> Result<Response, TransportError> {
@@ -123,6 +132,11 @@ impl Transport for SimTransport {
     }
 
     async fn lease(&self, key: &str, owner: &str) -> Result<Claim, TransportError> {
+        if let Some(d) = self.slow_claims
+            && key.starts_with("node-")
+        {
+            tokio::time::sleep(d).await;
+        }
         match self
             .call(Request::Lease {
                 key: key.to_string(),

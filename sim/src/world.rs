@@ -659,7 +659,7 @@ async fn node_host(world: World, i: usize) -> turmoil::Result {
         world: world.clone(),
         node: i,
     };
-    let transport = Arc::new(SimTransport::new("broker"));
+    let transport = Arc::new(SimTransport::new("broker").with_slow_claims(plan.slow_claims));
     let stop = drive::run(
         &mut node,
         &mut store,
