@@ -6,6 +6,7 @@
 # Then, in another terminal:
 #   sqlite3 /tmp/marmot-1.db "INSERT INTO Books (title, author, publication_year) VALUES ('Pride and Prejudice', 'Jane Austen', 1813);"
 #   sqlite3 /tmp/marmot-2.db "SELECT * FROM Books;"
+#   sqlite3 /tmp/marmot-3.db "SELECT title FROM Books_fts WHERE Books_fts MATCH 'austen';"
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,6 +63,20 @@ INSERT INTO Books (title, author, publication_year) VALUES
   ('To Kill a Mockingbird', 'Harper Lee', 1960),
   ('1984', 'George Orwell', 1949),
   ('The Great Gatsby', 'F. Scott Fitzgerald', 1925);
+-- Full-text search, kept in step by triggers as the SQLite manual shows: marmot keeps it in
+-- step on every node for replicated rows too.
+CREATE VIRTUAL TABLE Books_fts USING fts5(title, author, content='Books', content_rowid='id');
+INSERT INTO Books_fts(Books_fts) VALUES ('rebuild');
+CREATE TRIGGER Books_ai AFTER INSERT ON Books BEGIN
+  INSERT INTO Books_fts(rowid, title, author) VALUES (new.id, new.title, new.author);
+END;
+CREATE TRIGGER Books_ad AFTER DELETE ON Books BEGIN
+  INSERT INTO Books_fts(Books_fts, rowid, title, author) VALUES ('delete', old.id, old.title, old.author);
+END;
+CREATE TRIGGER Books_au AFTER UPDATE ON Books BEGIN
+  INSERT INTO Books_fts(Books_fts, rowid, title, author) VALUES ('delete', old.id, old.title, old.author);
+  INSERT INTO Books_fts(rowid, title, author) VALUES (new.id, new.title, new.author);
+END;
 SQL
   cat >"$work/node-$i.toml" <<TOML
 db_path = "/tmp/marmot-$i.db"

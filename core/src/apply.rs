@@ -113,6 +113,17 @@ pub trait ApplyTxn {
         t: Self::Table,
         values: &[ValueRef<'_>],
     ) -> Result<(), ApplyFault<Self::Error>>;
+    /// Removes the row with this key (if present) to make room for the batch's rows (see
+    /// [`ApplyFault::Collision`]), remembering the values of its columns the incoming table
+    /// definition does not carry: the next [`ApplyTxn::write_row`] of the key puts them back,
+    /// as an update in place would have left them. The default forgets them.
+    fn clear_row(
+        &mut self,
+        t: Self::Table,
+        key: &[ValueRef<'_>],
+    ) -> Result<(), ApplyFault<Self::Error>> {
+        self.delete_row(t, key)
+    }
     /// Deletes the row with this key, if present.
     fn delete_row(
         &mut self,
@@ -580,9 +591,10 @@ fn apply_batch<'a, T: ApplyTxn>(
                 match order {
                     Order::InPlace if delete => txn.delete_row(*t, key)?,
                     Order::InPlace => txn.write_row(*t, &values)?,
+                    Order::ClearFirst if delete => txn.delete_row(*t, key)?,
                     Order::ClearFirst => {
-                        txn.delete_row(*t, key)?;
-                        if !delete {
+                        txn.clear_row(*t, key)?;
+                        {
                             writes.push(Pending {
                                 table: *t,
                                 key_columns: def.key_columns,

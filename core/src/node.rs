@@ -814,6 +814,12 @@ impl Node {
                         if let Some(c) = o.captured {
                             self.add_batch(c);
                         }
+                        if o.unparked > 0 {
+                            self.parked = self.parked.saturating_sub(o.unparked);
+                            self.event(Event::Unparked {
+                                batches: o.unparked,
+                            });
+                        }
                         if o.schema_changed {
                             self.schema_changed();
                         }

@@ -57,6 +57,8 @@ pub struct CaptureOutcome {
     pub captured: Option<Captured>,
     /// The local schema changed since the last transaction (triggers were reinstalled).
     pub schema_changed: bool,
+    /// Batches that waited on a UNIQUE value and applied once the local write gave it up.
+    pub unparked: u64,
 }
 
 /// The outcome of retrying parked batches.

@@ -102,19 +102,28 @@ pub fn stash_pending(t: &TableInfo) -> String {
     format!(
         "DROP TABLE IF EXISTS temp.\"marmot_pending\";\n\
          CREATE TEMP TABLE \"marmot_pending\" AS SELECT {k} FROM {log} UNION ALL \
-         SELECT {k} FROM {ver} WHERE deleted = 0;",
+         SELECT {k} FROM {ver} WHERE deleted = 0;\n\
+         DROP TABLE IF EXISTS temp.\"marmot_pending_ver\";\n\
+         CREATE TEMP TABLE \"marmot_pending_ver\" AS SELECT {k}, stamp, node, deleted FROM {ver};",
         log = quote(&log_table(&t.name)),
         ver = quote(&ver_table(&t.name)),
     )
 }
 
-/// Logs the keys [`stash_pending`] kept into the new change log.
+/// Logs the keys [`stash_pending`] kept into the new change log, and puts the versions
+/// back (keys the new key compares as one keep their newest version).
 pub fn unstash_pending(t: &TableInfo) -> String {
     let k = k_list(t, "");
     format!(
         "INSERT INTO {log} ({k}) SELECT {k} FROM temp.\"marmot_pending\";\n\
-         DROP TABLE temp.\"marmot_pending\";",
+         DROP TABLE temp.\"marmot_pending\";\n\
+         INSERT INTO {ver} ({k}, stamp, node, deleted) SELECT {k}, stamp, node, deleted \
+         FROM temp.\"marmot_pending_ver\" WHERE true ORDER BY stamp, node \
+         ON CONFLICT ({k}) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, deleted = excluded.deleted \
+         WHERE excluded.stamp > stamp OR (excluded.stamp = stamp AND excluded.node > node);\n\
+         DROP TABLE temp.\"marmot_pending_ver\";",
         log = quote(&log_table(&t.name)),
+        ver = quote(&ver_table(&t.name)),
     )
 }
 
@@ -312,6 +321,20 @@ pub struct ApplySql {
     pub unindex: Vec<String>,
     /// Adds the row, as written, to those indexes: incoming key values.
     pub index: Vec<String>,
+    /// Columns of the local table the incoming definition does not carry (a node that has
+    /// not migrated yet sent the batch): kept across a clear-first apply.
+    pub extras: Vec<String>,
+    /// With extras: sets a row aside (its key and extras) in `stash` before it is cleared:
+    /// incoming key values.
+    pub stash: Option<String>,
+    /// With extras: puts the stashed extras back into the row just written, then forgets
+    /// them: incoming key values (two statements).
+    pub unstash: Option<[String; 2]>,
+}
+
+/// The temporary table a clear-first apply keeps a local table's extra columns in.
+pub fn stash_table(local_index: usize) -> String {
+    format!("temp.\"marmot_cleared_{local_index}\"")
 }
 
 impl ApplySql {
@@ -323,9 +346,16 @@ impl ApplySql {
         key_columns: usize,
         local_key: &[usize],
         indexes: &[crate::fts::ExternalIndex],
+        local_index: usize,
     ) -> Self {
         let table = quote(&t.name);
         let ver = quote(&ver_table(&t.name));
+        let extras: Vec<String> = t
+            .columns
+            .iter()
+            .filter(|c| !incoming.contains(&c.name.as_str()))
+            .map(|c| c.name.clone())
+            .collect();
         let where_row = local_key
             .iter()
             .zip(t.key())
@@ -394,6 +424,34 @@ impl ApplySql {
             read: format!("SELECT {cols} FROM {table} WHERE {where_row}"),
             unindex: indexes.iter().map(|i| i.delete_sql(&where_row)).collect(),
             index: indexes.iter().map(|i| i.insert_sql(&where_row)).collect(),
+            stash: (!extras.is_empty()).then(|| {
+                format!(
+                    "INSERT INTO {stash} ({keys}, {ex}) SELECT {keys}, {ex} FROM {table} WHERE {where_row}",
+                    stash = stash_table(local_index),
+                    keys = key_names,
+                    ex = extras.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
+                )
+            }),
+            unstash: (!extras.is_empty()).then(|| {
+                let stash = stash_table(local_index);
+                let in_stash = local_key
+                    .iter()
+                    .zip(t.key())
+                    .map(|(&i, c)| {
+                        format!("s.{} = ?{} COLLATE {}", quote(&c.name), i + 1, c.collation)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let ex = extras.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", ");
+                [
+                    format!(
+                        "UPDATE {table} SET ({ex}) = (SELECT {ex} FROM {stash} AS s WHERE {in_stash}) \
+                         WHERE {where_row} AND EXISTS (SELECT 1 FROM {stash} AS s WHERE {in_stash})"
+                    ),
+                    format!("DELETE FROM {stash} AS s WHERE {in_stash}"),
+                ]
+            }),
+            extras,
         }
     }
 }

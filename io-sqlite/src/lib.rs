@@ -405,20 +405,7 @@ impl SqliteStore {
             source: s,
         };
         c.execute_batch(ddl::CREATE_FIXED).map_err(e)?;
-        // Added with format 2 (to a table of format 1 that has it not).
-        let has_collision: i64 = c
-            .query_row(
-                "SELECT count(*) FROM pragma_table_info('__marmot__parked') WHERE name = 'collision'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(e)?;
-        if has_collision == 0 {
-            c.execute_batch(
-                "ALTER TABLE \"__marmot__parked\" ADD COLUMN collision INTEGER NOT NULL DEFAULT 0",
-            )
-            .map_err(e)?;
-        }
+        migrate::ensure_parked_collision(c).map_err(e)?;
         match meta_get(c, "format").map_err(e)? {
             None => meta_set(c, "format", STORE_FORMAT).map_err(e)?,
             Some(found) if found > STORE_FORMAT => {
@@ -596,7 +583,12 @@ impl SqliteStore {
                     // Keys still to publish survive: pending changes in the change log, and
                     // rows with a live version that are gone now (their deletes). They are
                     // carried over position by position when the key keeps its width.
-                    let carried = old.split(',').count() == t.key_columns;
+                    // Carried over when the key is the same columns (a change of their
+                    // affinity or collation): then the versions too, so that a write is
+                    // still stamped above the version it replaces.
+                    let carried = old
+                        .rsplit_once('|')
+                        .is_some_and(|(names, _)| names == t.key_names());
                     if carried {
                         c.execute_batch(&ddl::stash_pending(&t)).map_err(e)?;
                     } else {
@@ -822,6 +814,44 @@ impl SqliteStore {
         Ok((attempted, applied))
     }
 
+    /// Retries the batches waiting on a UNIQUE value: one by one, again until a round frees
+    /// nothing (each that applies may free a value another waits on), then each origin's
+    /// together as one set (one node's batches, out of their capture order, may be in each
+    /// other's way). Inside a transaction; adds what it did to `report`.
+    fn retry_waiting(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        report: &mut marmot_core::apply::ApplyReport,
+    ) -> Result<(), StoreError> {
+        loop {
+            let mut again = marmot_core::apply::ApplyReport::default();
+            let (_, applied) =
+                self.retry_parked_where(clock, wall_ms, " WHERE collision = 1", &mut again)?;
+            report.unparked += applied;
+            report.rows_written += again.rows_written;
+            report.conflicts += again.conflicts;
+            if applied == 0 {
+                break;
+            }
+        }
+        let mut again = marmot_core::apply::ApplyReport::default();
+        report.unparked += self.retry_collisions_jointly(clock, wall_ms, &mut again)?;
+        report.rows_written += again.rows_written;
+        report.conflicts += again.conflicts;
+        Ok(())
+    }
+
+    /// Whether batches wait on a UNIQUE value.
+    fn any_waiting(&self) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM \"__marmot__parked\" WHERE collision = 1)",
+            )
+            .and_then(|mut st| st.query_row([], |r| r.get(0)))
+            .map_err(|e| self.sql_err(e))
+    }
+
     /// Applies the batches waiting on a UNIQUE value, each origin's together as one set (see
     /// `marmot_core::apply::retry_parked_jointly`). Inside a transaction. Returns how many
     /// applied.
@@ -860,12 +890,37 @@ impl SqliteStore {
         }
         let mut applied = 0;
         for (_, ids, parked) in groups.into_iter().filter(|g| g.2.len() > 1) {
-            let mut tx = self.tx(wall_ms);
-            let outcome = marmot_core::apply::retry_parked_jointly(
-                &mut tx, clock, me, &parked, wall_ms, report,
-            )
-            .map_err(|x| self.sql_err(x))?;
-            if outcome.is_none() {
+            // The whole set; if a batch of it collides for good (its value is taken on two
+            // nodes), each set without one of its batches (a bounded number of tries).
+            let mut tries: Vec<Option<usize>> = vec![None];
+            if parked.len() <= 16 {
+                tries.extend((0..parked.len()).map(Some));
+            }
+            let mut done: Option<Option<usize>> = None;
+            for leave_out in tries {
+                let set: Vec<marmot_core::apply::Parked> = parked
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| Some(*i) != leave_out)
+                    .map(|(_, p)| p.clone())
+                    .collect();
+                let mut tx = self.tx(wall_ms);
+                let outcome = marmot_core::apply::retry_parked_jointly(
+                    &mut tx, clock, me, &set, wall_ms, report,
+                )
+                .map_err(|x| self.sql_err(x))?;
+                if outcome.is_none() {
+                    done = Some(leave_out);
+                    break;
+                }
+            }
+            if let Some(left) = done {
+                let ids: Vec<i64> = ids
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| Some(*i) != left)
+                    .map(|(_, id)| *id)
+                    .collect();
                 for id in &ids {
                     self.conn
                         .execute("DELETE FROM \"__marmot__parked\" WHERE id = ?1", [id])
@@ -984,10 +1039,16 @@ impl Storage for SqliteStore {
                 s.data_version = s.data_version()?;
                 s.scan_needed = false;
             }
+            // A local write may have given up a value a batch waits on.
+            let mut report = marmot_core::apply::ApplyReport::default();
+            if captured.is_some() && s.any_waiting()? {
+                s.retry_waiting(clock, wall_ms, &mut report)?;
+            }
             s.save_clock(clock)?;
             Ok(CaptureOutcome {
                 captured,
                 schema_changed: std::mem::take(&mut s.schema_changed),
+                unparked: report.unparked,
             })
         })
     }
@@ -1015,23 +1076,7 @@ impl Storage for SqliteStore {
             // frees nothing. A batch that just joined the waiting ones may apply together
             // with them.
             if report.rows_written > 0 || report.parked.iter().any(|p| p.collision) {
-                loop {
-                    let mut again = marmot_core::apply::ApplyReport::default();
-                    let (_, applied) =
-                        s.retry_parked_where(clock, wall_ms, " WHERE collision = 1", &mut again)?;
-                    report.unparked += applied;
-                    report.rows_written += again.rows_written;
-                    report.conflicts += again.conflicts;
-                    if applied == 0 {
-                        break;
-                    }
-                }
-                // Those still waiting may be in each other's way (one node's batches, out of
-                // their capture order): each node's together, as one set.
-                let mut again = marmot_core::apply::ApplyReport::default();
-                report.unparked += s.retry_collisions_jointly(clock, wall_ms, &mut again)?;
-                report.rows_written += again.rows_written;
-                report.conflicts += again.conflicts;
+                s.retry_waiting(clock, wall_ms, &mut report)?;
             }
             if report.through_seq != position {
                 meta_set(&s.conn, "position", report.through_seq as i64)

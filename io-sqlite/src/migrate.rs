@@ -2,7 +2,9 @@
 //!
 //! Format 1 gave the key columns of a STRICT table's `ANY` key NUMERIC affinity in the change
 //! log and the version table, so `'7'` (TEXT) was logged and versioned as `7` (INTEGER).
-//! Format 2 declares them without affinity, as the table keeps them. The upgrade must never
+//! Format 2 declares them without affinity, as the table keeps them, and records the key's
+//! column names in its signature (format 1 recorded only their types, so a key moved to other
+//! columns of the same types went unnoticed). The upgrade must never
 //! take the "primary key changed" path (which drops tombstones and re-stamps every row): it
 //! copies the log and the versions into tables declared the new way, keeps every stamp and
 //! tombstone, and then repairs what format 1 could not hold: a row whose key has no version
@@ -25,11 +27,17 @@ pub(crate) fn format1_to_2(c: &Connection) -> rusqlite::Result<()> {
             continue; // gone: the schema sync forgets it
         };
         let sig = t.key_signature();
-        if recorded == sig || recorded != t.format1_key_signature() {
-            continue; // unchanged, or a real key change: the schema sync handles it
+        let old = t.format1_key_signature();
+        if recorded != old {
+            continue; // a real key change: the schema sync handles it
         }
-        tracing::info!(table = %name, "upgrading marmot's change log and row versions to format 2 (keys keep their storage class)");
-        redeclare(c, t)?;
+        // Format 2 names the key's columns in the signature too (a key moved to other
+        // columns of the same types is a key change); the key's declaration changes only for
+        // a STRICT table's ANY key.
+        if t.key().iter().any(|c| c.strict_any) {
+            tracing::info!(table = %name, "upgrading marmot's change log and row versions to format 2 (keys keep their storage class)");
+            redeclare(c, t)?;
+        }
         c.execute(
             "UPDATE \"__marmot__tables\" SET key_signature = ?2 WHERE name = ?1",
             params![name, sig],
@@ -97,4 +105,20 @@ fn exact(t: &TableInfo, left: &str, right: &str, left_is_row: bool) -> String {
         })
         .collect::<Vec<_>>()
         .join(" AND ")
+}
+
+/// Adds the `collision` column of `__marmot__parked` (format 2) where it is missing: a
+/// database, or a snapshot taken whole, of format 1.
+pub(crate) fn ensure_parked_collision(c: &Connection) -> rusqlite::Result<()> {
+    let has: i64 = c.query_row(
+        "SELECT count(*) FROM pragma_table_info('__marmot__parked') WHERE name = 'collision'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        c.execute_batch(
+            "ALTER TABLE \"__marmot__parked\" ADD COLUMN collision INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
 }

@@ -79,6 +79,14 @@ impl SqliteStore {
         forget_unpublished(&self.conn);
         let _ = self.conn.execute("DETACH DATABASE snap", []);
         let report = result?;
+        if !report.merged {
+            // The full-text indexes' shadow tables were replaced under the virtual tables this
+            // connection holds (FTS5 caches its index structure per connection, and notices
+            // only other connections' commits): start afresh with a new connection.
+            self.conn = crate::open_connection(&self.cfg.path, self.cfg.busy_timeout)
+                .map_err(|x| self.sql_err(x))?;
+            self.schema_version = -1;
+        }
         self.incarnations = crate::load_incarnations(&self.conn).map_err(|x| self.sql_err(x))?;
         self.scan_needed = true;
         self.data_version = -1;
@@ -146,6 +154,7 @@ impl SqliteStore {
             crate::migrate::format1_to_2(c).map_err(err)?;
             meta_set(c, "format", crate::STORE_FORMAT).map_err(err)?;
         }
+        crate::migrate::ensure_parked_collision(c).map_err(err)?;
         if let Some(theirs) = meta_get(c, "clock").map_err(err)? {
             clock.observe_remote(Stamp::from_u64(theirs as u64), wall_ms);
         }
@@ -337,8 +346,19 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
     };
     create(&["table"])?;
     for (name, kind) in &snap_kinds {
+        let main_has_sequence = || -> rusqlite::Result<bool> {
+            c.query_row(
+                "SELECT count(*) FROM main.sqlite_master WHERE name = 'sqlite_sequence'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+        };
         let copied = match kind.as_str() {
-            "table" => !internal(name) || name == "sqlite_sequence",
+            // (A snapshot keeps sqlite_sequence after its last AUTOINCREMENT table went; main
+            // then has none, and needs none.)
+            "table" if name == "sqlite_sequence" => main_has_sequence()?,
+            "table" => !internal(name),
             // The full-text index as it was, consistent with the rows.
             "shadow" => true,
             _ => false,
@@ -351,14 +371,18 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
             // Rows the virtual table (or AUTOINCREMENT) wrote when it was created.
             c.execute_batch(&format!("DELETE FROM main.{q}"))?;
         }
-        // Generated columns are computed, not copied; SELECT * (which SQLite copies page by
-        // page for an identical table) only where there are none.
+        // Generated columns are computed, not copied; SELECT * (which SQLite copies record by
+        // record for an identical table, rowids included) only where there are none. Where
+        // there are, the rowid is copied by name: a full-text index over the table may point
+        // at rows by rowid.
         let generated: i64 = c.query_row(
             "SELECT count(*) FROM pragma_table_xinfo(?1, 'snap') WHERE hidden IN (2, 3)",
             [name],
             |r| r.get(0),
         )?;
-        if generated == 0 {
+        let implicit_rowid =
+            kind == "table" && name != "sqlite_sequence" && has_implicit_rowid(c, name)?;
+        if generated == 0 && !implicit_rowid {
             c.execute_batch(&format!("INSERT INTO main.{q} SELECT * FROM snap.{q}"))?;
         } else {
             let cols: Vec<String> = c
@@ -366,7 +390,10 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
                 .query_map([name], |r| r.get::<_, String>(0))?
                 .map(|n| n.map(|n| quote(&n)))
                 .collect::<Result<_, _>>()?;
-            let cols = cols.join(", ");
+            let mut cols = cols.join(", ");
+            if implicit_rowid {
+                cols = format!("rowid, {cols}");
+            }
             c.execute_batch(&format!(
                 "INSERT INTO main.{q} ({cols}) SELECT {cols} FROM snap.{q}"
             ))?;
@@ -379,6 +406,24 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
         c.execute_batch(&format!("PRAGMA main.{pragma} = {v}"))?;
     }
     Ok(())
+}
+
+/// Whether the snapshot's table `name` has a rowid that is not one of its columns (a rowid
+/// table without an INTEGER PRIMARY KEY).
+fn has_implicit_rowid(c: &Connection, name: &str) -> rusqlite::Result<bool> {
+    let without_rowid: i64 = c.query_row(
+        "SELECT wr FROM pragma_table_list WHERE schema = 'snap' AND name = ?1",
+        [name],
+        |r| r.get(0),
+    )?;
+    if without_rowid != 0 {
+        return Ok(false);
+    }
+    let pk: Vec<String> = c
+        .prepare("SELECT type FROM pragma_table_info(?1, 'snap') WHERE pk > 0")?
+        .query_map([name], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(!(pk.len() == 1 && pk[0].eq_ignore_ascii_case("INTEGER")))
 }
 
 /// Adds missing rows of another database's marmot bookkeeping that belong to the cluster
@@ -462,6 +507,23 @@ fn merge_table(
             "the snapshot's table has a different primary key".into()
         ));
     }
+    // Its row versions must be keyed as ours are (same key columns, affinities, collations).
+    let theirs: Option<String> = conn
+        .query_row(
+            "SELECT key_signature FROM snap.\"__marmot__tables\" WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(theirs) = theirs
+        && theirs != t.key_signature()
+        && theirs != t.format1_key_signature()
+    {
+        return Ok(Err(format!(
+            "the snapshot's row versions are keyed differently ({theirs}, here {})",
+            t.key_signature()
+        )));
+    }
     let cols: Vec<&str> = t
         .columns
         .iter()
@@ -491,6 +553,35 @@ fn merge_table(
         sk = klist("sv."),
         vv = ver_match(t, "lv", "sv"),
     ))?;
+    // Columns this node has and the snapshot's table has not (it was taken before a
+    // migration reached its node): the rows the snapshot replaces keep their values there, as
+    // an update in place would have left them.
+    let extras: Vec<&str> = t
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .filter(|c| !snap_cols.iter().any(|s| s == c))
+        .collect();
+    if !extras.is_empty() {
+        conn.execute_batch(&format!(
+            "DROP TABLE IF EXISTS temp.\"marmot_merge_extras\";
+             CREATE TEMP TABLE \"marmot_merge_extras\" AS SELECT {ks}, {ex} FROM main.{qt} AS d \
+             WHERE EXISTS (SELECT 1 FROM temp.\"marmot_newer\" n WHERE n.deleted = 0 AND {m});",
+            ks = t
+                .key()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("d.{} AS \"k{i}\"", quote(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            ex = extras
+                .iter()
+                .map(|c| format!("d.{}", quote(c)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            m = key_match(t, "d", "n"),
+        ))?;
+    }
     // Out of the way first: the local rows the snapshot replaces or deletes. Then the
     // snapshot's rows: one consistent state, so they cannot collide with each other.
     conn.execute(
@@ -510,6 +601,19 @@ fn merge_table(
         ),
         [],
     )?;
+    if !extras.is_empty() {
+        let ex = extras
+            .iter()
+            .map(|c| quote(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        conn.execute_batch(&format!(
+            "UPDATE main.{qt} AS d SET ({ex}) = (SELECT {ex} FROM temp.\"marmot_merge_extras\" e WHERE {m}) \
+             WHERE EXISTS (SELECT 1 FROM temp.\"marmot_merge_extras\" e WHERE {m});
+             DROP TABLE temp.\"marmot_merge_extras\";",
+            m = key_match(t, "d", "e"),
+        ))?;
+    }
     // Rows that existed before marmot started (no version anywhere): add the missing ones.
     conn.execute(
         &format!(

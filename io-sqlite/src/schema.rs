@@ -98,9 +98,23 @@ impl TableInfo {
         &self.columns[..self.key_columns]
     }
 
-    /// Identifies how keys compare (affinity and collation per key position): when it
-    /// changes, stored row versions no longer match keys and are rebuilt.
+    /// Identifies the key: its columns (names, in key order) and how they compare (affinity
+    /// and collation): when it changes, stored row versions no longer match keys and are
+    /// rebuilt. `"name",...|AFFINITY/COLLATION,...` (format 1 recorded the part after `|`).
     pub fn key_signature(&self) -> String {
+        format!("{}|{}", self.key_names(), self.key_types())
+    }
+
+    /// The key's column names, quoted, in key order.
+    pub fn key_names(&self) -> String {
+        self.key()
+            .iter()
+            .map(|c| crate::ddl::quote(&c.name))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn key_types(&self) -> String {
         self.key()
             .iter()
             .map(|c| format!("{}/{}", c.affinity.sql_type(), c.collation))
@@ -374,7 +388,10 @@ mod tests {
         assert_eq!(odd.columns[0].name, "b");
         assert_eq!(odd.columns[1].name, "k ey");
         assert_eq!(odd.columns[1].collation, "NOCASE");
-        assert_eq!(odd.key_signature(), "INTEGER/BINARY,TEXT/NOCASE");
+        assert_eq!(
+            odd.key_signature(),
+            "\"b\",\"k ey\"|INTEGER/BINARY,TEXT/NOCASE"
+        );
         assert_eq!(d.generated, vec![("plain".to_string(), "g".to_string())]);
         assert!(
             d.skipped

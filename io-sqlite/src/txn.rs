@@ -320,7 +320,25 @@ impl ApplyTxn for Tx<'_> {
             )));
         }
         let indexes = &self.tables[index].indexes;
-        let sql = ApplySql::new(t, &def.columns, def.key_columns, &local_key, indexes);
+        let sql = ApplySql::new(t, &def.columns, def.key_columns, &local_key, indexes, index);
+        if !sql.extras.is_empty() {
+            // Where a clear-first apply keeps the extra columns of the rows it clears.
+            let stash = crate::ddl::stash_table(index);
+            let cols = t
+                .key()
+                .iter()
+                .map(|c| quote(&c.name))
+                .chain(sql.extras.iter().map(|c| quote(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            self.conn
+                .execute_batch(&format!(
+                    "DROP TABLE IF EXISTS {stash}; CREATE TEMP TABLE {} AS SELECT {cols} FROM {} WHERE 0;",
+                    stash.trim_start_matches("temp."),
+                    quote(&t.name)
+                ))
+                .map_err(ApplyFault::Storage)?;
+        }
         self.apply_tables.push((index, sql));
         Ok(self.apply_tables.len() - 1)
     }
@@ -364,7 +382,29 @@ impl ApplyTxn for Tx<'_> {
         if let Err(e) = r {
             return Err(self.poison(t, key, e));
         }
+        if let Some(statements) = &self.apply_tables[t].1.unstash {
+            for s in statements {
+                let r = self.conn.prepare_cached(s).and_then(|mut st| {
+                    st.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))))
+                });
+                if let Err(e) = r {
+                    return Err(self.poison(t, key, e));
+                }
+            }
+        }
         self.derived(t, key, true)
+    }
+
+    fn clear_row(&mut self, t: usize, key: &[ValueRef<'_>]) -> Result<(), ApplyFault<Self::Error>> {
+        if let Some(stash) = &self.apply_tables[t].1.stash {
+            let r = self.conn.prepare_cached(stash).and_then(|mut st| {
+                st.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))))
+            });
+            if let Err(e) = r {
+                return Err(self.poison(t, key, e));
+            }
+        }
+        self.delete_row(t, key)
     }
 
     fn delete_row(

@@ -128,6 +128,7 @@ fn a_batch_is_marked_published_only_after_every_chunk_is_acknowledged() {
         Input::Captured(Ok(CaptureOutcome {
             captured: Some(captured(1, 2)),
             schema_changed: false,
+            unparked: 0,
         })),
     );
     let outs = drain(&mut n);
@@ -175,6 +176,7 @@ fn a_failed_publish_is_retried_after_backoff_never_dropped() {
         Input::Captured(Ok(CaptureOutcome {
             captured: Some(captured(1, 1)),
             schema_changed: false,
+            unparked: 0,
         })),
     );
     drain(&mut n);
@@ -572,6 +574,7 @@ fn shutdown_captures_then_waits_for_acks_within_the_grace_period() {
         Input::Captured(Ok(CaptureOutcome {
             captured: Some(captured(1, 1)),
             schema_changed: false,
+            unparked: 0,
         })),
     );
     let outs = drain(&mut n);
@@ -741,6 +744,7 @@ fn the_next_deadline_is_always_in_the_future() {
             Input::Captured(Ok(CaptureOutcome {
                 captured: Some(captured(i, 1)),
                 schema_changed: false,
+                unparked: 0,
             })),
         );
     }
@@ -1141,6 +1145,7 @@ fn publishing_waits_while_the_node_is_too_far_behind_the_stream_head() {
         Input::Captured(Ok(CaptureOutcome {
             captured: Some(captured(1, 1)),
             schema_changed: false,
+            unparked: 0,
         })),
     );
     assert_eq!(publishes(&drain(&mut n)), 1);
@@ -1159,6 +1164,7 @@ fn publishing_waits_while_the_node_is_too_far_behind_the_stream_head() {
         Input::Captured(Ok(CaptureOutcome {
             captured: Some(captured(2, 1)),
             schema_changed: false,
+            unparked: 0,
         })),
     );
     let outs = drain(&mut n);
@@ -1211,6 +1217,7 @@ fn a_snapshot_is_due_after_enough_changes() {
         Input::Captured(Ok(CaptureOutcome {
             captured: Some(c),
             schema_changed: false,
+            unparked: 0,
         })),
     );
     assert!(!has(&drain(&mut n), |o| matches!(
@@ -1224,6 +1231,7 @@ fn a_snapshot_is_due_after_enough_changes() {
         Input::Captured(Ok(CaptureOutcome {
             captured: Some(c),
             schema_changed: false,
+            unparked: 0,
         })),
     );
     assert!(has(&drain(&mut n), |o| matches!(

@@ -682,3 +682,40 @@ fn one_nodes_batches_out_of_capture_order_wait_on_unique_values_and_then_apply()
     assert_eq!(c.dump(1, "t"), vec!["(1, 'p', 2)", "(2, 'q', 1)"]);
     assert_eq!(c.dump(1, "t"), c.dump(0, "t"));
 }
+
+#[test]
+fn clearing_rows_out_of_the_way_keeps_the_columns_the_sender_does_not_have() {
+    // Node 2 migrated (a new column) and filled it; node 1 has not, and swaps two e-mails:
+    // its batch is applied on node 2 with the rows cleared first, and must leave node 2's
+    // column as an update in place would have.
+    let mut c = Cluster::new(2, UNIQ);
+    c.exec(0, "INSERT INTO t VALUES (1, 'a', 1), (2, 'b', 2);");
+    c.settle();
+    c.exec(
+        1,
+        "ALTER TABLE t ADD COLUMN notes TEXT; UPDATE t SET notes = 'kept ' || id;",
+    );
+    c.capture(1);
+    c.exec(
+        0,
+        "BEGIN; UPDATE t SET email = 'tmp' WHERE id = 1; UPDATE t SET email = 'a' WHERE id = 2;
+         UPDATE t SET email = 'b' WHERE id = 1; COMMIT;",
+    );
+    c.capture(0);
+    c.apply(1);
+    assert!(parked(&c, 1).is_empty(), "{:?}", parked(&c, 1));
+    assert_eq!(
+        c.dump(1, "t"),
+        vec!["(1, 'b', 1, 'kept 1')", "(2, 'a', 2, 'kept 2')"]
+    );
+    // A merge restore from a snapshot taken before the migration keeps the column too.
+    c.exec(0, "UPDATE t SET slot = 10 WHERE id = 1;");
+    c.capture(0);
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path);
+    let n = &mut c.nodes[1];
+    n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert_eq!(
+        c.dump(1, "t"),
+        vec!["(1, 'b', 10, 'kept 1')", "(2, 'a', 2, 'kept 2')"]
+    );
+}
