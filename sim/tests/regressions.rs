@@ -166,20 +166,12 @@ fn regression_15_the_last_batches_waiting_on_a_unique_value_waited_forever() {
     passes_with(2848, Generator::V2);
 }
 
-/// Postmortem: batches of one node that each held a UNIQUE value another of them was to
-/// give up could not apply one by one in any order; each node's waiting batches are now
-/// applied together as one set when one by one gets nowhere.
-#[test]
-fn regression_16_batches_waiting_on_each_others_unique_values_never_applied() {
-    passes_with(1185, Generator::V2);
-}
-
 /// Postmortem: apply captures (stamps) pending local writes before it compares remote rows,
 /// but unlike capture it did not wait for the first clock check: a node that started two
 /// hours ahead, whose node-id claim answered slowly, stamped its writes two hours ahead while
 /// it applied the stream, and every other node parked them. Every stamping path now waits for
 /// a checked, sane clock.
 #[test]
-fn regression_17_an_apply_stamped_local_writes_with_a_clock_nobody_had_checked() {
+fn regression_16_an_apply_stamped_local_writes_with_a_clock_nobody_had_checked() {
     passes_with(10, Generator::V2);
 }
