@@ -722,7 +722,10 @@ fn clearing_rows_out_of_the_way_keeps_the_columns_the_sender_does_not_have() {
 
 #[test]
 fn a_key_moved_to_another_column_of_the_same_type_is_a_key_change() {
-    let mut c = Cluster::new(2, "CREATE TABLE p (id INTEGER PRIMARY KEY, code INTEGER NOT NULL UNIQUE, v TEXT);");
+    let mut c = Cluster::new(
+        2,
+        "CREATE TABLE p (id INTEGER PRIMARY KEY, code INTEGER NOT NULL UNIQUE, v TEXT);",
+    );
     c.exec(0, "INSERT INTO p VALUES (1, 100, 'a'), (2, 200, 'b');");
     c.settle();
     // The key becomes `code`: same type, other column. Versions keyed by `id` must not be
@@ -734,7 +737,11 @@ fn a_key_moved_to_another_column_of_the_same_type_is_a_key_change() {
     c.settle();
     let sig: String = c.nodes[0]
         .app
-        .query_row("SELECT key_signature FROM __marmot__tables WHERE name = 'p'", [], |r| r.get(0))
+        .query_row(
+            "SELECT key_signature FROM __marmot__tables WHERE name = 'p'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(sig, "\"code\"|INTEGER/BINARY");
     c.exec(1, "UPDATE p SET v = 'changed' WHERE code = 200;");
