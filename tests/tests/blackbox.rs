@@ -313,16 +313,22 @@ fn a_batch_that_cannot_apply_is_parked_and_retried_from_the_command_line() {
     }
     // The whole batch waits: node 1's Books row came in the same transaction.
     assert_eq!(nodes[1].sql("SELECT count(*) FROM Books"), "0");
-    // Someone resolves it on node 2 (member 2 goes), then asks both nodes to retry.
+    // A retry asked for from the command line while the value is still taken: the daemon
+    // tries it (within a second) and the batch stays parked.
+    let out = nodes[0].command(&["parked", "retry", "--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    wait_for(CONVERGE, "the requested retry", || {
+        let text =
+            String::from_utf8_lossy(&nodes[0].command(&["parked", "list"]).stdout).to_string();
+        (text.contains("UNIQUE") && !text.contains("retry requested")).then_some(())
+    });
+    // Someone resolves it on node 2 (member 2 goes). A batch waiting on a UNIQUE value is
+    // retried by itself when rows change: no command needed.
     nodes[1].sql("DELETE FROM Members WHERE id = 2;");
-    for n in &nodes {
-        let out = n.command(&["parked", "retry", "--all"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
     let content = wait_converged(&refs(&nodes), CONVERGE);
     assert_eq!(
         content,
@@ -337,6 +343,10 @@ fn a_batch_that_cannot_apply_is_parked_and_retried_from_the_command_line() {
                 .contains("no parked batches")
                 .then_some(())
         });
+        // Nothing left to retry: said, and a failing exit code for scripts.
+        let out = n.command(&["parked", "retry", "--all"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("retry requested for 0"));
     }
 }
 
@@ -605,15 +615,29 @@ fn snapshot_node(
     config
 }
 
+/// The generation `marmot snapshot save` reports. Generations increase but may skip numbers:
+/// a manifest's generation is at least the revision of the lease that fenced it.
+fn saved_generation(out: &str) -> u64 {
+    out.split("saved generation ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("no generation in {out:?}"))
+}
+
 /// Saves a snapshot from one node and restores it into a new, empty one through `store_toml`.
-fn round_trip(dir: &Path, nats: &Nats, store_toml: &str) {
+/// Returns the generation saved.
+fn round_trip(dir: &Path, nats: &Nats, store_toml: &str) -> u64 {
     let a = snapshot_node(dir, "source", 1, nats, store_toml, true);
     let (code, out, err) = marmot(&a, &["snapshot", "save"]);
     assert_eq!(code, Some(0), "save: {out}{err}");
-    assert!(out.contains("saved generation 1"), "{out}");
+    let generation = saved_generation(&out);
     let (code, out, err) = marmot(&a, &["snapshot", "list"]);
     assert_eq!(code, Some(0), "list: {err}");
-    assert!(out.contains("generation 1 position 0 from node 1"), "{out}");
+    assert!(
+        out.contains(&format!("generation {generation} position 0 from node 1")),
+        "{out}"
+    );
     let b = snapshot_node(dir, "restored", 2, nats, store_toml, false);
     let (code, out, err) = marmot(&b, &["snapshot", "restore"]);
     assert_eq!(code, Some(0), "restore: {out}{err}");
@@ -625,6 +649,7 @@ fn round_trip(dir: &Path, nats: &Nats, store_toml: &str) {
             "Books: (2, 'Emma', 'Austen', 1815)"
         ]
     );
+    generation
 }
 
 #[test]
@@ -649,7 +674,7 @@ fn snapshots_round_trip_through_s3_webdav_and_sftp() {
     let dav = rclone_server("webdav", &root, &[]);
     let d = dir.path().join("webdav");
     std::fs::create_dir_all(&d).unwrap();
-    round_trip(
+    let generation = round_trip(
         &d,
         &nats,
         &format!(
@@ -659,7 +684,7 @@ fn snapshots_round_trip_through_s3_webdav_and_sftp() {
     );
     assert!(
         root.join("snapshots")
-            .join("manifest-000000000001.json")
+            .join(format!("manifest-{generation:012}.json"))
             .exists()
     );
     // SFTP (rclone serve sftp), key authentication.
@@ -722,7 +747,9 @@ fn a_corrupt_or_truncated_snapshot_is_detected_reported_and_not_applied() {
         dav.port
     );
     let a = snapshot_node(dir.path(), "source", 1, &nats, &store, true);
-    assert_eq!(marmot(&a, &["snapshot", "save"]).0, Some(0));
+    let (code, out, err) = marmot(&a, &["snapshot", "save"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let older = saved_generation(&out);
     let object = |generation: u64| -> std::path::PathBuf {
         let m = std::fs::read_to_string(
             root.join("s")
@@ -733,7 +760,7 @@ fn a_corrupt_or_truncated_snapshot_is_detected_reported_and_not_applied() {
         root.join("s").join(v["object"].as_str().unwrap())
     };
     // The only snapshot, one byte flipped: reported, nothing applied.
-    let first = object(1);
+    let first = object(older);
     let good = std::fs::read(&first).unwrap();
     let mut bad = good.clone();
     let mid = bad.len() / 2;
@@ -761,10 +788,13 @@ fn a_corrupt_or_truncated_snapshot_is_detected_reported_and_not_applied() {
         &dir.path().join("source.db"),
         "INSERT INTO Books VALUES (3, 'Ulysses', 'Joyce', 1922);",
     );
-    assert_eq!(marmot(&a, &["snapshot", "save"]).0, Some(0));
+    let (code, out, err) = marmot(&a, &["snapshot", "save"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let newer_generation = saved_generation(&out);
+    assert!(newer_generation > older, "{out}");
     // ...unless the newer one is the broken one: then the older one is used, and the broken
     // one is reported.
-    let second = object(2);
+    let second = object(newer_generation);
     let newer = std::fs::read(&second).unwrap();
     std::fs::write(&second, &newer[..newer.len() - 1]).unwrap();
     let (code, out, err) = marmot(&b, &["snapshot", "restore"]);
@@ -773,7 +803,10 @@ fn a_corrupt_or_truncated_snapshot_is_detected_reported_and_not_applied() {
         err.contains("rejected") && err.contains("corrupt or truncated"),
         "{err}"
     );
-    assert!(out.contains("restored generation 1"), "{out}");
+    assert!(
+        out.contains(&format!("restored generation {older}")),
+        "{out}"
+    );
     assert_eq!(dump(&dir.path().join("target.db")).len(), 2);
 }
 
