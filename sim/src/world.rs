@@ -558,7 +558,13 @@ impl Observer for SimObserver {
                 detail: format!("node {}: {reason}", self.node + 1),
             });
         }
+        // Errors name the database file, which lives in a directory with a random name: the
+        // trace names it the same way in every run of a seed.
         let t = format!("{:?} n{} {:?}", now(), self.node + 1, e);
+        let t = match w.dbs.first().and_then(|d| d.parent()) {
+            Some(dir) => t.replace(&*dir.to_string_lossy(), "$RUN_DIR"),
+            None => t,
+        };
         w.trace.push(t);
     }
 }
