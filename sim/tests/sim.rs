@@ -2,7 +2,9 @@
 //!
 //! `SIM_RUNS=<n>` sets how many seeds `randomized_runs` tries (default 200), from
 //! `SIM_SEED_START` (default 1), stopping at the first failure with `SIM_STOP_AT_FIRST=1`;
-//! `SIM_SEED=<n>` replays one seed in `replay_one_seed`.
+//! `SIM_SEED=<n>` replays one seed in `replay_one_seed`. `SIM_TRACE_HASHES=<file>` makes
+//! `randomized_runs` write every seed's trace hash to `<file>`, or, when it exists, compare
+//! them with it: a change meant to keep behaviour (a refactoring) must reproduce them.
 //! Built with `--features canary`, every run uses the known-wrong merge rule and the suite
 //! must fail.
 
@@ -31,6 +33,7 @@ fn randomized_runs() {
     let failures: Mutex<Vec<Box<Report>>> = Mutex::new(Vec::new());
     let done = AtomicU64::new(0);
     let sim_secs = Mutex::new(0f64);
+    let hashes: Mutex<std::collections::BTreeMap<u64, u64>> = Mutex::default();
     let began = Instant::now();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     std::thread::scope(|s| {
@@ -42,7 +45,10 @@ fn randomized_runs() {
                         return;
                     }
                     match run_seed(seed, CANARY) {
-                        Ok(o) => *sim_secs.lock().unwrap() += o.sim_time.as_secs_f64(),
+                        Ok(o) => {
+                            *sim_secs.lock().unwrap() += o.sim_time.as_secs_f64();
+                            hashes.lock().unwrap().insert(seed, o.trace_hash);
+                        }
                         Err(r) => {
                             eprintln!("{r}\n");
                             failures.lock().unwrap().push(r);
@@ -61,6 +67,9 @@ fn randomized_runs() {
     });
     let failures = failures.into_inner().unwrap();
     let took = began.elapsed();
+    if let Some(file) = std::env::var_os("SIM_TRACE_HASHES") {
+        trace_hashes(std::path::Path::new(&file), &hashes.into_inner().unwrap());
+    }
     eprintln!(
         "simulation: seeds {start}..{} ({runs} runs) in {took:?}: {:.1} runs/s, {:.0} s simulated, {} failed",
         start + runs,
@@ -74,6 +83,44 @@ fn randomized_runs() {
             "{} of {runs} seeds failed: {seeds:?}\nfirst failure:\n{first}",
             failures.len()
         );
+    }
+}
+
+/// Writes the seeds' trace hashes to `file` (one `seed hash` line each), or compares them
+/// with the ones it holds.
+fn trace_hashes(file: &std::path::Path, hashes: &std::collections::BTreeMap<u64, u64>) {
+    let text: String = hashes
+        .iter()
+        .map(|(seed, hash)| format!("{seed} {hash:016x}\n"))
+        .collect();
+    match std::fs::read_to_string(file) {
+        Err(_) => {
+            std::fs::write(file, text).unwrap();
+            eprintln!(
+                "simulation: wrote {} trace hashes to {}",
+                hashes.len(),
+                file.display()
+            );
+        }
+        Ok(expected) => {
+            let differ: Vec<&str> = expected
+                .lines()
+                .filter(|l| !text.lines().any(|t| t == *l))
+                .collect();
+            assert!(
+                differ.is_empty() && expected.lines().count() == hashes.len(),
+                "{} of {} seeds' traces differ from {} (expected lines not reproduced: {:?})",
+                differ.len(),
+                expected.lines().count(),
+                file.display(),
+                differ.iter().take(20).collect::<Vec<_>>()
+            );
+            eprintln!(
+                "simulation: all {} trace hashes match {}",
+                hashes.len(),
+                file.display()
+            );
+        }
     }
 }
 
