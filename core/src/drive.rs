@@ -7,7 +7,7 @@
 //! deliveries, local-change hints, the timer), so a simulation replays exactly.
 
 use crate::apply::Delivery;
-use crate::node::{Event, Input, Node, Output, Status, Stop};
+use crate::node::{Event, Input, Node, Output, Status, Stop, Timer};
 use crate::ports::{Deliveries, Env, Snapshots, Storage, StreamBounds, Transport, TransportError};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -23,6 +23,8 @@ pub trait Observer {
     fn event(&mut self, now: Duration, event: &Event);
     /// The node's status after a round of work.
     fn status(&mut self, _status: &Status) {}
+    /// The node woke at monotonic time `now` because `timer` was due.
+    fn timer(&mut self, _now: Duration, _timer: Timer) {}
 }
 
 /// Requests from outside the loop.
@@ -272,7 +274,8 @@ where
         }
         observer.status(&node.status());
 
-        let mut sleep = env.sleep_until(node.poll_timeout());
+        let (deadline, timer) = node.poll_timer();
+        let mut sleep = env.sleep_until(deadline);
         let wants = node.wants_deliveries();
         let input = futures::future::poll_fn(|cx| {
             if control_open {
@@ -370,6 +373,9 @@ where
             Poll::Pending
         })
         .await;
+        if let Input::Tick = input {
+            observer.timer(env.now(), timer);
+        }
         node.handle(env.now(), input);
     }
 }

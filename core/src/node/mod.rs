@@ -36,9 +36,12 @@ const HINT_WINDOW: Duration = Duration::from_millis(100);
 const PARKED_CHECK: Duration = Duration::from_millis(500);
 
 mod config;
+mod timer;
 mod vocabulary;
 
 pub use config::{NodeConfig, RestoreReason, SnapshotPolicy};
+pub use timer::Timer;
+use timer::TimerTable;
 pub use vocabulary::{Event, Input, Output, Status, Stop};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -161,6 +164,8 @@ pub struct Node {
     stream_head: u64,
     /// Publishing waits for this node to apply more of the stream (see `max_lag`).
     lag_throttled: bool,
+    /// Every deadline, armed at the end of each `handle` (see [`timer`]).
+    timers: TimerTable,
 }
 
 impl Node {
@@ -226,6 +231,7 @@ impl Node {
             restore_needs: 0,
             stream_head: 0,
             lag_throttled: false,
+            timers: TimerTable::default(),
             cfg,
         }
     }
@@ -438,6 +444,7 @@ impl Node {
             Input::Tick => {}
         }
         self.step(now);
+        self.arm_timers();
     }
 
     /// The next thing to do, if any. Call until `None` after every [`Node::handle`].
@@ -445,68 +452,20 @@ impl Node {
         self.outputs.pop_front()
     }
 
-    /// When to feed [`Input::Tick`] at the latest.
+    /// When to feed [`Input::Tick`] at the latest: the earliest deadline of the timer table.
     pub fn poll_timeout(&self) -> Duration {
-        // Only deadlines of actions `step` would take when they come: a deadline for an
-        // action that is blocked otherwise (publish off, clock paused, window full, ...)
-        // would wake the loop for nothing, over and over.
-        let mut t = self.next_poll_at;
-        let mut consider = |d: Duration| {
-            if d < t {
-                t = d;
-            }
-        };
-        if self.capture_wanted && self.capture_enabled() {
-            consider(self.capture_blocked_until);
-        }
-        if let Some(at) = self.recheck_at
-            && self.capture_enabled()
-        {
-            consider(at);
-        }
-        if !self.send_queue.is_empty()
-            && self.can_publish()
-            && self.in_flight < self.cfg.publish_window
-            && !self.too_far_ahead()
-        {
-            consider(self.publish_blocked_until);
-        }
-        if !self.queue.is_empty() && self.apply_enabled() {
-            consider(self.apply_blocked_until);
-        }
-        if let Phase::RetryAt(at) = self.stream {
-            consider(at);
-        }
-        if let Phase::RetryAt(at) = self.claim
-            && self.stream == Phase::Ready
-        {
-            consider(at);
-        }
-        if let Phase::RetryAt(at) = self.sub
-            && self.subscribe_enabled()
-        {
-            consider(at);
-        }
-        if self.behind.is_some() {
-            consider(self.next_alarm_at);
-        }
-        if let Some(d) = self.shutdown_deadline {
-            consider(d);
-        }
-        if self.parked > 0 && self.parked_retry.is_none() && self.parked_retry_enabled() {
-            consider(self.next_parked_check);
-        }
-        if self.incomplete > 0 {
-            consider(self.next_incomplete_alarm);
-        }
-        if self.restore_enabled(Duration::MAX) {
-            consider(self.restore_retry_at);
-        }
-        if self.save_possible() {
-            consider(self.next_snapshot_at);
-        }
+        self.poll_timer().0
+    }
+
+    /// [`Node::poll_timeout`] and the [`Timer`] that set it (a trace of why the node woke).
+    pub fn poll_timer(&self) -> (Duration, Timer) {
+        // The fallback poll is always armed.
+        let (at, timer) = self
+            .timers
+            .next()
+            .unwrap_or((self.next_poll_at, Timer::Poll));
         // Everything due at `last_now` was done by the last `handle`.
-        t.max(self.last_now + Duration::from_millis(1))
+        (at.max(self.last_now + Duration::from_millis(1)), timer)
     }
 
     // ---- internals -----------------------------------------------------------------------
@@ -995,8 +954,23 @@ impl Node {
         self.parked_retry = Some(true);
     }
 
-    fn can_publish(&self) -> bool {
-        self.cfg.publish && self.stream == Phase::Ready && self.claimed_once
+    /// The conditions that gate several jobs, computed in one place. Read afresh before each
+    /// job in `step`: a job taken earlier in the same step can close a later one's gate (a
+    /// snapshot fetch stops applying).
+    fn gates(&self) -> Gates {
+        Gates {
+            stream_ready: self.stream == Phase::Ready,
+            claimed: self.claimed_once,
+            clock_sane: self.claimed_once && !self.skew_paused,
+            shutting_down: self.shutdown_deadline.is_some(),
+            restore_pending: self.restore != RestorePhase::Idle,
+            restoring: matches!(
+                self.restore,
+                RestorePhase::Fetching(_) | RestorePhase::Applying(_)
+            ),
+            behind: self.behind.is_some(),
+            saving: self.saving,
+        }
     }
 
     /// Too far ahead of what this node applied to publish more (see `max_lag`). A node that
@@ -1014,124 +988,202 @@ impl Node {
                 .is_some_and(|l| self.stream_head.saturating_sub(self.position) >= l)
     }
 
+    /// Publishing is possible at all: publish on, the stream prepared, the node id claimed.
+    fn can_publish(&self, g: &Gates) -> bool {
+        self.cfg.publish && g.stream_ready && g.claimed
+    }
+
+    // ---- when each job is due ------------------------------------------------------------
+    //
+    // One function per timer: `None` while the job is blocked, else the time it is due (at
+    // or before `now`: at once). `step` takes a job when it is due; `arm_timers` arms the
+    // table from the same functions.
+
+    fn stream_due(&self) -> Option<Duration> {
+        match self.stream {
+            Phase::Idle => Some(Duration::ZERO),
+            Phase::RetryAt(at) => Some(at),
+            Phase::Pending | Phase::Ready => None,
+        }
+    }
+
+    fn claim_due(&self, g: &Gates) -> Option<Duration> {
+        if !g.stream_ready {
+            return None;
+        }
+        match self.claim {
+            Phase::Idle => Some(Duration::ZERO),
+            Phase::RetryAt(at) => Some(at),
+            Phase::Pending | Phase::Ready => None,
+        }
+    }
+
     /// Capture stamps, so it waits until the clock was checked against the server once (a
     /// node started with a far-future clock must not stamp), and pauses while it is ahead.
     /// Writes meanwhile wait, safe, in the change log.
-    fn capture_enabled(&self) -> bool {
-        self.cfg.publish && self.clock_sane() && !self.capturing
+    fn capture_due(&self, g: &Gates) -> Option<Duration> {
+        (self.capture_wanted && self.cfg.publish && g.clock_sane && !self.capturing)
+            .then_some(self.capture_blocked_until)
     }
 
-    /// Whether this node may stamp now: its clock was checked against the server at least
-    /// once (a node started with a far-future clock must not stamp) and the stamps it would
-    /// give do not lead the server by more than the bound. Capture, apply (which captures
-    /// pending local writes first), merge restores and parked retries all stamp.
-    fn clock_sane(&self) -> bool {
-        self.claimed_once && !self.skew_paused
-    }
-
-    fn apply_enabled(&self) -> bool {
-        !matches!(
-            self.restore,
-            RestorePhase::Applying(_) | RestorePhase::Fetching(_)
-        ) && self.apply_started_at.is_none()
-            && self.clock_sane()
-            && self.shutdown_deadline.is_none()
-    }
-
-    fn subscribe_enabled(&self) -> bool {
-        self.restore == RestorePhase::Idle
-            && self.cfg.replicate
-            && self.shutdown_deadline.is_none()
-            && self.behind.is_none()
-            && self.stream == Phase::Ready
+    /// A restore may start: a merge restore captures (stamps) pending local writes first. A
+    /// fetch waits for a save in flight to end: the snapshot procedure releases this node's
+    /// snapshot lease before fetching, which must not cut a save short.
+    fn restore_due(&self, g: &Gates) -> Option<Duration> {
+        (matches!(self.restore, RestorePhase::Wanted(_))
+            && !g.shutting_down
+            && !g.saving
+            && g.clock_sane)
+            .then_some(self.restore_retry_at)
     }
 
     /// A receive-only node (`publish = false`) never takes snapshots: its database may hold
     /// local rows no other node has (nothing captures them), and a node that restored from
     /// it would then differ from the others by how it joined. It restores from others'.
-    fn save_possible(&self) -> bool {
-        self.cfg.snapshots.is_some()
-            && self.cfg.publish
-            && self.claimed_once
-            && !self.saving
-            && self.restore == RestorePhase::Idle
-            && self.behind.is_none()
-            && self.shutdown_deadline.is_none()
+    fn snapshot_due(&self, g: &Gates) -> Option<Duration> {
+        let p = self.cfg.snapshots.as_ref()?;
+        let possible = self.cfg.publish
+            && g.claimed
+            && !g.saving
+            && !g.restore_pending
+            && !g.behind
+            && !g.shutting_down;
+        if !possible {
+            return None;
+        }
+        if p.every_changes > 0 && self.snapshot_changes >= p.every_changes {
+            return Some(Duration::ZERO);
+        }
+        (self.next_snapshot_at != Duration::MAX).then_some(self.next_snapshot_at)
     }
 
-    fn save_due(&self, now: Duration) -> bool {
-        let Some(p) = &self.cfg.snapshots else {
-            return false;
-        };
-        let by_count = p.every_changes > 0 && self.snapshot_changes >= p.every_changes;
-        self.save_possible() && (by_count || now >= self.next_snapshot_at)
+    /// Parked batches are retried at once when asked (at start, after a schema change or a
+    /// restore), and while any are parked, now and then for retries a person asked for (with
+    /// `marmot parked retry`). A retry stamps (it captures first).
+    fn retry_parked_due(&self, g: &Gates) -> Option<Duration> {
+        if !g.clock_sane || g.shutting_down {
+            return None;
+        }
+        match self.parked_retry {
+            Some(_) => Some(Duration::ZERO),
+            None => (self.parked > 0).then_some(self.next_parked_check),
+        }
     }
 
-    fn parked_retry_enabled(&self) -> bool {
-        self.clock_sane() && self.shutdown_deadline.is_none()
+    fn subscribe_due(&self, g: &Gates) -> Option<Duration> {
+        if g.restore_pending
+            || !self.cfg.replicate
+            || g.shutting_down
+            || g.behind
+            || !g.stream_ready
+        {
+            return None;
+        }
+        match self.sub {
+            Phase::Idle => Some(Duration::ZERO),
+            Phase::RetryAt(at) => Some(at),
+            Phase::Pending | Phase::Ready => None,
+        }
     }
 
-    /// A restore may start: a merge restore captures (stamps) pending local writes first.
-    fn restore_enabled(&self, now: Duration) -> bool {
-        matches!(self.restore, RestorePhase::Wanted(_))
-            && now >= self.restore_retry_at
-            && self.shutdown_deadline.is_none()
-            && !self.saving
-            && self.clock_sane()
+    fn incomplete_alarm_due(&self) -> Option<Duration> {
+        (self.incomplete > 0).then_some(self.next_incomplete_alarm)
     }
 
-    /// Turns state into outputs. Called at the end of every `handle`.
+    fn behind_alarm_due(&self) -> Option<Duration> {
+        self.behind.is_some().then_some(self.next_alarm_at)
+    }
+
+    /// Apply stamps (it captures pending local writes first); one transaction at a time; not
+    /// while a snapshot is fetched or restored, nor once shutting down.
+    fn apply_due(&self, g: &Gates) -> Option<Duration> {
+        (!self.queue.is_empty()
+            && !g.restoring
+            && self.apply_started_at.is_none()
+            && g.clock_sane
+            && !g.shutting_down)
+            .then_some(self.apply_blocked_until)
+    }
+
+    fn publish_due(&self, g: &Gates) -> Option<Duration> {
+        (!self.send_queue.is_empty()
+            && self.can_publish(g)
+            && self.in_flight < self.cfg.publish_window
+            && !self.too_far_ahead())
+        .then_some(self.publish_blocked_until)
+    }
+
+    /// Arms the timer table from the same functions `step` asks: a timer is set exactly while
+    /// its job is possible.
+    fn arm_timers(&mut self) {
+        self.timers.set(Timer::Poll, Some(self.next_poll_at));
+        if !self.started || self.stopped {
+            for t in Timer::ALL {
+                if t != Timer::Poll {
+                    self.timers.set(t, None);
+                }
+            }
+            return;
+        }
+        let g = self.gates();
+        let table = [
+            (Timer::Stream, self.stream_due()),
+            (Timer::Claim, self.claim_due(&g)),
+            (Timer::Recheck, self.recheck_at),
+            (Timer::Capture, self.capture_due(&g)),
+            (Timer::Restore, self.restore_due(&g)),
+            (Timer::Snapshot, self.snapshot_due(&g)),
+            (Timer::RetryParked, self.retry_parked_due(&g)),
+            (Timer::Subscribe, self.subscribe_due(&g)),
+            (Timer::IncompleteAlarm, self.incomplete_alarm_due()),
+            (Timer::BehindAlarm, self.behind_alarm_due()),
+            (Timer::Apply, self.apply_due(&g)),
+            (Timer::Publish, self.publish_due(&g)),
+            (Timer::Shutdown, self.shutdown_deadline),
+        ];
+        for (timer, deadline) in table {
+            self.timers.set(timer, deadline);
+        }
+    }
+
+    /// Turns state into outputs. Called at the end of every `handle`; takes every job that
+    /// is due, in this order: the stream and the node-id claim; local changes (capture);
+    /// snapshots (restore, then save); parked batches; the subscription; alarms; applying;
+    /// publishing; the shutdown.
     fn step(&mut self, now: Duration) {
         if !self.started || self.stopped {
             return;
         }
+        let due = |d: Option<Duration>| d.is_some_and(|d| d <= now);
 
         // The stream, then the claim on our node id.
-        match self.stream {
-            Phase::Idle => {
-                self.stream = Phase::Pending;
-                self.outputs.push_back(Output::Prepare);
-            }
-            Phase::RetryAt(at) if now >= at => {
-                self.stream = Phase::Pending;
-                self.outputs.push_back(Output::Prepare);
-            }
-            _ => {}
+        if due(self.stream_due()) {
+            self.stream = Phase::Pending;
+            self.outputs.push_back(Output::Prepare);
         }
-        if self.stream == Phase::Ready {
-            let due = match self.claim {
-                Phase::Idle => true,
-                Phase::RetryAt(at) => now >= at,
-                _ => false,
-            };
-            if due {
-                self.claim = Phase::Pending;
-                self.outputs.push_back(Output::Claim);
-            }
+        if due(self.claim_due(&self.gates())) {
+            self.claim = Phase::Pending;
+            self.outputs.push_back(Output::Claim);
         }
 
         // Local changes.
-        if let Some(at) = self.recheck_at
-            && now >= at
-        {
+        if due(self.recheck_at) {
             self.recheck_at = None;
             self.capture_wanted = true;
         }
-        if now >= self.next_poll_at {
+        if due(Some(self.next_poll_at)) {
             self.capture_wanted = true;
             self.next_poll_at = now + self.cfg.poll_interval;
         }
-        if self.capture_wanted && self.capture_enabled() && now >= self.capture_blocked_until {
+        if due(self.capture_due(&self.gates())) {
             self.capture_wanted = false;
             self.capturing = true;
             self.outputs.push_back(Output::Capture);
         }
 
-        // Snapshots: restore when wanted, save when due. A fetch waits for a save in flight
-        // to end: the drive loop releases this node's snapshot lease before fetching (see
-        // `Output::FetchSnapshot`), which must not cut a save short.
-        if let RestorePhase::Wanted(reason) = self.restore
-            && self.restore_enabled(now)
+        // Snapshots: restore when wanted, save when due.
+        if due(self.restore_due(&self.gates()))
+            && let RestorePhase::Wanted(reason) = self.restore
         {
             self.restore = RestorePhase::Fetching(reason);
             let min_position = match reason {
@@ -1141,54 +1193,41 @@ impl Node {
             self.outputs
                 .push_back(Output::FetchSnapshot { min_position });
         }
-        if self.save_due(now) {
+        if due(self.snapshot_due(&self.gates())) {
             self.saving = true;
             self.outputs.push_back(Output::SaveSnapshot {
                 position: self.position,
             });
         }
 
-        // Other nodes' changes. A person may ask for parked batches to be retried (with
-        // `marmot parked retry`): look for such requests now and then while any are parked.
-        if self.parked > 0 && self.parked_retry.is_none() && now >= self.next_parked_check {
-            self.parked_retry = Some(false);
-        }
-        if let Some(all) = self.parked_retry
-            && self.parked_retry_enabled()
-        {
-            self.parked_retry = None;
+        // Other nodes' changes.
+        if due(self.retry_parked_due(&self.gates())) {
+            let all = self.parked_retry.take().unwrap_or(false);
             self.next_parked_check = now + PARKED_CHECK;
             self.outputs.push_back(Output::RetryParked { all });
         }
-        if self.subscribe_enabled() {
-            let due = match self.sub {
-                Phase::Idle => true,
-                Phase::RetryAt(at) => now >= at,
-                _ => false,
-            };
-            if due {
-                self.sub = Phase::Pending;
-                self.sub_generation += 1;
-                self.outputs.push_back(Output::Subscribe {
-                    from_seq: self.next_seq,
-                    generation: self.sub_generation,
-                });
-            }
+        if due(self.subscribe_due(&self.gates())) {
+            self.sub = Phase::Pending;
+            self.sub_generation += 1;
+            self.outputs.push_back(Output::Subscribe {
+                from_seq: self.next_seq,
+                generation: self.sub_generation,
+            });
         }
-        if self.incomplete > 0 && now >= self.next_incomplete_alarm {
+        if due(self.incomplete_alarm_due()) {
             self.next_incomplete_alarm = now + self.cfg.alarm_interval;
             self.event(Event::IncompleteBatches {
                 count: self.incomplete,
             });
         }
-        if let Some(alarm) = &self.behind
-            && now >= self.next_alarm_at
+        if due(self.behind_alarm_due())
+            && let Some(alarm) = &self.behind
         {
             let alarm = alarm.clone();
             self.next_alarm_at = now + self.cfg.alarm_interval;
             self.event(alarm);
         }
-        if !self.queue.is_empty() && self.apply_enabled() && now >= self.apply_blocked_until {
+        if due(self.apply_due(&self.gates())) {
             let n = self.apply_limit.min(self.queue.len());
             let batch: Vec<Delivery> = self.queue.drain(..n).collect();
             self.queued_bytes -= batch.iter().map(|d| d.payload.len()).sum::<usize>();
@@ -1206,7 +1245,7 @@ impl Node {
                 position: self.position,
             });
         }
-        if self.can_publish() && now >= self.publish_blocked_until && !throttled {
+        if due(self.publish_due(&self.gates())) {
             while self.in_flight < self.cfg.publish_window {
                 let Some((batch, chunk)) = self.send_queue.pop_front() else {
                     break;
@@ -1236,7 +1275,8 @@ impl Node {
             let captured =
                 !self.cfg.publish || self.skew_paused || (!self.capture_wanted && !self.capturing);
             // Paced publishing cannot go on either: reading stopped with the shutdown.
-            let stuck = !self.can_publish() || (self.too_far_ahead() && self.in_flight == 0);
+            let stuck =
+                !self.can_publish(&self.gates()) || (self.too_far_ahead() && self.in_flight == 0);
             let flushed = captured && (self.batches.is_empty() || stuck);
             if flushed || now >= deadline {
                 self.stopped = true;
@@ -1246,6 +1286,30 @@ impl Node {
             }
         }
     }
+}
+
+/// The conditions that gate several jobs (see [`Node::gates`]).
+#[derive(Clone, Copy, Debug)]
+struct Gates {
+    /// The stream is prepared.
+    stream_ready: bool,
+    /// The node id was granted once (so the clock was checked against the server).
+    claimed: bool,
+    /// The node may stamp: the clock was checked against the server at least once (a node
+    /// started with a far-future clock must not stamp), and the stamps it would give do not
+    /// lead the server by more than the bound. Capture, apply (which captures pending local
+    /// writes first), merge restores and parked retries all stamp.
+    clock_sane: bool,
+    /// A shutdown was asked for.
+    shutting_down: bool,
+    /// A restore is wanted or under way: no subscription, no snapshot save.
+    restore_pending: bool,
+    /// A snapshot is being fetched or restored: no apply.
+    restoring: bool,
+    /// Messages this node needs are gone from the stream.
+    behind: bool,
+    /// A snapshot save is in flight.
+    saving: bool,
 }
 
 #[cfg(test)]
