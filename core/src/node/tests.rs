@@ -3,7 +3,10 @@
 use super::*;
 use crate::apply::ApplyReport;
 use crate::ports::{CaptureOutcome, TransportErrorKind};
+use crate::ports::{Claim, StreamBounds, TransportError};
 use crate::snapshot::{Fetched, SaveOutcome, StagedSnapshot};
+use crate::wire::BatchId;
+use bytes::Bytes;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
