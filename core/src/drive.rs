@@ -244,15 +244,8 @@ where
                 }
                 Output::FetchSnapshot { min_position } => {
                     let p = snapshots.clone();
-                    let t = transport.clone();
-                    let owner = node.config().owner.clone();
                     ops.push(
                         async move {
-                            // A lease this node still holds is stale (no save is in flight
-                            // while it restores): one whose grant reached the server while
-                            // its answer was lost. Release it, or the nodes that could take
-                            // the snapshot this node waits for are kept out until it expires.
-                            let _ = t.release(crate::snapshot::SNAPSHOT_LEASE, &owner).await;
                             Done::Input(Input::SnapshotFetched(
                                 p.fetch(min_position).await.map_err(|e| e.to_string()),
                             ))

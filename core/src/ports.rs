@@ -216,13 +216,15 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 /// Snapshots as the node uses them: the daemon and the simulation implement this with
-/// [`crate::snapshot::save`] and [`crate::snapshot::fetch_latest`] over their own store.
+/// [`crate::snapshot::save`] and [`crate::snapshot::fetch_to_restore`] over their own store.
 #[async_trait::async_trait]
 pub trait Snapshots: Send + Sync + 'static {
     /// Takes and stores a snapshot of the local database at `position`, unless another node
     /// is taking one or the newest is recent enough (`force`: take one regardless).
     async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError>;
-    /// Downloads and verifies the newest snapshot at stream position `min_position` or later.
+    /// Downloads and verifies the newest snapshot at stream position `min_position` or later,
+    /// to restore from: first releases this node's snapshot lease if it still holds one (see
+    /// [`crate::snapshot::fetch_to_restore`], which does both).
     async fn fetch(&self, min_position: u64) -> Result<Fetched, SnapshotError>;
 }
 

@@ -491,6 +491,29 @@ pub struct Fetched {
     pub rejected: Vec<SnapshotError>,
 }
 
+/// A node's fetch before it restores: releases the snapshot lease `owner` may still hold,
+/// then [`fetch_latest`]. No save of this node is in flight while it restores (the node
+/// does not fetch while it saves), so a lease it still holds is stale: one whose grant
+/// reached the server while its answer was lost. Kept, it would keep the nodes that could
+/// take the snapshot this node waits for out until it expired (regression 07).
+pub async fn fetch_to_restore<S, T, F>(
+    store: &S,
+    transport: &T,
+    owner: &str,
+    files: &F,
+    progress: Progress<'_>,
+    min_position: u64,
+) -> Result<Fetched, SnapshotError>
+where
+    S: ObjectStore + ?Sized,
+    T: Transport + ?Sized,
+    F: SnapshotFiles + ?Sized,
+{
+    // A failed release changes nothing: the lease expires on its own.
+    let _ = transport.release(SNAPSHOT_LEASE, owner).await;
+    fetch_latest(store, files, progress, min_position).await
+}
+
 /// Downloads and verifies the newest snapshot, falling back to older generations when one
 /// does not verify (each rejection is reported). Snapshots at a stream position below
 /// `min_position` are passed over without downloading them (0: any will do).

@@ -345,7 +345,15 @@ impl Snapshots for DaemonSnapshots {
     async fn fetch(&self, min_position: u64) -> Result<Fetched, SnapshotError> {
         let progress = log_progress("download");
         let store = self.store().await?;
-        snapshot::fetch_latest(&**store, &self.files, &progress, min_position).await
+        snapshot::fetch_to_restore(
+            &**store,
+            &*self.transport,
+            &self.owner,
+            &self.files,
+            &progress,
+            min_position,
+        )
+        .await
     }
 }
 

@@ -537,7 +537,15 @@ impl Snapshots for SimSnapshots {
         .await
     }
     async fn fetch(&self, min_position: u64) -> Result<Fetched, SnapshotError> {
-        snapshot::fetch_latest(&self.store, &self.files, &|_| {}, min_position).await
+        snapshot::fetch_to_restore(
+            &self.store,
+            &self.transport,
+            &self.owner,
+            &self.files,
+            &|_| {},
+            min_position,
+        )
+        .await
     }
 }
 

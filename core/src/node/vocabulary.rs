@@ -133,9 +133,8 @@ pub enum Output {
         /// This node's position.
         position: u64,
     },
-    /// Release this node's snapshot lease if it still holds one (never while a save is in
-    /// flight: none is), then call [`crate::ports::Snapshots::fetch`]; answer with
-    /// [`Input::SnapshotFetched`].
+    /// Call [`crate::ports::Snapshots::fetch`] (which releases a stale snapshot lease first);
+    /// answer with [`Input::SnapshotFetched`]. Never asked while a save is in flight.
     FetchSnapshot {
         /// Only a snapshot at this stream position or later is of use (0: any).
         min_position: u64,
