@@ -8,7 +8,10 @@
 
 use crate::apply::Delivery;
 use crate::node::{Event, Input, Node, Output, Status, Stop, Timer};
-use crate::ports::{Deliveries, Env, Snapshots, Storage, StreamBounds, Transport, TransportError};
+use crate::ports::{
+    Deliveries, Env, Snapshots, Storage, StorageError, StorageOp, StreamBounds, Transport,
+    TransportError,
+};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
@@ -85,8 +88,7 @@ where
                 observer.event(
                     env.now(),
                     &Event::StorageFailed {
-                        operation: "recover",
-                        error: e.to_string(),
+                        error: StorageError::new(StorageOp::Recover, &e),
                         retry_in,
                     },
                 );
@@ -116,7 +118,10 @@ where
                 Output::Capture => {
                     let wall = node.stamp_time(env.now(), env.wall_ms());
                     let r = env.blocking(|| storage.capture(node.clock_mut(), wall));
-                    node.handle(env.now(), Input::Captured(r.map_err(|e| e.to_string())));
+                    node.handle(
+                        env.now(),
+                        Input::Captured(r.map_err(|e| StorageError::new(StorageOp::Capture, &e))),
+                    );
                 }
                 Output::Prepare => {
                     let t = transport.clone();
@@ -211,7 +216,7 @@ where
                     node.handle(
                         env.now(),
                         Input::Applied {
-                            result: r.map_err(|e| e.to_string()),
+                            result: r.map_err(|e| StorageError::new(StorageOp::Apply, &e)),
                             deliveries: ds,
                             wall_ms,
                         },
@@ -221,7 +226,9 @@ where
                     let r = env.blocking(|| storage.mark_published(batch));
                     node.handle(
                         env.now(),
-                        Input::MarkedPublished(r.map_err(|e| e.to_string())),
+                        Input::MarkedPublished(
+                            r.map_err(|e| StorageError::new(StorageOp::MarkPublished, &e)),
+                        ),
                     );
                 }
                 Output::RetryParked { all } => {
@@ -229,7 +236,9 @@ where
                     let r = env.blocking(|| storage.retry_parked(node.clock_mut(), wall, all));
                     node.handle(
                         env.now(),
-                        Input::ParkedRetried(r.map_err(|e| e.to_string())),
+                        Input::ParkedRetried(
+                            r.map_err(|e| StorageError::new(StorageOp::RetryParked, &e)),
+                        ),
                     );
                 }
                 Output::SaveSnapshot { position } => {
@@ -256,7 +265,10 @@ where
                 Output::RestoreSnapshot(staged) => {
                     let wall = node.stamp_time(env.now(), env.wall_ms());
                     let r = env.blocking(|| storage.restore(node.clock_mut(), wall, &staged));
-                    node.handle(env.now(), Input::Restored(r.map_err(|e| e.to_string())));
+                    node.handle(
+                        env.now(),
+                        Input::Restored(r.map_err(|e| StorageError::new(StorageOp::Restore, &e))),
+                    );
                 }
                 Output::Event(e) => observer.event(env.now(), &e),
                 Output::Stop(s) => {

@@ -74,10 +74,98 @@ pub struct ParkedRetry {
     pub captured: Option<Captured>,
 }
 
+/// A storage operation, as the node names it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StorageOp {
+    /// [`Storage::recover`].
+    Recover,
+    /// [`Storage::capture`].
+    Capture,
+    /// [`Storage::apply`].
+    Apply,
+    /// [`Storage::mark_published`].
+    MarkPublished,
+    /// [`Storage::outbox_message`].
+    ReadOutbox,
+    /// [`Storage::retry_parked`].
+    RetryParked,
+    /// [`Storage::restore`].
+    Restore,
+}
+
+impl StorageOp {
+    /// The operation's name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageOp::Recover => "recover",
+            StorageOp::Capture => "capture",
+            StorageOp::Apply => "apply",
+            StorageOp::MarkPublished => "mark published",
+            StorageOp::ReadOutbox => "read outbox",
+            StorageOp::RetryParked => "retry parked",
+            StorageOp::Restore => "restore",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Kinds of storage failure. Today the node retries every kind the same way; the kind lets
+/// it (and metrics) tell them apart.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StorageErrorKind {
+    /// Another connection holds the database's write lock (SQLite's BUSY or LOCKED): it
+    /// passes.
+    Busy,
+    /// The disk or file system failed (an I/O error, a full disk, a read-only file).
+    Io,
+    /// The database file is damaged.
+    Corrupt,
+    /// The operation cannot complete as things are, and says why (a snapshot that collides
+    /// with local rows, a database in a state marmot cannot use).
+    Refused,
+    /// Anything else.
+    Other,
+}
+
+/// A storage failure, as the node sees it: which operation, what kind, and the adapter's
+/// message (which names the database). Nothing is half-done: the operation can be retried.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StorageError {
+    /// Which operation failed.
+    pub operation: StorageOp,
+    /// What kind of failure.
+    pub kind: StorageErrorKind,
+    /// Details for the log.
+    pub message: String,
+}
+
+impl StorageError {
+    /// `operation` failed with an adapter's error `e`.
+    pub fn new(operation: StorageOp, e: &impl StorageFailure) -> Self {
+        StorageError {
+            operation,
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What a storage adapter's error tells the node: a message (its `Display`) and a kind.
+pub trait StorageFailure: std::fmt::Display {
+    /// What kind of failure this is.
+    fn kind(&self) -> StorageErrorKind;
+}
+
 /// The local database.
 pub trait Storage {
     /// A storage failure. Callers retry the operation later; nothing is half-done.
-    type Error: std::fmt::Display;
+    type Error: StorageFailure;
     /// Reads the persisted state. Called once before anything else.
     fn recover(&mut self) -> Result<Recovered, Self::Error>;
     /// Captures every committed local change as one batch stored in the outbox (none when

@@ -299,14 +299,16 @@ impl Observer for DaemonObserver {
                     tracing::warn!(%error, "could not claim/renew the node id yet");
                 }
             }
-            Event::StorageFailed {
-                operation,
-                error,
-                retry_in,
-            } => {
+            Event::StorageFailed { error, retry_in } => {
                 self.m.storage_failures.increment(1);
                 if self.may_warn(now, "storage") {
-                    tracing::warn!(operation, %error, retry_in = ?retry_in, "database operation failed; retrying");
+                    tracing::warn!(
+                        operation = error.operation.name(),
+                        kind = ?error.kind,
+                        %error,
+                        retry_in = ?retry_in,
+                        "database operation failed; retrying"
+                    );
                 }
             }
             Event::SchemaChanged => tracing::info!("database schema changed; capture follows it"),

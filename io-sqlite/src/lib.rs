@@ -32,7 +32,7 @@ pub mod watch;
 use bytes::Bytes;
 use marmot_core::capture::{CaptureParams, Captured, capture};
 use marmot_core::ports::{
-    ApplyOutcome, CaptureOutcome, ParkedRetry, Recovered, RestoreReport, Storage,
+    ApplyOutcome, CaptureOutcome, ParkedRetry, Recovered, RestoreReport, Storage, StorageErrorKind,
 };
 use marmot_core::snapshot::StagedSnapshot;
 use marmot_core::wire::BatchId;
@@ -186,6 +186,33 @@ impl StoreError {
     /// Whether the error is the write lock held by someone else (worth a retry).
     pub fn is_busy(&self) -> bool {
         matches!(self, StoreError::Sqlite { source, .. } if is_busy(source))
+    }
+}
+
+impl marmot_core::ports::StorageFailure for StoreError {
+    fn kind(&self) -> StorageErrorKind {
+        use rusqlite::ErrorCode as C;
+        match self {
+            StoreError::Sqlite { source, .. } => match source {
+                rusqlite::Error::SqliteFailure(f, _) => match f.code {
+                    C::DatabaseBusy | C::DatabaseLocked => StorageErrorKind::Busy,
+                    C::SystemIoFailure
+                    | C::DiskFull
+                    | C::ReadOnly
+                    | C::CannotOpen
+                    | C::FileLockingProtocolFailed
+                    | C::NoLargeFileSupport => StorageErrorKind::Io,
+                    C::DatabaseCorrupt | C::NotADatabase => StorageErrorKind::Corrupt,
+                    _ => StorageErrorKind::Other,
+                },
+                _ => StorageErrorKind::Other,
+            },
+            StoreError::NotWal { .. }
+            | StoreError::RestoreCollision { .. }
+            | StoreError::NotEmpty { .. }
+            | StoreError::NewerFormat { .. } => StorageErrorKind::Refused,
+            StoreError::Crashed { .. } => StorageErrorKind::Other,
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! meanwhile wait, safe, in the change log. What a capture found is the outbox's.
 
 use super::{Backoff, Event, Gates, NodeConfig, Output, Outputs, Timer, TimerTable, due};
-use crate::ports::CaptureOutcome;
+use crate::ports::{CaptureOutcome, StorageError};
 use std::time::Duration;
 
 /// After a local-change hint, capture is retried for this long (1, 2, 4, ... ms apart).
@@ -65,7 +65,7 @@ impl Capture {
     pub(super) fn on_captured(
         &mut self,
         now: Duration,
-        r: Result<CaptureOutcome, String>,
+        r: Result<CaptureOutcome, StorageError>,
         cfg: &NodeConfig,
         out: &mut Outputs,
     ) -> Option<CaptureOutcome> {
@@ -83,11 +83,7 @@ impl Capture {
                 let retry_in = self.backoff.fail(cfg);
                 self.blocked_until = now + retry_in;
                 self.wanted = true;
-                out.event(Event::StorageFailed {
-                    operation: "capture",
-                    error,
-                    retry_in,
-                });
+                out.event(Event::StorageFailed { error, retry_in });
                 None
             }
         }

@@ -10,7 +10,7 @@
 
 use super::{Backoff, Event, Gates, NodeConfig, Output, Outputs, Phase, Timer, TimerTable, due};
 use crate::apply::Delivery;
-use crate::ports::{ApplyOutcome, StreamBounds, TransportError};
+use crate::ports::{ApplyOutcome, StorageError, StreamBounds, TransportError};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -295,7 +295,7 @@ impl Inbox {
     pub(super) fn on_applied(
         &mut self,
         now: Duration,
-        result: Result<ApplyOutcome, String>,
+        result: Result<ApplyOutcome, StorageError>,
         deliveries: Vec<Delivery>,
         wall_ms: u64,
         cfg: &NodeConfig,
@@ -331,11 +331,7 @@ impl Inbox {
                 self.apply_limit = (self.apply_limit / 2).max(1);
                 let retry_in = self.apply_backoff.fail(cfg);
                 self.apply_blocked_until = now + retry_in;
-                out.event(Event::StorageFailed {
-                    operation: "apply",
-                    error,
-                    retry_in,
-                });
+                out.event(Event::StorageFailed { error, retry_in });
                 None
             }
         }

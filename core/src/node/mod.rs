@@ -54,7 +54,9 @@
 use crate::apply::Delivery;
 use crate::capture::Captured;
 use crate::hlc::{Clock, Stamp};
-use crate::ports::{ApplyOutcome, CaptureOutcome, ParkedRetry, Recovered, RestoreReport};
+use crate::ports::{
+    ApplyOutcome, CaptureOutcome, ParkedRetry, Recovered, RestoreReport, StorageError,
+};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -303,7 +305,6 @@ impl Node {
                     // The batch stays in the outbox and is republished after a restart:
                     // same message ids, and applying it twice changes nothing.
                     out.event(Event::StorageFailed {
-                        operation: "mark published",
                         error,
                         retry_in: Duration::ZERO,
                     });
@@ -367,7 +368,7 @@ impl Node {
         }
     }
 
-    fn on_captured(&mut self, now: Duration, r: Result<CaptureOutcome, String>) {
+    fn on_captured(&mut self, now: Duration, r: Result<CaptureOutcome, StorageError>) {
         let Some(o) = self
             .capture
             .on_captured(now, r, &self.cfg, &mut self.outputs)
@@ -417,7 +418,7 @@ impl Node {
     fn on_applied(
         &mut self,
         now: Duration,
-        result: Result<ApplyOutcome, String>,
+        result: Result<ApplyOutcome, StorageError>,
         deliveries: Vec<Delivery>,
         wall_ms: u64,
     ) {
@@ -452,7 +453,7 @@ impl Node {
         });
     }
 
-    fn on_parked_retried(&mut self, r: Result<ParkedRetry, String>) {
+    fn on_parked_retried(&mut self, r: Result<ParkedRetry, StorageError>) {
         match r {
             Ok(r) => {
                 self.parked.retried(r.remaining);
@@ -465,14 +466,13 @@ impl Node {
                 }
             }
             Err(error) => self.outputs.event(Event::StorageFailed {
-                operation: "retry parked",
                 error,
                 retry_in: self.cfg.poll_interval,
             }),
         }
     }
 
-    fn on_restored(&mut self, now: Duration, r: Result<RestoreReport, String>) {
+    fn on_restored(&mut self, now: Duration, r: Result<RestoreReport, StorageError>) {
         let Some((reason, rep)) = self
             .snapshots
             .on_restored(now, r, &self.cfg, &mut self.outputs)

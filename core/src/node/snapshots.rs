@@ -10,7 +10,7 @@
 //! others by how it joined. It restores from others'.
 
 use super::{Event, Gates, NodeConfig, Output, Outputs, RestoreReason, Timer, TimerTable, due};
-use crate::ports::RestoreReport;
+use crate::ports::{RestoreReport, StorageError};
 use crate::snapshot::{Fetched, SaveOutcome};
 use std::time::Duration;
 
@@ -175,7 +175,7 @@ impl Snapshots {
     pub(super) fn on_restored(
         &mut self,
         now: Duration,
-        r: Result<RestoreReport, String>,
+        r: Result<RestoreReport, StorageError>,
         cfg: &NodeConfig,
         out: &mut Outputs,
     ) -> Option<(RestoreReason, RestoreReport)> {
@@ -189,7 +189,7 @@ impl Snapshots {
                 Some((reason, report))
             }
             Err(error) => {
-                self.restore_failed(now, reason, error, cfg, out);
+                self.restore_failed(now, reason, error.to_string(), cfg, out);
                 None
             }
         }

@@ -531,7 +531,11 @@ fn a_failed_apply_is_retried_with_the_same_deliveries() {
     n.handle(
         ms(3),
         Input::Applied {
-            result: Err("database is locked".into()),
+            result: Err(StorageError {
+                operation: crate::ports::StorageOp::Apply,
+                kind: crate::ports::StorageErrorKind::Busy,
+                message: "database is locked".into(),
+            }),
             deliveries: ds,
             wall_ms: 0,
         },

@@ -3,9 +3,9 @@
 
 use super::RestoreReason;
 use crate::apply::Delivery;
-use crate::ports::Recovered;
 use crate::ports::{
-    ApplyOutcome, CaptureOutcome, Claim, ParkedRetry, RestoreReport, StreamBounds, TransportError,
+    ApplyOutcome, CaptureOutcome, Claim, ParkedRetry, Recovered, RestoreReport, StorageError,
+    StreamBounds, TransportError,
 };
 use crate::snapshot::{Fetched, SaveOutcome, StagedSnapshot};
 use crate::wire::BatchId;
@@ -20,7 +20,7 @@ pub enum Input {
     /// The database may have changed (a wake-up hint, not a promise).
     LocalChange,
     /// Result of [`Output::Capture`].
-    Captured(Result<CaptureOutcome, String>),
+    Captured(Result<CaptureOutcome, StorageError>),
     /// Result of [`Output::Prepare`].
     Prepared(Result<StreamBounds, TransportError>),
     /// Result of [`Output::Claim`], with local wall time read just before and after.
@@ -65,22 +65,22 @@ pub enum Input {
     /// Result of [`Output::Apply`]; on failure the deliveries come back to be retried.
     Applied {
         /// What storage did, or why it failed.
-        result: Result<ApplyOutcome, String>,
+        result: Result<ApplyOutcome, StorageError>,
         /// The deliveries of the matching output.
         deliveries: Vec<Delivery>,
         /// Wall time after applying, for lag.
         wall_ms: u64,
     },
     /// Result of [`Output::MarkPublished`].
-    MarkedPublished(Result<(), String>),
+    MarkedPublished(Result<(), StorageError>),
     /// Result of [`Output::RetryParked`].
-    ParkedRetried(Result<ParkedRetry, String>),
+    ParkedRetried(Result<ParkedRetry, StorageError>),
     /// Result of [`Output::SaveSnapshot`].
     SnapshotSaved(Result<SaveOutcome, String>),
     /// Result of [`Output::FetchSnapshot`].
     SnapshotFetched(Result<Fetched, String>),
     /// Result of [`Output::RestoreSnapshot`].
-    Restored(Result<RestoreReport, String>),
+    Restored(Result<RestoreReport, StorageError>),
     /// Stop: publish what is pending (within the grace period), then [`Output::Stop`].
     Shutdown,
     /// Time passed.
@@ -310,10 +310,8 @@ pub enum Event {
     },
     /// A storage operation failed; retrying.
     StorageFailed {
-        /// Which operation.
-        operation: &'static str,
-        /// Why.
-        error: String,
+        /// Which operation, what kind, and why.
+        error: StorageError,
         /// Next attempt.
         retry_in: Duration,
     },
