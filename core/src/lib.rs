@@ -21,6 +21,7 @@ pub mod merge;
 pub mod node;
 pub mod ports;
 pub mod snapshot;
+pub mod txn;
 pub mod value;
 pub mod wire;
 

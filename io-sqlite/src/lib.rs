@@ -841,34 +841,6 @@ impl SqliteStore {
         Ok((attempted, applied))
     }
 
-    /// Retries the batches waiting on a UNIQUE value: one by one, again until a round frees
-    /// nothing (each that applies may free a value another waits on), then each origin's
-    /// together as one set (one node's batches, out of their capture order, may be in each
-    /// other's way). Inside a transaction; adds what it did to `report`.
-    fn retry_waiting(
-        &mut self,
-        clock: &mut Clock,
-        wall_ms: u64,
-        report: &mut marmot_core::apply::ApplyReport,
-    ) -> Result<(), StoreError> {
-        loop {
-            let mut again = marmot_core::apply::ApplyReport::default();
-            let (_, applied) =
-                self.retry_parked_where(clock, wall_ms, " WHERE collision = 1", &mut again)?;
-            report.unparked += applied;
-            report.rows_written += again.rows_written;
-            report.conflicts += again.conflicts;
-            if applied == 0 {
-                break;
-            }
-        }
-        let mut again = marmot_core::apply::ApplyReport::default();
-        report.unparked += self.retry_collisions_jointly(clock, wall_ms, &mut again)?;
-        report.rows_written += again.rows_written;
-        report.conflicts += again.conflicts;
-        Ok(())
-    }
-
     /// Whether batches wait on a UNIQUE value.
     fn any_waiting(&self) -> Result<bool, StoreError> {
         self.conn
@@ -981,6 +953,83 @@ impl SqliteStore {
     }
 }
 
+/// The open transaction of an operation (inside `in_txn`): the protocol's steps, in the
+/// order `marmot_core::txn` runs them.
+impl marmot_core::txn::LocalTxn for SqliteStore {
+    type Error = StoreError;
+    fn follow_schema(&mut self) -> Result<(), StoreError> {
+        SqliteStore::follow_schema(self)
+    }
+    fn capture_pending(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+    ) -> Result<Option<Captured>, StoreError> {
+        self.capture_in_txn(clock, wall_ms)
+    }
+    fn position(&mut self) -> Result<u64, StoreError> {
+        SqliteStore::position(self)
+    }
+    fn apply_deliveries(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        position: u64,
+        deliveries: &[marmot_core::apply::Delivery],
+    ) -> Result<marmot_core::apply::ApplyReport, StoreError> {
+        let me = self.cfg.node_id;
+        let mut tx = self.tx(wall_ms);
+        marmot_core::apply::apply_deliveries(&mut tx, clock, me, position, deliveries, wall_ms)
+            .map_err(|e| self.sql_err(e))
+    }
+    fn record_position(&mut self, position: u64) -> Result<(), StoreError> {
+        meta_set(&self.conn, "position", position as i64).map_err(|e| self.sql_err(e))
+    }
+    fn any_waiting(&mut self) -> Result<bool, StoreError> {
+        SqliteStore::any_waiting(self)
+    }
+    fn retry_parked(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        which: marmot_core::txn::ParkedSelection,
+        report: &mut marmot_core::apply::ApplyReport,
+    ) -> Result<(u64, u64), StoreError> {
+        use marmot_core::txn::ParkedSelection;
+        let filter = match which {
+            ParkedSelection::All => "",
+            ParkedSelection::Requested => " WHERE retry_requested = 1",
+            ParkedSelection::Waiting => " WHERE collision = 1",
+        };
+        self.retry_parked_where(clock, wall_ms, filter, report)
+    }
+    fn retry_waiting_jointly(
+        &mut self,
+        clock: &mut Clock,
+        wall_ms: u64,
+        report: &mut marmot_core::apply::ApplyReport,
+    ) -> Result<u64, StoreError> {
+        self.retry_collisions_jointly(clock, wall_ms, report)
+    }
+    fn parked_count(&mut self) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT count(*) FROM \"__marmot__parked\"", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(|e| self.sql_err(e))
+    }
+    fn incomplete_batches(&mut self) -> Result<u64, StoreError> {
+        SqliteStore::incomplete_batches(self)
+    }
+    fn save_clock(&mut self, clock: &Clock) -> Result<(), StoreError> {
+        SqliteStore::save_clock(self, clock)
+    }
+    fn take_schema_changed(&mut self) -> bool {
+        std::mem::take(&mut self.schema_changed)
+    }
+}
+
 fn load_incarnations(c: &Connection) -> rusqlite::Result<std::collections::BTreeMap<u64, u64>> {
     c.prepare("SELECT incarnation, last_seq FROM \"__marmot__incarnations\"")?
         .query_map([], |r| {
@@ -1059,24 +1108,13 @@ impl Storage for SqliteStore {
             return Ok(CaptureOutcome::default());
         }
         self.in_txn(|s| {
-            s.follow_schema()?;
-            let captured = s.capture_in_txn(clock, wall_ms)?;
+            let outcome = marmot_core::txn::capture(s, clock, wall_ms)?;
             if !s.cfg.capture {
                 // Nothing to capture, but follow what other connections did.
                 s.data_version = s.data_version()?;
                 s.scan_needed = false;
             }
-            // A local write may have given up a value a batch waits on.
-            let mut report = marmot_core::apply::ApplyReport::default();
-            if captured.is_some() && s.any_waiting()? {
-                s.retry_waiting(clock, wall_ms, &mut report)?;
-            }
-            s.save_clock(clock)?;
-            Ok(CaptureOutcome {
-                captured,
-                schema_changed: std::mem::take(&mut s.schema_changed),
-                unparked: report.unparked,
-            })
+            Ok(outcome)
         })
     }
 
@@ -1086,39 +1124,7 @@ impl Storage for SqliteStore {
         wall_ms: u64,
         deliveries: &[marmot_core::apply::Delivery],
     ) -> Result<ApplyOutcome, StoreError> {
-        let me = self.cfg.node_id;
-        self.in_txn(|s| {
-            s.follow_schema()?;
-            // Stamp local writes before any remote row is compared with them.
-            let captured = s.capture_in_txn(clock, wall_ms)?;
-            let position = s.position()?;
-            let mut tx = s.tx(wall_ms);
-            let mut report = marmot_core::apply::apply_deliveries(
-                &mut tx, clock, me, position, deliveries, wall_ms,
-            )
-            .map_err(|e| s.sql_err(e))?;
-            // Rows moved: a batch waiting on a UNIQUE value may fit now (its blocking row
-            // may have moved away with one of these batches).
-            // Each that applies may free a value another waits on: again, until a round
-            // frees nothing. A batch that just joined the waiting ones may apply together
-            // with them.
-            if report.rows_written > 0 || report.parked.iter().any(|p| p.collision) {
-                s.retry_waiting(clock, wall_ms, &mut report)?;
-            }
-            if report.through_seq != position {
-                meta_set(&s.conn, "position", report.through_seq as i64)
-                    .map_err(|e| s.sql_err(e))?;
-            }
-            s.save_clock(clock)?;
-            let incomplete_batches = s.incomplete_batches()?;
-            let schema_changed = std::mem::take(&mut s.schema_changed);
-            Ok(ApplyOutcome {
-                captured,
-                report,
-                incomplete_batches,
-                schema_changed,
-            })
-        })
+        self.in_txn(|s| marmot_core::txn::apply(s, clock, wall_ms, deliveries))
     }
 
     fn mark_published(&mut self, batch: BatchId) -> Result<(), StoreError> {
@@ -1151,30 +1157,7 @@ impl Storage for SqliteStore {
         wall_ms: u64,
         all: bool,
     ) -> Result<ParkedRetry, StoreError> {
-        self.in_txn(|s| {
-            s.follow_schema()?;
-            let captured = s.capture_in_txn(clock, wall_ms)?;
-            let filter = if all {
-                ""
-            } else {
-                " WHERE retry_requested = 1"
-            };
-            let mut report = marmot_core::apply::ApplyReport::default();
-            let (attempted, applied) = s.retry_parked_where(clock, wall_ms, filter, &mut report)?;
-            let remaining: i64 = s
-                .conn
-                .query_row("SELECT count(*) FROM \"__marmot__parked\"", [], |r| {
-                    r.get(0)
-                })
-                .map_err(|x| s.sql_err(x))?;
-            s.save_clock(clock)?;
-            Ok(ParkedRetry {
-                attempted,
-                applied,
-                remaining: remaining as u64,
-                captured,
-            })
-        })
+        self.in_txn(|s| marmot_core::txn::retry_parked(s, clock, wall_ms, all))
     }
 
     fn restore(
