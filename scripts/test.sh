@@ -44,6 +44,8 @@ echo "test.sh: $(nats-server --version), sqlite3 $(sqlite3 --version | cut -d' '
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The core's documentation is its guide for people who bring their own ports: no broken link.
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p marmot-core --no-deps
 # The black-box tests run the marmot binary; build it once, in the same profile.
 cargo build --quiet -p marmot --bin marmot
 cargo test --workspace --quiet "$@"

@@ -865,3 +865,92 @@ mod snapshots {
         assert_eq!(horizon as u64, local.horizon_ms);
     }
 }
+
+/// The SQLite adapter against the core's storage conformance body (the in-memory model runs
+/// the same body in the core's tests).
+mod conformance {
+    use super::*;
+    use marmot_core::memory::conformance::{StorageSubject, storage_conformance};
+    use marmot_core::snapshot::StagedSnapshot;
+    use marmot_sqlite::snapshot::SnapshotDir;
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    struct Sqlite {
+        dir: tempfile::TempDir,
+        nodes: BTreeMap<PathBuf, u64>,
+        opened: u64,
+    }
+
+    impl Sqlite {
+        fn store(&mut self, path: &std::path::Path) -> SqliteStore {
+            self.opened += 1;
+            let node = self.nodes[path];
+            SqliteStore::open(StoreConfig::new(path, node, 1000 + self.opened)).unwrap()
+        }
+    }
+
+    impl StorageSubject for Sqlite {
+        type S = SqliteStore;
+        fn open(&mut self, node: u64) -> SqliteStore {
+            let path = self.dir.path().join(format!("conformance-{node}.db"));
+            Connection::open(&path)
+                .unwrap()
+                .execute_batch(
+                    "PRAGMA journal_mode=WAL; CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);",
+                )
+                .unwrap();
+            self.nodes.insert(path.clone(), node);
+            self.store(&path)
+        }
+        fn reopen(&mut self, s: SqliteStore) -> SqliteStore {
+            let path = s.path().to_path_buf();
+            drop(s);
+            self.store(&path)
+        }
+        fn write(&mut self, s: &mut SqliteStore, upserts: &[(i64, &str)], deletes: &[i64]) {
+            let app = Connection::open(s.path()).unwrap();
+            app.execute_batch("BEGIN").unwrap();
+            for (id, v) in upserts {
+                app.execute(
+                    "INSERT INTO t (id, v) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET v = excluded.v",
+                    rusqlite::params![id, v],
+                )
+                .unwrap();
+            }
+            for id in deletes {
+                app.execute("DELETE FROM t WHERE id = ?1", [id]).unwrap();
+            }
+            app.execute_batch("COMMIT").unwrap();
+        }
+        fn rows(&mut self, s: &mut SqliteStore) -> Vec<(i64, String)> {
+            Connection::open(s.path())
+                .unwrap()
+                .prepare("SELECT id, v FROM t ORDER BY id")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+        fn snapshot(&mut self, from: &mut SqliteStore, into: &mut SqliteStore) -> StagedSnapshot {
+            let src = SnapshotDir::new(from.path(), Duration::ZERO);
+            let local = src.create(1_700_000_000_000).unwrap();
+            let i = super::snapshots::info(&local, 3);
+            let dst = SnapshotDir::new(into.path(), Duration::ZERO);
+            let download = dst.download_path(&i.object);
+            std::fs::copy(&local.path, &download).unwrap();
+            SnapshotDir::discard(&local.path);
+            dst.stage(&download, &i).unwrap()
+        }
+    }
+
+    #[test]
+    fn the_sqlite_store_passes_the_storage_conformance_body() {
+        storage_conformance(&mut Sqlite {
+            dir: tempfile::tempdir().unwrap(),
+            nodes: BTreeMap::new(),
+            opened: 0,
+        });
+    }
+}

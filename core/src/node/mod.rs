@@ -29,18 +29,18 @@
 //!
 //! | sub-machine | owns |
 //! | --- | --- |
-//! | [`link`] | the stream, the node-id claim, the clock check against the server |
-//! | [`capture`] | when to look for local changes |
-//! | [`snapshots`] | when to take a snapshot, when and how to restore |
-//! | [`parked`] | parked and incomplete batches, their retries |
-//! | [`inbox`] | the subscription, the apply queue, the position, being behind |
-//! | [`outbox`] | the outbox and the publish queue: when marmot publishes |
+//! | `link.rs` | the stream, the node-id claim, the clock check against the server |
+//! | `capture.rs` | when to look for local changes |
+//! | `snapshots.rs` | when to take a snapshot, when and how to restore |
+//! | `parked.rs` | parked and incomplete batches, their retries |
+//! | `inbox.rs` | the subscription, the apply queue, the position, being behind |
+//! | `outbox.rs` | the outbox and the publish queue: when marmot publishes |
 //!
 //! [`Node::handle`] routes each input to its owner. `step` then asks each sub-machine, in
 //! that order, to take whatever job is due; the conditions that gate several jobs are
-//! computed in one place ([`Gates`]), afresh before each sub-machine, since one job can close
+//! computed in one place (`Gates`), afresh before each sub-machine, since one job can close
 //! another's gate (a snapshot fetch stops applying). Every job's deadline lives in one
-//! [`timer`] table, armed from the same functions `step` asks.
+//! timer table ([`Timer`]), armed from the same functions `step` asks.
 //!
 //! What it guarantees:
 //! - a captured batch is forgotten only after every one of its messages was acknowledged by
@@ -221,7 +221,7 @@ impl Node {
 
     /// The wall time to stamp with at monotonic time `now`, given the local wall clock reads
     /// `wall_ms`: the later of the local wall clock and the server's clock as last measured
-    /// plus the monotonic time since (see [`link`]). Pass it to every storage call that
+    /// plus the monotonic time since (see `link.rs`). Pass it to every storage call that
     /// stamps.
     pub fn stamp_time(&self, now: Duration, wall_ms: u64) -> u64 {
         self.link.stamp_time(now, wall_ms)
@@ -567,20 +567,59 @@ impl Node {
     /// Arms the timer table from the same functions `step` asks: a timer is set exactly while
     /// its job is possible.
     fn arm_timers(&mut self) {
+        self.timers = self.armed_timers();
+    }
+
+    /// The timer table as the jobs' functions say it is now.
+    fn armed_timers(&self) -> TimerTable {
+        let mut t = TimerTable::default();
         if !self.started || self.stopped {
-            self.timers = TimerTable::default();
-            self.capture.arm_poll(&mut self.timers);
-            return;
+            self.capture.arm_poll(&mut t);
+            return t;
         }
         let g = self.gates();
-        let t = &mut self.timers;
-        self.link.arm(t);
-        self.capture.arm(&g, &self.cfg, t);
-        self.snapshots.arm(&g, &self.cfg, t);
-        self.parked.arm(&g, t);
-        self.inbox.arm(&g, &self.cfg, t);
-        self.outbox.arm(&g, &self.cfg, t);
+        self.link.arm(&mut t);
+        self.capture.arm(&g, &self.cfg, &mut t);
+        self.snapshots.arm(&g, &self.cfg, &mut t);
+        self.parked.arm(&g, &mut t);
+        self.inbox.arm(&g, &self.cfg, &mut t);
+        self.outbox.arm(&g, &self.cfg, &mut t);
         t.set(Timer::Shutdown, self.shutdown_deadline);
+        t
+    }
+
+    /// For test harnesses, after each input is handled and its outputs carried out: checks
+    /// that every job that was due at the newest `now` was taken (or its gate closed), so no
+    /// armed deadline lies at or before it: one would wake the driver every millisecond for
+    /// nothing (regression 01 was such a spin) or hide a job that never runs; and that the
+    /// table holds exactly what each job's function says now (nothing changed the node
+    /// without re-arming it).
+    pub fn check_timers(&self) -> Result<(), String> {
+        if !self.started || self.stopped {
+            return Ok(());
+        }
+        for timer in Timer::ALL {
+            let armed = self.timers.get(timer);
+            if let Some(at) = armed
+                && at <= self.last_now
+            {
+                return Err(format!(
+                    "timer {timer:?} is armed at {at:?}, not after now ({:?}): a due job was not taken",
+                    self.last_now
+                ));
+            }
+        }
+        let fresh = self.armed_timers();
+        for timer in Timer::ALL {
+            if fresh.get(timer) != self.timers.get(timer) {
+                return Err(format!(
+                    "timer {timer:?} is armed at {:?} but its job says {:?}",
+                    self.timers.get(timer),
+                    fresh.get(timer)
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
