@@ -138,3 +138,194 @@ pub fn capture<T: CaptureTxn>(
         messages,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{MemTxn, MemoryApp, MemorySnapshotStore, MemoryStorage};
+    use crate::value::Value;
+    use crate::wire::{BodyReader, Item, decode_message, unseal};
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn db() -> MemoryApp {
+        let s = MemoryStorage::new(1, MemorySnapshotStore::default());
+        let app = s.app();
+        app.create_table("t", &["id", "v"], 1);
+        app.create_table("u", &["k", "w"], 1);
+        app
+    }
+
+    fn params(seq: u64, wall_ms: u64, max_fragment: usize) -> CaptureParams {
+        CaptureParams {
+            node: 1,
+            incarnation: 1,
+            batch_seq: seq,
+            wall_ms,
+            compress: false,
+            max_fragment,
+        }
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.as_bytes().to_vec())
+    }
+
+    /// (table, upsert?, base) of every row of a captured batch.
+    fn items(c: &Captured) -> Vec<(String, bool, Option<Version>)> {
+        let mut payload = Vec::new();
+        let mut header = None;
+        for m in &c.messages {
+            let (h, f) = decode_message(m).unwrap();
+            header.get_or_insert(h);
+            payload.extend_from_slice(f);
+        }
+        let h = header.unwrap();
+        assert_eq!(h.stamp, c.stamp);
+        assert_eq!(h.batch, c.batch);
+        let body = unseal(&h, Bytes::from(payload)).unwrap();
+        let mut r = BodyReader::new(&body);
+        let mut values = Vec::new();
+        let mut out = Vec::new();
+        let mut table = String::new();
+        while let Some(item) = r.next_item(&mut values).unwrap() {
+            match item {
+                Item::Table(t) => table = t.name.to_string(),
+                Item::Upsert { base } => out.push((table.clone(), true, base)),
+                Item::Delete { base } => out.push((table.clone(), false, base)),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn nothing_written_captures_nothing() {
+        let mut t = MemTxn::over(&db(), 1, 1);
+        let mut c = Clock::new(Stamp::ZERO);
+        assert!(
+            capture(&mut t, &mut c, &params(1, T0, 1 << 20))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(t.counts().1, 0, "nothing in the outbox");
+    }
+
+    #[test]
+    fn every_changed_row_of_every_table_goes_in_one_batch_with_one_stamp() {
+        let app = db();
+        app.upsert("t", vec![Value::Integer(1), text("a")]);
+        app.upsert("t", vec![Value::Integer(2), text("b")]);
+        app.upsert("u", vec![Value::Integer(9), text("z")]);
+        let mut t = MemTxn::over(&app, 1, 1);
+        let mut c = Clock::new(Stamp::ZERO);
+        let cap = capture(&mut t, &mut c, &params(7, T0, 1 << 20))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cap.rows, 3);
+        assert_eq!(
+            cap.batch,
+            BatchId {
+                origin: 1,
+                incarnation: 1,
+                seq: 7
+            }
+        );
+        assert_eq!(cap.stamp.wall_ms(), T0);
+        let it = items(&cap);
+        assert_eq!(it.iter().filter(|i| i.0 == "t").count(), 2);
+        assert_eq!(it.iter().filter(|i| i.0 == "u").count(), 1);
+        assert_eq!(t.counts().1, 1, "stored in the outbox");
+        // Every row now has the batch's version, and the change log is empty.
+        let v = t.version_of("t", &[Value::Integer(2)]).unwrap();
+        assert_eq!(
+            v.version,
+            Version {
+                stamp: cap.stamp,
+                node: 1
+            }
+        );
+        assert!(
+            capture(&mut t, &mut c, &params(8, T0 + 1, 1 << 20))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// A database whose row `(1, 'a')` was captured (and so versioned) at wall time `ms`.
+    fn captured_once(ms: u64) -> (MemoryApp, Version) {
+        use crate::ports::Storage;
+        let mut s = MemoryStorage::new(1, MemorySnapshotStore::default());
+        let app = s.app();
+        app.create_table("t", &["id", "v"], 1);
+        app.upsert("t", vec![Value::Integer(1), text("a")]);
+        let cap = s
+            .capture(&mut Clock::new(Stamp::ZERO), ms)
+            .unwrap()
+            .captured
+            .unwrap();
+        (
+            app,
+            Version {
+                stamp: cap.stamp,
+                node: 1,
+            },
+        )
+    }
+
+    #[test]
+    fn a_deleted_row_goes_as_a_delete_naming_the_version_it_replaces() {
+        let (app, first) = captured_once(T0);
+        app.delete("t", vec![Value::Integer(1)]);
+        let mut t = MemTxn::over(&app, 1, 2);
+        let mut c = Clock::new(first.stamp);
+        let cap = capture(&mut t, &mut c, &params(2, T0 + 1, 1 << 20))
+            .unwrap()
+            .unwrap();
+        assert_eq!(items(&cap), [("t".to_string(), false, Some(first))]);
+        assert!(t.version_of("t", &[Value::Integer(1)]).unwrap().deleted);
+    }
+
+    #[test]
+    fn the_stamp_is_above_every_version_it_replaces_even_when_the_wall_clock_lags() {
+        // Captured by a clock a minute ahead; then the process restarts with a clock that
+        // knows nothing of it and a wall clock that is right.
+        let (app, first) = captured_once(T0 + 60_000);
+        app.upsert("t", vec![Value::Integer(1), text("b")]);
+        let mut t = MemTxn::over(&app, 1, 2);
+        let mut lagging = Clock::new(Stamp::ZERO);
+        let cap = capture(&mut t, &mut lagging, &params(2, T0, 1 << 20))
+            .unwrap()
+            .unwrap();
+        assert_eq!(items(&cap), [("t".to_string(), true, Some(first))]);
+        assert!(
+            cap.stamp > first.stamp,
+            "{:?} must be above {:?}",
+            cap.stamp,
+            first.stamp
+        );
+    }
+
+    #[test]
+    fn a_large_batch_is_split_into_messages_of_the_fragment_size() {
+        let app = db();
+        for i in 0..50 {
+            app.upsert(
+                "t",
+                vec![Value::Integer(i), text("some text to make it big")],
+            );
+        }
+        let mut t = MemTxn::over(&app, 1, 1);
+        let mut c = Clock::new(Stamp::ZERO);
+        let cap = capture(&mut t, &mut c, &params(1, T0, 100))
+            .unwrap()
+            .unwrap();
+        assert!(cap.messages.len() > 5, "{} messages", cap.messages.len());
+        for (i, m) in cap.messages.iter().enumerate() {
+            let (h, f) = decode_message(m).unwrap();
+            assert_eq!(h.chunk as usize, i);
+            assert_eq!(h.chunks as usize, cap.messages.len());
+            assert!(f.len() <= 100);
+        }
+        assert_eq!(items(&cap).len(), 50);
+    }
+}

@@ -600,8 +600,11 @@ mod tests {
             takes(self.slow).await;
             self.put_bytes(name, Bytes::from_static(b"db")).await
         }
-        async fn get_file(&self, _: &str, _: &Path, _: Progress<'_>) -> Result<(), String> {
-            Err("not in these tests".into())
+        async fn get_file(&self, name: &str, _: &Path, _: Progress<'_>) -> Result<(), String> {
+            match self.objects.lock().unwrap().contains_key(name) {
+                true => Ok(()),
+                false => Err(format!("{name}: no such object")),
+            }
         }
         async fn put_bytes(&self, name: &str, data: Bytes) -> Result<(), String> {
             self.objects.lock().unwrap().insert(name.into(), data);
@@ -624,6 +627,89 @@ mod tests {
         revision: AtomicU64,
         renewals: AtomicUsize,
         renewals_left: usize,
+    }
+
+    impl MemLease {
+        fn new() -> Self {
+            MemLease {
+                revision: AtomicU64::new(1),
+                renewals: AtomicUsize::new(0),
+                renewals_left: usize::MAX,
+            }
+        }
+    }
+
+    /// A lease someone else holds; counts the releases asked of it.
+    #[derive(Default)]
+    struct HeldLease {
+        releases: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for HeldLease {
+        async fn prepare(&self) -> Result<StreamBounds, TransportError> {
+            Err(TransportError::other("lease only"))
+        }
+        async fn publish(&self, _: String, _: Bytes) -> Result<u64, TransportError> {
+            Err(TransportError::other("lease only"))
+        }
+        async fn subscribe(&self, _: u64) -> Result<(StreamBounds, Deliveries), TransportError> {
+            Err(TransportError::other("lease only"))
+        }
+        async fn lease(&self, _: &str, _: &str) -> Result<Claim, TransportError> {
+            Ok(Claim::Held { by: "db-2".into() })
+        }
+        async fn renew_lease(
+            &self,
+            _: &str,
+            _: &str,
+            _: u64,
+        ) -> Result<Option<u64>, TransportError> {
+            Ok(None)
+        }
+        async fn release(&self, _: &str, _: &str) -> Result<(), TransportError> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// Local files whose copies are at positions 10, 20, 30, ... and whose staging finds the
+    /// objects named in `corrupt` damaged.
+    #[derive(Default)]
+    struct CheckedFiles {
+        corrupt: Vec<String>,
+        staged: Mutex<Vec<String>>,
+        copies: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl SnapshotFiles for CheckedFiles {
+        async fn create(&self) -> Result<LocalSnapshot, SnapshotError> {
+            let mut l = NoFiles.create().await?;
+            l.position = 10 * (self.copies.fetch_add(1, Ordering::SeqCst) + 1);
+            Ok(l)
+        }
+        fn download_path(&self, object: &str) -> PathBuf {
+            PathBuf::from(object)
+        }
+        async fn stage(
+            &self,
+            path: &Path,
+            info: &SnapshotInfo,
+        ) -> Result<StagedSnapshot, SnapshotError> {
+            self.staged.lock().unwrap().push(info.object.clone());
+            if self.corrupt.contains(&info.object) {
+                return Err(SnapshotError::Corrupt {
+                    object: info.object.clone(),
+                    detail: "checksum mismatch".into(),
+                });
+            }
+            Ok(StagedSnapshot {
+                info: info.clone(),
+                path: path.to_path_buf(),
+            })
+        }
+        fn discard(&self, _: &Path) {}
     }
 
     #[async_trait::async_trait]
@@ -828,5 +914,120 @@ mod tests {
             3,
             "two kept generations and the save under way: {objects:?}"
         );
+    }
+
+    /// Saves three generations at positions 10, 20 and 30; returns their manifests.
+    fn three_generations(store: &MemStore) -> Vec<SnapshotInfo> {
+        let lease = MemLease::new();
+        let files = CheckedFiles::default();
+        (1..=3)
+            .map(|i| {
+                let mut p = params(1_000 * i);
+                p.position = 10 * i;
+                p.keep = 5;
+                match futures::executor::block_on(save(
+                    store,
+                    &lease,
+                    &files,
+                    &p,
+                    &no_wait,
+                    &|_| {},
+                ))
+                .unwrap()
+                {
+                    SaveOutcome::Saved(info) => info,
+                    other => panic!("saved: {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_newer_snapshot_gets_a_higher_generation_and_the_newest_is_fetched() {
+        let store = MemStore::default();
+        let infos = three_generations(&store);
+        assert!(infos[0].generation < infos[1].generation);
+        assert!(infos[1].generation < infos[2].generation);
+        let files = CheckedFiles::default();
+        let f = futures::executor::block_on(fetch_latest(&store, &files, &|_| {}, 0)).unwrap();
+        assert_eq!(f.staged.unwrap().info, infos[2]);
+        assert!(f.rejected.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_verify_is_reported_and_an_older_one_is_used() {
+        let store = MemStore::default();
+        let infos = three_generations(&store);
+        let files = CheckedFiles {
+            corrupt: vec![infos[2].object.clone()],
+            ..CheckedFiles::default()
+        };
+        let f = futures::executor::block_on(fetch_latest(&store, &files, &|_| {}, 0)).unwrap();
+        assert_eq!(f.staged.unwrap().info, infos[1]);
+        assert_eq!(f.rejected.len(), 1);
+        assert!(
+            matches!(&f.rejected[0], SnapshotError::Corrupt { object, .. } if *object == infos[2].object)
+        );
+    }
+
+    #[test]
+    fn snapshots_below_the_position_needed_are_passed_over_without_downloading_them() {
+        let store = MemStore::default();
+        let infos = three_generations(&store);
+        let files = CheckedFiles {
+            corrupt: vec![infos[2].object.clone()],
+            ..CheckedFiles::default()
+        };
+        // Needs position 25: the newest is damaged, the others are too old.
+        let f = futures::executor::block_on(fetch_latest(&store, &files, &|_| {}, 25)).unwrap();
+        assert!(f.staged.is_none());
+        assert_eq!(*files.staged.lock().unwrap(), vec![infos[2].object.clone()]);
+    }
+
+    #[test]
+    fn a_recent_enough_snapshot_is_not_taken_again_and_a_held_lease_means_busy() {
+        let store = MemStore::default();
+        let infos = three_generations(&store);
+        let mut p = params(3_500);
+        p.position = 31;
+        p.min_changes = 5;
+        p.min_age_ms = 10_000;
+        let out = futures::executor::block_on(save(
+            &store,
+            &MemLease::new(),
+            &NoFiles,
+            &p,
+            &no_wait,
+            &|_| {},
+        ));
+        assert!(matches!(out, Ok(SaveOutcome::UpToDate(i)) if i == infos[2]));
+        let out = futures::executor::block_on(save(
+            &store,
+            &HeldLease::default(),
+            &NoFiles,
+            &params(9_000),
+            &no_wait,
+            &|_| {},
+        ));
+        assert!(matches!(out, Ok(SaveOutcome::Busy { by }) if by == "db-2"));
+    }
+
+    #[test]
+    fn a_fetch_to_restore_releases_the_nodes_stale_lease_first() {
+        let store = MemStore::default();
+        three_generations(&store);
+        let lease = HeldLease::default();
+        let files = CheckedFiles::default();
+        let f = futures::executor::block_on(fetch_to_restore(
+            &store,
+            &lease,
+            "db-1",
+            &files,
+            &|_| {},
+            0,
+        ))
+        .unwrap();
+        assert!(f.staged.is_some());
+        assert_eq!(lease.releases.load(Ordering::SeqCst), 1);
     }
 }

@@ -85,6 +85,8 @@ mod storage;
 mod transport;
 
 pub use snapshots::{MemorySnapshotStore, MemorySnapshots};
+#[cfg(test)]
+pub(crate) use storage::MemTxn;
 pub use storage::{MemoryApp, MemoryError, MemoryStorage};
 pub use transport::{MemoryStream, MemoryTransport};
 

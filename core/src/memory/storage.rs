@@ -279,7 +279,7 @@ impl MemoryStorage {
 }
 
 /// One transaction: a working copy of the database.
-struct MemTxn {
+pub(crate) struct MemTxn {
     db: Db,
     /// Copies taken at each open savepoint.
     savepoints: Vec<Db>,
@@ -292,6 +292,50 @@ struct MemTxn {
 }
 
 impl MemTxn {
+    /// A transaction over a copy of `app`'s database, as node `node` in incarnation
+    /// `incarnation` (for the core's unit tests of capture and apply).
+    #[cfg(test)]
+    pub(crate) fn over(app: &MemoryApp, node: NodeId, incarnation: u64) -> Self {
+        let mut db = app.copy();
+        db.incarnations.insert(incarnation);
+        MemTxn {
+            db,
+            savepoints: Vec::new(),
+            handles: Vec::new(),
+            node,
+            incarnation,
+            max_fragment: 512 * 1024,
+        }
+    }
+
+    /// The rows of `table` as SQL row literals (for tests).
+    #[cfg(test)]
+    pub(crate) fn rows(&self, table: &str) -> Vec<String> {
+        self.db.tables.get(table).map_or_else(Vec::new, |t| {
+            t.rows
+                .values()
+                .map(|r| sql_row_literal(r.iter().map(Value::as_ref)))
+                .collect()
+        })
+    }
+
+    /// The version of `key` in `table` (for tests).
+    #[cfg(test)]
+    pub(crate) fn version_of(&self, table: &str, key: &[Value]) -> Option<RowVersion> {
+        let k = sql_row_literal(key.iter().map(Value::as_ref));
+        self.db.tables.get(table)?.versions.get(&k).map(|(_, v)| *v)
+    }
+
+    /// Batches parked, the messages in the outbox, conflicts recorded (for tests).
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.db.parked.len(),
+            self.db.outbox.len(),
+            self.db.conflicts.len(),
+        )
+    }
+
     fn local(&self, h: usize) -> &Table {
         &self.db.tables[&self.handles[h].0]
     }
