@@ -22,7 +22,8 @@
 
 use crate::ddl::{key_match, quote, ver_match, ver_table};
 use crate::schema::{PREFIX, TableInfo};
-use crate::{SqliteStore, StoreError, meta_get, meta_set, user_marmot_tables};
+use crate::sync::user_marmot_tables;
+use crate::{SqliteStore, StoreError, meta_get, meta_set};
 use marmot_core::Clock;
 use marmot_core::ports::RestoreReport;
 use marmot_core::snapshot::StagedSnapshot;
