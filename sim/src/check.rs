@@ -9,7 +9,7 @@
 //! [`crate::world`].) Liveness, at the end: every node's tables equal the oracle's.
 
 use crate::oracle::Oracle;
-use crate::world::Failure;
+use crate::report::Failure;
 use bytes::Bytes;
 use marmot_core::value::{ValueRef, sql_row_literal};
 use marmot_core::wire::{BatchId, BodyReader, Header, Item, decode_message, unseal};

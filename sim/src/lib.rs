@@ -11,16 +11,21 @@
 //! See SIMULATION.md for the model, the invariants and how to replay a seed.
 #![warn(missing_docs)]
 
+mod app;
 pub mod broker;
 pub mod check;
 pub mod conformance;
+mod host;
 pub mod oracle;
 pub mod plan;
 pub mod proto;
+mod recorded;
+pub mod report;
 pub mod transport;
 pub mod workload;
 pub mod world;
 
 pub use plan::Plan;
+pub use report::{Failure, Outcome, Report};
 pub use workload::Generator;
-pub use world::{Failure, Outcome, Report, run_plan_watched, run_seed, run_seed_watched};
+pub use world::{run_plan_watched, run_seed, run_seed_watched};
