@@ -1,0 +1,338 @@
+//! Snapshots: joining from one, taking them, restoring when behind.
+
+use super::*;
+
+#[test]
+fn a_new_node_starts_from_the_newest_snapshot_then_reads_the_stream_after_it() {
+    let mut n = snapshot_node(0);
+    let mut r = recovered(0, vec![]);
+    r.empty = true;
+    n.handle(ms(0), Input::Recovered(r));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 500,
+        })),
+    );
+    assert!(
+        !has(&drain(&mut n), |o| matches!(
+            o,
+            Output::FetchSnapshot { .. }
+        )),
+        "a restore may stamp (a merge captures first): not before the clock was checked"
+    );
+    clock_checked(&mut n, ms(0));
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::FetchSnapshot { min_position: 0 }
+    )));
+    assert!(
+        !has(&outs, |o| matches!(o, Output::Subscribe { .. })),
+        "not before the restore"
+    );
+    n.handle(
+        ms(5),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: Some(staged(420)),
+            rejected: vec![],
+        })),
+    );
+    assert!(has(
+        &drain(&mut n),
+        |o| matches!(o, Output::RestoreSnapshot(s) if s.info.position == 420)
+    ));
+    n.handle(ms(6), restored(420));
+    let outs = drain(&mut n);
+    assert!(
+        has(&outs, |o| matches!(
+            o,
+            Output::Subscribe { from_seq: 421, .. }
+        )),
+        "{outs:?}"
+    );
+    assert_eq!(n.status().position, 420);
+}
+
+#[test]
+fn a_receive_only_node_never_takes_snapshots() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.publish = false;
+    cfg.snapshots = Some(SnapshotPolicy {
+        every_changes: 1,
+        interval: Some(Duration::from_secs(1)),
+        restore_empty: true,
+    });
+    let (mut n, outs) = ready_configured_receive_only(cfg);
+    assert!(!has(&outs, |o| matches!(o, Output::SaveSnapshot { .. })));
+    n.handle(ms(1), subscribed(1, 1, 1));
+    n.handle(
+        ms(1),
+        Input::Delivered {
+            generation: 1,
+            deliveries: vec![delivery(1)],
+        },
+    );
+    drain(&mut n);
+    n.handle(
+        ms(2),
+        Input::Applied {
+            result: Ok(ApplyOutcome {
+                report: ApplyReport {
+                    through_seq: 1,
+                    rows_written: 50,
+                    ..ApplyReport::default()
+                },
+                ..ApplyOutcome::default()
+            }),
+            deliveries: vec![delivery(1)],
+            wall_ms: 2,
+        },
+    );
+    n.handle(ms(5_000), Input::Tick);
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::SaveSnapshot { .. }
+    )));
+    assert!(n.poll_timeout() > ms(5_001));
+}
+
+#[test]
+fn a_new_node_without_any_snapshot_reads_the_whole_stream() {
+    let mut n = snapshot_node(0);
+    let mut r = recovered(0, vec![]);
+    r.empty = true;
+    n.handle(ms(0), Input::Recovered(r));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 5,
+        })),
+    );
+    clock_checked(&mut n, ms(0));
+    drain(&mut n);
+    n.handle(
+        ms(1),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: None,
+            rejected: vec![],
+        })),
+    );
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::Subscribe { from_seq: 1, .. }
+    )));
+}
+
+#[test]
+fn a_node_behind_the_stream_restores_and_carries_on() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.snapshots = Some(SnapshotPolicy {
+        every_changes: 0,
+        interval: None,
+        restore_empty: true,
+    });
+    let mut n = Node::new(cfg);
+    n.handle(ms(0), Input::Recovered(recovered(10, vec![])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 100,
+            last_seq: 200,
+        })),
+    );
+    clock_checked(&mut n, ms(0));
+    drain(&mut n);
+    n.handle(ms(1), subscribed(1, 100, 200));
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::Behind { .. })
+    )));
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::FetchSnapshot { min_position: 99 }
+    )));
+    // A corrupt newest snapshot is reported and skipped; the next one is used.
+    let rejected = vec![crate::snapshot::SnapshotError::Corrupt {
+        object: "snapshot-new".into(),
+        detail: "checksum".into(),
+    }];
+    n.handle(
+        ms(2),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: Some(staged(150)),
+            rejected,
+        })),
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::SnapshotRejected { .. })
+    )));
+    assert!(has(&outs, |o| matches!(o, Output::RestoreSnapshot(_))));
+    n.handle(ms(3), restored(150));
+    let outs = drain(&mut n);
+    assert!(!n.status().behind);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Subscribe { from_seq: 151, .. }
+    )));
+}
+
+#[test]
+fn a_node_still_behind_after_a_restore_waits_for_a_snapshot_that_covers_the_gap() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.alarm_interval = Duration::from_secs(2);
+    cfg.snapshots = Some(SnapshotPolicy {
+        every_changes: 0,
+        interval: None,
+        restore_empty: true,
+    });
+    let mut n = Node::new(cfg);
+    n.handle(ms(0), Input::Recovered(recovered(10, vec![])));
+    let bounds = StreamBounds {
+        first_seq: 300,
+        last_seq: 400,
+    };
+    n.handle(ms(0), Input::Prepared(Ok(bounds)));
+    clock_checked(&mut n, ms(0));
+    drain(&mut n);
+    n.handle(
+        ms(1),
+        Input::Subscribed {
+            generation: 1,
+            result: Ok(bounds),
+        },
+    );
+    // Messages up to 299 are gone: only a snapshot at 299 or later helps.
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::FetchSnapshot { min_position: 299 }
+    )));
+    n.handle(
+        ms(2),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: Some(staged(320)),
+            rejected: vec![],
+        })),
+    );
+    drain(&mut n);
+    n.handle(ms(3), restored(320));
+    let outs = drain(&mut n);
+    let generation = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Subscribe { generation, .. } => Some(*generation),
+            _ => None,
+        })
+        .expect("subscribes after the restore");
+    // Meanwhile the stream moved on past the snapshot.
+    n.handle(
+        ms(4),
+        Input::Subscribed {
+            generation,
+            result: Ok(StreamBounds {
+                first_seq: 500,
+                last_seq: 600,
+            }),
+        },
+    );
+    let outs = drain(&mut n);
+    assert!(
+        has(&outs, |o| matches!(
+            o,
+            Output::FetchSnapshot { min_position: 499 }
+        )),
+        "only a snapshot past the new gap is of use: {outs:?}"
+    );
+    n.handle(
+        ms(5),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: None,
+            rejected: vec![],
+        })),
+    );
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::NoSnapshot {
+            reason: RestoreReason::Behind
+        })
+    )));
+    // No spinning: nothing is fetched again before the alarm interval.
+    n.handle(ms(1000), Input::Tick);
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::FetchSnapshot { .. }
+    )));
+    assert!(n.poll_timeout() <= ms(2005));
+    n.handle(ms(2005), Input::Tick);
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::FetchSnapshot { min_position: 499 }
+    )));
+}
+
+#[test]
+fn a_snapshot_is_due_after_enough_changes() {
+    let mut n = snapshot_node(100);
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    n.handle(
+        ms(0),
+        Input::Claimed {
+            result: Ok(Claim::Granted {
+                server_ms: 1000,
+                revision: 1,
+            }),
+            sent_wall_ms: 1000,
+            received_wall_ms: 1000,
+        },
+    );
+    drain(&mut n);
+    let mut c = captured(1, 1);
+    c.rows = 60;
+    n.handle(
+        ms(1),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(c),
+            schema_changed: false,
+            unparked: 0,
+        })),
+    );
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::SaveSnapshot { .. }
+    )));
+    let mut c = captured(2, 1);
+    c.rows = 60;
+    n.handle(
+        ms(2),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(c),
+            schema_changed: false,
+            unparked: 0,
+        })),
+    );
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::SaveSnapshot { .. }
+    )));
+    n.handle(
+        ms(3),
+        Input::SnapshotSaved(Ok(SaveOutcome::Busy { by: "other".into() })),
+    );
+    assert!(
+        !has(&drain(&mut n), |o| matches!(o, Output::SaveSnapshot { .. })),
+        "not again right away"
+    );
+}
