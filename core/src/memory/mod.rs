@@ -83,12 +83,13 @@ pub mod harness;
 mod snapshots;
 mod storage;
 mod transport;
+mod txn;
 
 pub use snapshots::{MemorySnapshotStore, MemorySnapshots};
-#[cfg(test)]
-pub(crate) use storage::MemTxn;
 pub use storage::{MemoryApp, MemoryError, MemoryStorage};
 pub use transport::{MemoryStream, MemoryTransport};
+#[cfg(test)]
+pub(crate) use txn::MemTxn;
 
 use crate::ports::Env;
 use futures::future::BoxFuture;
