@@ -344,7 +344,14 @@ impl Snapshots for DaemonSnapshots {
 
     async fn fetch(&self, min_position: u64) -> Result<Fetched, SnapshotError> {
         let progress = log_progress("download");
-        let store = self.store().await?;
+        let store = match self.store().await {
+            Ok(s) => s,
+            Err(e) => {
+                // The node's stale lease goes even when the store cannot be opened.
+                snapshot::release_stale_lease(&*self.transport, &self.owner).await;
+                return Err(e);
+            }
+        };
         snapshot::fetch_to_restore(
             &**store,
             &*self.transport,

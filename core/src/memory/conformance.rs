@@ -187,6 +187,14 @@ pub fn storage_conformance<X: StorageSubject>(x: &mut X) {
     let rc = c.recover().expect("recover");
     assert_eq!(rc.position, last3 + 1);
     assert!(!rc.empty);
+    // The snapshot's parked batch comes along (the stream may no longer hold it), and its
+    // clock is merged: the restored node never stamps below what it now holds.
+    assert_eq!(rc.parked, 1, "the snapshot's parked batch");
+    assert!(
+        cc.high_water() >= local.stamp,
+        "the snapshot's clock is merged"
+    );
+    assert!(rc.clock >= local.stamp, "and saved");
 
     // A node with content merges it: its own pending write is captured first and survives,
     // the snapshot's rows arrive.
@@ -203,5 +211,13 @@ pub fn storage_conformance<X: StorageSubject>(x: &mut X) {
     );
     assert_eq!(rep.position, last3 + 1);
     assert_eq!(x.rows(&mut d), owned(&[(2, "local, newer"), (9, "mine")]));
-    let _ = &mut cd;
+    assert_eq!(
+        d.recover().expect("recover").parked,
+        1,
+        "the snapshot's parked batch"
+    );
+    assert!(
+        cd.high_water() >= local.stamp,
+        "the snapshot's clock is merged"
+    );
 }

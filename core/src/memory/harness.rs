@@ -429,13 +429,16 @@ impl Cluster {
                     payload,
                 } => {
                     let payload = match payload {
-                        Some(p) => Some(p),
-                        None => m.storage.outbox_message(batch, chunk).ok().flatten(),
+                        Some(p) => Ok(Some(p)),
+                        None => m.storage.outbox_message(batch, chunk),
                     };
+                    // As the drive loop does: gone from the outbox means acknowledged already;
+                    // a failed read is a failed publish.
                     let result = match payload {
-                        None => Ok(0),
-                        Some(_) if m.cut => Err(TransportError::unavailable("cut off")),
-                        Some(p) => {
+                        Ok(None) => Ok(0),
+                        Err(e) => Err(TransportError::other(format!("reading the outbox: {e}"))),
+                        Ok(Some(_)) if m.cut => Err(TransportError::unavailable("cut off")),
+                        Ok(Some(p)) => {
                             self.stream.set_time_ms(EPOCH_MS + now.as_millis() as u64);
                             self.stream.publish(&batch.message_id(chunk), p)
                         }

@@ -249,7 +249,9 @@ impl MemoryStorage {
         self.fail_next = Some(kind);
     }
 
-    /// Runs `f` on a copy of the database and keeps the copy only when it succeeds.
+    /// Runs `f` on a copy of the database and keeps the copy only when it succeeds. The
+    /// database stays locked meanwhile: an application write waits for the transaction, as
+    /// it waits for SQLite's write lock.
     fn in_txn<R>(
         &mut self,
         f: impl FnOnce(&mut MemTxn) -> Result<R, MemoryError>,
@@ -260,9 +262,9 @@ impl MemoryStorage {
                 message: "injected failure".into(),
             });
         }
-        let db = lock(&self.db).clone();
+        let mut guard = lock(&self.db);
         let mut t = MemTxn {
-            db,
+            db: guard.clone(),
             savepoints: Vec::new(),
             handles: Vec::new(),
             node: self.node,
@@ -270,7 +272,7 @@ impl MemoryStorage {
             max_fragment: self.max_fragment,
         };
         let r = f(&mut t)?;
-        *lock(&self.db) = t.db;
+        *guard = t.db;
         Ok(r)
     }
 }
@@ -348,7 +350,10 @@ impl Storage for MemoryStorage {
     /// An empty database takes the snapshot whole (keeping its own identity: incarnations,
     /// capture counter, outbox); one with content captures its pending writes first, then
     /// takes each key whose snapshot version is newer than its own (rows the snapshot lacks
-    /// are kept), and the later of the two positions.
+    /// are kept), and the later of the two positions. Both take the snapshot's chunks of
+    /// incomplete batches and its parked batches (the stream may no longer hold what they
+    /// need), and merge its clock as a remote stamp (bounded by the clock's lead), as the
+    /// SQLite adapter does.
     fn restore(
         &mut self,
         clock: &mut Clock,
@@ -363,7 +368,8 @@ impl Storage for MemoryStorage {
         };
         let generation = snapshot.info.generation;
         self.in_txn(|t| {
-            if t.db.is_empty() {
+            let whole = t.db.is_empty();
+            let captured = if whole {
                 for (name, theirs) in &snap.tables {
                     let mine =
                         t.db.tables
@@ -374,45 +380,42 @@ impl Storage for MemoryStorage {
                     mine.dirty.clear();
                 }
                 t.db.position = snap.position;
-                t.db.clock = t.db.clock.max(snap.clock);
-                return Ok(RestoreReport {
-                    position: snap.position,
-                    generation,
-                    merged: false,
-                    captured: None,
-                });
-            }
-            let captured = t.capture_pending(clock, wall_ms)?;
-            for (name, theirs) in &snap.tables {
-                let Some(mine) = t.db.tables.get_mut(name) else {
-                    continue;
-                };
-                for (k, (key, v)) in &theirs.versions {
-                    let newer = mine
-                        .versions
-                        .get(k)
-                        .is_none_or(|(_, m)| m.version < v.version);
-                    if !newer {
+                None
+            } else {
+                let captured = t.capture_pending(clock, wall_ms)?;
+                for (name, theirs) in &snap.tables {
+                    let Some(mine) = t.db.tables.get_mut(name) else {
                         continue;
-                    }
-                    clock.observe(v.version.stamp);
-                    match theirs.rows.get(k) {
-                        Some(row) if !v.deleted => {
-                            mine.rows.insert(k.clone(), row.clone());
+                    };
+                    for (k, (key, v)) in &theirs.versions {
+                        let newer = mine
+                            .versions
+                            .get(k)
+                            .is_none_or(|(_, m)| m.version < v.version);
+                        if !newer {
+                            continue;
                         }
-                        _ => {
-                            mine.rows.remove(k);
+                        match theirs.rows.get(k) {
+                            Some(row) if !v.deleted => {
+                                mine.rows.insert(k.clone(), row.clone());
+                            }
+                            _ => {
+                                mine.rows.remove(k);
+                            }
                         }
+                        mine.versions.insert(k.clone(), (key.clone(), *v));
                     }
-                    mine.versions.insert(k.clone(), (key.clone(), *v));
                 }
-            }
-            t.db.position = t.db.position.max(snap.position);
+                t.db.position = t.db.position.max(snap.position);
+                captured
+            };
+            t.import_cluster_state(&snap);
+            clock.observe_remote(Stamp::from_u64(snap.clock), wall_ms);
             t.save_clock(clock)?;
             Ok(RestoreReport {
                 position: t.db.position,
                 generation,
-                merged: true,
+                merged: !whole,
                 captured,
             })
         })

@@ -332,3 +332,33 @@ fn the_drive_loop_runs_a_node_over_the_in_memory_ports() {
     assert_eq!(stop, Stop::Shutdown { unpublished: 0 });
     assert_eq!(stream.bounds().last_seq, 1);
 }
+
+#[test]
+fn a_node_id_in_use_stops_the_second_node_until_the_first_ones_claim_expires() {
+    // Member 3 is misconfigured with member 1's node id.
+    let n = std::cell::Cell::new(0);
+    let mut c = Cluster::new(3, T, move |cfg| {
+        n.set(n.get() + 1);
+        if n.get() == 3 {
+            cfg.node_id = 1;
+            cfg.owner = "another database".into();
+        }
+    });
+    c.start(0);
+    c.run_for(ms(50));
+    c.start(2);
+    c.run_for(ms(50));
+    assert_eq!(
+        c.members[2].stopped,
+        Some(Stop::NodeIdInUse {
+            holder: "memory-db-1".into()
+        })
+    );
+    // Member 1 dies; its claim is not renewed and expires (15 s); then the id is free.
+    c.crash(0);
+    c.run_for(Duration::from_secs(16));
+    c.restart(2);
+    c.run_for(ms(50));
+    assert_eq!(c.members[2].stopped, None);
+    assert!(c.members[2].node.status().claimed);
+}

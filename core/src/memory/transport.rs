@@ -30,8 +30,10 @@ struct State {
     ids: BTreeMap<String, u64>,
     /// Keep at most this many messages (None: all).
     max_messages: Option<usize>,
-    /// Lease key → (owner, revision of its grant).
-    leases: BTreeMap<String, (String, u64)>,
+    /// Lease key → (owner, revision of its grant, server time of the grant).
+    leases: BTreeMap<String, (String, u64, u64)>,
+    /// A lease not renewed for this long (server time, ms) expires.
+    lease_ttl_ms: u64,
     /// The revision of the last grant of any lease.
     revision: u64,
     /// The server's clock (ms since the Unix epoch), when no time source is set.
@@ -63,6 +65,14 @@ impl State {
         use crate::ports::Env;
         self.time.as_ref().map_or(self.now_ms, |t| t.wall_ms())
     }
+    /// The lease `key` as held now: (owner, revision), unless it expired.
+    fn held(&self, key: &str) -> Option<(&str, u64)> {
+        let now = self.server_ms();
+        self.leases
+            .get(key)
+            .filter(|(_, _, at)| now < at.saturating_add(self.lease_ttl_ms))
+            .map(|(o, r, _)| (o.as_str(), *r))
+    }
     fn up(&self) -> Result<(), TransportError> {
         if self.down {
             Err(TransportError::unavailable("the in-memory stream is down"))
@@ -73,15 +83,33 @@ impl State {
 }
 
 /// The stream, its deduplication ids and its leases, shared by every node of a cluster.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryStream {
     state: Arc<Mutex<State>>,
 }
 
+impl Default for MemoryStream {
+    fn default() -> Self {
+        MemoryStream {
+            state: Arc::new(Mutex::new(State {
+                lease_ttl_ms: 15_000,
+                ..State::default()
+            })),
+        }
+    }
+}
+
 impl MemoryStream {
-    /// An empty stream that keeps every message.
+    /// An empty stream that keeps every message; leases expire 15 s (server time) after
+    /// their last grant, as the NATS adapter's do.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Leases expire `ms` (server time) after their last grant or renewal.
+    pub fn with_lease_ttl_ms(self, ms: u64) -> Self {
+        self.lock().lease_ttl_ms = ms;
+        self
     }
 
     /// Keeps at most `n` messages: older ones are dropped (as a JetStream stream with a
@@ -166,26 +194,30 @@ impl MemoryStream {
             .collect()
     }
 
-    /// Grants (or renews) lease `key` to `owner` unless someone else holds it.
+    /// Grants (or renews) lease `key` to `owner` unless someone else holds it (a lease not
+    /// renewed in time has expired: anyone may take it).
     pub fn lease(&self, key: &str, owner: &str) -> Result<Claim, TransportError> {
         let mut s = self.lock();
         s.up()?;
-        if let Some((holder, _)) = s.leases.get(key)
+        if let Some((holder, _)) = s.held(key)
             && holder != owner
         {
-            return Ok(Claim::Held { by: holder.clone() });
+            return Ok(Claim::Held {
+                by: holder.to_string(),
+            });
         }
         s.revision += 1;
-        let revision = s.revision;
+        let (revision, now) = (s.revision, s.server_ms());
         s.leases
-            .insert(key.to_string(), (owner.to_string(), revision));
+            .insert(key.to_string(), (owner.to_string(), revision, now));
         Ok(Claim::Granted {
-            server_ms: s.server_ms(),
+            server_ms: now,
             revision,
         })
     }
 
-    /// Renews lease `key` only if it is still `owner`'s grant of `revision`.
+    /// Renews lease `key` only if it is still `owner`'s grant of `revision` (not expired,
+    /// nobody took it meanwhile).
     pub fn renew_lease(
         &self,
         key: &str,
@@ -194,11 +226,12 @@ impl MemoryStream {
     ) -> Result<Option<u64>, TransportError> {
         let mut s = self.lock();
         s.up()?;
-        match s.leases.get(key) {
-            Some((holder, r)) if holder == owner && *r == revision => {
+        match s.held(key) {
+            Some((holder, r)) if holder == owner && r == revision => {
                 s.revision += 1;
-                let r = s.revision;
-                s.leases.insert(key.to_string(), (owner.to_string(), r));
+                let (r, now) = (s.revision, s.server_ms());
+                s.leases
+                    .insert(key.to_string(), (owner.to_string(), r, now));
                 Ok(Some(r))
             }
             _ => Ok(None),
@@ -209,7 +242,7 @@ impl MemoryStream {
     pub fn release(&self, key: &str, owner: &str) -> Result<(), TransportError> {
         let mut s = self.lock();
         s.up()?;
-        if s.leases.get(key).is_some_and(|(h, _)| h == owner) {
+        if s.held(key).is_some_and(|(h, _)| h == owner) {
             s.leases.remove(key);
         }
         Ok(())

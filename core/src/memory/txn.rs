@@ -76,6 +76,32 @@ impl MemTxn {
         )
     }
 
+    /// Takes a snapshot's chunks of incomplete batches and the parked batches this database
+    /// does not hold yet (marked for retry).
+    pub(super) fn import_cluster_state(&mut self, snap: &Db) {
+        for (batch, chunks) in &snap.inbox {
+            let mine = self.db.inbox.entry(*batch).or_default();
+            for (c, f) in chunks {
+                mine.entry(*c).or_insert_with(|| f.clone());
+            }
+        }
+        for p in &snap.parked {
+            if !self
+                .db
+                .parked
+                .iter()
+                .any(|q| q.p.stream_seq == p.p.stream_seq)
+            {
+                self.db.next_parked += 1;
+                self.db.parked.push(ParkedRow {
+                    id: self.db.next_parked,
+                    retry_requested: true,
+                    ..p.clone()
+                });
+            }
+        }
+    }
+
     fn local(&self, h: usize) -> &Table {
         &self.db.tables[&self.handles[h].0]
     }

@@ -263,7 +263,9 @@ impl Node {
         if self.stopped {
             return;
         }
-        self.last_now = self.last_now.max(now);
+        // Time never goes backwards: an older `now` is taken as the newest seen.
+        let now = self.last_now.max(now);
+        self.last_now = now;
         let (cfg, out) = (&self.cfg, &mut self.outputs);
         match input {
             Input::Recovered(r) => self.on_recovered(now, r),
@@ -554,6 +556,9 @@ impl Node {
         let Some(deadline) = self.shutdown_deadline else {
             return;
         };
+        // Not the capture gate on purpose: before the first claim the node waits (the claim
+        // may come, and with it a capture of the last writes); only a clock known to be
+        // ahead, or publish off, gives capturing up.
         let captured = !self.cfg.publish || self.link.clock_paused() || self.capture.settled();
         let flushed = captured && (self.outbox.batches() == 0 || self.outbox.stuck(g));
         if flushed || now >= deadline {

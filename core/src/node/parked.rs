@@ -102,7 +102,10 @@ impl Parked {
     }
 
     /// Retries are made at once when asked for, and while any are parked, now and then for
-    /// retries a person asked for.
+    /// retries a person asked for. (The look for requested retries is due only while some
+    /// batch is parked when the gate opens; the node before sub-machines latched it when it
+    /// came due under a closed gate. Storage answers in the drain, so the count cannot
+    /// change meanwhile: the same outputs.)
     fn retry_due(&self, g: &Gates) -> Option<Duration> {
         if !g.clock_sane || g.shutting_down {
             return None;

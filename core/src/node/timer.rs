@@ -2,7 +2,9 @@
 //!
 //! Each job of the node has at most one deadline here. It is set while the job is possible
 //! (its gates open) and cleared while it is blocked, so [`Node::poll_timeout`] is simply the
-//! earliest entry, and it names the [`Timer`] that set it. The table is armed from the same
+//! earliest entry, and it names the [`Timer`] that set it. Two entries are armed whenever
+//! they are set, gates or not: [`Timer::Poll`] and [`Timer::Recheck`] only mark a capture
+//! as wanted (always possible); the capture itself waits for its gates. The table is armed from the same
 //! functions `step` asks whether a job is due: the two cannot drift apart (they did once:
 //! regression 01, a drive loop that woke itself forever for a job that could not run).
 //!

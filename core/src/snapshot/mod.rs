@@ -509,9 +509,15 @@ where
     T: Transport + ?Sized,
     F: SnapshotFiles + ?Sized,
 {
-    // A failed release changes nothing: the lease expires on its own.
-    let _ = transport.release(SNAPSHOT_LEASE, owner).await;
+    release_stale_lease(transport, owner).await;
     fetch_latest(store, files, progress, min_position).await
+}
+
+/// The first step of [`fetch_to_restore`], for a caller that cannot reach its store at all:
+/// the stale lease goes anyway. A failed release changes nothing: the lease expires on its
+/// own.
+pub async fn release_stale_lease<T: Transport + ?Sized>(transport: &T, owner: &str) {
+    let _ = transport.release(SNAPSHOT_LEASE, owner).await;
 }
 
 /// Downloads and verifies the newest snapshot, falling back to older generations when one
