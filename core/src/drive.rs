@@ -171,7 +171,7 @@ where
                 } => {
                     let payload = match payload {
                         Some(p) => Ok(Some(p)),
-                        None => env.blocking(|| storage.outbox_message(batch, chunk)),
+                        None => env.blocking(|| read_outbox(storage, batch, chunk)),
                     };
                     match payload {
                         Ok(Some(payload)) => {
@@ -202,9 +202,7 @@ where
                             Input::Published {
                                 batch,
                                 chunk,
-                                result: Err(TransportError::other(format!(
-                                    "reading the outbox: {e}"
-                                ))),
+                                result: Err(e),
                             },
                         ),
                     }
@@ -383,4 +381,17 @@ where
         }
         node.handle(env.now(), input);
     }
+}
+
+/// Reads a message of the outbox for [`Output::Publish`] when the node no longer holds it in
+/// memory. `None`: it left the outbox, so it was acknowledged already. A failed read is a
+/// failed publish (retried with the same backoff).
+pub(crate) fn read_outbox<S: Storage>(
+    storage: &mut S,
+    batch: crate::wire::BatchId,
+    chunk: u32,
+) -> Result<Option<bytes::Bytes>, TransportError> {
+    storage
+        .outbox_message(batch, chunk)
+        .map_err(|e| TransportError::other(format!("reading the outbox: {e}")))
 }

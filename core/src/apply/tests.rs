@@ -45,16 +45,7 @@ fn batch_in(
 }
 
 fn deliver(first_seq: u64, messages: &[Bytes]) -> Vec<Delivery> {
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| Delivery {
-            stream_seq: first_seq + i as u64,
-            payload: m.clone(),
-            published_ms: T0,
-            pending: 0,
-        })
-        .collect()
+    crate::memory::conformance::deliveries(first_seq, messages)
 }
 
 fn apply(t: &mut MemTxn, clock: &mut Clock, position: u64, ds: &[Delivery]) -> ApplyReport {

@@ -33,7 +33,8 @@ pub trait StorageSubject {
 /// Wall-clock times the body stamps with (ms since the Unix epoch).
 const T0: u64 = 1_700_000_000_000;
 
-fn deliveries(first_seq: u64, messages: &[Bytes]) -> Vec<Delivery> {
+/// Deliveries of `messages` from stream sequence `first_seq` on, as a stream hands them over.
+pub fn deliveries(first_seq: u64, messages: &[Bytes]) -> Vec<Delivery> {
     messages
         .iter()
         .enumerate()

@@ -430,13 +430,12 @@ impl Cluster {
                 } => {
                     let payload = match payload {
                         Some(p) => Ok(Some(p)),
-                        None => m.storage.outbox_message(batch, chunk),
+                        None => crate::drive::read_outbox(&mut m.storage, batch, chunk),
                     };
-                    // As the drive loop does: gone from the outbox means acknowledged already;
-                    // a failed read is a failed publish.
+                    // As the drive loop does: gone from the outbox means acknowledged already.
                     let result = match payload {
                         Ok(None) => Ok(0),
-                        Err(e) => Err(TransportError::other(format!("reading the outbox: {e}"))),
+                        Err(e) => Err(e),
                         Ok(Some(_)) if m.cut => Err(TransportError::unavailable("cut off")),
                         Ok(Some(p)) => {
                             self.stream.set_time_ms(EPOCH_MS + now.as_millis() as u64);
