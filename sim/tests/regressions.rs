@@ -175,3 +175,14 @@ fn regression_15_the_last_batches_waiting_on_a_unique_value_waited_forever() {
 fn regression_16_an_apply_stamped_local_writes_with_a_clock_nobody_had_checked() {
     passes_with(10, Generator::V2);
 }
+
+/// Postmortem: a snapshot is a copy of the file, and a node saved one while it could not
+/// capture (its clock ran ahead, so capture was paused): the copy held its application's
+/// writes that no batch carried yet, without versions. A node that joined restored it, then
+/// rebuilt a table and deleted one of those rows in the same transaction; with no version
+/// to compare against, marmot could not see that delete, and the write was lost. A node now
+/// saves a snapshot only with a sane clock and no capture wanted or under way.
+#[test]
+fn regression_17_a_snapshot_carried_writes_its_node_had_not_captured() {
+    passes_with(608106, Generator::V2);
+}

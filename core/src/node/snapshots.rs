@@ -205,8 +205,13 @@ impl Snapshots {
 
     fn save_due(&self, g: &Gates, cfg: &NodeConfig) -> Option<Duration> {
         let p = cfg.snapshots.as_ref()?;
+        // A node that cannot stamp (clock not checked, or ahead) cannot capture: its file holds
+        // writes no batch carries, so it is no snapshot of the stream. Nor is a copy taken
+        // while a capture is wanted or under way.
         let possible = cfg.publish
             && g.claimed
+            && g.clock_sane
+            && g.capture_settled
             && !self.saving
             && self.restore == RestorePhase::Idle
             && !g.behind

@@ -336,3 +336,64 @@ fn a_snapshot_is_due_after_enough_changes() {
         "not again right away"
     );
 }
+
+/// A snapshot is a copy of the file: it must not carry writes no batch carries yet (the node
+/// that restores it would hold them unversioned before their origin published them).
+#[test]
+fn a_snapshot_waits_for_a_sane_clock_and_for_pending_writes_to_be_captured() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.snapshots = Some(SnapshotPolicy {
+        every_changes: 0,
+        interval: Some(Duration::from_secs(1)),
+        restore_empty: true,
+    });
+    let mut n = Node::new(cfg);
+    n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 0,
+        })),
+    );
+    let bound = n.config().max_clock_skew_ms;
+    // Claimed, but the clock is ahead: capture is paused, so no snapshot either.
+    n.handle(
+        ms(1),
+        Input::Claimed {
+            result: Ok(Claim::Granted {
+                server_ms: 1_000_000,
+                revision: 1,
+            }),
+            sent_wall_ms: 1_000_000 + bound + 1000,
+            received_wall_ms: 1_000_000 + bound + 1000,
+        },
+    );
+    n.handle(ms(5_000), Input::Tick);
+    assert!(n.status().clock_paused);
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::SaveSnapshot { .. }
+    )));
+    // The clock comes back: the pending writes are captured first, then the snapshot.
+    n.handle(ms(5_001), Input::LocalChange);
+    clock_checked(&mut n, ms(5_001));
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(o, Output::Capture)));
+    assert!(
+        !has(&outs, |o| matches!(o, Output::SaveSnapshot { .. })),
+        "not while a capture is under way"
+    );
+    n.handle(
+        ms(5_002),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: None,
+            schema_changed: false,
+            unparked: 0,
+        })),
+    );
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::SaveSnapshot { .. }
+    )));
+}
