@@ -181,7 +181,7 @@ fn regression_16_an_apply_stamped_local_writes_with_a_clock_nobody_had_checked()
 /// writes that no batch carried yet, without versions. A node that joined restored it, then
 /// rebuilt a table and deleted one of those rows in the same transaction; with no version
 /// to compare against, marmot could not see that delete, and the write was lost. A node now
-/// saves a snapshot only with a sane clock and no capture wanted or under way.
+/// saves a snapshot only with a sane clock, right after any capture that is due.
 #[test]
 fn regression_17_a_snapshot_carried_writes_its_node_had_not_captured() {
     passes_with(608106, Generator::V2);

@@ -140,11 +140,6 @@ struct Gates {
     /// lead the server by more than the bound. Capture, apply (which captures pending local
     /// writes first), merge restores and parked retries all stamp.
     clock_sane: bool,
-    /// No capture is wanted or under way: the last capture found every committed local write
-    /// (as of the last hint). A snapshot is a copy of the file, so it waits for this: rows
-    /// written but not yet captured would reach the node that restores it before their origin
-    /// published them, unversioned there (regression 17).
-    capture_settled: bool,
     /// A shutdown was asked for.
     shutting_down: bool,
     /// A restore is wanted or under way: no subscription, no snapshot save.
@@ -518,7 +513,6 @@ impl Node {
             stream_ready,
             claimed,
             clock_sane: claimed && !self.link.clock_paused(),
-            capture_settled: self.capture.settled(),
             shutting_down: self.shutdown_deadline.is_some(),
             restore_pending: self.snapshots.restore_pending(),
             restoring: self.snapshots.restoring(),

@@ -205,13 +205,16 @@ impl Snapshots {
 
     fn save_due(&self, g: &Gates, cfg: &NodeConfig) -> Option<Duration> {
         let p = cfg.snapshots.as_ref()?;
-        // A node that cannot stamp (clock not checked, or ahead) cannot capture: its file holds
-        // writes no batch carries, so it is no snapshot of the stream. Nor is a copy taken
-        // while a capture is wanted or under way.
+        // A snapshot is a copy of the file, and must hold only writes some batch carries
+        // (regression 17). A node that cannot stamp (clock not checked, or ahead) cannot
+        // capture, so its file holds writes no batch carries: no snapshot then. Otherwise a
+        // capture that is due goes first: `Node::step` runs capture before snapshots, and
+        // the drive loop performs outputs in order (a capture completes before the copy
+        // starts). The save does not wait for capture to settle: under a writer that never
+        // pauses it never would.
         let possible = cfg.publish
             && g.claimed
             && g.clock_sane
-            && g.capture_settled
             && !self.saving
             && self.restore == RestorePhase::Idle
             && !g.behind
