@@ -10,7 +10,7 @@
 
 use crate::hlc::{Clock, NodeId, Stamp, Version};
 use crate::value::ValueRef;
-use crate::wire::{BatchId, BodyWriter, seal};
+use crate::wire::{BatchId, BodyWriter, ObjectKind, SchemaItem, seal};
 use bytes::Bytes;
 
 /// A table with changed rows waiting to be captured.
@@ -24,6 +24,36 @@ pub struct DirtyTable {
     pub columns: Vec<String>,
     /// How many of `columns` form the primary key.
     pub key_columns: usize,
+}
+
+/// A schema object that changed since the last capture (see [`SchemaItem`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchemaChange {
+    /// What kind of object.
+    pub kind: ObjectKind,
+    /// Its name (empty for `user_version`).
+    pub name: String,
+    /// The table it belongs to.
+    pub table: String,
+    /// The object as it was at the last capture or apply (None: it did not exist).
+    pub old_sql: Option<String>,
+    /// The object now (None: dropped).
+    pub new_sql: Option<String>,
+    /// The version the object had (None: never versioned): the batch is stamped above it.
+    pub base: Option<Version>,
+}
+
+impl SchemaChange {
+    /// The change as a body carries it.
+    pub fn item(&self) -> SchemaItem<'_> {
+        SchemaItem {
+            kind: self.kind,
+            name: &self.name,
+            table: &self.table,
+            old_sql: self.old_sql.as_deref(),
+            new_sql: self.new_sql.as_deref(),
+        }
+    }
 }
 
 /// One changed row as it is now.
@@ -40,6 +70,20 @@ pub trait DirtyRow {
 pub trait CaptureTxn {
     /// Storage failure: the whole transaction is rolled back and retried later.
     type Error;
+    /// Schema objects changed since the last capture, in the order a receiver must apply
+    /// them. The default: the storage does not replicate schema.
+    fn schema_changes(&mut self) -> Result<Vec<SchemaChange>, Self::Error> {
+        Ok(Vec::new())
+    }
+    /// Records `changes` as captured at `version` (the next capture does not find them again).
+    fn commit_schema(
+        &mut self,
+        changes: &[SchemaChange],
+        version: Version,
+    ) -> Result<(), Self::Error> {
+        let _ = (changes, version);
+        Ok(())
+    }
     /// Tables with changed rows.
     fn dirty_tables(&mut self) -> Result<Vec<DirtyTable>, Self::Error>;
     /// Visits every distinct changed row of `table` once, as it is now.
@@ -85,18 +129,26 @@ pub struct Captured {
     pub messages: Vec<Bytes>,
 }
 
-/// Captures every pending change as one batch, or returns `None` when nothing changed.
+/// Captures every pending change as one batch, or returns `None` when nothing changed. Schema
+/// changes lead the batch: its rows are in the new shape.
 pub fn capture<T: CaptureTxn>(
     txn: &mut T,
     clock: &mut Clock,
     p: &CaptureParams,
 ) -> Result<Option<Captured>, T::Error> {
+    let schema = txn.schema_changes()?;
     let tables = txn.dirty_tables()?;
-    if tables.is_empty() {
+    if tables.is_empty() && schema.is_empty() {
         return Ok(None);
     }
     let mut body = BodyWriter::default();
     let mut max_base = Stamp::ZERO;
+    for c in &schema {
+        if let Some(b) = c.base {
+            max_base = max_base.max(b.stamp);
+        }
+        body.schema(&c.item());
+    }
     for t in &tables {
         body.table(&t.name, &t.columns, t.key_columns);
         txn.read_dirty(t, &mut |row| {
@@ -118,10 +170,13 @@ pub fn capture<T: CaptureTxn>(
         stamp,
         node: p.node,
     };
+    if !schema.is_empty() {
+        txn.commit_schema(&schema, version)?;
+    }
     for t in &tables {
         txn.commit_dirty(t, version)?;
     }
-    if body.rows() == 0 {
+    if body.rows() == 0 && body.schema_items() == 0 {
         return Ok(None);
     }
     let batch = BatchId {
@@ -129,7 +184,14 @@ pub fn capture<T: CaptureTxn>(
         incarnation: p.incarnation,
         seq: p.batch_seq,
     };
-    let messages = seal(batch, stamp, body.as_bytes(), p.compress, p.max_fragment);
+    let messages = seal(
+        batch,
+        stamp,
+        body.format(),
+        body.as_bytes(),
+        p.compress,
+        p.max_fragment,
+    );
     txn.put_outbox(batch, &messages)?;
     Ok(Some(Captured {
         batch,
@@ -190,6 +252,7 @@ mod tests {
         let mut table = String::new();
         while let Some(item) = r.next_item(&mut values).unwrap() {
             match item {
+                Item::Schema(_) => {}
                 Item::Table(t) => table = t.name.to_string(),
                 Item::Upsert { base } => out.push((table.clone(), true, base)),
                 Item::Delete { base } => out.push((table.clone(), false, base)),

@@ -261,6 +261,9 @@ fn status(s: &Settings) -> anyhow::Result<ExitCode> {
         "parked_batches": q("SELECT count(*) FROM \"__marmot__parked\""),
         "conflicts_recorded": q("SELECT count(*) FROM \"__marmot__conflicts\""),
         "tables": q("SELECT count(*) FROM \"__marmot__tables\""),
+        "schema_replicated": s.replicate_schema,
+        // Equal on nodes whose replicated schema is the same (normalised statements).
+        "schema_digest": marmot_sqlite::replicated::schema_digest(&conn).unwrap_or_default(),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)

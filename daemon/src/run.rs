@@ -86,6 +86,7 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
     store_cfg.compress = s.compress;
     store_cfg.busy_timeout = s.busy_timeout;
     store_cfg.keep_conflicts = s.keep_conflicts;
+    store_cfg.replicate_schema = s.replicate_schema;
     // An application may hold the write lock for a while: wait for it rather than fail.
     let store = loop {
         match SqliteStore::open(store_cfg.clone()) {

@@ -470,6 +470,7 @@ pub fn command(
             // Sets marmot up in the database if it never ran there.
             let mut cfg = marmot_sqlite::StoreConfig::new(&s.db_path, s.node_id, rand::random());
             cfg.capture = s.publish;
+            cfg.replicate_schema = s.replicate_schema;
             tokio::task::spawn_blocking(move || marmot_sqlite::SqliteStore::open(cfg).map(drop)).await??;
         }match action {
             SnapshotCommand::List => {
@@ -537,6 +538,7 @@ pub fn command(
                 let mut cfg = marmot_sqlite::StoreConfig::new(&s.db_path, s.node_id, rand::random());
                 cfg.capture = s.publish;
                 cfg.busy_timeout = s.busy_timeout;
+                cfg.replicate_schema = s.replicate_schema;
                 let db = s.db_path.clone();
                 let mut store = tokio::task::spawn_blocking(move || marmot_sqlite::SqliteStore::open(cfg)).await??;
                 let recovered = store.recover()?;

@@ -23,6 +23,7 @@ pub mod admin;
 pub mod ddl;
 pub mod fts;
 mod migrate;
+pub mod replicated;
 mod restore;
 pub mod schema;
 pub mod snapshot;
@@ -83,6 +84,9 @@ pub struct StoreConfig {
     pub busy_timeout: Duration,
     /// How many conflict records to keep.
     pub keep_conflicts: u64,
+    /// Replicate schema changes: capture the application's DDL with its rows, and apply other
+    /// nodes' (false: each node's schema is its own, as before).
+    pub replicate_schema: bool,
     /// Where to die on purpose (tests and the simulation only).
     pub crash_point: Option<CrashPoint>,
 }
@@ -110,6 +114,7 @@ impl StoreConfig {
             max_fragment: 512 * 1024,
             busy_timeout: Duration::from_secs(5),
             keep_conflicts: 10_000,
+            replicate_schema: true,
             crash_point: None,
         }
     }
@@ -443,6 +448,9 @@ impl SqliteStore {
             stats: &self.stats,
             incarnations: &self.incarnations,
             apply_tables: Vec::new(),
+            replicate_schema: self.cfg.replicate_schema,
+            capture: self.cfg.capture,
+            resynced: None,
         }
     }
 }

@@ -156,6 +156,8 @@ impl SqliteStore {
             meta_set(c, "format", crate::STORE_FORMAT).map_err(err)?;
         }
         crate::migrate::ensure_parked_collision(c).map_err(err)?;
+        // A snapshot from a marmot that did not replicate schema: its schema is the baseline.
+        crate::replicated::init_baseline(c).map_err(err)?;
         if let Some(theirs) = meta_get(c, "clock").map_err(err)? {
             clock.observe_remote(Stamp::from_u64(theirs as u64), wall_ms);
         }

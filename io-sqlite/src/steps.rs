@@ -13,6 +13,21 @@ impl SqliteStore {
             .map_err(|e| self.sql_err(e))
     }
 
+    /// Takes the tables an apply re-read after it applied schema from the stream (the
+    /// schema changed: parked batches are retried).
+    pub(crate) fn adopt_tables(
+        &mut self,
+        resynced: Option<(Vec<Table>, HashMap<String, usize>)>,
+    ) -> Result<(), StoreError> {
+        if let Some((tables, _)) = resynced {
+            self.install_tables(tables).map_err(|e| self.sql_err(e))?;
+            self.synced_in_txn = true;
+            self.schema_changed = true;
+            self.scan_needed = true;
+        }
+        Ok(())
+    }
+
     /// Captures pending local changes. Inside a transaction.
     pub(crate) fn capture_in_txn(
         &mut self,
@@ -98,6 +113,8 @@ impl SqliteStore {
             let mut tx = self.tx(wall_ms);
             let outcome = marmot_core::apply::retry_parked(&mut tx, clock, me, &p, wall_ms, report)
                 .map_err(|x| self.sql_err(x))?;
+            let resynced = tx.resynced.take();
+            self.adopt_tables(resynced)?;
             match outcome {
                 None => {
                     self.conn
@@ -186,6 +203,8 @@ impl SqliteStore {
                     &mut tx, clock, me, &set, wall_ms, report,
                 )
                 .map_err(|x| self.sql_err(x))?;
+                let resynced = tx.resynced.take();
+                self.adopt_tables(resynced)?;
                 if outcome.is_none() {
                     done = Some(leave_out);
                     break;
@@ -257,8 +276,12 @@ impl marmot_core::txn::LocalTxn for SqliteStore {
     ) -> Result<marmot_core::apply::ApplyReport, StoreError> {
         let me = self.cfg.node_id;
         let mut tx = self.tx(wall_ms);
-        marmot_core::apply::apply_deliveries(&mut tx, clock, me, position, deliveries, wall_ms)
-            .map_err(|e| self.sql_err(e))
+        let report =
+            marmot_core::apply::apply_deliveries(&mut tx, clock, me, position, deliveries, wall_ms)
+                .map_err(|e| self.sql_err(e))?;
+        let resynced = tx.resynced.take();
+        self.adopt_tables(resynced)?;
+        Ok(report)
     }
     fn record_position(&mut self, position: u64) -> Result<(), StoreError> {
         meta_set(&self.conn, "position", position as i64).map_err(|e| self.sql_err(e))

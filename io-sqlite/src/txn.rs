@@ -8,8 +8,8 @@ use crate::ddl::{ApplySql, TableSql, quote};
 use crate::schema::TableInfo;
 use bytes::Bytes;
 use marmot_core::apply::{ApplyFault, ApplyTxn, ConflictRecord, Parked, RowVersion};
-use marmot_core::capture::{CaptureTxn, DirtyRow, DirtyTable};
-use marmot_core::wire::{BatchId, Header, TableDef};
+use marmot_core::capture::{CaptureTxn, DirtyRow, DirtyTable, SchemaChange};
+use marmot_core::wire::{BatchId, Header, SchemaItem, TableDef};
 use marmot_core::{NodeId, Stamp, Value, ValueRef, Version};
 use rusqlite::types::{ToSqlOutput, ValueRef as SqlRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, ToSql, params};
@@ -100,7 +100,51 @@ pub struct Tx<'a> {
     pub(crate) keep_conflicts: u64,
     pub(crate) stats: &'a crate::StoreStats,
     pub(crate) incarnations: &'a std::collections::BTreeMap<u64, u64>,
-    pub(crate) apply_tables: Vec<(usize, ApplySql)>,
+    /// Per incoming table item: the local table, its statements, and which incoming columns
+    /// are written (None: all; a column the schema history says was dropped is not).
+    pub(crate) apply_tables: Vec<(usize, ApplySql, Option<Vec<bool>>)>,
+    /// Replicate schema changes (see `StoreConfig::replicate_schema`).
+    pub(crate) replicate_schema: bool,
+    /// Capture triggers are installed.
+    pub(crate) capture: bool,
+    /// The tables as they are after schema applied in this transaction (the store takes them
+    /// when the transaction's work is done).
+    pub(crate) resynced: Option<(Vec<Table>, HashMap<String, usize>)>,
+}
+
+impl Tx<'_> {
+    fn tables(&self) -> &[Table] {
+        match &self.resynced {
+            Some((t, _)) => t,
+            None => self.tables,
+        }
+    }
+
+    fn by_name(&self) -> &HashMap<String, usize> {
+        match &self.resynced {
+            Some((_, m)) => m,
+            None => self.by_name,
+        }
+    }
+
+    /// Follows the schema after schema from the stream changed it: `quiet` tables are not
+    /// published again.
+    fn resync(&mut self, quiet: &[String]) -> rusqlite::Result<()> {
+        let tables = crate::sync::sync_tables(
+            self.conn,
+            self.capture,
+            false,
+            &|n| quiet.iter().any(|q| q == n),
+            self.stats,
+        )?;
+        let by_name = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.info.name.clone(), i))
+            .collect();
+        self.resynced = Some((tables, by_name));
+        Ok(())
+    }
 }
 
 struct RowView<'r, 's> {
@@ -136,9 +180,37 @@ impl DirtyRow for RowView<'_, '_> {
 impl CaptureTxn for Tx<'_> {
     type Error = rusqlite::Error;
 
+    fn schema_changes(&mut self) -> Result<Vec<SchemaChange>, Self::Error> {
+        if !self.replicate_schema {
+            return Ok(Vec::new());
+        }
+        let changes = crate::replicated::changes(self.conn)?;
+        for c in &changes {
+            tracing::info!(
+                object = %c.name,
+                kind = c.kind.as_str(),
+                change = match (&c.old_sql, &c.new_sql) {
+                    (None, _) => "created",
+                    (_, None) => "dropped",
+                    _ => "changed",
+                },
+                "schema change captured: replicating it"
+            );
+        }
+        Ok(changes)
+    }
+
+    fn commit_schema(
+        &mut self,
+        changes: &[SchemaChange],
+        version: Version,
+    ) -> Result<(), Self::Error> {
+        crate::replicated::commit(self.conn, changes, version)
+    }
+
     fn dirty_tables(&mut self) -> Result<Vec<DirtyTable>, Self::Error> {
         let mut out = Vec::new();
-        for (index, t) in self.tables.iter().enumerate() {
+        for (index, t) in self.tables().iter().enumerate() {
             let dirty = self
                 .conn
                 .prepare_cached(&t.sql.has_dirty)?
@@ -162,7 +234,7 @@ impl CaptureTxn for Tx<'_> {
         table: &DirtyTable,
         visit: &mut dyn FnMut(&dyn DirtyRow),
     ) -> Result<(), Self::Error> {
-        let t = &self.tables[table.index];
+        let t = &self.tables()[table.index];
         let mut stmt = self.conn.prepare_cached(&t.sql.capture_select)?;
         let columns = t.info.columns.len();
         let keys = t.info.key_columns;
@@ -180,7 +252,7 @@ impl CaptureTxn for Tx<'_> {
     }
 
     fn commit_dirty(&mut self, table: &DirtyTable, version: Version) -> Result<(), Self::Error> {
-        let t = &self.tables[table.index];
+        let t = &self.tables()[table.index];
         let nulls: i64 = self
             .conn
             .prepare_cached(&t.sql.null_keys)?
@@ -252,7 +324,7 @@ impl Tx<'_> {
         if is_transient(&e) {
             return ApplyFault::Storage(e);
         }
-        let name = &self.tables[self.apply_tables[t].0].info.name;
+        let name = &self.tables()[self.apply_tables[t].0].info.name;
         let reason = format!(
             "table {}, key {}: {e}",
             quote(name),
@@ -270,15 +342,47 @@ impl ApplyTxn for Tx<'_> {
     type Error = rusqlite::Error;
     type Table = usize;
 
+    fn apply_schema(
+        &mut self,
+        item: &SchemaItem<'_>,
+        version: Version,
+    ) -> Result<(), ApplyFault<Self::Error>> {
+        if !self.replicate_schema {
+            // This node keeps its own schema: rows that need the change park here.
+            return Ok(());
+        }
+        let applied = crate::replicated::apply(self.conn, item, version, self.wall_ms)?;
+        if let Some(c) = &applied.conflict {
+            tracing::warn!(object = %item.name, kind = item.kind.as_str(), winner = %c.winner, loser = %c.loser, "a schema change lost to a newer one: recorded as a conflict");
+            self.record_conflict(c).map_err(ApplyFault::Storage)?;
+        }
+        if applied.changed {
+            tracing::info!(object = %item.name, kind = item.kind.as_str(), "schema change applied from the stream");
+            let table = if item.table.is_empty() {
+                item.name
+            } else {
+                item.table
+            };
+            self.resync(&[table.to_string()])
+                .map_err(ApplyFault::Storage)?;
+        }
+        Ok(())
+    }
+
     fn table(&mut self, def: &TableDef<'_>) -> Result<usize, ApplyFault<Self::Error>> {
-        let Some(&index) = self.by_name.get(def.name) else {
+        let Some(&index) = self.by_name().get(def.name) else {
             return Err(ApplyFault::Poison(format!(
                 "unknown table {}: it does not exist on this node or is not replicated here \
                  (schema changes are not replicated: run the same migration on every node)",
                 quote(def.name)
             )));
         };
-        let t = &self.tables[index].info;
+        let t = &self.tables()[index].info;
+        // The columns as this node names them: a column renamed since the sender wrote the
+        // row takes its new name; one dropped since is left out (rows written in an older
+        // shape apply through the schema history).
+        let mut names: Vec<String> = Vec::with_capacity(def.columns.len());
+        let mut mask = Vec::with_capacity(def.columns.len());
         for (i, c) in def.columns.iter().enumerate() {
             if def.columns[..i].contains(c) {
                 return Err(ApplyFault::Poison(format!(
@@ -287,15 +391,35 @@ impl ApplyTxn for Tx<'_> {
                     quote(c)
                 )));
             }
-            if !t.columns.iter().any(|lc| lc.name == *c) {
-                return Err(ApplyFault::Poison(format!(
-                    "table {}: unknown column {} (add it on this node; parked batches are retried after a schema change)",
-                    quote(def.name),
-                    quote(c)
-                )));
+            if t.columns.iter().any(|lc| lc.name == *c) {
+                names.push(c.to_string());
+                mask.push(true);
+                continue;
+            }
+            let fate = crate::replicated::column_fate(self.conn, def.name, c)
+                .map_err(ApplyFault::Storage)?;
+            match fate {
+                Some(Some(to))
+                    if t.columns.iter().any(|lc| lc.name == to)
+                        && !def.columns.contains(&to.as_str())
+                        && !names.contains(&to) =>
+                {
+                    names.push(to);
+                    mask.push(true);
+                }
+                Some(None) if i >= def.key_columns => mask.push(false),
+                _ => {
+                    return Err(ApplyFault::Poison(format!(
+                        "table {}: unknown column {} (add it on this node; parked batches are retried after a schema change)",
+                        quote(def.name),
+                        quote(c)
+                    )));
+                }
             }
         }
-        let incoming_key = &def.columns[..def.key_columns];
+        let mask = mask.contains(&false).then_some(mask);
+        let columns: Vec<&str> = names.iter().map(String::as_str).collect();
+        let incoming_key = &columns[..def.key_columns];
         let mut local_key = Vec::with_capacity(t.key_columns);
         for lc in t.key() {
             match incoming_key.iter().position(|c| *c == lc.name) {
@@ -319,8 +443,8 @@ impl ApplyTxn for Tx<'_> {
                     .join(", ")
             )));
         }
-        let indexes = &self.tables[index].indexes;
-        let sql = ApplySql::new(t, &def.columns, def.key_columns, &local_key, indexes, index);
+        let indexes = &self.tables()[index].indexes;
+        let sql = ApplySql::new(t, &columns, def.key_columns, &local_key, indexes, index);
         if !sql.extras.is_empty() {
             // Where a clear-first apply keeps the extra columns of the rows it clears.
             let stash = crate::ddl::stash_table(index);
@@ -339,7 +463,7 @@ impl ApplyTxn for Tx<'_> {
                 ))
                 .map_err(ApplyFault::Storage)?;
         }
-        self.apply_tables.push((index, sql));
+        self.apply_tables.push((index, sql, mask));
         Ok(self.apply_tables.len() - 1)
     }
 
@@ -372,13 +496,20 @@ impl ApplyTxn for Tx<'_> {
         t: usize,
         values: &[ValueRef<'_>],
     ) -> Result<(), ApplyFault<Self::Error>> {
-        let keys = self.tables[self.apply_tables[t].0].info.key_columns;
+        let keys = self.tables()[self.apply_tables[t].0].info.key_columns;
         let key = &values[..keys.min(values.len())];
         self.derived(t, key, false)?;
         let sql = &self.apply_tables[t].1.upsert;
-        let r = self.conn.prepare_cached(sql).and_then(|mut s| {
-            s.execute(rusqlite::params_from_iter(values.iter().map(|v| Bind(*v))))
-        });
+        let mask = &self.apply_tables[t].2;
+        let kept = values
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask.as_ref().is_none_or(|m| m[*i]))
+            .map(|(_, v)| Bind(*v));
+        let r = self
+            .conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(rusqlite::params_from_iter(kept)));
         if let Err(e) = r {
             return Err(self.poison(t, key, e));
         }
@@ -445,14 +576,27 @@ impl ApplyTxn for Tx<'_> {
         key: &[ValueRef<'_>],
     ) -> Result<Option<Vec<Value>>, ApplyFault<Self::Error>> {
         let sql = &self.apply_tables[t].1.read;
+        let mask = &self.apply_tables[t].2;
         let r = self.conn.prepare_cached(sql).and_then(|mut s| {
             s.query_row(
                 rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))),
                 |r| {
                     let n = r.as_ref().column_count();
-                    (0..n)
-                        .map(|i| r.get_ref(i).map(|v| from_sql(v).to_owned()))
-                        .collect()
+                    let mut got = (0..n).map(|i| r.get_ref(i).map(|v| from_sql(v).to_owned()));
+                    match mask {
+                        // A dropped column reads as NULL, in the incoming order.
+                        Some(m) => m
+                            .iter()
+                            .map(|&k| {
+                                if k {
+                                    got.next().unwrap_or(Ok(Value::Null))
+                                } else {
+                                    Ok(Value::Null)
+                                }
+                            })
+                            .collect(),
+                        None => got.collect(),
+                    }
                 },
             )
             .optional()
@@ -493,7 +637,12 @@ impl ApplyTxn for Tx<'_> {
     }
 
     fn rollback_to(&mut self) -> Result<(), Self::Error> {
-        self.conn.execute_batch("ROLLBACK TO marmot_batch")
+        self.conn.execute_batch("ROLLBACK TO marmot_batch")?;
+        if self.resynced.is_some() {
+            // Schema applied in the batch is undone with it: follow the schema as it is.
+            self.resync(&[])?;
+        }
+        Ok(())
     }
 
     fn stash_chunk(

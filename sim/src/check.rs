@@ -49,6 +49,7 @@ pub fn batch_rows(messages: &[Bytes]) -> Option<(Header, Vec<BatchRow>)> {
     let mut keys = 0;
     while let Some(item) = reader.next_item(&mut values).ok()? {
         match item {
+            Item::Schema(_) => {}
             Item::Table(t) => {
                 table = t.name.to_string();
                 keys = t.key_columns;
@@ -347,6 +348,11 @@ impl Checker {
                 }
             }
         }
+        // The same replicated schema everywhere (normalised statements).
+        let schemas: Vec<_> = self.dbs.iter().map(|db| schema(db)).collect();
+        if schemas.iter().any(Option::is_none) || schemas.windows(2).any(|w| w[0] != w[1]) {
+            return None;
+        }
         Some(oracle.captures.iter().map(Vec::len).sum())
     }
 
@@ -427,9 +433,25 @@ impl Checker {
                 }
             }
         }
+        let first = self.dbs.first().and_then(|db| schema(db));
+        for (n, db) in self.dbs.iter().enumerate().skip(1) {
+            let s = schema(db);
+            if s != first {
+                out.push_str(&format!(
+                    "node {} has another schema than node 1: {s:?} / {first:?}\n",
+                    n + 1
+                ));
+            }
+        }
         if out.is_empty() {
             out.push_str("no difference at the deadline (converged too late?)");
         }
         out
     }
+}
+
+/// The replicated schema of a node's database, normalised (None: unreadable now).
+fn schema(db: &std::path::Path) -> Option<Vec<(String, String, String)>> {
+    let c = Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    marmot_sqlite::replicated::schema_objects(&c).ok()
 }

@@ -256,13 +256,109 @@ fn odd_identifiers_and_every_storage_class_round_trip_byte_for_byte() {
     assert_eq!(typeof_, "textreal");
 }
 
+/// The replicated schema of a database, normalised (equal lists: the same schema).
+fn schema_of(db: &Path) -> Vec<(String, String, String)> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    marmot_sqlite::replicated::schema_objects(&c).unwrap()
+}
+
 #[test]
-fn schema_changes_while_running_replicate_without_a_restart() {
+fn a_migration_on_one_node_reaches_every_node_while_the_others_keep_writing() {
     let dir = tempfile::tempdir().unwrap();
-    let (_nats, nodes) = cluster(dir.path(), 2, BOOKS, "");
+    let (_nats, nodes) = cluster(dir.path(), 3, BOOKS, "");
+    nodes[0].sql("INSERT INTO Books VALUES (1, 'Emma', 'Jane Austen', 1815);");
+    wait_converged(&refs(&nodes), CONVERGE);
+    // Applications on nodes 1 and 3 keep inserting (naming the columns the migration keeps)
+    // while a person migrates node 2 with the sqlite3 shell, statement by statement.
+    let writers: Vec<_> = [(0usize, 1000u64), (2, 3000)]
+        .into_iter()
+        .map(|(n, base)| {
+            let db = nodes[n].db.clone();
+            std::thread::spawn(move || {
+                for i in base..base + 40 {
+                    sqlite3(
+                        &db,
+                        &format!("INSERT INTO Books (id, title, author) VALUES ({i}, 'book {i}', 'writer');"),
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+        .collect();
+    nodes[1].sql("ALTER TABLE Books ADD COLUMN isbn TEXT;");
+    nodes[1].sql(
+        "CREATE TABLE Authors (name TEXT PRIMARY KEY, born INTEGER); CREATE INDEX Authors_born ON Authors (born);",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    nodes[1].sql("ALTER TABLE Books DROP COLUMN publication_year;");
+    std::thread::sleep(Duration::from_millis(200));
+    // SQLite's recipe for what ALTER TABLE cannot do (a CHECK constraint), in one transaction.
+    nodes[1].sql(
+        "BEGIN; CREATE TABLE Books_new (id INTEGER PRIMARY KEY, title TEXT NOT NULL CHECK (title <> ''), \
+         author TEXT NOT NULL, isbn TEXT); INSERT INTO Books_new SELECT id, title, author, isbn FROM Books; \
+         DROP TABLE Books; ALTER TABLE Books_new RENAME TO Books; COMMIT;",
+    );
+    for w in writers {
+        w.join().unwrap();
+    }
+    // The issue's "done when": a write of the new column on node 3 reaches every node.
+    wait_for(CONVERGE, "node 3 to have the new column", || {
+        nodes[2]
+            .sql("SELECT count(*) FROM pragma_table_info('Books') WHERE name = 'isbn';")
+            .eq("1")
+            .then_some(())
+    });
+    nodes[2].sql("UPDATE Books SET isbn = '978-0' WHERE id = 1; INSERT INTO Authors VALUES ('Jane Austen', 1775);");
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert!(
+        content.contains(&"Books: (1, 'Emma', 'Jane Austen', '978-0')".to_string()),
+        "{content:?}"
+    );
+    assert!(content.contains(&"Authors: ('Jane Austen', 1775)".to_string()));
+    for i in (1000..1040).chain(3000..3040) {
+        let row = format!("Books: ({i}, 'book {i}', 'writer', NULL)");
+        assert!(content.contains(&row), "missing {row}");
+    }
+    let schema = wait_for(CONVERGE, "the same schema everywhere", || {
+        let s: Vec<_> = nodes.iter().map(|n| schema_of(&n.db)).collect();
+        s.windows(2).all(|w| w[0] == w[1]).then(|| s[0].clone())
+    });
+    assert!(
+        schema
+            .iter()
+            .any(|(k, n, _)| k == "index" && n == "Authors_born"),
+        "{schema:?}"
+    );
+    for n in &nodes {
+        let list = String::from_utf8_lossy(&n.command(&["parked", "list"]).stdout).to_string();
+        assert!(list.contains("no parked batches"), "node {}: {list}", n.id);
+        let status = String::from_utf8_lossy(&n.command(&["status"]).stdout).to_string();
+        assert!(status.contains("\"schema_digest\""), "{status}");
+    }
+    // The CHECK constraint of the rebuilt table holds on every node.
+    for n in &nodes {
+        let out = std::process::Command::new("sqlite3")
+            .arg(&n.db)
+            .arg("INSERT INTO Books (id, title, author) VALUES (9999, '', 'x');")
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "node {} took a row its CHECK refuses",
+            n.id
+        );
+    }
+}
+
+#[test]
+fn with_schema_replication_off_each_node_is_migrated_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, nodes) = cluster(dir.path(), 2, BOOKS, "[schema]\nreplicate = false\n");
     nodes[0].sql("INSERT INTO Books VALUES (1, 'a', 'b', 1);");
     wait_converged(&refs(&nodes), CONVERGE);
-    // The same migration on both nodes (schema changes are not replicated), used at once.
+    // The same migration on both nodes, as before schema replication.
     for n in &nodes {
         n.sql("ALTER TABLE Books ADD COLUMN isbn TEXT; CREATE TABLE Authors (name TEXT PRIMARY KEY, born INTEGER);");
     }

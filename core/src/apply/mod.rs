@@ -12,7 +12,9 @@
 use crate::hlc::{Clock, NodeId, Version};
 use crate::merge::{Resolution, resolve};
 use crate::value::{Value, ValueRef, sql_row_literal};
-use crate::wire::{BatchId, BodyReader, Header, Item, TableDef, WireError, decode_message, unseal};
+use crate::wire::{
+    BatchId, BodyReader, Header, Item, SchemaItem, TableDef, WireError, decode_message, unseal,
+};
 use bytes::Bytes;
 
 /// One message as delivered from the stream.
@@ -98,6 +100,22 @@ pub trait ApplyTxn {
     type Error;
     /// Opaque handle of a local table matched to an incoming table definition.
     type Table: Copy;
+    /// Brings one schema object to the state `item` describes, if `version` is newer than the
+    /// object's own (an older change lost, and is recorded like a row conflict); then the
+    /// rows that follow see the new schema. Runs inside the batch's savepoint. The default:
+    /// this storage does not take schema changes, and the batch is parked.
+    fn apply_schema(
+        &mut self,
+        item: &SchemaItem<'_>,
+        version: Version,
+    ) -> Result<(), ApplyFault<Self::Error>> {
+        let _ = version;
+        Err(ApplyFault::Poison(format!(
+            "schema change of {} {:?}: this storage does not apply schema changes",
+            item.kind.as_str(),
+            item.name
+        )))
+    }
     /// Matches an incoming table definition to the local schema: unknown table, unknown
     /// column or a different primary key is a [`ApplyFault::Poison`].
     fn table(&mut self, def: &TableDef<'_>) -> Result<Self::Table, ApplyFault<Self::Error>>;
@@ -556,6 +574,15 @@ fn apply_batch<'a, T: ApplyTxn>(
             .map_err(|e: WireError| ApplyFault::Poison(e.to_string()))?;
         let Some(item) = item else { break };
         let (base, delete) = match item {
+            Item::Schema(s) => {
+                if table.is_some() {
+                    return Err(ApplyFault::Poison(
+                        "schema change after rows in one batch".to_string(),
+                    ));
+                }
+                txn.apply_schema(&s, incoming)?;
+                continue;
+            }
             Item::Table(def) => {
                 let handle = txn.table(&def)?;
                 table = Some((handle, def));

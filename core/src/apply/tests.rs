@@ -41,7 +41,14 @@ fn batch_in(
         incarnation: 1,
         seq,
     };
-    seal(id, Stamp::new(ms, 0), w.as_bytes(), false, max_fragment)
+    seal(
+        id,
+        Stamp::new(ms, 0),
+        w.format(),
+        w.as_bytes(),
+        false,
+        max_fragment,
+    )
 }
 
 fn deliver(first_seq: u64, messages: &[Bytes]) -> Vec<Delivery> {
@@ -177,7 +184,14 @@ fn a_batch_that_cannot_apply_is_parked_whole_and_retried_later() {
         incarnation: 1,
         seq: 1,
     };
-    let msgs = seal(id, Stamp::new(T0, 0), w.as_bytes(), false, 1 << 20);
+    let msgs = seal(
+        id,
+        Stamp::new(T0, 0),
+        w.format(),
+        w.as_bytes(),
+        false,
+        1 << 20,
+    );
     let r = apply(&mut t, &mut clock(), 0, &deliver(1, &msgs));
     assert_eq!(r.parked.len(), 1);
     assert!(

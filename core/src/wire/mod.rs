@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! body   := item*
-//! item   := 0x01 table | 0x02 upsert | 0x03 delete
+//! item   := 0x01 table | 0x02 upsert | 0x03 delete | 0x04 schema
 //! table  := name:str columns:varint key_columns:varint column_name:str * columns
 //! upsert := base value * columns        (the row as it is now, key columns first)
 //! delete := base value * key_columns    (the key of a row that no longer exists)
@@ -20,7 +20,14 @@
 //! value  := 0x00 | 0x01 zigzag-varint | 0x02 f64-le | 0x03 len:varint bytes | 0x04 len:varint bytes
 //!           (NULL, INTEGER, REAL, TEXT as stored, BLOB)
 //! str    := len:varint utf-8 bytes
+//! schema := kind:u8 name:str table:str old_sql:str new_sql:str   (empty str: absent)
+//! kind   := 1 table | 2 index | 3 view | 4 trigger | 5 user_version (sql: the number)
 //! ```
+//!
+//! A schema item is one object's state after a schema change (its `CREATE` statement as
+//! SQLite stores it, or absent when dropped) and before it on the sender; schema items come
+//! before the rows of their batch. A batch with a schema item is written with format version
+//! 2; a batch of rows only with version 1, which every earlier marmot reads.
 //!
 //! Rows refer to the table item before them. Every row of a batch carries the batch's one
 //! stamp and origin (from the header). Fragments of one batch concatenate, in chunk order,
@@ -32,13 +39,16 @@ use crate::hlc::{NodeId, Stamp, Version};
 use crate::value::ValueRef;
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// The message format this build writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+/// The newest message format this build writes and reads (2: batches with schema items).
+pub const FORMAT_VERSION: u8 = 2;
+/// The message format of batches without schema items, which every marmot reads.
+pub const FORMAT_ROWS: u8 = 1;
 
 const FLAG_COMPRESSED: u8 = 1;
 const ITEM_TABLE: u8 = 1;
 const ITEM_UPSERT: u8 = 2;
 const ITEM_DELETE: u8 = 3;
+const ITEM_SCHEMA: u8 = 4;
 
 /// Bodies smaller than this are sent uncompressed: zstd would not pay for itself.
 const COMPRESS_MIN_BYTES: usize = 512;
@@ -48,7 +58,7 @@ const COMPRESS_MIN_BYTES: usize = 512;
 pub enum WireError {
     /// The message was written by a marmot with a message format this build does not know.
     #[error(
-        "message format version {found} is not supported by this marmot (it reads version {FORMAT_VERSION}); upgrade marmot on this node"
+        "message format version {found} is not supported by this marmot (it reads versions {FORMAT_ROWS} to {FORMAT_VERSION}); upgrade marmot on this node"
     )]
     UnknownVersion {
         /// The version byte found.
@@ -93,6 +103,8 @@ impl std::fmt::Display for BatchId {
 /// The header every message of a batch carries.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// The message format it was written with ([`FORMAT_ROWS`] or [`FORMAT_VERSION`]).
+    pub format: u8,
     /// Which batch.
     pub batch: BatchId,
     /// This message's chunk index, from 0.
@@ -119,7 +131,7 @@ impl Header {
 pub fn decode_message(msg: &[u8]) -> Result<(Header, &[u8]), WireError> {
     let mut r = Reader::new(msg);
     let version = r.u8("format version")?;
-    if version != FORMAT_VERSION {
+    if !(FORMAT_ROWS..=FORMAT_VERSION).contains(&version) {
         return Err(WireError::UnknownVersion { found: version });
     }
     let flags = r.u8("flags")?;
@@ -136,6 +148,7 @@ pub fn decode_message(msg: &[u8]) -> Result<(Header, &[u8]), WireError> {
         return Err(WireError::Malformed(format!("chunk {chunk} of {chunks}")));
     }
     let header = Header {
+        format: version,
         batch: BatchId {
             origin,
             incarnation,
@@ -153,7 +166,7 @@ pub fn decode_message(msg: &[u8]) -> Result<(Header, &[u8]), WireError> {
 /// keep a reassembled batch as one self-contained message).
 pub fn encode_message(header: &Header, fragment: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(fragment.len() + 40);
-    b.put_u8(FORMAT_VERSION);
+    b.put_u8(header.format);
     b.put_u8(if header.compressed {
         FLAG_COMPRESSED
     } else {
@@ -174,10 +187,11 @@ pub fn encode_message(header: &Header, fragment: &[u8]) -> Bytes {
 }
 
 /// Seals a body into messages: compresses it when asked and worthwhile, then splits it into
-/// fragments of at most `max_fragment` bytes.
+/// fragments of at most `max_fragment` bytes. `format` is [`BodyWriter::format`].
 pub fn seal(
     batch: BatchId,
     stamp: Stamp,
+    format: u8,
     body: &[u8],
     compress: bool,
     max_fragment: usize,
@@ -202,6 +216,7 @@ pub fn seal(
             let start = i * max_fragment;
             let end = (start + max_fragment).min(payload.len());
             let header = Header {
+                format,
                 batch,
                 chunk: i as u32,
                 chunks: chunks_u32,
@@ -243,9 +258,109 @@ pub fn unseal(header: &Header, payload: Bytes) -> Result<Bytes, WireError> {
 pub struct BodyWriter {
     buf: Vec<u8>,
     rows: u64,
+    schema_items: u64,
+}
+
+/// What kind of schema object a schema item describes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    /// A table (ordinary or virtual).
+    Table,
+    /// An index.
+    Index,
+    /// A view.
+    View,
+    /// A trigger.
+    Trigger,
+    /// `PRAGMA user_version` (its sql is the number, in decimal).
+    UserVersion,
+}
+
+impl ObjectKind {
+    fn code(self) -> u8 {
+        match self {
+            ObjectKind::Table => 1,
+            ObjectKind::Index => 2,
+            ObjectKind::View => 3,
+            ObjectKind::Trigger => 4,
+            ObjectKind::UserVersion => 5,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        Some(match c {
+            1 => ObjectKind::Table,
+            2 => ObjectKind::Index,
+            3 => ObjectKind::View,
+            4 => ObjectKind::Trigger,
+            5 => ObjectKind::UserVersion,
+            _ => return None,
+        })
+    }
+    /// The `type` of `sqlite_master` (`user_version` for the pragma).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ObjectKind::Table => "table",
+            ObjectKind::Index => "index",
+            ObjectKind::View => "view",
+            ObjectKind::Trigger => "trigger",
+            ObjectKind::UserVersion => "user_version",
+        }
+    }
+    /// The kind for a `sqlite_master` type (or `user_version`).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "table" => ObjectKind::Table,
+            "index" => ObjectKind::Index,
+            "view" => ObjectKind::View,
+            "trigger" => ObjectKind::Trigger,
+            "user_version" => ObjectKind::UserVersion,
+            _ => return None,
+        })
+    }
+}
+
+/// One schema object's change, as a body carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchemaItem<'a> {
+    /// What kind of object.
+    pub kind: ObjectKind,
+    /// Its name (empty for `user_version`).
+    pub name: &'a str,
+    /// The table it belongs to (its own name for a table or view).
+    pub table: &'a str,
+    /// The object as the sender had it before (None: it did not exist).
+    pub old_sql: Option<&'a str>,
+    /// The object as it is now (None: dropped).
+    pub new_sql: Option<&'a str>,
 }
 
 impl BodyWriter {
+    /// A schema change; schema items go before every row.
+    pub fn schema(&mut self, item: &SchemaItem<'_>) {
+        self.schema_items += 1;
+        self.buf.push(ITEM_SCHEMA);
+        self.buf.push(item.kind.code());
+        put_str(&mut self.buf, item.name);
+        put_str(&mut self.buf, item.table);
+        put_str(&mut self.buf, item.old_sql.unwrap_or(""));
+        put_str(&mut self.buf, item.new_sql.unwrap_or(""));
+    }
+
+    /// How many schema items were written.
+    pub fn schema_items(&self) -> u64 {
+        self.schema_items
+    }
+
+    /// The message format this body needs: [`FORMAT_VERSION`] with schema items, else
+    /// [`FORMAT_ROWS`].
+    pub fn format(&self) -> u8 {
+        if self.schema_items > 0 {
+            FORMAT_VERSION
+        } else {
+            FORMAT_ROWS
+        }
+    }
+
     /// Starts the rows of a table. `columns` lists key columns first.
     pub fn table(&mut self, name: &str, columns: &[String], key_columns: usize) {
         self.buf.push(ITEM_TABLE);
@@ -312,6 +427,8 @@ pub struct TableDef<'a> {
 /// One item read from a body.
 #[derive(Debug)]
 pub enum Item<'a> {
+    /// A schema change (before any row of the batch).
+    Schema(SchemaItem<'a>),
     /// Following rows belong to this table.
     Table(TableDef<'a>),
     /// A row write; its values are in the caller's buffer.
@@ -397,6 +514,24 @@ impl<'a> BodyReader<'a> {
                 } else {
                     Item::Delete { base }
                 }))
+            }
+            ITEM_SCHEMA => {
+                let code = self.r.u8("schema kind")?;
+                let kind = ObjectKind::from_code(code).ok_or_else(|| {
+                    WireError::Malformed(format!("unknown schema object kind {code}"))
+                })?;
+                let name = self.r.str("schema object name")?;
+                let table = self.r.str("schema object table")?;
+                let old = self.r.str("schema object old sql")?;
+                let new = self.r.str("schema object sql")?;
+                let opt = |s: &'a str| (!s.is_empty()).then_some(s);
+                Ok(Some(Item::Schema(SchemaItem {
+                    kind,
+                    name,
+                    table,
+                    old_sql: opt(old),
+                    new_sql: opt(new),
+                })))
             }
             other => Err(WireError::Malformed(format!("unknown item {other:#x}"))),
         }

@@ -65,7 +65,14 @@ fn body_round_trips_every_storage_class() {
 fn sealed_chunks_reassemble_to_the_body() {
     let (w, _) = body();
     for compress in [false, true] {
-        let msgs = seal(batch(), Stamp::new(5, 1), w.as_bytes(), compress, 64);
+        let msgs = seal(
+            batch(),
+            Stamp::new(5, 1),
+            w.format(),
+            w.as_bytes(),
+            compress,
+            64,
+        );
         let mut joined = Vec::new();
         let mut first = None;
         for (i, m) in msgs.iter().enumerate() {
@@ -95,7 +102,14 @@ fn large_compressible_bodies_are_compressed() {
             ],
         );
     }
-    let msgs = seal(batch(), Stamp::new(1, 0), w.as_bytes(), true, 1 << 20);
+    let msgs = seal(
+        batch(),
+        Stamp::new(1, 0),
+        w.format(),
+        w.as_bytes(),
+        true,
+        1 << 20,
+    );
     assert_eq!(msgs.len(), 1);
     assert!(msgs[0].len() < w.as_bytes().len() / 4);
     assert!(decode_message(&msgs[0]).unwrap().0.compressed);
@@ -104,11 +118,71 @@ fn large_compressible_bodies_are_compressed() {
 #[test]
 fn unknown_versions_and_garbage_are_errors_not_panics() {
     assert_eq!(
-        decode_message(&[2, 0]).unwrap_err(),
-        WireError::UnknownVersion { found: 2 }
+        decode_message(&[3, 0]).unwrap_err(),
+        WireError::UnknownVersion { found: 3 }
+    );
+    assert_eq!(
+        decode_message(&[0, 0]).unwrap_err(),
+        WireError::UnknownVersion { found: 0 }
     );
     assert!(decode_message(&[]).is_err());
     assert!(decode_message(&[1, 0, 1, 1, 1, 0, 0, 0]).is_err()); // zero chunks
+}
+
+#[test]
+fn schema_items_lead_the_body_and_make_it_format_2() {
+    let mut rows_only = BodyWriter::default();
+    rows_only.table("t", &["k".to_string()], 1);
+    rows_only.upsert(None, [ValueRef::Integer(1)]);
+    assert_eq!(
+        rows_only.format(),
+        FORMAT_ROWS,
+        "rows only: every marmot reads it"
+    );
+    let mut w = BodyWriter::default();
+    let change = SchemaItem {
+        kind: ObjectKind::Table,
+        name: "t",
+        table: "t",
+        old_sql: Some("CREATE TABLE t (k INTEGER PRIMARY KEY)"),
+        new_sql: Some("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"),
+    };
+    let dropped = SchemaItem {
+        kind: ObjectKind::Index,
+        name: "i",
+        table: "t",
+        old_sql: Some("CREATE INDEX i ON t (k)"),
+        new_sql: None,
+    };
+    w.schema(&change);
+    w.schema(&dropped);
+    w.table("t", &["k".to_string(), "v".to_string()], 1);
+    w.upsert(None, [ValueRef::Integer(1), ValueRef::Text(b"x")]);
+    assert_eq!(w.format(), FORMAT_VERSION);
+    let msgs = seal(
+        batch(),
+        Stamp::new(1, 0),
+        w.format(),
+        w.as_bytes(),
+        false,
+        1 << 20,
+    );
+    let (h, frag) = decode_message(&msgs[0]).unwrap();
+    assert_eq!(h.format, FORMAT_VERSION);
+    let mut r = BodyReader::new(frag);
+    let mut vals = Vec::new();
+    match r.next_item(&mut vals).unwrap() {
+        Some(Item::Schema(s)) => assert_eq!(s, change),
+        other => panic!("{other:?}"),
+    }
+    match r.next_item(&mut vals).unwrap() {
+        Some(Item::Schema(s)) => assert_eq!(s, dropped),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        r.next_item(&mut vals).unwrap(),
+        Some(Item::Table(_))
+    ));
 }
 
 proptest! {
@@ -141,7 +215,7 @@ proptest! {
             );
             w.delete(None, [ValueRef::Text(b"gone")]);
         }
-        let msgs = seal(batch(), Stamp::new(1, 0), w.as_bytes(), compress, 256);
+        let msgs = seal(batch(), Stamp::new(1, 0), w.format(), w.as_bytes(), compress, 256);
         for m in msgs {
             let mut bytes = m.to_vec();
             for (at, byte, kind) in &edits {

@@ -34,6 +34,8 @@ pub struct Config {
     pub busy_timeout_ms: Option<u64>,
     /// Conflict records to keep.
     pub keep_conflicts: Option<u64>,
+    /// Schema changes.
+    pub schema: Option<SchemaSection>,
     /// Snapshots (Go Marmot's section).
     pub snapshot: Option<SnapshotSection>,
     /// The replication stream.
@@ -44,6 +46,14 @@ pub struct Config {
     pub logging: Option<LoggingSection>,
     /// Metrics and health endpoint.
     pub prometheus: Option<PrometheusSection>,
+}
+
+/// `[schema]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaSection {
+    /// Replicate schema changes (DDL and `PRAGMA user_version`) with the rows.
+    pub replicate: Option<bool>,
 }
 
 /// `[snapshot]`.

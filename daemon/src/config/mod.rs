@@ -151,6 +151,8 @@ pub struct Settings {
     pub busy_timeout: Duration,
     /// Conflict records kept.
     pub keep_conflicts: u64,
+    /// Replicate schema changes (`[schema] replicate`).
+    pub replicate_schema: bool,
     /// Stream message limit (0: none).
     pub max_entries: i64,
     /// Stream byte limit (0: none).
@@ -347,6 +349,7 @@ impl Settings {
             max_clock_skew_ms: c.max_clock_skew_ms.unwrap_or(5_000),
             busy_timeout: Duration::from_millis(c.busy_timeout_ms.unwrap_or(5_000)),
             keep_conflicts: c.keep_conflicts.unwrap_or(10_000),
+            replicate_schema: c.schema.as_ref().and_then(|s| s.replicate).unwrap_or(true),
             max_entries,
             max_bytes: rl.max_bytes.unwrap_or(1 << 30),
             max_age,

@@ -190,6 +190,16 @@ mod retention {
         );
     }
 
+    #[test]
+    fn schema_replication_is_on_unless_turned_off() {
+        assert!(parse("").replicate_schema);
+        assert!(!parse("[schema]\nreplicate = false\n").replicate_schema);
+        let e = Settings::parse(Path::new("n.toml"), "[schema]\nreplicat = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replicat"), "{e}");
+    }
+
     mod arbitrary {
         //! Whatever the file says, parsing it gives settings or an error naming what is
         //! wrong: never a panic.
@@ -227,6 +237,7 @@ mod retention {
                     "restore_empty",
                 ],
             ),
+            ("schema", &["replicate"]),
             ("snapshot.nats", &["replicas", "bucket"]),
             (
                 "snapshot.s3",

@@ -306,6 +306,7 @@ fn decode(c: &Captured) -> (u64, Vec<(String, String, bool)>) {
     let (mut table, mut keys) = (String::new(), 0);
     while let Some(item) = r.next_item(&mut values).unwrap() {
         match item {
+            Item::Schema(_) => {}
             Item::Table(t) => {
                 table = t.name.to_string();
                 keys = t.key_columns;

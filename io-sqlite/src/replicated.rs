@@ -1,0 +1,959 @@
+//! Replicated schema (see `docs/schema-replication.md`): the application's schema as marmot
+//! last captured or applied it (the baseline, `__marmot__schema`), the changes made since,
+//! and bringing a local object to the state a change from another node describes.
+//!
+//! Objects compare by a normalised form of their `CREATE` statement ([`normalise`]): a
+//! rebuild's `ALTER TABLE t_new RENAME TO t` stores `CREATE TABLE "t" (...)`, and another
+//! quoting, spacing or letter case of the same statement is the same object.
+
+use crate::ddl::quote;
+use crate::schema::PREFIX;
+use marmot_core::apply::{ApplyFault, ConflictRecord};
+use marmot_core::capture::SchemaChange;
+use marmot_core::wire::{ObjectKind, SchemaItem};
+use marmot_core::{Stamp, Version};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::BTreeMap;
+
+/// The baseline: one row per object marmot replicated (`sql` NULL: dropped), with the version
+/// of its last change.
+pub(crate) const CREATE_BASELINE: &str = r#"
+CREATE TABLE IF NOT EXISTS "__marmot__schema" (
+    type TEXT NOT NULL, name TEXT NOT NULL, tbl_name TEXT NOT NULL, sql TEXT, norm TEXT,
+    stamp INTEGER NOT NULL DEFAULT 0, node INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (type, name));
+CREATE TABLE IF NOT EXISTS "__marmot__column_fates" (
+    tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT, PRIMARY KEY (tbl, col));
+"#;
+
+/// A schema object: (kind, name) -> (table, sql).
+type Objects = BTreeMap<(ObjectKind, String), (String, String)>;
+
+/// One token of an SQL statement, with where it is in the text.
+#[derive(Debug)]
+struct Token {
+    /// Normalised: identifiers and keywords lower-cased and unquoted; literals as written.
+    text: String,
+    start: usize,
+    end: usize,
+}
+
+fn tokens(sql: &str) -> Vec<Token> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let start = i;
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i < b.len() && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                i += 1;
+            }
+            i = (i + 2).min(b.len());
+            continue;
+        }
+        let quoted = |i: &mut usize, close: u8| -> String {
+            let mut s = Vec::new();
+            *i += 1;
+            while *i < b.len() {
+                if b[*i] == close {
+                    if close != b']' && b.get(*i + 1) == Some(&close) {
+                        s.push(close);
+                        *i += 2;
+                        continue;
+                    }
+                    *i += 1;
+                    break;
+                }
+                s.push(b[*i]);
+                *i += 1;
+            }
+            String::from_utf8_lossy(&s).into_owned()
+        };
+        let text = match c {
+            b'"' => quoted(&mut i, b'"').to_ascii_lowercase(),
+            b'`' => quoted(&mut i, b'`').to_ascii_lowercase(),
+            b'[' => quoted(&mut i, b']').to_ascii_lowercase(),
+            b'\'' => format!("'{}'", quoted(&mut i, b'\'')),
+            _ if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 => {
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                sql[start..i].to_ascii_lowercase()
+            }
+            _ => {
+                i += 1;
+                sql[start..i].to_string()
+            }
+        };
+        out.push(Token {
+            text,
+            start,
+            end: i,
+        });
+    }
+    out
+}
+
+/// The normalised form of a `CREATE` statement: its tokens, identifiers and keywords
+/// lower-cased and unquoted, comments and spacing dropped.
+pub fn normalise(sql: &str) -> String {
+    tokens(sql)
+        .into_iter()
+        .map(|t| t.text)
+        .collect::<Vec<_>>()
+        .join("\u{1}")
+}
+
+/// Where the table name is in a `CREATE TABLE` statement (byte range), and the byte offset of
+/// the parenthesis that closes its column list.
+fn create_table_parts(sql: &str) -> Option<(std::ops::Range<usize>, usize)> {
+    let t = tokens(sql);
+    let mut i = 0;
+    let word = |i: usize, w: &str| t.get(i).is_some_and(|x| x.text == w);
+    if !word(i, "create") {
+        return None;
+    }
+    i += 1;
+    if word(i, "temp") || word(i, "temporary") {
+        i += 1;
+    }
+    if !word(i, "table") {
+        return None;
+    }
+    i += 1;
+    if word(i, "if") && word(i + 1, "not") && word(i + 2, "exists") {
+        i += 3;
+    }
+    let mut name = t.get(i)?.start..t.get(i)?.end;
+    if word(i + 1, ".") {
+        i += 2;
+        name.end = t.get(i)?.end;
+    }
+    i += 1;
+    if !word(i, "(") {
+        return None;
+    }
+    let mut depth = 0;
+    for tok in &t[i..] {
+        match tok.text.as_str() {
+            "(" => depth += 1,
+            ")" => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((name, tok.start));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The application's schema objects now: tables (virtual ones too, not their shadow tables),
+/// indexes, views, triggers, and `PRAGMA user_version` when it is not 0. marmot's own objects
+/// and SQLite's are left out.
+fn current(c: &Connection) -> rusqlite::Result<Objects> {
+    let shadows: Vec<String> = c
+        .prepare("SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'shadow'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut out = Objects::new();
+    let mut stmt = c.prepare(
+        "SELECT type, name, tbl_name, sql FROM main.sqlite_master WHERE sql IS NOT NULL",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let (Ok(kind), Ok(name), Ok(table), Ok(sql)) = (
+            r.get::<_, String>(0),
+            r.get::<_, String>(1),
+            r.get::<_, String>(2),
+            r.get::<_, String>(3),
+        ) else {
+            continue;
+        };
+        let Some(kind) = ObjectKind::parse(&kind) else {
+            continue;
+        };
+        let ours = |n: &str| n.starts_with(PREFIX) || n.starts_with("sqlite_");
+        if ours(&name) || ours(&table) || shadows.contains(&table) {
+            continue;
+        }
+        out.insert((kind, name), (table, sql));
+    }
+    let uv: i64 = c.query_row("PRAGMA main.user_version", [], |r| r.get(0))?;
+    if uv != 0 {
+        out.insert(
+            (ObjectKind::UserVersion, String::new()),
+            (String::new(), uv.to_string()),
+        );
+    }
+    Ok(out)
+}
+
+/// The replicated schema as it is now, normalised: (type, name, normalised statement), sorted.
+/// Two nodes with the same list have the same schema.
+pub fn schema_objects(c: &Connection) -> rusqlite::Result<Vec<(String, String, String)>> {
+    Ok(current(c)?
+        .into_iter()
+        .map(|((kind, name), (_, sql))| {
+            let norm = if kind == ObjectKind::UserVersion {
+                sql
+            } else {
+                normalise(&sql)
+            };
+            (kind.as_str().to_string(), name, norm)
+        })
+        .collect())
+}
+
+/// A short digest of [`schema_objects`]: equal on nodes with the same replicated schema.
+pub fn schema_digest(c: &Connection) -> rusqlite::Result<String> {
+    let mut h = blake3::Hasher::new();
+    for (kind, name, norm) in schema_objects(c)? {
+        for part in [kind, name, norm] {
+            h.update(part.as_bytes());
+            h.update(&[0]);
+        }
+    }
+    Ok(h.finalize().to_hex()[..16].to_string())
+}
+
+/// A baseline row: (table, sql or None when dropped, version).
+type Baseline = BTreeMap<(ObjectKind, String), (String, Option<String>, Option<Version>)>;
+
+fn version_of(stamp: i64, node: i64) -> Option<Version> {
+    (stamp != 0 || node != 0).then(|| Version {
+        stamp: Stamp::from_u64(stamp as u64),
+        node: node as u64,
+    })
+}
+
+fn baseline(c: &Connection) -> rusqlite::Result<Baseline> {
+    let mut stmt =
+        c.prepare("SELECT type, name, tbl_name, sql, stamp, node FROM \"__marmot__schema\"")?;
+    let mut rows = stmt.query([])?;
+    let mut out = Baseline::new();
+    while let Some(r) = rows.next()? {
+        let Some(kind) = ObjectKind::parse(&r.get::<_, String>(0)?) else {
+            continue;
+        };
+        out.insert(
+            (kind, r.get(1)?),
+            (r.get(2)?, r.get(3)?, version_of(r.get(4)?, r.get(5)?)),
+        );
+    }
+    Ok(out)
+}
+
+fn put_baseline(
+    c: &Connection,
+    kind: ObjectKind,
+    name: &str,
+    table: &str,
+    sql: Option<&str>,
+    version: Option<Version>,
+) -> rusqlite::Result<()> {
+    let (stamp, node) = version.map_or((0, 0), |v| (v.stamp.as_u64() as i64, v.node as i64));
+    c.prepare_cached(
+        "INSERT INTO \"__marmot__schema\" (type, name, tbl_name, sql, norm, stamp, node) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (type, name) DO UPDATE SET \
+         tbl_name = excluded.tbl_name, sql = excluded.sql, norm = excluded.norm, \
+         stamp = excluded.stamp, node = excluded.node",
+    )?
+    .execute(params![
+        kind.as_str(),
+        name,
+        table,
+        sql,
+        sql.map(normalise),
+        stamp,
+        node
+    ])?;
+    Ok(())
+}
+
+/// Records the schema as it is as the baseline, unpublished, the first time (a database marmot
+/// starts on for the first time, or the first start of a marmot that replicates schema):
+/// like the rows already in it, it is what every node starts from.
+pub(crate) fn init_baseline(c: &Connection) -> rusqlite::Result<()> {
+    c.execute_batch(CREATE_BASELINE)?;
+    let recorded: Option<i64> = c
+        .query_row(
+            "SELECT value FROM \"__marmot__meta\" WHERE key = 'schema_baseline'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if recorded.is_some() {
+        return Ok(());
+    }
+    for ((kind, name), (table, sql)) in current(c)? {
+        put_baseline(c, kind, &name, &table, Some(&sql), None)?;
+    }
+    c.execute(
+        "INSERT INTO \"__marmot__meta\" (key, value) VALUES ('schema_baseline', 1) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [],
+    )?;
+    Ok(())
+}
+
+/// The rank of a change in the order a receiver applies them: drops of triggers, views and
+/// indexes; drops of tables; tables created or changed; indexes, views, triggers created or
+/// changed; `user_version`.
+fn rank(kind: ObjectKind, dropped: bool) -> u8 {
+    match (kind, dropped) {
+        (ObjectKind::Trigger, true) => 0,
+        (ObjectKind::View, true) => 1,
+        (ObjectKind::Index, true) => 2,
+        (ObjectKind::Table, true) => 3,
+        (ObjectKind::Table, false) => 4,
+        (ObjectKind::Index, false) => 5,
+        (ObjectKind::View, false) => 6,
+        (ObjectKind::Trigger, false) => 7,
+        (ObjectKind::UserVersion, _) => 8,
+    }
+}
+
+/// The schema changes since the baseline, in the order a receiver applies them. An object
+/// whose statement changed only in form (see [`normalise`]) is not a change; its baseline
+/// takes the new text.
+pub(crate) fn changes(c: &Connection) -> rusqlite::Result<Vec<SchemaChange>> {
+    let now = current(c)?;
+    let base = baseline(c)?;
+    let mut out = Vec::new();
+    for ((kind, name), (table, sql)) in &now {
+        match base.get(&(*kind, name.clone())) {
+            Some((_, Some(old), version)) if normalise(old) == normalise(sql) => {
+                if old != sql {
+                    put_baseline(c, *kind, name, table, Some(sql), *version)?;
+                }
+            }
+            Some((_, old, version)) => out.push(SchemaChange {
+                kind: *kind,
+                name: name.clone(),
+                table: table.clone(),
+                old_sql: old.clone(),
+                new_sql: Some(sql.clone()),
+                base: *version,
+            }),
+            None => out.push(SchemaChange {
+                kind: *kind,
+                name: name.clone(),
+                table: table.clone(),
+                old_sql: None,
+                new_sql: Some(sql.clone()),
+                base: None,
+            }),
+        }
+    }
+    for ((kind, name), (table, old, version)) in &base {
+        if old.is_some() && !now.contains_key(&(*kind, name.clone())) {
+            out.push(SchemaChange {
+                kind: *kind,
+                name: name.clone(),
+                table: table.clone(),
+                old_sql: old.clone(),
+                new_sql: None,
+                base: *version,
+            });
+        }
+    }
+    out.sort_by_key(|c| rank(c.kind, c.new_sql.is_none()));
+    Ok(out)
+}
+
+/// What became of a column the table no longer has: `Some(Some(new))` renamed,
+/// `Some(None)` dropped, `None` unknown. Rows written before the change still name it.
+pub(crate) fn column_fate(
+    c: &Connection,
+    table: &str,
+    column: &str,
+) -> rusqlite::Result<Option<Option<String>>> {
+    c.prepare_cached(
+        "SELECT renamed_to FROM \"__marmot__column_fates\" WHERE tbl = ?1 AND col = ?2",
+    )?
+    .query_row([table, column], |r| r.get(0))
+    .optional()
+}
+
+/// Records which columns of `table` were renamed or dropped between `before` and `after`.
+fn record_fates(
+    c: &Connection,
+    table: &str,
+    before: &[Described],
+    after: &[Described],
+) -> rusqlite::Result<()> {
+    let pairs = copy_pairs(before, after);
+    let mut put = c.prepare_cached(
+        "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (tbl, col) DO UPDATE SET renamed_to = excluded.renamed_to",
+    )?;
+    for b in before {
+        match pairs.iter().find(|(o, _)| *o == b.name) {
+            Some((_, n)) if *n == b.name => {}
+            Some((_, n)) => {
+                put.execute(params![table, b.name, n])?;
+            }
+            None => {
+                put.execute(params![table, b.name, Option::<String>::None])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The ordinary columns `sql` declares (a `CREATE TABLE`), read from a scratch database.
+fn declared(sql: &str) -> Option<Vec<Described>> {
+    let scratch = Connection::open_in_memory().ok()?;
+    scratch.execute_batch(sql).ok()?;
+    let name: String = scratch
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .ok()?;
+    described(&scratch, &name).ok()
+}
+
+/// Records captured changes in the baseline at their batch's version.
+pub(crate) fn commit(
+    c: &Connection,
+    changes: &[SchemaChange],
+    version: Version,
+) -> rusqlite::Result<()> {
+    for ch in changes {
+        if let (ObjectKind::Table, Some(old), Some(_)) = (ch.kind, &ch.old_sql, &ch.new_sql)
+            && let Some(before) = declared(old)
+        {
+            record_fates(c, &ch.name, &before, &described(c, &ch.name)?)?;
+        }
+        put_baseline(
+            c,
+            ch.kind,
+            &ch.name,
+            &ch.table,
+            ch.new_sql.as_deref(),
+            Some(version),
+        )?;
+    }
+    Ok(())
+}
+
+/// What applying one schema change did.
+pub(crate) struct Applied {
+    /// The local schema changed (the table registry must follow).
+    pub changed: bool,
+    /// The change lost to a newer local one with other content.
+    pub conflict: Option<ConflictRecord>,
+}
+
+fn fault(what: &SchemaItem<'_>, e: rusqlite::Error) -> ApplyFault<rusqlite::Error> {
+    if crate::txn::is_transient(&e) {
+        ApplyFault::Storage(e)
+    } else {
+        ApplyFault::Poison(format!(
+            "schema change of {} {} cannot be applied here: {e}",
+            what.kind.as_str(),
+            quote(what.name)
+        ))
+    }
+}
+
+/// The local object's statement (None: no such object).
+fn local_sql(c: &Connection, kind: ObjectKind, name: &str) -> rusqlite::Result<Option<String>> {
+    if kind == ObjectKind::UserVersion {
+        let uv: i64 = c.query_row("PRAGMA main.user_version", [], |r| r.get(0))?;
+        return Ok((uv != 0).then(|| uv.to_string()));
+    }
+    c.query_row(
+        "SELECT sql FROM main.sqlite_master WHERE type = ?1 AND name = ?2",
+        params![kind.as_str(), name],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(Option::flatten)
+}
+
+/// Brings the local object to the state `item` describes when `version` is newer than the
+/// object's; records a losing change with other content as a conflict.
+pub(crate) fn apply(
+    c: &Connection,
+    item: &SchemaItem<'_>,
+    version: Version,
+    wall_ms: u64,
+) -> Result<Applied, ApplyFault<rusqlite::Error>> {
+    let _ = wall_ms;
+    let f = |e| fault(item, e);
+    let base = baseline_row(c, item.kind, item.name).map_err(f)?;
+    let local = local_sql(c, item.kind, item.name).map_err(f)?;
+    let same = match (&local, item.new_sql) {
+        (None, None) => true,
+        (Some(l), Some(n)) => normalise(l) == normalise(n),
+        _ => false,
+    };
+    if let Some(v) = base
+        && v >= version
+    {
+        return Ok(Applied {
+            changed: false,
+            conflict: (!same).then(|| ConflictRecord {
+                table: item.name.to_string(),
+                key: format!("(schema {})", item.kind.as_str()),
+                winner: v,
+                loser: version,
+                loser_row: item.new_sql.map(str::to_string),
+            }),
+        });
+    }
+    let table = if item.table.is_empty() {
+        item.name
+    } else {
+        item.table
+    };
+    if !same {
+        let before = match (item.kind, &local) {
+            (ObjectKind::Table, Some(_)) => Some(described(c, item.name).map_err(f)?),
+            _ => None,
+        };
+        c.execute_batch("PRAGMA legacy_alter_table = ON")
+            .map_err(f)?;
+        let r = transform(c, item, local.as_deref());
+        c.execute_batch("PRAGMA legacy_alter_table = OFF")
+            .map_err(f)?;
+        r.map_err(f)?;
+        if let Some(before) = before
+            && item.new_sql.is_some()
+        {
+            record_fates(c, item.name, &before, &described(c, item.name).map_err(f)?).map_err(f)?;
+        }
+    }
+    let now = local_sql(c, item.kind, item.name).map_err(f)?;
+    put_baseline(
+        c,
+        item.kind,
+        item.name,
+        table,
+        now.as_deref(),
+        Some(version),
+    )
+    .map_err(f)?;
+    Ok(Applied {
+        changed: !same,
+        conflict: None,
+    })
+}
+
+fn baseline_row(c: &Connection, kind: ObjectKind, name: &str) -> rusqlite::Result<Option<Version>> {
+    c.query_row(
+        "SELECT stamp, node FROM \"__marmot__schema\" WHERE type = ?1 AND name = ?2",
+        params![kind.as_str(), name],
+        |r| Ok(version_of(r.get(0)?, r.get(1)?)),
+    )
+    .optional()
+    .map(Option::flatten)
+}
+
+fn transform(c: &Connection, item: &SchemaItem<'_>, local: Option<&str>) -> rusqlite::Result<()> {
+    let kw = match item.kind {
+        ObjectKind::Table => "TABLE",
+        ObjectKind::Index => "INDEX",
+        ObjectKind::View => "VIEW",
+        ObjectKind::Trigger => "TRIGGER",
+        ObjectKind::UserVersion => {
+            let n: i64 = item.new_sql.and_then(|s| s.parse().ok()).unwrap_or(0);
+            return c.execute_batch(&format!("PRAGMA main.user_version = {n}"));
+        }
+    };
+    match (item.kind, local, item.new_sql) {
+        (ObjectKind::Table, Some(l), Some(new)) if !is_virtual(l) && !is_virtual(new) => {
+            change_table(c, item, l, new)
+        }
+        (_, _, new) => {
+            if local.is_some() {
+                c.execute_batch(&format!("DROP {kw} IF EXISTS main.{}", quote(item.name)))?;
+            }
+            match new {
+                Some(sql) => {
+                    c.execute_batch(sql)?;
+                    if item.kind == ObjectKind::Table && is_virtual(sql) {
+                        fill_full_text_index(c, item.name, sql);
+                    }
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// An FTS5 index with external content created from the stream starts empty while its
+/// content table already has rows (the sender filled its own index, in shadow tables that do
+/// not replicate): build it from the content, as the application did on the sender.
+fn fill_full_text_index(c: &Connection, name: &str, sql: &str) {
+    let t = tokens(sql);
+    let fts5 = t.iter().any(|x| x.text == "fts5");
+    let external = t
+        .windows(3)
+        .any(|w| w[0].text == "content" && w[1].text == "=" && w[2].text != "''");
+    if fts5 && external {
+        let q = quote(name);
+        if let Err(e) = c.execute_batch(&format!("INSERT INTO main.{q}({q}) VALUES ('rebuild')")) {
+            tracing::warn!(index = name, error = %e, "could not build a full-text index created from the stream");
+        }
+    }
+}
+
+fn is_virtual(sql: &str) -> bool {
+    tokens(sql).get(1).is_some_and(|t| t.text == "virtual")
+}
+
+/// The columns of a table (hidden columns of virtual tables left out), in order.
+fn columns(c: &Connection, table: &str) -> rusqlite::Result<Vec<(String, i64)>> {
+    c.prepare("SELECT name, hidden FROM pragma_table_xinfo(?1)")?
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+}
+
+/// A column as `pragma_table_xinfo` describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Described {
+    name: String,
+    /// Declared type, NOT NULL, default, position in the key: equal for a renamed column.
+    shape: (String, bool, Option<String>, i64),
+}
+
+/// The ordinary (not hidden, not generated) columns of a table.
+fn described(c: &Connection, table: &str) -> rusqlite::Result<Vec<Described>> {
+    c.prepare(
+        "SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_xinfo(?1) WHERE hidden = 0",
+    )?
+    .query_map([table], |r| {
+        Ok(Described {
+            name: r.get(0)?,
+            shape: (
+                r.get::<_, String>(1)?.to_ascii_lowercase(),
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+            ),
+        })
+    })?
+    .collect()
+}
+
+/// Which old column fills which new one when a table is rebuilt: columns with the same name,
+/// and, between two such columns, a column whose name changed but whose shape did not, in
+/// the same place (`RENAME COLUMN`, possibly with other changes in the same capture). Old
+/// columns with no partner are dropped; new ones get their defaults.
+fn copy_pairs(old: &[Described], new: &[Described]) -> Vec<(String, String)> {
+    let (n, m) = (old.len(), new.len());
+    let same = |i: usize, j: usize| old[i].name.eq_ignore_ascii_case(&new[j].name);
+    // Longest common subsequence of names: the anchors.
+    let mut lcs = vec![vec![0usize; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if same(i, j) {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let mut pairs = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    let (mut gap_old, mut gap_new) = (Vec::new(), Vec::new());
+    let close_gap =
+        |go: &mut Vec<usize>, gn: &mut Vec<usize>, pairs: &mut Vec<(String, String)>| {
+            for (a, b) in go.iter().zip(gn.iter()) {
+                if old[*a].shape == new[*b].shape {
+                    pairs.push((old[*a].name.clone(), new[*b].name.clone()));
+                }
+            }
+            go.clear();
+            gn.clear();
+        };
+    while i < n || j < m {
+        if i < n && j < m && same(i, j) {
+            close_gap(&mut gap_old, &mut gap_new, &mut pairs);
+            pairs.push((old[i].name.clone(), new[j].name.clone()));
+            i += 1;
+            j += 1;
+        } else if j >= m || (i < n && lcs[i + 1][j] >= lcs[i][j + 1]) {
+            gap_old.push(i);
+            i += 1;
+        } else {
+            gap_new.push(j);
+            j += 1;
+        }
+    }
+    close_gap(&mut gap_old, &mut gap_new, &mut pairs);
+    pairs
+}
+
+/// The columns `sql` declares, read by creating it in a scratch database.
+fn declared_columns(sql: &str) -> Option<Vec<(String, i64)>> {
+    let scratch = Connection::open_in_memory().ok()?;
+    scratch.execute_batch(sql).ok()?;
+    let name: String = scratch
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .ok()?;
+    columns(&scratch, &name).ok()
+}
+
+/// The `ALTER TABLE` that turns `old` into `new` when SQLite's own statement does exactly
+/// that: ADD COLUMN (SQLite inserts `, <column>` before the column list's closing
+/// parenthesis), DROP COLUMN, RENAME COLUMN.
+fn alter_for(table: &str, old: &str, new: &str, local_cols: &[(String, i64)]) -> Option<String> {
+    let (_, close) = create_table_parts(old)?;
+    if new.len() > old.len()
+        && new.is_char_boundary(close)
+        && new.starts_with(&old[..close])
+        && new.ends_with(&old[close..])
+    {
+        let middle = &new[close..new.len() - (old.len() - close)];
+        if let Some(def) = middle.trim_start().strip_prefix(',') {
+            return Some(format!(
+                "ALTER TABLE main.{} ADD COLUMN {}",
+                quote(table),
+                def.trim()
+            ));
+        }
+    }
+    let new_cols = declared_columns(new)?;
+    let lower = |v: &[(String, i64)]| -> Vec<String> {
+        v.iter()
+            .filter(|(_, h)| *h == 0)
+            .map(|(n, _)| n.to_ascii_lowercase())
+            .collect()
+    };
+    let (l, n) = (lower(local_cols), lower(&new_cols));
+    if l.len() == n.len() + 1 {
+        let gone: Vec<&String> = l.iter().filter(|c| !n.contains(c)).collect();
+        if gone.len() == 1 && l.iter().filter(|c| *c != gone[0]).eq(n.iter()) {
+            let orig = &local_cols
+                .iter()
+                .find(|(c, _)| c.eq_ignore_ascii_case(gone[0]))?
+                .0;
+            return Some(format!(
+                "ALTER TABLE main.{} DROP COLUMN {}",
+                quote(table),
+                quote(orig)
+            ));
+        }
+    }
+    if l.len() == n.len() {
+        let diffs: Vec<usize> = (0..l.len()).filter(|&i| l[i] != n[i]).collect();
+        if diffs.len() == 1 && !l.contains(&n[diffs[0]]) {
+            let i = diffs[0];
+            let from = &local_cols.iter().filter(|(_, h)| *h == 0).nth(i)?.0;
+            let to = &new_cols.iter().filter(|(_, h)| *h == 0).nth(i)?.0;
+            return Some(format!(
+                "ALTER TABLE main.{} RENAME COLUMN {} TO {}",
+                quote(table),
+                quote(from),
+                quote(to)
+            ));
+        }
+    }
+    None
+}
+
+/// Changes table `item.name` from `local` to `new`: the `ALTER TABLE` the sender ran when the
+/// local table is what the sender changed, else a rebuild (create the new table, copy the
+/// columns both have, drop the old one, rename, recreate its indexes and triggers).
+fn change_table(
+    c: &Connection,
+    item: &SchemaItem<'_>,
+    local: &str,
+    new: &str,
+) -> rusqlite::Result<()> {
+    let local_cols = columns(c, item.name)?;
+    if let Some(old) = item.old_sql
+        && normalise(old) == normalise(local)
+        && let Some(alter) = alter_for(item.name, old, new, &local_cols)
+    {
+        c.execute_batch("SAVEPOINT marmot_alter")?;
+        let done = c.execute_batch(&alter).and_then(|()| {
+            local_sql(c, ObjectKind::Table, item.name)
+                .map(|now| now.is_some_and(|s| normalise(&s) == normalise(new)))
+        });
+        match done {
+            Ok(true) => return c.execute_batch("RELEASE marmot_alter"),
+            Ok(false) | Err(_) => {
+                c.execute_batch("ROLLBACK TO marmot_alter; RELEASE marmot_alter")?;
+            }
+        }
+    }
+    rebuild(c, item.name, new, &local_cols)
+}
+
+fn rebuild(
+    c: &Connection,
+    table: &str,
+    new: &str,
+    _local_cols: &[(String, i64)],
+) -> rusqlite::Result<()> {
+    let tmp = format!("{PREFIX}rebuild");
+    let Some((name, _)) = create_table_parts(new) else {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "not a CREATE TABLE statement: {new}"
+        )));
+    };
+    // The table's own indexes and triggers (not marmot's), to create again afterwards.
+    let dependents: Vec<String> = c
+        .prepare(
+            "SELECT sql FROM main.sqlite_master WHERE tbl_name = ?1 AND type IN ('index', 'trigger') \
+             AND sql IS NOT NULL AND name NOT LIKE '\\_\\_marmot\\_\\_%' ESCAPE '\\'",
+        )?
+        .query_map([table], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    c.execute_batch(&format!("DROP TABLE IF EXISTS main.{}", quote(&tmp)))?;
+    c.execute_batch(&format!(
+        "{}{}{}",
+        &new[..name.start],
+        quote(&tmp),
+        &new[name.end..]
+    ))?;
+    let pairs = copy_pairs(&described(c, table)?, &described(c, &tmp)?);
+    if !pairs.is_empty() {
+        let to = pairs.iter().map(|(_, n)| quote(n)).collect::<Vec<_>>();
+        let from = pairs.iter().map(|(l, _)| quote(l)).collect::<Vec<_>>();
+        c.execute_batch(&format!(
+            "INSERT INTO main.{} ({}) SELECT {} FROM main.{}",
+            quote(&tmp),
+            to.join(", "),
+            from.join(", "),
+            quote(table)
+        ))?;
+    }
+    c.execute_batch(&format!(
+        "DROP TABLE main.{}; ALTER TABLE main.{} RENAME TO {}",
+        quote(table),
+        quote(&tmp),
+        quote(table)
+    ))?;
+    for sql in dependents {
+        // One that no longer fits the new table (a column gone) is replaced or dropped by a
+        // later change of the same batch.
+        if let Err(e) = c.execute_batch(&sql) {
+            tracing::debug!(table, error = %e, "not recreating an index or trigger after a rebuild");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalising_ignores_quoting_case_spacing_and_comments_but_not_literals() {
+        assert_eq!(
+            normalise("CREATE TABLE t_x (a INT, b TEXT DEFAULT 'X')"),
+            normalise("create table \"T_X\"(\n  a int, -- the key\n  [b] text default 'X' )")
+        );
+        assert_ne!(
+            normalise("CREATE TABLE t (a DEFAULT 'x')"),
+            normalise("CREATE TABLE t (a DEFAULT 'X')")
+        );
+        assert_ne!(
+            normalise("CREATE TABLE t (a INT)"),
+            normalise("CREATE TABLE t (a INT, b INT)")
+        );
+    }
+
+    #[test]
+    fn finds_the_name_and_the_end_of_the_column_list() {
+        let sql = "CREATE TABLE IF NOT EXISTS main.\"odd ) name\" (a, b CHECK (b > (1)), c) STRICT";
+        let (name, close) = create_table_parts(sql).unwrap();
+        assert_eq!(&sql[name], "main.\"odd ) name\"");
+        assert_eq!(&sql[close..], ") STRICT");
+    }
+
+    #[test]
+    fn a_rebuild_copies_renamed_columns_and_leaves_dropped_ones() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE a (id INTEGER PRIMARY KEY, title TEXT, author TEXT, year INT, price REAL);
+             CREATE TABLE b (id INTEGER PRIMARY KEY, title TEXT, writer TEXT, year INT, isbn TEXT);",
+        )
+        .unwrap();
+        let pairs = copy_pairs(&described(&c, "a").unwrap(), &described(&c, "b").unwrap());
+        let names: Vec<String> = pairs.iter().map(|(o, n)| format!("{o}>{n}")).collect();
+        assert_eq!(
+            names,
+            ["id>id", "title>title", "author>writer", "year>year"]
+        );
+    }
+
+    #[test]
+    fn replays_add_drop_and_rename_column() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT) STRICT")
+            .unwrap();
+        let cols = columns(&c, "t").unwrap();
+        let old = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT) STRICT";
+        assert_eq!(
+            alter_for(
+                "t",
+                old,
+                "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT, isbn TEXT DEFAULT 'x') STRICT",
+                &cols
+            )
+            .unwrap(),
+            "ALTER TABLE main.\"t\" ADD COLUMN isbn TEXT DEFAULT 'x'"
+        );
+        assert_eq!(
+            alter_for(
+                "t",
+                old,
+                "CREATE TABLE t (k INTEGER PRIMARY KEY) STRICT",
+                &cols
+            )
+            .unwrap(),
+            "ALTER TABLE main.\"t\" DROP COLUMN \"v\""
+        );
+        assert_eq!(
+            alter_for(
+                "t",
+                old,
+                "CREATE TABLE t (k INTEGER PRIMARY KEY, w TEXT) STRICT",
+                &cols
+            )
+            .unwrap(),
+            "ALTER TABLE main.\"t\" RENAME COLUMN \"v\" TO \"w\""
+        );
+        assert!(
+            alter_for(
+                "t",
+                old,
+                "CREATE TABLE t (k INTEGER PRIMARY KEY, v INTEGER) STRICT",
+                &cols
+            )
+            .is_none()
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! Schema changes made on one node, by any client, reach every node with the rows written
+//! after them (`schema.replicate`, on by default).
+
+use super::*;
+use marmot_sqlite::replicated::{schema_digest, schema_objects};
+
+fn objects(c: &Cluster, i: usize) -> Vec<(String, String, String)> {
+    schema_objects(&c.nodes[i].app).unwrap()
+}
+
+fn assert_same_schema(c: &Cluster) {
+    let first = objects(c, 0);
+    for i in 1..c.nodes.len() {
+        assert_eq!(objects(c, i), first, "node {} has another schema", i + 1);
+        assert_eq!(
+            schema_digest(&c.nodes[i].app).unwrap(),
+            schema_digest(&c.nodes[0].app).unwrap()
+        );
+    }
+}
+
+fn conflicts(c: &Cluster, i: usize) -> Vec<String> {
+    c.nodes[i]
+        .app
+        .prepare("SELECT tbl || ' ' || key FROM \"__marmot__conflicts\" ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn parked(c: &Cluster, i: usize) -> i64 {
+    c.nodes[i]
+        .app
+        .query_row("SELECT count(*) FROM \"__marmot__parked\"", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
+/// After everything settled, no node has anything left to capture: applied schema is never
+/// captured again as a local change.
+fn assert_no_echo(c: &mut Cluster) {
+    for i in 0..c.nodes.len() {
+        assert_eq!(c.capture(i), None, "node {} captured an echo", i + 1);
+    }
+}
+
+#[test]
+fn a_migration_on_one_node_reaches_every_node_and_rows_written_after_it_apply_everywhere() {
+    let mut c = Cluster::new(3, SCHEMA);
+    c.exec(0, "INSERT INTO books (id, title) VALUES (1, 'Emma');");
+    c.settle();
+    c.exec(
+        1,
+        "ALTER TABLE books ADD COLUMN isbn TEXT;
+         CREATE TABLE shelves (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+         CREATE UNIQUE INDEX shelves_name ON shelves (name);
+         INSERT INTO shelves VALUES (1, 'classics');
+         PRAGMA user_version = 7;",
+    );
+    c.settle();
+    assert_same_schema(&c);
+    for i in 0..3 {
+        assert_eq!(c.dump(i, "shelves"), vec!["(1, 'classics')"]);
+        let uv: i64 = c.nodes[i]
+            .app
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(uv, 7, "node {}", i + 1);
+    }
+    // A write of the new column on another node reaches every node.
+    c.exec(2, "UPDATE books SET isbn = '978-0' WHERE id = 1;");
+    c.settle();
+    for i in 0..3 {
+        assert_eq!(
+            c.dump(i, "books"),
+            vec!["(1, 'Emma', NULL, NULL, NULL, NULL, '978-0')"],
+            "node {}",
+            i + 1
+        );
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn rename_and_drop_column_keep_the_data_and_a_rebuild_replicates_as_one_change() {
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(
+        0,
+        "INSERT INTO books (id, title, author, price) VALUES (1, 'Emma', 'Austen', 9.5), (2, 'Kim', 'Kipling', 4.0);",
+    );
+    c.settle();
+    c.exec(
+        1,
+        "ALTER TABLE books RENAME COLUMN author TO writer;
+         ALTER TABLE books DROP COLUMN price;",
+    );
+    c.settle();
+    assert_same_schema(&c);
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+    assert_eq!(
+        c.dump(0, "books"),
+        vec![
+            "(1, 'Emma', 'Austen', NULL, NULL)",
+            "(2, 'Kim', 'Kipling', NULL, NULL)"
+        ],
+        "the renamed column kept its values"
+    );
+    // SQLite's documented rebuild, in one transaction, adding a CHECK constraint.
+    c.exec(
+        0,
+        "BEGIN;
+         CREATE TABLE books_new (id INTEGER PRIMARY KEY, title TEXT NOT NULL CHECK (title <> ''), writer TEXT, year INTEGER, cover BLOB);
+         INSERT INTO books_new SELECT id, title, writer, year, cover FROM books;
+         DROP TABLE books;
+         ALTER TABLE books_new RENAME TO books;
+         CREATE INDEX books_writer ON books (writer);
+         COMMIT;",
+    );
+    c.settle();
+    assert_same_schema(&c);
+    c.exec(
+        1,
+        "INSERT INTO books (id, title, writer) VALUES (3, 'Dune', 'Herbert');",
+    );
+    c.settle();
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+    assert_eq!(c.dump(0, "books").len(), 3);
+    let refused = c.nodes[0]
+        .app
+        .execute("INSERT INTO books (id, title) VALUES (9, '')", []);
+    assert!(
+        refused.is_err(),
+        "the rebuilt table's CHECK holds on node 1"
+    );
+    let refused = c.nodes[1]
+        .app
+        .execute("INSERT INTO books (id, title) VALUES (9, '')", []);
+    assert!(refused.is_err(), "and on node 2");
+    for i in 0..2 {
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn the_same_migration_run_on_every_node_converges_silently() {
+    let mut c = Cluster::new(3, SCHEMA);
+    for i in 0..3 {
+        c.exec(
+            i,
+            "ALTER TABLE books ADD COLUMN isbn TEXT; CREATE INDEX books_isbn ON books (isbn);",
+        );
+        c.capture(i);
+    }
+    c.settle();
+    assert_same_schema(&c);
+    for i in 0..3 {
+        assert!(
+            conflicts(&c, i).is_empty(),
+            "node {}: {:?}",
+            i + 1,
+            conflicts(&c, i)
+        );
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn concurrent_different_changes_end_the_same_everywhere_and_the_loser_is_recorded() {
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(0, "INSERT INTO books (id, title) VALUES (1, 'Emma');");
+    c.settle();
+    c.exec(0, "ALTER TABLE books ADD COLUMN isbn TEXT DEFAULT 'none';");
+    c.exec(1, "ALTER TABLE books ADD COLUMN pages INTEGER DEFAULT 0;");
+    c.capture(0);
+    c.capture(1);
+    c.settle();
+    assert_same_schema(&c);
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+    let recorded: usize = (0..2).map(|i| conflicts(&c, i).len()).sum();
+    assert!(recorded >= 1, "the losing change is recorded somewhere");
+    assert!(
+        (0..2).any(|i| conflicts(&c, i).iter().any(|k| k == "books (schema table)")),
+        "{:?} {:?}",
+        conflicts(&c, 0),
+        conflicts(&c, 1)
+    );
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn a_dropped_table_goes_everywhere_and_views_and_triggers_follow() {
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(
+        0,
+        "CREATE TABLE audit (id INTEGER PRIMARY KEY, what TEXT);
+         CREATE VIEW titles AS SELECT title FROM books;
+         CREATE TRIGGER books_audit AFTER INSERT ON books BEGIN INSERT INTO audit (what) VALUES (new.title); END;",
+    );
+    c.settle();
+    assert_same_schema(&c);
+    // The application's trigger runs on the node where the application writes; its row
+    // replicates like any other.
+    c.exec(1, "INSERT INTO books (id, title) VALUES (5, 'Ulysses');");
+    c.settle();
+    assert_eq!(c.dump(0, "audit"), vec!["(1, 'Ulysses')"]);
+    assert_eq!(c.dump(1, "audit"), vec!["(1, 'Ulysses')"]);
+    c.exec(
+        0,
+        "DROP TRIGGER books_audit; DROP VIEW titles; DROP TABLE audit;",
+    );
+    c.settle();
+    assert_same_schema(&c);
+    let left: i64 = c.nodes[1]
+        .app
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('audit', 'titles', 'books_audit')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0);
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn with_schema_replication_off_each_node_keeps_its_own_schema() {
+    let mut c = Cluster::new_with(2, SCHEMA, |cfg| cfg.replicate_schema = false);
+    c.exec(0, "ALTER TABLE books ADD COLUMN isbn TEXT;");
+    c.settle();
+    assert_ne!(objects(&c, 0), objects(&c, 1));
+}
+
+#[test]
+fn rows_written_in_the_old_shape_apply_after_a_rename_or_drop_column_elsewhere() {
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(
+        0,
+        "INSERT INTO books (id, title, author, price) VALUES (1, 'Emma', 'Austen', 9.5);",
+    );
+    c.settle();
+    // Neither node has seen the other's change: node 1 writes in the old shape while node 2
+    // renames one column and drops another.
+    c.exec(
+        0,
+        "INSERT INTO books (id, title, author, price) VALUES (2, 'Kim', 'Kipling', 4.0);",
+    );
+    c.capture(0);
+    c.exec(
+        1,
+        "ALTER TABLE books RENAME COLUMN author TO writer; ALTER TABLE books DROP COLUMN price;",
+    );
+    c.capture(1);
+    c.exec(
+        0,
+        "UPDATE books SET author = 'R. Kipling', price = 5.0 WHERE id = 2;",
+    );
+    c.settle();
+    assert_same_schema(&c);
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+    assert_eq!(
+        c.dump(1, "books"),
+        vec![
+            "(1, 'Emma', 'Austen', NULL, NULL)",
+            "(2, 'Kim', 'R. Kipling', NULL, NULL)"
+        ]
+    );
+    for i in 0..2 {
+        assert_eq!(parked(&c, i), 0, "node {}", i + 1);
+    }
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn a_full_text_index_created_on_one_node_finds_the_same_rows_everywhere() {
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(
+        0,
+        "INSERT INTO books (id, title) VALUES (1, 'Marmots of the Alps'), (2, 'Otters');",
+    );
+    c.settle();
+    c.exec(
+        1,
+        "CREATE VIRTUAL TABLE books_fts USING fts5(title, content='books', content_rowid='id');
+         INSERT INTO books_fts(books_fts) VALUES ('rebuild');
+         CREATE TRIGGER books_fts_ai AFTER INSERT ON books BEGIN INSERT INTO books_fts(rowid, title) VALUES (new.id, new.title); END;",
+    );
+    c.settle();
+    assert_same_schema(&c);
+    c.exec(
+        1,
+        "INSERT INTO books (id, title) VALUES (3, 'Alpine marmots');",
+    );
+    c.settle();
+    for i in 0..2 {
+        let found: Vec<i64> = c.nodes[i]
+            .app
+            .prepare("SELECT rowid FROM books_fts WHERE books_fts MATCH 'marmots' ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(found, vec![1, 3], "node {}", i + 1);
+        c.nodes[i]
+            .app
+            .execute_batch("INSERT INTO books_fts(books_fts, rank) VALUES ('integrity-check', 1);")
+            .unwrap();
+    }
+    assert_no_echo(&mut c);
+}
