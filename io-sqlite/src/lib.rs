@@ -451,6 +451,7 @@ impl SqliteStore {
             replicate_schema: self.cfg.replicate_schema,
             capture: self.cfg.capture,
             resynced: None,
+            republished: false,
         }
     }
 }

@@ -341,7 +341,7 @@ pub(crate) fn changes(c: &Connection) -> rusqlite::Result<Vec<SchemaChange>> {
     let mut out = Vec::new();
     for ((kind, name), (table, sql)) in &now {
         match base.get(&(*kind, name.clone())) {
-            Some((_, Some(old), version)) if normalise(old) == normalise(sql) => {
+            Some((_, Some(old), version)) if old == sql || normalise(old) == normalise(sql) => {
                 if old != sql {
                     put_baseline(c, *kind, name, table, Some(sql), *version)?;
                 }
@@ -400,7 +400,8 @@ fn record_fates(
     table: &str,
     before: &[Described],
     after: &[Described],
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
+    let mut renamed = false;
     let pairs = copy_pairs(before, after);
     let mut put = c.prepare_cached(
         "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3) \
@@ -411,19 +412,20 @@ fn record_fates(
             Some((_, n)) if *n == b.name => {}
             Some((_, n)) => {
                 put.execute(params![table, b.name, n])?;
+                renamed = true;
             }
             None => {
                 put.execute(params![table, b.name, Option::<String>::None])?;
             }
         }
     }
-    Ok(())
+    Ok(renamed)
 }
 
 /// The ordinary columns `sql` declares (a `CREATE TABLE`), read from a scratch database.
 fn declared(sql: &str) -> Option<Vec<Described>> {
     let scratch = Connection::open_in_memory().ok()?;
-    scratch.execute_batch(sql).ok()?;
+    scratch.execute(sql, []).ok()?;
     let name: String = scratch
         .query_row(
             "SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 1",
@@ -434,17 +436,22 @@ fn declared(sql: &str) -> Option<Vec<Described>> {
     described(&scratch, &name).ok()
 }
 
-/// Records captured changes in the baseline at their batch's version.
+/// Records captured changes in the baseline at their batch's version. Returns the tables
+/// whose rows this node publishes again: a column rename was inferred from the statements
+/// (a DROP and an ADD of the same shape at the same place look alike), so receivers get the
+/// rows as they are here whichever way they read it.
 pub(crate) fn commit(
     c: &Connection,
     changes: &[SchemaChange],
     version: Version,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Vec<String>> {
+    let mut republish = Vec::new();
     for ch in changes {
         if let (ObjectKind::Table, Some(old), Some(_)) = (ch.kind, &ch.old_sql, &ch.new_sql)
             && let Some(before) = declared(old)
+            && record_fates(c, &ch.name, &before, &described(c, &ch.name)?)?
         {
-            record_fates(c, &ch.name, &before, &described(c, &ch.name)?)?;
+            republish.push(ch.name.clone());
         }
         put_baseline(
             c,
@@ -455,7 +462,7 @@ pub(crate) fn commit(
             Some(version),
         )?;
     }
-    Ok(())
+    Ok(republish)
 }
 
 /// What applying one schema change did.
@@ -464,6 +471,84 @@ pub(crate) struct Applied {
     pub changed: bool,
     /// The change lost to a newer local one with other content.
     pub conflict: Option<ConflictRecord>,
+    /// A table whose rows this node publishes again: a change that lost here may have
+    /// dropped the table or columns on the nodes that made it, and the winner's rows must
+    /// reach them again.
+    pub republish: Option<String>,
+}
+
+/// Refuses a schema item that is not what marmot itself would send: a name reserved for
+/// marmot or SQLite, or a statement that is not one `CREATE` of the item's kind and name
+/// (`CREATE TABLE ... AS` included: SQLite never stores one). Statements run one at a time
+/// (`Connection::execute` refuses a second), so nothing else can ride along.
+fn validate(item: &SchemaItem<'_>) -> Result<(), String> {
+    let reserved = |n: &str| n.starts_with(PREFIX) || n.to_ascii_lowercase().starts_with("sqlite_");
+    if reserved(item.name) || reserved(item.table) {
+        return Err(format!(
+            "schema change of {} {} refused: the name is reserved for marmot or SQLite",
+            item.kind.as_str(),
+            quote(item.name)
+        ));
+    }
+    let check = |sql: &str| -> Result<(), String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "schema change of {} {} refused: {why}",
+                item.kind.as_str(),
+                quote(item.name)
+            ))
+        };
+        if item.kind == ObjectKind::UserVersion {
+            return match sql.parse::<i32>() {
+                Ok(_) => Ok(()),
+                Err(_) => bad("user_version is not a number"),
+            };
+        }
+        let t = tokens(sql);
+        let w = |i: usize| t.get(i).map(|x| x.text.as_str());
+        if w(0) != Some("create") {
+            return bad("not a CREATE statement");
+        }
+        let mut i = 1;
+        let mut virtual_table = false;
+        match (item.kind, w(i)) {
+            (ObjectKind::Index, Some("unique")) => i += 1,
+            (ObjectKind::Table, Some("virtual")) => {
+                virtual_table = true;
+                i += 1;
+            }
+            _ => {}
+        }
+        let kw = item.kind.as_str();
+        if w(i) != Some(kw) {
+            return bad(&format!("not a CREATE {}", kw.to_uppercase()));
+        }
+        i += 1;
+        if w(i) == Some("if") && w(i + 1) == Some("not") && w(i + 2) == Some("exists") {
+            i += 3;
+        }
+        if w(i + 1) == Some(".") {
+            if w(i) != Some("main") {
+                return bad("an object of another schema");
+            }
+            i += 2;
+        }
+        if w(i).is_none_or(|n| n != item.name.to_ascii_lowercase()) {
+            return bad("the statement names another object");
+        }
+        i += 1;
+        if item.kind == ObjectKind::Table && !virtual_table && w(i) != Some("(") {
+            return bad("not a column list");
+        }
+        Ok(())
+    };
+    if let Some(s) = item.new_sql {
+        check(s)?;
+    }
+    if let Some(s) = item.old_sql {
+        check(s)?;
+    }
+    Ok(())
 }
 
 fn fault(what: &SchemaItem<'_>, e: rusqlite::Error) -> ApplyFault<rusqlite::Error> {
@@ -502,6 +587,7 @@ pub(crate) fn apply(
     wall_ms: u64,
 ) -> Result<Applied, ApplyFault<rusqlite::Error>> {
     let _ = wall_ms;
+    validate(item).map_err(ApplyFault::Poison)?;
     let f = |e| fault(item, e);
     let base = baseline_row(c, item.kind, item.name).map_err(f)?;
     let local = local_sql(c, item.kind, item.name).map_err(f)?;
@@ -513,8 +599,30 @@ pub(crate) fn apply(
     if let Some(v) = base
         && v >= version
     {
+        let mut republish = None;
+        if !same && item.kind == ObjectKind::Table && local.is_some() {
+            // Rows written on the losing node in its shape still arrive: the columns it had
+            // and this table has not are left out of them. And the winner's rows go out
+            // again, for the nodes where the losing change dropped them.
+            if let Some(theirs) = item.new_sql.and_then(declared) {
+                let ours = described(c, item.name).map_err(f)?;
+                for col in theirs {
+                    if !ours.iter().any(|o| o.name.eq_ignore_ascii_case(&col.name))
+                        && column_fate(c, item.name, &col.name).map_err(f)?.is_none()
+                    {
+                        c.prepare_cached(
+                            "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, NULL)",
+                        )
+                        .and_then(|mut st| st.execute(params![item.name, col.name]))
+                        .map_err(f)?;
+                    }
+                }
+            }
+            republish = Some(item.name.to_string());
+        }
         return Ok(Applied {
             changed: false,
+            republish,
             conflict: (!same).then(|| ConflictRecord {
                 table: item.name.to_string(),
                 key: format!("(schema {})", item.kind.as_str()),
@@ -545,6 +653,9 @@ pub(crate) fn apply(
         {
             record_fates(c, item.name, &before, &described(c, item.name).map_err(f)?).map_err(f)?;
         }
+        if item.kind == ObjectKind::Table {
+            forget_vanished(c, item.name, version).map_err(f)?;
+        }
     }
     let now = local_sql(c, item.kind, item.name).map_err(f)?;
     put_baseline(
@@ -559,7 +670,41 @@ pub(crate) fn apply(
     Ok(Applied {
         changed: !same,
         conflict: None,
+        republish: None,
     })
+}
+
+/// After a table changed from the stream: its indexes and triggers that went with it (a
+/// dropped or rebuilt table) leave the baseline at the change's version, so the next capture
+/// does not publish their drops as this node's own change.
+fn forget_vanished(c: &Connection, table: &str, version: Version) -> rusqlite::Result<()> {
+    let now = current(c)?;
+    for ((kind, name), (tbl, sql, _)) in baseline(c)? {
+        if sql.is_some()
+            && tbl == table
+            && matches!(kind, ObjectKind::Index | ObjectKind::Trigger)
+            && !now.contains_key(&(kind, name.clone()))
+        {
+            put_baseline(c, kind, &name, &tbl, None, Some(version))?;
+        }
+    }
+    Ok(())
+}
+
+/// With schema replication off, the baseline follows the local schema without versions, so
+/// that turning it on later publishes only what changes from then on.
+pub(crate) fn follow_unreplicated(c: &Connection) -> rusqlite::Result<()> {
+    for ch in changes(c)? {
+        put_baseline(
+            c,
+            ch.kind,
+            &ch.name,
+            &ch.table,
+            ch.new_sql.as_deref(),
+            ch.base,
+        )?;
+    }
+    Ok(())
 }
 
 fn baseline_row(c: &Connection, kind: ObjectKind, name: &str) -> rusqlite::Result<Option<Version>> {
@@ -593,7 +738,7 @@ fn transform(c: &Connection, item: &SchemaItem<'_>, local: Option<&str>) -> rusq
             }
             match new {
                 Some(sql) => {
-                    c.execute_batch(sql)?;
+                    c.execute(sql, [])?;
                     if item.kind == ObjectKind::Table && is_virtual(sql) {
                         fill_full_text_index(c, item.name, sql);
                     }
@@ -712,7 +857,7 @@ fn copy_pairs(old: &[Described], new: &[Described]) -> Vec<(String, String)> {
 /// The columns `sql` declares, read by creating it in a scratch database.
 fn declared_columns(sql: &str) -> Option<Vec<(String, i64)>> {
     let scratch = Connection::open_in_memory().ok()?;
-    scratch.execute_batch(sql).ok()?;
+    scratch.execute(sql, []).ok()?;
     let name: String = scratch
         .query_row(
             "SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 1",
@@ -796,7 +941,7 @@ fn change_table(
         && let Some(alter) = alter_for(item.name, old, new, &local_cols)
     {
         c.execute_batch("SAVEPOINT marmot_alter")?;
-        let done = c.execute_batch(&alter).and_then(|()| {
+        let done = c.execute(&alter, []).and_then(|_| {
             local_sql(c, ObjectKind::Table, item.name)
                 .map(|now| now.is_some_and(|s| normalise(&s) == normalise(new)))
         });
@@ -831,16 +976,19 @@ fn rebuild(
         .query_map([table], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     c.execute_batch(&format!("DROP TABLE IF EXISTS main.{}", quote(&tmp)))?;
-    c.execute_batch(&format!(
-        "{}{}{}",
-        &new[..name.start],
-        quote(&tmp),
-        &new[name.end..]
-    ))?;
-    let pairs = copy_pairs(&described(c, table)?, &described(c, &tmp)?);
+    c.execute(
+        &format!("{}{}{}", &new[..name.start], quote(&tmp), &new[name.end..]),
+        [],
+    )?;
+    let mut pairs = copy_pairs(&described(c, table)?, &described(c, &tmp)?);
+    // Rows keep their rowids (an FTS5 index over the table refers to them).
+    if implicit_rowid(c, table)? && implicit_rowid(c, &tmp)? {
+        pairs.push(("rowid".to_string(), "rowid".to_string()));
+    }
     if !pairs.is_empty() {
-        let to = pairs.iter().map(|(_, n)| quote(n)).collect::<Vec<_>>();
-        let from = pairs.iter().map(|(l, _)| quote(l)).collect::<Vec<_>>();
+        let q = |n: &String| if n == "rowid" { n.clone() } else { quote(n) };
+        let to = pairs.iter().map(|(_, n)| q(n)).collect::<Vec<_>>();
+        let from = pairs.iter().map(|(l, _)| q(l)).collect::<Vec<_>>();
         c.execute_batch(&format!(
             "INSERT INTO main.{} ({}) SELECT {} FROM main.{}",
             quote(&tmp),
@@ -865,6 +1013,23 @@ fn rebuild(
     Ok(())
 }
 
+/// The table has a rowid of its own (not WITHOUT ROWID, no INTEGER PRIMARY KEY alias).
+fn implicit_rowid(c: &Connection, table: &str) -> rusqlite::Result<bool> {
+    let without_rowid: i64 = c.query_row(
+        "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
+        [table],
+        |r| r.get(0),
+    )?;
+    if without_rowid != 0 {
+        return Ok(false);
+    }
+    let pk: Vec<String> = c
+        .prepare("SELECT type FROM pragma_table_info(?1) WHERE pk > 0")?
+        .query_map([table], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(!(pk.len() == 1 && pk[0].eq_ignore_ascii_case("INTEGER")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -883,6 +1048,67 @@ mod tests {
             normalise("CREATE TABLE t (a INT)"),
             normalise("CREATE TABLE t (a INT, b INT)")
         );
+    }
+
+    fn item<'a>(kind: ObjectKind, name: &'a str, new: &'a str) -> SchemaItem<'a> {
+        SchemaItem {
+            kind,
+            name,
+            table: name,
+            old_sql: None,
+            new_sql: Some(new),
+        }
+    }
+
+    #[test]
+    fn a_schema_item_must_be_one_create_of_its_kind_and_name() {
+        let ok = [
+            item(ObjectKind::Table, "T x", "CREATE TABLE \"T x\" (a)"),
+            item(
+                ObjectKind::Table,
+                "f",
+                "CREATE VIRTUAL TABLE f USING fts5(a)",
+            ),
+            item(
+                ObjectKind::Index,
+                "i",
+                "CREATE UNIQUE INDEX IF NOT EXISTS main.i ON t(a)",
+            ),
+            item(
+                ObjectKind::Trigger,
+                "g",
+                "CREATE TRIGGER g AFTER INSERT ON t BEGIN DELETE FROM u; END",
+            ),
+            item(ObjectKind::UserVersion, "", "42"),
+        ];
+        for i in &ok {
+            assert_eq!(validate(i), Ok(()), "{i:?}");
+        }
+        let refused = [
+            item(ObjectKind::Table, "t", "CREATE TABLE t AS SELECT 1"),
+            item(ObjectKind::Table, "t", "CREATE INDEX t ON u(a)"),
+            item(ObjectKind::Table, "t", "CREATE TABLE other (a)"),
+            item(ObjectKind::Table, "t", "CREATE TABLE aux.t (a)"),
+            item(ObjectKind::Table, "t", "DROP TABLE users"),
+            item(
+                ObjectKind::Table,
+                "__marmot__tables",
+                "CREATE TABLE __marmot__tables (a)",
+            ),
+            item(ObjectKind::Table, "sqlite_x", "CREATE TABLE sqlite_x (a)"),
+            item(ObjectKind::UserVersion, "", "1; DROP TABLE t"),
+        ];
+        for i in &refused {
+            assert!(validate(i).is_err(), "{i:?}");
+        }
+        // A second statement never runs: execution takes one statement.
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE users (a)").unwrap();
+        assert!(
+            c.execute("CREATE TABLE t (a); DROP TABLE users", [])
+                .is_err()
+        );
+        assert!(local_sql(&c, ObjectKind::Table, "users").unwrap().is_some());
     }
 
     #[test]

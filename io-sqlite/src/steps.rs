@@ -18,7 +18,13 @@ impl SqliteStore {
     pub(crate) fn adopt_tables(
         &mut self,
         resynced: Option<(Vec<Table>, HashMap<String, usize>)>,
+        republished: bool,
     ) -> Result<(), StoreError> {
+        if republished {
+            // Rows logged to publish again: the next capture looks even if nothing else
+            // changed.
+            self.scan_needed = true;
+        }
         if let Some((tables, _)) = resynced {
             self.install_tables(tables).map_err(|e| self.sql_err(e))?;
             self.synced_in_txn = true;
@@ -55,6 +61,7 @@ impl SqliteStore {
         };
         let mut tx = self.tx(wall_ms);
         let captured = capture(&mut tx, clock, &params).map_err(|e| self.sql_err(e))?;
+        let again = tx.republished;
         if captured.is_some() {
             meta_set(&self.conn, "batch_seq", batch_seq as i64).map_err(|e| self.sql_err(e))?;
             self.conn
@@ -66,7 +73,7 @@ impl SqliteStore {
             self.incarnations.insert(self.incarnation, batch_seq);
         }
         self.data_version = dv;
-        self.scan_needed = false;
+        self.scan_needed = again;
         Ok(captured)
     }
 
@@ -113,8 +120,8 @@ impl SqliteStore {
             let mut tx = self.tx(wall_ms);
             let outcome = marmot_core::apply::retry_parked(&mut tx, clock, me, &p, wall_ms, report)
                 .map_err(|x| self.sql_err(x))?;
-            let resynced = tx.resynced.take();
-            self.adopt_tables(resynced)?;
+            let (resynced, again) = (tx.resynced.take(), tx.republished);
+            self.adopt_tables(resynced, again)?;
             match outcome {
                 None => {
                     self.conn
@@ -203,8 +210,8 @@ impl SqliteStore {
                     &mut tx, clock, me, &set, wall_ms, report,
                 )
                 .map_err(|x| self.sql_err(x))?;
-                let resynced = tx.resynced.take();
-                self.adopt_tables(resynced)?;
+                let (resynced, again) = (tx.resynced.take(), tx.republished);
+                self.adopt_tables(resynced, again)?;
                 if outcome.is_none() {
                     done = Some(leave_out);
                     break;
@@ -279,8 +286,8 @@ impl marmot_core::txn::LocalTxn for SqliteStore {
         let report =
             marmot_core::apply::apply_deliveries(&mut tx, clock, me, position, deliveries, wall_ms)
                 .map_err(|e| self.sql_err(e))?;
-        let resynced = tx.resynced.take();
-        self.adopt_tables(resynced)?;
+        let (resynced, again) = (tx.resynced.take(), tx.republished);
+        self.adopt_tables(resynced, again)?;
         Ok(report)
     }
     fn record_position(&mut self, position: u64) -> Result<(), StoreError> {

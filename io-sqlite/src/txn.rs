@@ -110,6 +110,8 @@ pub struct Tx<'a> {
     /// The tables as they are after schema applied in this transaction (the store takes them
     /// when the transaction's work is done).
     pub(crate) resynced: Option<(Vec<Table>, HashMap<String, usize>)>,
+    /// Rows were logged to publish again: the next capture must look.
+    pub(crate) republished: bool,
 }
 
 impl Tx<'_> {
@@ -125,6 +127,25 @@ impl Tx<'_> {
             Some((_, m)) => m,
             None => self.by_name,
         }
+    }
+
+    /// Logs every row of `table` (and a delete of every versioned row gone) for the next
+    /// capture to publish again.
+    fn republish(&mut self, table: &str) -> rusqlite::Result<()> {
+        if !self.capture {
+            return Ok(());
+        }
+        if let Some(&i) = self.by_name().get(table) {
+            let sql = &self.tables()[i].sql;
+            self.conn.execute_batch(&sql.log_all)?;
+            self.conn.execute_batch(&sql.log_gone)?;
+            tracing::info!(
+                table,
+                "publishing the table's rows again after a schema change"
+            );
+            self.republished = true;
+        }
+        Ok(())
     }
 
     /// Follows the schema after schema from the stream changed it: `quiet` tables are not
@@ -182,6 +203,7 @@ impl CaptureTxn for Tx<'_> {
 
     fn schema_changes(&mut self) -> Result<Vec<SchemaChange>, Self::Error> {
         if !self.replicate_schema {
+            crate::replicated::follow_unreplicated(self.conn)?;
             return Ok(Vec::new());
         }
         let changes = crate::replicated::changes(self.conn)?;
@@ -205,7 +227,10 @@ impl CaptureTxn for Tx<'_> {
         changes: &[SchemaChange],
         version: Version,
     ) -> Result<(), Self::Error> {
-        crate::replicated::commit(self.conn, changes, version)
+        for table in crate::replicated::commit(self.conn, changes, version)? {
+            self.republish(&table)?;
+        }
+        Ok(())
     }
 
     fn dirty_tables(&mut self) -> Result<Vec<DirtyTable>, Self::Error> {
@@ -352,6 +377,9 @@ impl ApplyTxn for Tx<'_> {
             return Ok(());
         }
         let applied = crate::replicated::apply(self.conn, item, version, self.wall_ms)?;
+        if let Some(table) = &applied.republish {
+            self.republish(table).map_err(ApplyFault::Storage)?;
+        }
         if let Some(c) = &applied.conflict {
             tracing::warn!(object = %item.name, kind = item.kind.as_str(), winner = %c.winner, loser = %c.loser, "a schema change lost to a newer one: recorded as a conflict");
             self.record_conflict(c).map_err(ApplyFault::Storage)?;
@@ -363,8 +391,17 @@ impl ApplyTxn for Tx<'_> {
             } else {
                 item.table
             };
-            self.resync(&[table.to_string()])
-                .map_err(ApplyFault::Storage)?;
+            self.resync(&[table.to_string()]).map_err(|e| {
+                if is_transient(&e) {
+                    ApplyFault::Storage(e)
+                } else {
+                    ApplyFault::Poison(format!(
+                        "schema change of {} {}: following it failed: {e}",
+                        item.kind.as_str(),
+                        quote(item.name)
+                    ))
+                }
+            })?;
         }
         Ok(())
     }
@@ -373,7 +410,7 @@ impl ApplyTxn for Tx<'_> {
         let Some(&index) = self.by_name().get(def.name) else {
             return Err(ApplyFault::Poison(format!(
                 "unknown table {}: it does not exist on this node or is not replicated here \
-                 (schema changes are not replicated: run the same migration on every node)",
+                 (parked batches are retried after every schema change)",
                 quote(def.name)
             )));
         };
