@@ -436,22 +436,17 @@ fn declared(sql: &str) -> Option<Vec<Described>> {
     described(&scratch, &name).ok()
 }
 
-/// Records captured changes in the baseline at their batch's version. Returns the tables
-/// whose rows this node publishes again: a column rename was inferred from the statements
-/// (a DROP and an ADD of the same shape at the same place look alike), so receivers get the
-/// rows as they are here whichever way they read it.
+/// Records captured changes in the baseline at their batch's version.
 pub(crate) fn commit(
     c: &Connection,
     changes: &[SchemaChange],
     version: Version,
-) -> rusqlite::Result<Vec<String>> {
-    let mut republish = Vec::new();
+) -> rusqlite::Result<()> {
     for ch in changes {
         if let (ObjectKind::Table, Some(old), Some(_)) = (ch.kind, &ch.old_sql, &ch.new_sql)
             && let Some(before) = declared(old)
-            && record_fates(c, &ch.name, &before, &described(c, &ch.name)?)?
         {
-            republish.push(ch.name.clone());
+            record_fates(c, &ch.name, &before, &described(c, &ch.name)?)?;
         }
         put_baseline(
             c,
@@ -462,7 +457,7 @@ pub(crate) fn commit(
             Some(version),
         )?;
     }
-    Ok(republish)
+    Ok(())
 }
 
 /// What applying one schema change did.

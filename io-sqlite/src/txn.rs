@@ -227,10 +227,7 @@ impl CaptureTxn for Tx<'_> {
         changes: &[SchemaChange],
         version: Version,
     ) -> Result<(), Self::Error> {
-        for table in crate::replicated::commit(self.conn, changes, version)? {
-            self.republish(&table)?;
-        }
-        Ok(())
+        crate::replicated::commit(self.conn, changes, version)
     }
 
     fn dirty_tables(&mut self) -> Result<Vec<DirtyTable>, Self::Error> {
@@ -433,8 +430,18 @@ impl ApplyTxn for Tx<'_> {
                 mask.push(true);
                 continue;
             }
-            let fate = crate::replicated::column_fate(self.conn, def.name, c)
+            // Follow renames one after another (a -> b -> c), a few steps at most.
+            let mut fate = crate::replicated::column_fate(self.conn, def.name, c)
                 .map_err(ApplyFault::Storage)?;
+            for _ in 0..8 {
+                match &fate {
+                    Some(Some(to)) if !t.columns.iter().any(|lc| lc.name == *to) => {
+                        fate = crate::replicated::column_fate(self.conn, def.name, to)
+                            .map_err(ApplyFault::Storage)?;
+                    }
+                    _ => break,
+                }
+            }
             match fate {
                 Some(Some(to))
                     if t.columns.iter().any(|lc| lc.name == to)
