@@ -579,9 +579,7 @@ pub(crate) fn apply(
     c: &Connection,
     item: &SchemaItem<'_>,
     version: Version,
-    wall_ms: u64,
 ) -> Result<Applied, ApplyFault<rusqlite::Error>> {
-    let _ = wall_ms;
     validate(item).map_err(ApplyFault::Poison)?;
     let f = |e| fault(item, e);
     let base = baseline_row(c, item.kind, item.name).map_err(f)?;
@@ -766,13 +764,6 @@ fn is_virtual(sql: &str) -> bool {
     tokens(sql).get(1).is_some_and(|t| t.text == "virtual")
 }
 
-/// The columns of a table (hidden columns of virtual tables left out), in order.
-fn columns(c: &Connection, table: &str) -> rusqlite::Result<Vec<(String, i64)>> {
-    c.prepare("SELECT name, hidden FROM pragma_table_xinfo(?1)")?
-        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect()
-}
-
 /// A column as `pragma_table_xinfo` describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Described {
@@ -849,24 +840,10 @@ fn copy_pairs(old: &[Described], new: &[Described]) -> Vec<(String, String)> {
     pairs
 }
 
-/// The columns `sql` declares, read by creating it in a scratch database.
-fn declared_columns(sql: &str) -> Option<Vec<(String, i64)>> {
-    let scratch = Connection::open_in_memory().ok()?;
-    scratch.execute(sql, []).ok()?;
-    let name: String = scratch
-        .query_row(
-            "SELECT name FROM sqlite_master WHERE type = 'table' LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .ok()?;
-    columns(&scratch, &name).ok()
-}
-
 /// The `ALTER TABLE` that turns `old` into `new` when SQLite's own statement does exactly
 /// that: ADD COLUMN (SQLite inserts `, <column>` before the column list's closing
 /// parenthesis), DROP COLUMN, RENAME COLUMN.
-fn alter_for(table: &str, old: &str, new: &str, local_cols: &[(String, i64)]) -> Option<String> {
+fn alter_for(table: &str, old: &str, new: &str, local_cols: &[Described]) -> Option<String> {
     let (_, close) = create_table_parts(old)?;
     if new.len() > old.len()
         && new.is_char_boundary(close)
@@ -882,12 +859,9 @@ fn alter_for(table: &str, old: &str, new: &str, local_cols: &[(String, i64)]) ->
             ));
         }
     }
-    let new_cols = declared_columns(new)?;
-    let lower = |v: &[(String, i64)]| -> Vec<String> {
-        v.iter()
-            .filter(|(_, h)| *h == 0)
-            .map(|(n, _)| n.to_ascii_lowercase())
-            .collect()
+    let new_cols = declared(new)?;
+    let lower = |v: &[Described]| -> Vec<String> {
+        v.iter().map(|d| d.name.to_ascii_lowercase()).collect()
     };
     let (l, n) = (lower(local_cols), lower(&new_cols));
     if l.len() == n.len() + 1 {
@@ -895,8 +869,8 @@ fn alter_for(table: &str, old: &str, new: &str, local_cols: &[(String, i64)]) ->
         if gone.len() == 1 && l.iter().filter(|c| *c != gone[0]).eq(n.iter()) {
             let orig = &local_cols
                 .iter()
-                .find(|(c, _)| c.eq_ignore_ascii_case(gone[0]))?
-                .0;
+                .find(|d| d.name.eq_ignore_ascii_case(gone[0]))?
+                .name;
             return Some(format!(
                 "ALTER TABLE main.{} DROP COLUMN {}",
                 quote(table),
@@ -908,8 +882,7 @@ fn alter_for(table: &str, old: &str, new: &str, local_cols: &[(String, i64)]) ->
         let diffs: Vec<usize> = (0..l.len()).filter(|&i| l[i] != n[i]).collect();
         if diffs.len() == 1 && !l.contains(&n[diffs[0]]) {
             let i = diffs[0];
-            let from = &local_cols.iter().filter(|(_, h)| *h == 0).nth(i)?.0;
-            let to = &new_cols.iter().filter(|(_, h)| *h == 0).nth(i)?.0;
+            let (from, to) = (&local_cols[i].name, &new_cols[i].name);
             return Some(format!(
                 "ALTER TABLE main.{} RENAME COLUMN {} TO {}",
                 quote(table),
@@ -930,7 +903,7 @@ fn change_table(
     local: &str,
     new: &str,
 ) -> rusqlite::Result<()> {
-    let local_cols = columns(c, item.name)?;
+    let local_cols = described(c, item.name)?;
     if let Some(old) = item.old_sql
         && normalise(old) == normalise(local)
         && let Some(alter) = alter_for(item.name, old, new, &local_cols)
@@ -947,15 +920,10 @@ fn change_table(
             }
         }
     }
-    rebuild(c, item.name, new, &local_cols)
+    rebuild(c, item.name, new)
 }
 
-fn rebuild(
-    c: &Connection,
-    table: &str,
-    new: &str,
-    _local_cols: &[(String, i64)],
-) -> rusqlite::Result<()> {
+fn rebuild(c: &Connection, table: &str, new: &str) -> rusqlite::Result<()> {
     let tmp = format!("{PREFIX}rebuild");
     let Some((name, _)) = create_table_parts(new) else {
         return Err(rusqlite::Error::InvalidParameterName(format!(
@@ -977,7 +945,7 @@ fn rebuild(
     )?;
     let mut pairs = copy_pairs(&described(c, table)?, &described(c, &tmp)?);
     // Rows keep their rowids (an FTS5 index over the table refers to them).
-    if implicit_rowid(c, table)? && implicit_rowid(c, &tmp)? {
+    if implicit_rowid(c, "main", table)? && implicit_rowid(c, "main", &tmp)? {
         pairs.push(("rowid".to_string(), "rowid".to_string()));
     }
     if !pairs.is_empty() {
@@ -1008,19 +976,20 @@ fn rebuild(
     Ok(())
 }
 
-/// The table has a rowid of its own (not WITHOUT ROWID, no INTEGER PRIMARY KEY alias).
-fn implicit_rowid(c: &Connection, table: &str) -> rusqlite::Result<bool> {
+/// The table (in attached database `schema`) has a rowid of its own: not WITHOUT ROWID, no
+/// INTEGER PRIMARY KEY alias.
+pub(crate) fn implicit_rowid(c: &Connection, schema: &str, table: &str) -> rusqlite::Result<bool> {
     let without_rowid: i64 = c.query_row(
-        "SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?1",
-        [table],
+        "SELECT wr FROM pragma_table_list WHERE schema = ?1 AND name = ?2",
+        [schema, table],
         |r| r.get(0),
     )?;
     if without_rowid != 0 {
         return Ok(false);
     }
     let pk: Vec<String> = c
-        .prepare("SELECT type FROM pragma_table_info(?1) WHERE pk > 0")?
-        .query_map([table], |r| r.get(0))?
+        .prepare("SELECT type FROM pragma_table_info(?1, ?2) WHERE pk > 0")?
+        .query_map([table, schema], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     Ok(!(pk.len() == 1 && pk[0].eq_ignore_ascii_case("INTEGER")))
 }
@@ -1135,7 +1104,7 @@ mod tests {
         let c = Connection::open_in_memory().unwrap();
         c.execute_batch("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT) STRICT")
             .unwrap();
-        let cols = columns(&c, "t").unwrap();
+        let cols = described(&c, "t").unwrap();
         let old = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT) STRICT";
         assert_eq!(
             alter_for(

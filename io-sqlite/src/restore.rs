@@ -383,8 +383,9 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
             [name],
             |r| r.get(0),
         )?;
-        let implicit_rowid =
-            kind == "table" && name != "sqlite_sequence" && has_implicit_rowid(c, name)?;
+        let implicit_rowid = kind == "table"
+            && name != "sqlite_sequence"
+            && crate::replicated::implicit_rowid(c, "snap", name)?;
         if generated == 0 && !implicit_rowid {
             c.execute_batch(&format!("INSERT INTO main.{q} SELECT * FROM snap.{q}"))?;
         } else {
@@ -409,24 +410,6 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
         c.execute_batch(&format!("PRAGMA main.{pragma} = {v}"))?;
     }
     Ok(())
-}
-
-/// Whether the snapshot's table `name` has a rowid that is not one of its columns (a rowid
-/// table without an INTEGER PRIMARY KEY).
-fn has_implicit_rowid(c: &Connection, name: &str) -> rusqlite::Result<bool> {
-    let without_rowid: i64 = c.query_row(
-        "SELECT wr FROM pragma_table_list WHERE schema = 'snap' AND name = ?1",
-        [name],
-        |r| r.get(0),
-    )?;
-    if without_rowid != 0 {
-        return Ok(false);
-    }
-    let pk: Vec<String> = c
-        .prepare("SELECT type FROM pragma_table_info(?1, 'snap') WHERE pk > 0")?
-        .query_map([name], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    Ok(!(pk.len() == 1 && pk[0].eq_ignore_ascii_case("INTEGER")))
 }
 
 /// Adds missing rows of another database's marmot bookkeeping that belong to the cluster

@@ -373,7 +373,7 @@ impl ApplyTxn for Tx<'_> {
             // This node keeps its own schema: rows that need the change park here.
             return Ok(());
         }
-        let applied = crate::replicated::apply(self.conn, item, version, self.wall_ms)?;
+        let applied = crate::replicated::apply(self.conn, item, version)?;
         if let Some(table) = &applied.republish {
             self.republish(table).map_err(ApplyFault::Storage)?;
         }
