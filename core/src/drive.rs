@@ -239,11 +239,16 @@ where
                         ),
                     );
                 }
-                Output::SaveSnapshot { position } => {
+                Output::SaveSnapshot { position, seed } => {
                     let p = snapshots.clone();
+                    let kind = if seed {
+                        crate::snapshot::SaveKind::Seed
+                    } else {
+                        crate::snapshot::SaveKind::Due
+                    };
                     ops.push(
                         async move {
-                            let r = p.save(position, false).await.map_err(|e| e.to_string());
+                            let r = p.save(position, kind).await.map_err(|e| e.to_string());
                             Done::Input(Input::SnapshotSaved(r))
                         }
                         .boxed(),

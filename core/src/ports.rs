@@ -308,8 +308,12 @@ pub trait Transport: Send + Sync + 'static {
 #[async_trait::async_trait]
 pub trait Snapshots: Send + Sync + 'static {
     /// Takes and stores a snapshot of the local database at `position`, unless another node
-    /// is taking one or the newest is recent enough (`force`: take one regardless).
-    async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError>;
+    /// is taking one or, as `kind` says, the newest is recent enough or one exists at all.
+    async fn save(
+        &self,
+        position: u64,
+        kind: crate::snapshot::SaveKind,
+    ) -> Result<SaveOutcome, SnapshotError>;
     /// Downloads and verifies the newest snapshot at stream position `min_position` or later,
     /// to restore from: first releases this node's snapshot lease if it still holds one (see
     /// [`crate::snapshot::fetch_to_restore`], which does both).
@@ -321,7 +325,11 @@ pub struct NoSnapshots;
 
 #[async_trait::async_trait]
 impl Snapshots for NoSnapshots {
-    async fn save(&self, _: u64, _: bool) -> Result<SaveOutcome, SnapshotError> {
+    async fn save(
+        &self,
+        _: u64,
+        _: crate::snapshot::SaveKind,
+    ) -> Result<SaveOutcome, SnapshotError> {
         Err(SnapshotError::Store("snapshots are not configured".into()))
     }
     async fn fetch(&self, _: u64) -> Result<Fetched, SnapshotError> {

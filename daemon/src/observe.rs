@@ -20,6 +20,8 @@ pub struct Shared {
     pub replicate: bool,
     /// Milliseconds since start of the last captured or applied change.
     pub last_activity_ms: AtomicU64,
+    /// The replicated schema's digest (nodes with the same digest have the same schema).
+    pub schema_digest: Mutex<String>,
 }
 
 struct Metrics {
@@ -98,6 +100,9 @@ pub struct DaemonObserver {
     shared: Arc<Shared>,
     stats: Arc<StoreStats>,
     busy_seen: u64,
+    /// The metric prefix, and the schema digest last exported as a label.
+    prefix: String,
+    digest: String,
     last_warn: HashMap<&'static str, Duration>,
     publish_failing: bool,
 }
@@ -112,6 +117,8 @@ impl DaemonObserver {
             shared,
             stats,
             busy_seen: 0,
+            prefix: prefix.to_string(),
+            digest: String::new(),
             last_warn: HashMap::new(),
             publish_failing: false,
         }
@@ -331,6 +338,29 @@ impl Observer for DaemonObserver {
                     "the newest snapshot is recent enough"
                 ),
             },
+            Event::SeedTaken { existing } => {
+                let ours = self
+                    .stats
+                    .schema_digest
+                    .lock()
+                    .map(|d| d.clone())
+                    .unwrap_or_default();
+                if !existing.schema_digest.is_empty() && existing.schema_digest != ours {
+                    tracing::error!(
+                        seed = existing.node,
+                        generation = existing.generation,
+                        theirs = %existing.schema_digest,
+                        ours = %ours,
+                        "the snapshot store already holds another node's first snapshot, of a database whose schema differs from this one's: this node started from a different database, and the two are not merged (to join the seed's cluster, stop marmot here and start it on an empty file)"
+                    );
+                } else {
+                    tracing::info!(
+                        seed = existing.node,
+                        generation = existing.generation,
+                        "another node's first snapshot is in the store already (same schema): this node takes none"
+                    );
+                }
+            }
             Event::SnapshotFailed { error, retry_in } => {
                 self.m.snapshot_failures.increment(1);
                 tracing::warn!(%error, retry_in = ?retry_in, "snapshot failed; retrying later");
@@ -341,7 +371,9 @@ impl Observer for DaemonObserver {
             }
             Event::NoSnapshot { reason } => match reason {
                 RestoreReason::EmptyJoin => {
-                    tracing::info!("no snapshot to start from: reading the stream from its start")
+                    tracing::info!(
+                        "no snapshot to start from: reading the stream from its start, and looking for a first snapshot (a seed node's) while this node stays empty"
+                    )
                 }
                 RestoreReason::Behind => tracing::error!(
                     "this node is behind the stream and no snapshot holds what it misses yet; it looks again every 30 s"
@@ -399,6 +431,24 @@ impl Observer for DaemonObserver {
             .set(self.stats.skipped_tables.load(Ordering::Relaxed) as f64);
         m.null_key_rows
             .set(self.stats.null_key_rows.load(Ordering::Relaxed) as f64);
+        let digest = self
+            .stats
+            .schema_digest
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        if digest != self.digest {
+            // An info metric: the current digest is the label whose value is 1.
+            let name = format!("{}_schema_info", self.prefix);
+            if !self.digest.is_empty() {
+                metrics::gauge!(name.clone(), "digest" => self.digest.clone()).set(0.0);
+            }
+            metrics::gauge!(name, "digest" => digest.clone()).set(1.0);
+            if let Ok(mut d) = self.shared.schema_digest.lock() {
+                d.clone_from(&digest);
+            }
+            self.digest = digest;
+        }
         let busy = self.stats.busy.load(Ordering::Relaxed);
         if busy > self.busy_seen {
             m.busy.increment(busy - self.busy_seen);
@@ -437,6 +487,8 @@ pub fn ready(shared: &Shared) -> (bool, serde_json::Value) {
         "parked_batches": s.parked,
         "incomplete_batches": s.incomplete_batches,
         "clock_skew_ms": s.clock_skew_ms,
+        "awaiting_first_snapshot": s.awaiting_first_snapshot,
+        "schema_digest": shared.schema_digest.lock().map(|d| d.clone()).unwrap_or_default(),
     });
     (ok, body)
 }

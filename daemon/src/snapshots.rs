@@ -10,8 +10,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use marmot_core::ports::Snapshots;
 use marmot_core::snapshot::{
-    self, Fetched, LocalSnapshot, ObjectStore, Progress, SaveOutcome, SnapshotError, SnapshotFiles,
-    SnapshotInfo, StagedSnapshot,
+    self, Fetched, LocalSnapshot, ObjectStore, Progress, SaveKind, SaveOutcome, SnapshotError,
+    SnapshotFiles, SnapshotInfo, StagedSnapshot,
 };
 use marmot_nats::NatsTransport;
 use marmot_sqlite::snapshot::SnapshotDir;
@@ -309,8 +309,8 @@ impl DaemonSnapshots {
 
 #[async_trait::async_trait]
 impl Snapshots for DaemonSnapshots {
-    async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError> {
-        let (min_changes, min_age) = if force {
+    async fn save(&self, position: u64, kind: SaveKind) -> Result<SaveOutcome, SnapshotError> {
+        let (min_changes, min_age) = if kind != SaveKind::Due {
             (0, 0)
         } else {
             (
@@ -330,6 +330,7 @@ impl Snapshots for DaemonSnapshots {
             min_changes,
             min_age_ms: min_age,
             keep: self.settings.keep,
+            first_only: kind == SaveKind::Seed,
         };
         snapshot::save(
             &**store,
@@ -504,6 +505,7 @@ pub fn command(
                     min_changes: 0,
                     min_age_ms: 0,
                     keep: s.snapshot.keep,
+                    first_only: false,
                 };
                 let out = snapshot::save(&*store, &*transport, &files, &params, &tokio_pause, &*progress)
                 .await?;

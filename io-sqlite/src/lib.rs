@@ -238,6 +238,8 @@ pub struct StoreStats {
     pub conflicts: AtomicU64,
     /// Batches parked.
     pub parked: AtomicU64,
+    /// [`replicated::schema_digest`] as of the last schema change seen.
+    pub schema_digest: std::sync::Mutex<String>,
 }
 
 /// The local database.

@@ -213,19 +213,22 @@ impl SnapshotDir {
             backup_into_file(&src, &raw, self.busy_timeout)
                 .map_err(|e| local(format!("copying the database: {e}")))?;
         }
-        let position: i64 = {
+        let (position, schema_digest): (i64, String) = {
             let c = Connection::open(&raw).map_err(local)?;
             // A self-contained file: no WAL beside it.
             c.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get::<_, String>(0))
                 .map_err(local)?;
-            c.query_row(
-                "SELECT value FROM \"__marmot__meta\" WHERE key = 'position'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(local)?
-            .unwrap_or(0)
+            let digest = crate::replicated::schema_digest(&c).map_err(local)?;
+            let position = c
+                .query_row(
+                    "SELECT value FROM \"__marmot__meta\" WHERE key = 'position'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(local)?
+                .unwrap_or(0);
+            (position, digest)
         };
         let raw_size = std::fs::metadata(&raw).map_err(local)?.len();
         let out = File::create(&packed).map_err(local)?;
@@ -254,6 +257,7 @@ impl SnapshotDir {
             raw_size,
             checksum: hashing.hasher.finalize().to_hex().to_string(),
             horizon_ms,
+            schema_digest,
         })
     }
 

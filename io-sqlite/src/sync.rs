@@ -309,6 +309,10 @@ pub(crate) fn sync_tables(
         out.push(table);
     }
     stats.tables.store(out.len() as u64, Ordering::Relaxed);
+    let digest = crate::replicated::schema_digest(c).map_err(e)?;
+    if let Ok(mut d) = stats.schema_digest.lock() {
+        *d = digest;
+    }
     let counted = skipped
         .iter()
         .filter(|(_, r)| *r != schema::SkipReason::Shadow)

@@ -695,6 +695,7 @@ mod snapshots {
             raw_size: l.raw_size,
             checksum: l.checksum.clone(),
             horizon_ms: l.horizon_ms,
+            schema_digest: l.schema_digest.clone(),
         }
     }
 

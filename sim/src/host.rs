@@ -11,8 +11,8 @@ use marmot_core::node::SnapshotPolicy;
 use marmot_core::node::{Event, Node, NodeConfig, Stop};
 use marmot_core::ports::{Env, Snapshots};
 use marmot_core::snapshot::{
-    self, Fetched, LocalSnapshot, SaveOutcome, SnapshotError, SnapshotFiles, SnapshotInfo,
-    StagedSnapshot,
+    self, Fetched, LocalSnapshot, SaveKind, SaveOutcome, SnapshotError, SnapshotFiles,
+    SnapshotInfo, StagedSnapshot,
 };
 use marmot_sqlite::snapshot::SnapshotDir;
 use marmot_sqlite::{SqliteStore, StoreConfig, StoreError};
@@ -84,9 +84,9 @@ pub(crate) struct SimSnapshots {
 
 #[async_trait::async_trait]
 impl Snapshots for SimSnapshots {
-    async fn save(&self, position: u64, force: bool) -> Result<SaveOutcome, SnapshotError> {
+    async fn save(&self, position: u64, kind: SaveKind) -> Result<SaveOutcome, SnapshotError> {
         let now_ms = turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64);
-        let (min_changes, min_age) = if force {
+        let (min_changes, min_age) = if kind != SaveKind::Due {
             (0, 0)
         } else {
             (self.every.0 / 2, self.every.1.as_millis() as u64 / 2)
@@ -99,6 +99,7 @@ impl Snapshots for SimSnapshots {
             min_changes,
             min_age_ms: min_age,
             keep: 2,
+            first_only: kind == SaveKind::Seed,
         };
         let pause = |d: Duration| -> BoxFuture<'static, ()> { tokio::time::sleep(d).boxed() };
         snapshot::save(

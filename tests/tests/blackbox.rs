@@ -974,3 +974,92 @@ fn a_node_down_longer_than_the_streams_retention_restores_and_keeps_its_own_writ
         tail(&nodes[2].log, 30)
     );
 }
+
+#[test]
+fn marmot_started_on_a_populated_database_seeds_the_nodes_that_start_empty() {
+    // Go Marmot issue #32: the application's database existed before marmot. Its rows were
+    // never captured, so only a snapshot carries them; nodes that start empty must get them
+    // with no `snapshot save` and no other step.
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path());
+    let populated = format!(
+        "{BOOKS} CREATE INDEX books_author ON Books(author); \
+         CREATE VIEW old_books AS SELECT title FROM Books WHERE publication_year < 1900; \
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) \
+         INSERT INTO Books SELECT i, 'title ' || i, 'author ' || (i % 37), 1800 + i % 200 FROM n; \
+         PRAGMA user_version = 7;"
+    );
+    let mut seed = Node::new(dir.path(), 1, &populated, Some(&nats.url()), "");
+    // Node 2 starts at the same time as the seed (it may find no snapshot yet, and must then
+    // wait for the seed's), node 3 once they run.
+    let mut early = Node::new(dir.path(), 2, "", Some(&nats.url()), "");
+    seed.start();
+    early.start();
+    seed.wait_ready();
+    early.wait_ready();
+    let mut late = Node::new(dir.path(), 3, "", Some(&nats.url()), "");
+    late.start_ready();
+    let nodes = vec![seed, early, late];
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(
+        content.len(),
+        1000,
+        "{:?}",
+        &content[..content.len().min(3)]
+    );
+    let schemas: Vec<_> = nodes.iter().map(|n| schema_of(&n.db)).collect();
+    assert!(
+        schemas
+            .iter()
+            .any(|s| s.iter().any(|(_, name, _)| name == "old_books")),
+        "{schemas:?}"
+    );
+    assert_eq!(schemas[0], schemas[1]);
+    assert_eq!(schemas[0], schemas[2]);
+    for n in &nodes[1..] {
+        assert_eq!(n.sql("PRAGMA user_version"), "7", "node {}", n.id);
+    }
+    assert!(
+        nodes[0].log_text().contains("snapshot saved"),
+        "{}",
+        tail(&nodes[0].log, 20)
+    );
+    // The same schema digest on every node, in `/ready` and in the metrics.
+    let digests: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            wait_for(CONVERGE, "the schema digest in /ready", || {
+                let (_, body) = http_get(n.http_port, "/ready")?;
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                let d = v["schema_digest"].as_str()?.to_string();
+                (d.len() == 16).then_some(d)
+            })
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(digests[0], digests[2]);
+    let (_, metrics) = http_get(nodes[2].http_port, "/metrics").unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "marmot_schema_info{{digest=\"{}\"}} 1",
+            digests[0]
+        )),
+        "{metrics}"
+    );
+    // Every node writes; every write reaches every node.
+    for n in &nodes {
+        n.sql(&format!(
+            "INSERT INTO Books VALUES ({}, 'from node {}', 'x', 2000); UPDATE Books SET title = 'edited on {}' WHERE id = {};",
+            5000 + n.id,
+            n.id,
+            n.id,
+            n.id
+        ));
+    }
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert_eq!(content.len(), 1003);
+    assert!(
+        content.iter().any(|r| r.contains("edited on 3")),
+        "{content:?}"
+    );
+}

@@ -452,9 +452,12 @@ impl Cluster {
                         },
                     );
                 }
-                Output::SaveSnapshot { position } => {
-                    let info = self.snapshots.save(&m.app, id, position);
-                    self.later(i, rtt, Input::SnapshotSaved(Ok(SaveOutcome::Saved(info))));
+                Output::SaveSnapshot { position, seed } => {
+                    let outcome = match self.snapshots.newest() {
+                        Some(newest) if seed => SaveOutcome::UpToDate(newest),
+                        _ => SaveOutcome::Saved(self.snapshots.save(&m.app, id, position)),
+                    };
+                    self.later(i, rtt, Input::SnapshotSaved(Ok(outcome)));
                 }
                 Output::FetchSnapshot { min_position } => {
                     let fetched = Fetched {

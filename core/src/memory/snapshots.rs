@@ -7,7 +7,9 @@
 use super::storage::{Db, MemoryApp};
 use crate::hlc::NodeId;
 use crate::ports::Snapshots;
-use crate::snapshot::{Fetched, SaveOutcome, SnapshotError, SnapshotInfo, StagedSnapshot};
+use crate::snapshot::{
+    Fetched, SaveKind, SaveOutcome, SnapshotError, SnapshotInfo, StagedSnapshot,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,9 +38,16 @@ impl MemorySnapshotStore {
             raw_size: 0,
             checksum: String::new(),
             horizon_ms: 0,
+            schema_digest: String::new(),
         };
         store.insert(generation, (info.clone(), db));
         info
+    }
+
+    /// The newest snapshot's manifest, if any.
+    pub fn newest(&self) -> Option<SnapshotInfo> {
+        let store = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        store.values().last().map(|(info, _)| info.clone())
     }
 
     /// The newest snapshot at stream position `min_position` or later, staged.
@@ -98,7 +107,12 @@ impl MemorySnapshots {
 
 #[async_trait::async_trait]
 impl Snapshots for MemorySnapshots {
-    async fn save(&self, position: u64, _force: bool) -> Result<SaveOutcome, SnapshotError> {
+    async fn save(&self, position: u64, kind: SaveKind) -> Result<SaveOutcome, SnapshotError> {
+        if kind == SaveKind::Seed
+            && let Some(newest) = self.store.newest()
+        {
+            return Ok(SaveOutcome::UpToDate(newest));
+        }
         Ok(SaveOutcome::Saved(
             self.store.save(&self.db, self.node, position),
         ))

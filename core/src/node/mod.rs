@@ -253,6 +253,7 @@ impl Node {
             incomplete_batches: self.parked.incomplete(),
             clock_skew_ms: self.link.skew_ms(),
             clock_high_water: self.clock.high_water().as_u64(),
+            awaiting_first_snapshot: self.snapshots.watching(),
         }
     }
 
@@ -271,7 +272,12 @@ impl Node {
             Input::Recovered(r) => self.on_recovered(now, r),
             Input::LocalChange => self.capture.on_hint(now),
             Input::Captured(r) => self.on_captured(now, r),
-            Input::Prepared(r) => self.link.on_prepared(now, r, cfg, out),
+            Input::Prepared(r) => {
+                if let Ok(bounds) = &r {
+                    self.snapshots.stream_prepared(now, bounds.last_seq);
+                }
+                self.link.on_prepared(now, r, cfg, out)
+            }
             Input::Claimed {
                 result,
                 sent_wall_ms,
@@ -351,7 +357,7 @@ impl Node {
         self.outbox.recovered(r.outbox);
         self.capture.recovered(now);
         self.snapshots
-            .recovered(now, r.empty && r.position == 0, &self.cfg);
+            .recovered(now, r.empty, r.position, &self.cfg);
     }
 
     /// A batch storage captured: it counts towards the next snapshot and goes to the outbox.

@@ -2,6 +2,17 @@
 //! interval), when to restore from one (a new node with an empty database, or a node behind
 //! the stream), and the restore's phases: wanted, fetching, applying.
 //!
+//! **Bootstrapping.** Rows a database held before marmot first started on it were never
+//! captured, so no batch carries them. A node that starts on such a database (it holds rows,
+//! has applied nothing) while the stream is empty is a *seed*: it saves a snapshot as soon as
+//! it may, unless the store holds one already ([`crate::snapshot::SaveKind::Seed`]). A node
+//! that starts empty restores the newest snapshot; when there is none yet, it reads the stream
+//! from its start and keeps looking for a first snapshot (every second at first, then less
+//! often, up to the alarm interval) for as long as it stays *fresh*: nothing captured or
+//! applied here and nothing restored. It then restores the first snapshot that appears, which
+//! is the seed's when a seed started at about the same time. A cluster whose nodes all start
+//! empty has no seed: the first write anywhere ends every node's watch.
+//!
 //! A restore waits for a sane clock (a merge restore stamps the node's pending writes) and
 //! for a save in flight to end (the snapshot procedure releases this node's snapshot lease
 //! before fetching, which must not cut a save short). A receive-only node (`publish =
@@ -17,6 +28,9 @@ use std::time::Duration;
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum RestorePhase {
     Idle,
+    /// A fresh node with no snapshot to start from: it reads the stream, and looks for a
+    /// first snapshot at `restore_retry_at` (see the module doc).
+    Watching,
     Wanted(RestoreReason),
     Fetching(RestoreReason),
     Applying(RestoreReason),
@@ -35,6 +49,16 @@ pub(super) struct Snapshots {
     /// every message the stream no longer has): a node behind waits for such a snapshot
     /// instead of restoring one that leaves it behind again.
     restore_needs: u64,
+    /// Started empty, and nothing captured, applied or restored since.
+    fresh: bool,
+    /// Started on a populated database with nothing applied: a seed if the stream is empty.
+    populated_new: bool,
+    /// A seed snapshot is due at this time.
+    seed_at: Option<Duration>,
+    /// The save in flight is a seed.
+    saving_seed: bool,
+    /// First-snapshot checks made while watching.
+    watch_checks: u32,
 }
 
 impl Snapshots {
@@ -47,28 +71,62 @@ impl Snapshots {
             restore_retry_at: Duration::ZERO,
             restore_failures: 0,
             restore_needs: 0,
+            fresh: false,
+            populated_new: false,
+            seed_at: None,
+            saving_seed: false,
+            watch_checks: 0,
         }
     }
 
     /// At start: a new node (an empty database, nothing applied) starts from a snapshot
-    /// when the policy says so.
-    pub(super) fn recovered(&mut self, now: Duration, empty: bool, cfg: &NodeConfig) {
+    /// when the policy says so; a node with rows and nothing applied may be a seed.
+    pub(super) fn recovered(
+        &mut self,
+        now: Duration,
+        empty: bool,
+        position: u64,
+        cfg: &NodeConfig,
+    ) {
         if let Some(p) = &cfg.snapshots {
             self.next_save_at = p.interval.map_or(Duration::MAX, |i| now + i);
-            if p.restore_empty && empty {
+            if p.restore_empty && empty && position == 0 {
                 self.restore = RestorePhase::Wanted(RestoreReason::EmptyJoin);
+                self.fresh = true;
             }
+            self.populated_new = !empty && position == 0;
         }
+    }
+
+    /// The stream is prepared, holding messages up to `last_seq` (0: none ever): a node
+    /// that started on a populated database with nothing applied seeds the cluster when the
+    /// stream is empty.
+    pub(super) fn stream_prepared(&mut self, now: Duration, last_seq: u64) {
+        if self.populated_new && last_seq == 0 && self.seed_at.is_none() {
+            self.seed_at = Some(now);
+        }
+        self.populated_new = false;
     }
 
     /// Rows captured or applied here.
     pub(super) fn count(&mut self, rows: u64) {
         self.changes += rows;
+        if rows > 0 {
+            self.fresh = false;
+            if self.restore == RestorePhase::Watching {
+                self.restore = RestorePhase::Idle;
+            }
+        }
     }
 
     /// A restore is wanted or under way: no subscription, no snapshot save.
     pub(super) fn restore_pending(&self) -> bool {
-        self.restore != RestorePhase::Idle
+        !matches!(self.restore, RestorePhase::Idle | RestorePhase::Watching)
+    }
+
+    /// Looking for a first snapshot while reading the stream (see the module doc).
+    pub(super) fn watching(&self) -> bool {
+        self.restore == RestorePhase::Watching
     }
 
     /// A snapshot is being fetched or restored: no apply.
@@ -82,7 +140,9 @@ impl Snapshots {
     /// The node is behind the stream: it needs a snapshot at position `needs` or later.
     pub(super) fn fell_behind(&mut self, now: Duration, needs: u64, cfg: &NodeConfig) {
         self.restore_needs = needs;
-        if cfg.snapshots.is_some() && self.restore == RestorePhase::Idle {
+        if cfg.snapshots.is_some()
+            && matches!(self.restore, RestorePhase::Idle | RestorePhase::Watching)
+        {
             self.restore = RestorePhase::Wanted(RestoreReason::Behind);
             self.restore_retry_at = now;
         }
@@ -96,9 +156,20 @@ impl Snapshots {
         out: &mut Outputs,
     ) {
         self.saving = false;
+        let seed = std::mem::take(&mut self.saving_seed);
         let interval = cfg.snapshots.as_ref().and_then(|p| p.interval);
         match r {
             Ok(outcome) => {
+                if seed {
+                    self.seed_at = None;
+                    if let SaveOutcome::UpToDate(existing) = &outcome
+                        && existing.node != cfg.node_id
+                    {
+                        out.event(Event::SeedTaken {
+                            existing: existing.clone(),
+                        });
+                    }
+                }
                 self.changes = 0;
                 self.next_save_at = interval.map_or(Duration::MAX, |i| now + i);
                 out.event(Event::SnapshotSaved { outcome });
@@ -107,6 +178,9 @@ impl Snapshots {
                 // Due again at the retry time, or after as many changes again.
                 let retry_in = cfg.retry_max.max(Duration::from_secs(5));
                 self.next_save_at = now + retry_in;
+                if seed {
+                    self.seed_at = Some(now + retry_in);
+                }
                 self.changes = 0;
                 out.event(Event::SnapshotFailed { error, retry_in });
             }
@@ -136,8 +210,17 @@ impl Snapshots {
                         out.push(Output::RestoreSnapshot(staged));
                     }
                     None => {
-                        out.event(Event::NoSnapshot { reason });
-                        if reason == RestoreReason::EmptyJoin {
+                        if self.watch_checks == 0 {
+                            out.event(Event::NoSnapshot { reason });
+                        }
+                        if reason == RestoreReason::EmptyJoin && self.fresh {
+                            // Nothing to start from yet: read the stream from the beginning
+                            // and look again, more and more rarely, while nothing happens here.
+                            self.restore = RestorePhase::Watching;
+                            let wait = Duration::from_secs(1) * 2u32.pow(self.watch_checks.min(6));
+                            self.restore_retry_at = now + wait.min(cfg.alarm_interval);
+                            self.watch_checks += 1;
+                        } else if reason == RestoreReason::EmptyJoin {
                             // Nothing to start from: read the stream from the beginning.
                             self.restore = RestorePhase::Idle;
                         } else {
@@ -186,6 +269,7 @@ impl Snapshots {
             Ok(report) => {
                 self.restore = RestorePhase::Idle;
                 self.restore_failures = 0;
+                self.fresh = false;
                 Some((reason, report))
             }
             Err(error) => {
@@ -196,8 +280,10 @@ impl Snapshots {
     }
 
     fn restore_due(&self, g: &Gates) -> Option<Duration> {
-        (matches!(self.restore, RestorePhase::Wanted(_))
-            && !g.shutting_down
+        (matches!(
+            self.restore,
+            RestorePhase::Wanted(_) | RestorePhase::Watching
+        ) && !g.shutting_down
             && !self.saving
             && g.clock_sane)
             .then_some(self.restore_retry_at)
@@ -216,11 +302,14 @@ impl Snapshots {
             && g.claimed
             && g.clock_sane
             && !self.saving
-            && self.restore == RestorePhase::Idle
+            && matches!(self.restore, RestorePhase::Idle | RestorePhase::Watching)
             && !g.behind
             && !g.shutting_down;
         if !possible {
             return None;
+        }
+        if let Some(at) = self.seed_at {
+            return Some(at);
         }
         if p.every_changes > 0 && self.changes >= p.every_changes {
             return Some(Duration::ZERO);
@@ -242,8 +331,13 @@ impl Snapshots {
         position: u64,
         out: &mut Outputs,
     ) {
+        let wanted = match self.restore {
+            RestorePhase::Wanted(reason) => Some(reason),
+            RestorePhase::Watching => Some(RestoreReason::EmptyJoin),
+            _ => None,
+        };
         if due(now, self.restore_due(g))
-            && let RestorePhase::Wanted(reason) = self.restore
+            && let Some(reason) = wanted
         {
             self.restore = RestorePhase::Fetching(reason);
             let min_position = match reason {
@@ -254,7 +348,11 @@ impl Snapshots {
         }
         if due(now, self.save_due(g, cfg)) {
             self.saving = true;
-            out.push(Output::SaveSnapshot { position });
+            self.saving_seed = self.seed_at.is_some();
+            out.push(Output::SaveSnapshot {
+                position,
+                seed: self.saving_seed,
+            });
         }
     }
 }

@@ -132,6 +132,9 @@ pub enum Output {
     SaveSnapshot {
         /// This node's position.
         position: u64,
+        /// A seed ([`crate::snapshot::SaveKind::Seed`]): this node started on a populated
+        /// database with the stream empty; save only when the store holds no snapshot yet.
+        seed: bool,
     },
     /// Call [`crate::ports::Snapshots::fetch`] (which releases a stale snapshot lease first);
     /// answer with [`Input::SnapshotFetched`]. Never asked while a save is in flight.
@@ -322,6 +325,13 @@ pub enum Event {
         /// What happened.
         outcome: SaveOutcome,
     },
+    /// This node started on a populated database with the stream empty (a seed), but the
+    /// store holds a snapshot already, `existing`: another node seeded the cluster first.
+    /// Where their schema digests differ, the nodes started from different databases.
+    SeedTaken {
+        /// The newest snapshot in the store.
+        existing: crate::snapshot::SnapshotInfo,
+    },
     /// Saving or fetching a snapshot failed; retrying later.
     SnapshotFailed {
         /// Why.
@@ -395,4 +405,7 @@ pub struct Status {
     pub clock_skew_ms: i64,
     /// The clock's high-water mark.
     pub clock_high_water: u64,
+    /// This node started empty, found no snapshot, and still looks for a first one (see
+    /// the bootstrapping rules in `node::snapshots`).
+    pub awaiting_first_snapshot: bool,
 }

@@ -47,6 +47,9 @@ pub struct SnapshotInfo {
     pub checksum: String,
     /// Tombstones with a stamp older than this (ms) were removed at the source (0: none).
     pub horizon_ms: u64,
+    /// The digest of the replicated schema it holds (absent from older manifests: empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub schema_digest: String,
 }
 
 /// The manifest object name of a generation.
@@ -136,6 +139,8 @@ pub struct LocalSnapshot {
     pub checksum: String,
     /// Tombstone horizon of the copied database (ms; 0: none removed).
     pub horizon_ms: u64,
+    /// The digest of the replicated schema it holds (empty: not known).
+    pub schema_digest: String,
 }
 
 /// A downloaded snapshot, verified and decompressed into a database file beside the live one.
@@ -242,6 +247,21 @@ pub struct SaveParams<'a> {
     pub min_age_ms: u64,
     /// Generations kept in the store.
     pub keep: usize,
+    /// Save only when the store holds no snapshot at all (a seed: [`SaveKind::Seed`]).
+    pub first_only: bool,
+}
+
+/// Why a snapshot is taken.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum SaveKind {
+    /// Enough changes or time since the last one: skipped while the newest is recent enough.
+    Due,
+    /// An operator asked (`marmot snapshot save`): taken regardless.
+    Asked,
+    /// The first snapshot of a cluster, from a node that holds rows the stream never carried
+    /// (it started on a populated database, with the stream empty): taken only when the
+    /// store holds none, so that nodes starting empty get those rows.
+    Seed,
 }
 
 /// Sleeps for a while (the caller's timer: the core has none).
@@ -385,6 +405,11 @@ where
         None => None,
     };
     if let Some(n) = &newest
+        && p.first_only
+    {
+        return Ok(SaveOutcome::UpToDate(n.clone()));
+    }
+    if let Some(n) = &newest
         && n.position + p.min_changes > p.position
         && p.now_ms.saturating_sub(n.created_ms) < p.min_age_ms
     {
@@ -421,6 +446,7 @@ where
         raw_size: local.raw_size,
         checksum: local.checksum,
         horizon_ms: local.horizon_ms,
+        schema_digest: local.schema_digest,
     };
     let json = serde_json::to_vec_pretty(&info).expect("a manifest serialises");
     store

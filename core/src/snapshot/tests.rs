@@ -187,6 +187,7 @@ impl SnapshotFiles for NoFiles {
             raw_size: 2,
             checksum: "00".into(),
             horizon_ms: 0,
+            schema_digest: String::new(),
         })
     }
     fn download_path(&self, object: &str) -> PathBuf {
@@ -212,6 +213,7 @@ fn params(now_ms: u64) -> SaveParams<'static> {
         min_changes: 0,
         min_age_ms: 0,
         keep: 2,
+        first_only: false,
     }
 }
 
@@ -432,6 +434,36 @@ fn a_recent_enough_snapshot_is_not_taken_again_and_a_held_lease_means_busy() {
         &|_| {},
     ));
     assert!(matches!(out, Ok(SaveOutcome::Busy { by }) if by == "db-2"));
+}
+
+#[test]
+fn a_seed_is_saved_only_into_an_empty_store() {
+    // However old the newest snapshot and however far behind this node: one exists, so a
+    // seed is not taken (the first seed wins; later ones would write older data over it).
+    let store = MemStore::default();
+    let infos = three_generations(&store);
+    let mut p = params(1_000_000_000);
+    p.position = 10_000;
+    p.first_only = true;
+    let out = futures::executor::block_on(save(
+        &store,
+        &MemLease::new(),
+        &NoFiles,
+        &p,
+        &no_wait,
+        &|_| {},
+    ));
+    assert!(matches!(out, Ok(SaveOutcome::UpToDate(i)) if i == infos[2]));
+    // Into an empty store it is saved.
+    let out = futures::executor::block_on(save(
+        &MemStore::default(),
+        &MemLease::new(),
+        &NoFiles,
+        &p,
+        &no_wait,
+        &|_| {},
+    ));
+    assert!(matches!(out, Ok(SaveOutcome::Saved(_))), "{out:?}");
 }
 
 #[test]

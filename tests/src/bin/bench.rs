@@ -309,6 +309,7 @@ fn snapshot_speed(dir: &Path, mib: u64) -> serde_json::Value {
         raw_size: local.raw_size,
         checksum: local.checksum.clone(),
         horizon_ms: 0,
+        schema_digest: String::new(),
     };
     marmot_sqlite::snapshot::SnapshotDir::discard(&local.path);
     // Restore into an empty database: download, verify, decompress, check, copy in.

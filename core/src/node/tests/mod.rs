@@ -167,6 +167,7 @@ pub(super) fn staged(position: u64) -> StagedSnapshot {
             raw_size: 1,
             checksum: "00".into(),
             horizon_ms: 0,
+            schema_digest: String::new(),
         },
         path: std::path::PathBuf::from("/tmp/staged.db"),
     }

@@ -282,9 +282,10 @@ fn a_snapshot_is_due_after_enough_changes() {
     n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
     n.handle(
         ms(0),
+        // The stream has a history: no seed snapshot.
         Input::Prepared(Ok(StreamBounds {
             first_seq: 1,
-            last_seq: 0,
+            last_seq: 5,
         })),
     );
     n.handle(
@@ -403,9 +404,10 @@ fn a_snapshot_is_taken_while_writes_keep_coming() {
     n.handle(ms(0), Input::Recovered(recovered(0, vec![])));
     n.handle(
         ms(0),
+        // The stream has a history: no seed snapshot.
         Input::Prepared(Ok(StreamBounds {
             first_seq: 1,
-            last_seq: 0,
+            last_seq: 5,
         })),
     );
     clock_checked(&mut n, ms(0));
@@ -432,4 +434,201 @@ fn a_snapshot_is_taken_while_writes_keep_coming() {
         outs = drain(&mut n);
     }
     assert!(saved, "no snapshot in 3 s of constant writes");
+}
+
+/// Starts `n` on a database that is `empty` or not, with `position` applied, on a stream
+/// holding messages up to `last_seq`, and checks the clock.
+fn started(n: &mut Node, empty: bool, position: u64, last_seq: u64) -> Vec<Output> {
+    let mut r = recovered(position, vec![]);
+    r.empty = empty;
+    n.handle(ms(0), Input::Recovered(r));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: last_seq + 1,
+            last_seq,
+        })),
+    );
+    clock_checked(n, ms(0));
+    drain(n)
+}
+
+fn saves(outs: &[Output]) -> Vec<bool> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::SaveSnapshot { seed, .. } => Some(*seed),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_started_on_a_populated_database_with_the_stream_empty_seeds_the_first_snapshot() {
+    // Rows that were there before marmot started were never captured: a seed snapshot is
+    // the only way they reach nodes that start empty.
+    let mut n = snapshot_node(1000);
+    let outs = started(&mut n, false, 0, 0);
+    assert_eq!(saves(&outs), vec![true], "{outs:?}");
+    // The store already held one: the seed is done, and no other save follows.
+    n.handle(
+        ms(5),
+        Input::SnapshotSaved(Ok(SaveOutcome::UpToDate(staged(0).info))),
+    );
+    assert!(
+        has(&drain(&mut n), |o| matches!(
+            o,
+            Output::Event(Event::SeedTaken { existing }) if existing.node == 2
+        )),
+        "another node seeded first: reported (the daemon compares schema digests)"
+    );
+    n.handle(ms(60_000), Input::Tick);
+    assert!(saves(&drain(&mut n)).is_empty());
+
+    // A failed seed is tried again.
+    let mut n = snapshot_node(1000);
+    started(&mut n, false, 0, 0);
+    n.handle(ms(5), Input::SnapshotSaved(Err("store down".into())));
+    assert!(saves(&drain(&mut n)).is_empty(), "not at once");
+    n.handle(ms(10_000), Input::Tick);
+    assert_eq!(saves(&drain(&mut n)), vec![true]);
+
+    // Not a seed: the stream holds messages (the cluster has a history), the node applied
+    // some, or it is empty.
+    for (empty, position, last_seq) in [(false, 0, 7), (false, 7, 7), (false, 3, 0), (true, 0, 0)] {
+        let mut n = snapshot_node(1000);
+        let outs = started(&mut n, empty, position, last_seq);
+        assert!(
+            saves(&outs).is_empty(),
+            "empty {empty} position {position} last {last_seq}: {outs:?}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_node_with_no_snapshot_reads_the_stream_and_restores_the_first_snapshot_that_appears() {
+    let mut n = snapshot_node(1000);
+    let outs = started(&mut n, true, 0, 0);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::FetchSnapshot { min_position: 0 }
+    )));
+    let none = || {
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: None,
+            rejected: vec![],
+        }))
+    };
+    n.handle(ms(10), none());
+    let outs = drain(&mut n);
+    assert!(
+        has(&outs, |o| matches!(
+            o,
+            Output::Subscribe { from_seq: 1, .. }
+        )),
+        "it reads the stream meanwhile: {outs:?}"
+    );
+    assert!(n.status().awaiting_first_snapshot);
+    // It looks again, less and less often.
+    let fetched = |o: &Output| matches!(o, Output::FetchSnapshot { min_position: 0 });
+    let mut at = 10;
+    let mut gaps = Vec::new();
+    let mut t = at;
+    while gaps.len() < 4 {
+        t += 100;
+        n.handle(ms(t), Input::Tick);
+        if has(&drain(&mut n), fetched) {
+            gaps.push(t - at);
+            at = t + 1;
+            if gaps.len() < 4 {
+                n.handle(ms(at), none());
+                drain(&mut n);
+            }
+        }
+        assert!(t < 200_000, "no second look: {gaps:?}");
+    }
+    assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "{gaps:?}");
+    assert!(gaps[0] <= 1_100, "the first look again is soon: {gaps:?}");
+    let next = ms(t + 2);
+    // The seed's snapshot appears: restored.
+    n.handle(
+        next + ms(1),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: Some(staged(0)),
+            rejected: vec![],
+        })),
+    );
+    assert!(has(&drain(&mut n), |o| matches!(
+        o,
+        Output::RestoreSnapshot(_)
+    )));
+    n.handle(next + ms(2), restored(0));
+    drain(&mut n);
+    assert!(!n.status().awaiting_first_snapshot);
+    n.handle(next + ms(600_000), Input::Tick);
+    assert!(
+        !has(&drain(&mut n), |o| matches!(
+            o,
+            Output::FetchSnapshot { .. }
+        )),
+        "one restore, then no more looking"
+    );
+}
+
+#[test]
+fn an_empty_node_stops_looking_for_a_first_snapshot_once_it_writes_or_applies_rows() {
+    let mut n = snapshot_node(1000);
+    started(&mut n, true, 0, 0);
+    n.handle(
+        ms(10),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: None,
+            rejected: vec![],
+        })),
+    );
+    drain(&mut n);
+    assert!(n.status().awaiting_first_snapshot);
+    n.handle(
+        ms(20),
+        Input::Captured(Ok(CaptureOutcome {
+            captured: Some(captured(1, 1)),
+            ..Default::default()
+        })),
+    );
+    drain(&mut n);
+    assert!(!n.status().awaiting_first_snapshot);
+    n.handle(ms(600_000), Input::Tick);
+    assert!(!has(&drain(&mut n), |o| matches!(
+        o,
+        Output::FetchSnapshot { .. }
+    )));
+}
+
+#[test]
+fn an_empty_node_waiting_for_a_first_snapshot_that_finds_the_stream_trimmed_restores_as_behind() {
+    // Found by the simulation (seed 14 of the bootstrapping change): the watch for a first
+    // snapshot must not hide that the stream no longer holds what the node needs.
+    let mut n = snapshot_node(1000);
+    started(&mut n, true, 0, 45);
+    n.handle(
+        ms(10),
+        Input::SnapshotFetched(Ok(Fetched {
+            staged: None,
+            rejected: vec![],
+        })),
+    );
+    drain(&mut n);
+    n.handle(ms(11), subscribed(1, 12, 45));
+    let outs = drain(&mut n);
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::Behind { .. })
+    )));
+    assert!(
+        has(&outs, |o| matches!(
+            o,
+            Output::FetchSnapshot { min_position: 11 }
+        )),
+        "{outs:?}"
+    );
+    assert!(!n.status().awaiting_first_snapshot);
 }
