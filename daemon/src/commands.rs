@@ -251,6 +251,7 @@ fn status(s: &Settings) -> anyhow::Result<ExitCode> {
         )
         .unwrap_or(0)
     };
+    let found = marmot_sqlite::schema::discover(&conn).ok();
     let out = serde_json::json!({
         "database": s.db_path,
         "node_id": meta("node_id"),
@@ -261,6 +262,16 @@ fn status(s: &Settings) -> anyhow::Result<ExitCode> {
         "parked_batches": q("SELECT count(*) FROM \"__marmot__parked\""),
         "conflicts_recorded": q("SELECT count(*) FROM \"__marmot__conflicts\""),
         "tables": q("SELECT count(*) FROM \"__marmot__tables\""),
+        // What replicates, and what does not with why (excluded, no primary key, virtual, ...).
+        "replicated_tables": found.as_ref().map(|f| f.tables.iter().map(|t| t.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+        "skipped_tables": found.as_ref().map(|f| f.skipped.iter()
+            .filter(|(_, why)| *why != marmot_sqlite::schema::SkipReason::Shadow)
+            .map(|(t, why)| serde_json::json!({"table": t, "reason": why.to_string()}))
+            .collect::<Vec<_>>()).unwrap_or_default(),
+        "local_objects": marmot_sqlite::replicated::local_objects(&conn).unwrap_or_default()
+            .into_iter()
+            .map(|(kind, name, why)| serde_json::json!({"type": kind, "name": name, "reason": why}))
+            .collect::<Vec<_>>(),
         "schema_replicated": s.replicate_schema,
         // Equal on nodes whose replicated schema is the same (normalised statements).
         "schema_digest": marmot_sqlite::replicated::schema_digest(&conn).unwrap_or_default(),

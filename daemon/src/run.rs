@@ -81,12 +81,7 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
     if !db.exists() {
         tracing::warn!(db = %db.display(), "the database does not exist: creating an empty one");
     }
-    let mut store_cfg = StoreConfig::new(&db, s.node_id, rand::random());
-    store_cfg.capture = s.publish;
-    store_cfg.compress = s.compress;
-    store_cfg.busy_timeout = s.busy_timeout;
-    store_cfg.keep_conflicts = s.keep_conflicts;
-    store_cfg.replicate_schema = s.replicate_schema;
+    let store_cfg = store_config(&s);
     // An application may hold the write lock for a while: wait for it rather than fail.
     let store = loop {
         match SqliteStore::open(store_cfg.clone()) {
@@ -300,4 +295,17 @@ async fn serve(
     transport.close().await;
     drop(watcher);
     Ok(stop)
+}
+
+/// The local database's configuration, from the settings: the daemon, `snapshot save` and
+/// `snapshot restore` open the database the same way.
+pub(crate) fn store_config(s: &Settings) -> StoreConfig {
+    let mut cfg = StoreConfig::new(&s.db_path, s.node_id, rand::random());
+    cfg.capture = s.publish;
+    cfg.compress = s.compress;
+    cfg.busy_timeout = s.busy_timeout;
+    cfg.keep_conflicts = s.keep_conflicts;
+    cfg.replicate_schema = s.replicate_schema;
+    cfg.tables = s.tables.clone();
+    cfg
 }

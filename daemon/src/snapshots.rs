@@ -469,9 +469,7 @@ pub fn command(
         let files = BlockingFiles::new(&s.db_path, s.snapshot.tombstone_ttl, s.busy_timeout);
         if matches!(action, SnapshotCommand::Save) {
             // Sets marmot up in the database if it never ran there.
-            let mut cfg = marmot_sqlite::StoreConfig::new(&s.db_path, s.node_id, rand::random());
-            cfg.capture = s.publish;
-            cfg.replicate_schema = s.replicate_schema;
+            let cfg = crate::run::store_config(s);
             tokio::task::spawn_blocking(move || marmot_sqlite::SqliteStore::open(cfg).map(drop)).await??;
         }match action {
             SnapshotCommand::List => {
@@ -537,10 +535,7 @@ pub fn command(
                     eprintln!("marmot: no snapshot that verifies; the database was not changed");
                     return Ok(std::process::ExitCode::from(1));
                 };
-                let mut cfg = marmot_sqlite::StoreConfig::new(&s.db_path, s.node_id, rand::random());
-                cfg.capture = s.publish;
-                cfg.busy_timeout = s.busy_timeout;
-                cfg.replicate_schema = s.replicate_schema;
+                let cfg = crate::run::store_config(s);
                 let db = s.db_path.clone();
                 let mut store = tokio::task::spawn_blocking(move || marmot_sqlite::SqliteStore::open(cfg)).await??;
                 let recovered = store.recover()?;

@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod ddl;
+pub mod filter;
 pub mod fts;
 mod migrate;
 pub mod replicated;
@@ -87,6 +88,8 @@ pub struct StoreConfig {
     /// Replicate schema changes: capture the application's DDL with its rows, and apply other
     /// nodes' (false: each node's schema is its own, as before).
     pub replicate_schema: bool,
+    /// Which tables replicate (the `[tables]` include and exclude lists).
+    pub tables: filter::TableFilter,
     /// Where to die on purpose (tests and the simulation only).
     pub crash_point: Option<CrashPoint>,
 }
@@ -115,6 +118,7 @@ impl StoreConfig {
             busy_timeout: Duration::from_secs(5),
             keep_conflicts: 10_000,
             replicate_schema: true,
+            tables: filter::TableFilter::all(),
             crash_point: None,
         }
     }

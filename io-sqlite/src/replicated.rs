@@ -111,6 +111,21 @@ fn tokens(sql: &str) -> Vec<Token> {
     out
 }
 
+/// The identifiers and keywords of a statement, lower-cased and unquoted (string literals
+/// and operators left out).
+pub(crate) fn identifiers(sql: &str) -> Vec<String> {
+    tokens(sql)
+        .into_iter()
+        .map(|t| t.text)
+        .filter(|t| {
+            !t.starts_with('\'')
+                && t.chars()
+                    .next()
+                    .is_some_and(|c| c.is_alphanumeric() || c == '_' || !c.is_ascii())
+        })
+        .collect()
+}
+
 /// The normalised form of a `CREATE` statement: its tokens, identifiers and keywords
 /// lower-cased and unquoted, comments and spacing dropped.
 pub fn normalise(sql: &str) -> String {
@@ -166,10 +181,28 @@ fn create_table_parts(sql: &str) -> Option<(std::ops::Range<usize>, usize)> {
     None
 }
 
+/// The replicated schema objects now: [`present`] without the tables the `[tables]` lists
+/// exclude, their indexes and triggers, and the views and triggers whose statement names an
+/// excluded table (see [`crate::filter`]).
+fn current(c: &Connection) -> rusqlite::Result<Objects> {
+    let excluded = crate::filter::excluded_tables(c, "main")?;
+    let mut all = present(c)?;
+    if !excluded.is_empty() {
+        // (A table's `tbl_name` is its own name.)
+        all.retain(|(kind, _), (table, sql)| {
+            let stays_local = excluded.contains(&table.to_ascii_lowercase())
+                || (matches!(kind, ObjectKind::View | ObjectKind::Trigger)
+                    && crate::filter::mentions_excluded(sql, &excluded).is_some());
+            !stays_local
+        });
+    }
+    Ok(all)
+}
+
 /// The application's schema objects now: tables (virtual ones too, not their shadow tables),
 /// indexes, views, triggers, and `PRAGMA user_version` when it is not 0. marmot's own objects
 /// and SQLite's are left out.
-fn current(c: &Connection) -> rusqlite::Result<Objects> {
+fn present(c: &Connection) -> rusqlite::Result<Objects> {
     let shadows: Vec<String> = c
         .prepare("SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'shadow'")?
         .query_map([], |r| r.get(0))?
@@ -219,6 +252,25 @@ pub fn schema_objects(c: &Connection) -> rusqlite::Result<Vec<(String, String, S
                 normalise(&sql)
             };
             (kind.as_str().to_string(), name, norm)
+        })
+        .collect())
+}
+
+/// The schema objects the `[tables]` lists keep on this node, with why: (type, name, reason).
+pub fn local_objects(c: &Connection) -> rusqlite::Result<Vec<(String, String, String)>> {
+    let replicated = current(c)?;
+    let excluded = crate::filter::excluded_tables(c, "main")?;
+    Ok(present(c)?
+        .into_iter()
+        .filter(|(k, _)| !replicated.contains_key(k))
+        .map(|((kind, name), (table, sql))| {
+            let why = if excluded.contains(&table.to_ascii_lowercase()) {
+                format!("table {table} is excluded")
+            } else {
+                let named = crate::filter::mentions_excluded(&sql, &excluded).unwrap_or_default();
+                format!("it names excluded table {named}: receivers would not have it")
+            };
+            (kind.as_str().to_string(), name, why)
         })
         .collect())
 }
@@ -338,6 +390,28 @@ fn rank(kind: ObjectKind, dropped: bool) -> u8 {
 pub(crate) fn changes(c: &Connection) -> rusqlite::Result<Vec<SchemaChange>> {
     let now = current(c)?;
     let base = baseline(c)?;
+    // Objects the `[tables]` lists now exclude are still here: they leave the baseline
+    // without a word (a drop would remove them on every other node).
+    let mut filtered = None;
+    for ((kind, name), (_, old, _)) in &base {
+        if old.is_some() && !now.contains_key(&(*kind, name.clone())) {
+            let all = match &filtered {
+                Some(all) => all,
+                None => filtered.insert(present(c)?),
+            };
+            if all.contains_key(&(*kind, name.clone())) {
+                c.execute(
+                    "DELETE FROM \"__marmot__schema\" WHERE type = ?1 AND name = ?2",
+                    params![kind.as_str(), name],
+                )?;
+            }
+        }
+    }
+    let base = if filtered.is_some() {
+        baseline(c)?
+    } else {
+        base
+    };
     let mut out = Vec::new();
     for ((kind, name), (table, sql)) in &now {
         match base.get(&(*kind, name.clone())) {
@@ -582,6 +656,14 @@ pub(crate) fn apply(
 ) -> Result<Applied, ApplyFault<rusqlite::Error>> {
     validate(item).map_err(ApplyFault::Poison)?;
     let f = |e| fault(item, e);
+    if let Some(why) = excluded_here(c, item).map_err(f)? {
+        tracing::debug!(object = item.name, kind = item.kind.as_str(), %why, "schema change skipped: the [tables] lists exclude it here");
+        return Ok(Applied {
+            changed: false,
+            conflict: None,
+            republish: None,
+        });
+    }
     let base = baseline_row(c, item.kind, item.name).map_err(f)?;
     let local = local_sql(c, item.kind, item.name).map_err(f)?;
     let same = match (&local, item.new_sql) {
@@ -665,6 +747,33 @@ pub(crate) fn apply(
         conflict: None,
         republish: None,
     })
+}
+
+/// Why this node's `[tables]` lists keep `item` off it, if they do: it is, or belongs to, an
+/// excluded table, or (a view or trigger) names one.
+fn excluded_here(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<Option<String>> {
+    if item.kind == ObjectKind::UserVersion {
+        return Ok(None);
+    }
+    let table = if item.table.is_empty() {
+        item.name
+    } else {
+        item.table
+    };
+    if crate::filter::excluded(c, table)?
+        || (item.kind == ObjectKind::Table && crate::filter::excluded(c, item.name)?)
+    {
+        return Ok(Some(format!("table {table} is excluded")));
+    }
+    if matches!(item.kind, ObjectKind::View | ObjectKind::Trigger) {
+        let excluded = crate::filter::excluded_tables(c, "main")?;
+        for sql in [item.new_sql, item.old_sql].into_iter().flatten() {
+            if let Some(t) = crate::filter::mentions_excluded(sql, &excluded) {
+                return Ok(Some(format!("it names excluded table {t}")));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// After a table changed from the stream: its indexes and triggers that went with it (a

@@ -130,6 +130,8 @@ impl SqliteStore {
             path: self.cfg.path.clone(),
             source: x,
         };
+        // This node's lists, not the source's.
+        self.cfg.tables.store(c).map_err(err)?;
         c.execute_batch(
             "DELETE FROM \"__marmot__outbox\"; DELETE FROM \"__marmot__conflicts\"; DELETE FROM \"__marmot__incarnations\";",
         )
@@ -267,6 +269,10 @@ pub fn is_empty(conn: &Connection) -> rusqlite::Result<bool> {
         if name.starts_with(PREFIX) && !marmot_local.iter().any(|p| name.starts_with(p.as_str())) {
             continue;
         }
+        // A table the `[tables]` lists keep on this node: its rows are its own business.
+        if crate::filter::excluded(conn, &name)? {
+            continue;
+        }
         let q = format!("SELECT 1 FROM main.{} LIMIT 1", quote(&name));
         if conn.query_row(&q, [], |_| Ok(())).optional()?.is_some() {
             return Ok(false);
@@ -297,16 +303,79 @@ fn table_kinds(
 /// transaction.
 fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
     let internal = |n: &str| n.starts_with("sqlite_");
+    // What this node's `[tables]` lists keep to it stays as it is, and the snapshot's copy of
+    // such a table (its source replicated it) is not taken. Decided before marmot's tables,
+    // the lists among them, are replaced by the snapshot's.
+    let local_only = crate::filter::excluded_tables(c, "main")?;
+    let stays = |kind: &str, name: &str, table: &str, sql: Option<&str>| {
+        local_only.contains(&name.to_ascii_lowercase())
+            || local_only.contains(&table.to_ascii_lowercase())
+            || (matches!(kind, "view" | "trigger")
+                && sql.is_some_and(|s| crate::filter::mentions_excluded(s, &local_only).is_some()))
+    };
+    let snap_virtual: Vec<String> = table_kinds(c, "snap")?
+        .into_iter()
+        .filter(|(_, kind)| kind == "virtual")
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .collect();
+    let mut not_taken: Vec<String> = Vec::new();
+    let mut names_excluded = local_only.clone();
+    for (kind, name, table, sql) in c
+        .prepare("SELECT type, name, tbl_name, sql FROM snap.sqlite_master")?
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+    {
+        let owner = if kind == "table" { &name } else { &table };
+        if internal(&name) {
+            continue;
+        }
+        if crate::filter::excluded(c, owner)? {
+            not_taken.push(name.to_ascii_lowercase());
+            if kind == "table" {
+                names_excluded.push(name.to_ascii_lowercase());
+            }
+        } else if matches!(kind.as_str(), "view" | "trigger")
+            && sql.is_some_and(|s| crate::filter::mentions_excluded(&s, &names_excluded).is_some())
+        {
+            not_taken.push(name.to_ascii_lowercase());
+        }
+    }
+    // (A virtual table left out takes its shadow tables with it.)
+    let taken = |name: &str| {
+        let n = name.to_ascii_lowercase();
+        !not_taken.contains(&n)
+            && !snap_virtual
+                .iter()
+                .any(|vt| not_taken.contains(vt) && n.starts_with(&format!("{vt}_")))
+    };
     // Drop what main has (an application's empty tables, marmot's own): triggers and views
     // first, then virtual tables (which drop their shadow tables), then tables with their
     // indexes.
     let kinds = table_kinds(c, "main")?;
     let objects: Vec<(String, String)> = c
         .prepare(
-            "SELECT type, name FROM main.sqlite_master WHERE type IN ('trigger', 'view', 'table')",
+            "SELECT type, name, tbl_name, sql FROM main.sqlite_master WHERE type IN ('trigger', 'view', 'table')",
         )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|(kind, name, table, sql)| !stays(kind, name, table, sql.as_deref()))
+        .map(|(kind, name, _, _)| (kind, name))
+        .collect();
     let rank = |kind: &str, name: &str| match kind {
         "trigger" => 0,
         "view" => 1,
@@ -338,6 +407,7 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
         for (kind, name, sql) in &schema {
             let Some(sql) = sql else { continue }; // automatic indexes
             if internal(name)
+                || !taken(name)
                 || !kinds.contains(&kind.as_str())
                 || snap_kinds.get(name).map(String::as_str) == Some("shadow")
             {
@@ -366,7 +436,7 @@ fn copy_whole(c: &Connection) -> rusqlite::Result<()> {
             "shadow" => true,
             _ => false,
         };
-        if !copied {
+        if !copied || !taken(name) {
             continue;
         }
         let q = quote(name);

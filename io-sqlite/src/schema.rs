@@ -144,6 +144,8 @@ impl TableInfo {
 /// Why a table is not replicated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SkipReason {
+    /// The `[tables]` include and exclude lists leave it out.
+    Excluded,
     /// A virtual table (FTS5, R*Tree, ...): its content lives in shadow tables.
     Virtual,
     /// A shadow table of a virtual table.
@@ -159,6 +161,10 @@ pub enum SkipReason {
 impl std::fmt::Display for SkipReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            SkipReason::Excluded => write!(
+                f,
+                "excluded by the [tables] lists: its rows and schema stay on this node"
+            ),
             SkipReason::Virtual => write!(
                 f,
                 "virtual table (its shadow tables are not replicated either)"
@@ -223,6 +229,10 @@ pub fn discover(conn: &Connection) -> rusqlite::Result<Discovery> {
             }
         };
         if name.starts_with("sqlite_") || name.starts_with(PREFIX) {
+            continue;
+        }
+        if matches!(kind.as_str(), "table" | "virtual") && crate::filter::excluded(conn, &name)? {
+            found.skipped.push((name, SkipReason::Excluded));
             continue;
         }
         match kind.as_str() {

@@ -218,6 +218,7 @@ impl SnapshotDir {
             // A self-contained file: no WAL beside it.
             c.query_row("PRAGMA journal_mode=DELETE", [], |r| r.get::<_, String>(0))
                 .map_err(local)?;
+            leave_out_local_tables(&c).map_err(local)?;
             let digest = crate::replicated::schema_digest(&c).map_err(local)?;
             let position = c
                 .query_row(
@@ -359,4 +360,41 @@ impl SnapshotDir {
             let _ = std::fs::remove_file(PathBuf::from(p));
         }
     }
+}
+
+/// Removes from a snapshot copy what its `[tables]` lists keep on the node: the excluded
+/// tables (with their indexes and triggers) and the views and triggers that name them. Their
+/// pages are zeroed (`secure_delete`): their rows never leave the node, not even as free
+/// pages of the copy.
+fn leave_out_local_tables(c: &Connection) -> rusqlite::Result<()> {
+    let excluded = crate::filter::excluded_tables(c, "main")?;
+    if excluded.is_empty() {
+        return Ok(());
+    }
+    c.execute_batch("PRAGMA secure_delete = ON")?;
+    let naming: Vec<(String, String)> = c
+        .prepare("SELECT type, name, sql FROM main.sqlite_master WHERE type IN ('view', 'trigger') AND sql IS NOT NULL")?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|(_, name, sql)| {
+            !name.starts_with(crate::PREFIX)
+                && crate::filter::mentions_excluded(sql, &excluded).is_some()
+        })
+        .map(|(kind, name, _)| (kind, name))
+        .collect();
+    for (kind, name) in naming {
+        let what = if kind == "view" { "VIEW" } else { "TRIGGER" };
+        c.execute_batch(&format!(
+            "DROP {what} IF EXISTS main.{}",
+            crate::ddl::quote(&name)
+        ))?;
+    }
+    for t in excluded {
+        c.execute_batch(&format!(
+            "DROP TABLE IF EXISTS main.{}",
+            crate::ddl::quote(&t)
+        ))?;
+    }
+    Ok(())
 }

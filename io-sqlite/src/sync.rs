@@ -14,6 +14,7 @@ impl SqliteStore {
         };
         c.execute_batch(ddl::CREATE_FIXED).map_err(e)?;
         migrate::ensure_parked_collision(c).map_err(e)?;
+        self.cfg.tables.store(c).map_err(e)?;
         match meta_get(c, "format").map_err(e)? {
             None => meta_set(c, "format", STORE_FORMAT).map_err(e)?,
             Some(found) if found > STORE_FORMAT => {
@@ -188,7 +189,7 @@ pub(crate) fn sync_tables(
         .collect();
     gone.sort();
     for name in gone {
-        tracing::info!(table = %name, "table is gone: dropping marmot's state for it");
+        tracing::info!(table = %name, "table is gone or no longer replicated: dropping marmot's state for it");
         for trig in ddl::trigger_names(name) {
             if triggers.contains_key(&trig) {
                 c.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", ddl::quote(&trig)))
@@ -202,6 +203,8 @@ pub(crate) fn sync_tables(
     for (name, reason) in &skipped {
         if *reason == schema::SkipReason::Shadow {
             tracing::debug!(table = %name, %reason, "table not replicated");
+        } else if *reason == schema::SkipReason::Excluded {
+            tracing::info!(table = %name, %reason, "table not replicated");
         } else {
             tracing::warn!(table = %name, %reason, "table not replicated");
         }

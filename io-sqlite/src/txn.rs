@@ -403,6 +403,13 @@ impl ApplyTxn for Tx<'_> {
         Ok(())
     }
 
+    fn keeps_local(&mut self, name: &str) -> Result<bool, ApplyFault<Self::Error>> {
+        if self.by_name().contains_key(name) {
+            return Ok(false);
+        }
+        Ok(crate::filter::excluded(self.conn, name)?)
+    }
+
     fn table(&mut self, def: &TableDef<'_>) -> Result<usize, ApplyFault<Self::Error>> {
         let Some(&index) = self.by_name().get(def.name) else {
             return Err(ApplyFault::Poison(format!(

@@ -676,6 +676,8 @@ fn a_node_restored_from_an_older_copy_of_itself_applies_its_own_later_batches() 
 mod real_schemas;
 #[path = "store/schema_changes.rs"]
 mod schema_changes;
+#[path = "store/table_filter.rs"]
+mod table_filter;
 
 mod snapshots {
     use super::*;

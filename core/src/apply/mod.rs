@@ -119,6 +119,13 @@ pub trait ApplyTxn {
     /// Matches an incoming table definition to the local schema: unknown table, unknown
     /// column or a different primary key is a [`ApplyFault::Poison`].
     fn table(&mut self, def: &TableDef<'_>) -> Result<Self::Table, ApplyFault<Self::Error>>;
+    /// Whether this node keeps table `name` to itself (configured not to replicate it): the
+    /// rows that follow its table item are skipped, not applied and not parked. The default:
+    /// every table replicates.
+    fn keeps_local(&mut self, name: &str) -> Result<bool, ApplyFault<Self::Error>> {
+        let _ = name;
+        Ok(false)
+    }
     /// The row's local version, if it has one.
     fn version(
         &mut self,
@@ -568,6 +575,8 @@ fn apply_batch<'a, T: ApplyTxn>(
     let mut reader = BodyReader::new(body);
     let mut values: Vec<ValueRef<'a>> = Vec::new();
     let mut table: Option<(T::Table, TableDef<'a>)> = None;
+    // The current table is one this node keeps to itself: its rows are skipped.
+    let mut local_only = false;
     loop {
         let item = reader
             .next_item(&mut values)
@@ -584,13 +593,20 @@ fn apply_batch<'a, T: ApplyTxn>(
                 continue;
             }
             Item::Table(def) => {
-                let handle = txn.table(&def)?;
-                table = Some((handle, def));
+                local_only = txn.keeps_local(def.name)?;
+                if !local_only {
+                    let handle = txn.table(&def)?;
+                    table = Some((handle, def));
+                }
                 continue;
             }
             Item::Upsert { base } => (base, false),
             Item::Delete { base } => (base, true),
         };
+        if local_only {
+            stats.skipped += 1;
+            continue;
+        }
         // The reader refuses rows before a table item.
         let (t, def) = table.as_ref().expect("row follows a table item");
         let key = &values[..def.key_columns];

@@ -36,6 +36,8 @@ pub struct Config {
     pub keep_conflicts: Option<u64>,
     /// Schema changes.
     pub schema: Option<SchemaSection>,
+    /// Which tables replicate.
+    pub tables: Option<TablesSection>,
     /// Snapshots (Go Marmot's section).
     pub snapshot: Option<SnapshotSection>,
     /// The replication stream.
@@ -54,6 +56,16 @@ pub struct Config {
 pub struct SchemaSection {
     /// Replicate schema changes (DDL and `PRAGMA user_version`) with the rows.
     pub replicate: Option<bool>,
+}
+
+/// `[tables]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TablesSection {
+    /// GLOB patterns of the tables that replicate (absent or empty: all).
+    pub include: Option<Vec<String>>,
+    /// GLOB patterns of the tables that do not (exclude wins).
+    pub exclude: Option<Vec<String>>,
 }
 
 /// `[snapshot]`.

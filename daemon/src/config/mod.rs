@@ -153,6 +153,8 @@ pub struct Settings {
     pub keep_conflicts: u64,
     /// Replicate schema changes (`[schema] replicate`).
     pub replicate_schema: bool,
+    /// Which tables replicate (`[tables] include` and `exclude`).
+    pub tables: marmot_sqlite::filter::TableFilter,
     /// Stream message limit (0: none).
     pub max_entries: i64,
     /// Stream byte limit (0: none).
@@ -269,6 +271,23 @@ impl Settings {
                 "marmot reconnects for as long as it takes",
             );
         }
+        let tables_section = c.tables.unwrap_or_default();
+        let tables = marmot_sqlite::filter::TableFilter {
+            include: tables_section.include.unwrap_or_default(),
+            exclude: tables_section.exclude.unwrap_or_default(),
+        };
+        for (key, list) in [
+            ("tables.include", &tables.include),
+            ("tables.exclude", &tables.exclude),
+        ] {
+            if let Some(bad) = list.iter().find(|p| p.trim().is_empty()) {
+                return Err(reject(
+                    key,
+                    format!("{bad:?}"),
+                    "a pattern names tables, with * and ? as wildcards (\"app_*\"); an empty one matches nothing",
+                ));
+            }
+        }
         let node_id = match c.node_id {
             Some(0) => {
                 return Err(reject("node_id", "0".into(), "node ids start at 1"));
@@ -350,6 +369,7 @@ impl Settings {
             busy_timeout: Duration::from_millis(c.busy_timeout_ms.unwrap_or(5_000)),
             keep_conflicts: c.keep_conflicts.unwrap_or(10_000),
             replicate_schema: c.schema.as_ref().and_then(|s| s.replicate).unwrap_or(true),
+            tables,
             max_entries,
             max_bytes: rl.max_bytes.unwrap_or(1 << 30),
             max_age,

@@ -200,6 +200,22 @@ mod retention {
         assert!(e.contains("replicat"), "{e}");
     }
 
+    #[test]
+    fn table_lists_are_read_and_an_empty_pattern_is_refused() {
+        let s = parse("[tables]\ninclude = [\"app_*\"]\nexclude = [\"app_cache\", \"*_tmp\"]\n");
+        assert_eq!(s.tables.include, vec!["app_*"]);
+        assert_eq!(s.tables.exclude, vec!["app_cache", "*_tmp"]);
+        assert_eq!(parse("").tables, marmot_sqlite::filter::TableFilter::all());
+        let e = Settings::parse(Path::new("n.toml"), "[tables]\nexclude = [\"\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tables.exclude"), "{e}");
+        let e = Settings::parse(Path::new("n.toml"), "[tables]\nexclude = \"cache\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exclude"), "{e}");
+    }
+
     mod arbitrary {
         //! Whatever the file says, parsing it gives settings or an error naming what is
         //! wrong: never a panic.
@@ -238,6 +254,7 @@ mod retention {
                 ],
             ),
             ("schema", &["replicate"]),
+            ("tables", &["include", "exclude"]),
             ("snapshot.nats", &["replicas", "bucket"]),
             (
                 "snapshot.s3",
