@@ -463,6 +463,59 @@ fn alembic_migrations_run_on_one_node_reach_every_node_and_orm_writes_replicate_
 }
 
 #[test]
+fn concurrent_schema_changes_on_two_nodes_end_identical_and_the_loser_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, mut nodes) = cluster(dir.path(), 2, BOOKS, "");
+    nodes[0].sql("INSERT INTO Books VALUES (1, 'Emma', 'Jane Austen', 1815);");
+    wait_converged(&refs(&nodes), CONVERGE);
+    // Both nodes migrate while neither sees the other's change: marmot is stopped on both.
+    for n in &mut nodes {
+        assert_eq!(n.stop(), Some(0));
+    }
+    // Compatible: each creates a table of its own, with an index. Conflicting: each changes
+    // Books in its own way.
+    nodes[0].sql(
+        "CREATE TABLE Shelves (id INTEGER PRIMARY KEY, name TEXT); CREATE INDEX Shelves_name ON Shelves (name); \
+         INSERT INTO Shelves VALUES (1, 'classics'); ALTER TABLE Books ADD COLUMN isbn TEXT;",
+    );
+    nodes[1].sql(
+        "CREATE TABLE Loans (id INTEGER PRIMARY KEY, book INTEGER); CREATE INDEX Loans_book ON Loans (book); \
+         INSERT INTO Loans VALUES (1, 1); ALTER TABLE Books ADD COLUMN pages INTEGER DEFAULT 0;",
+    );
+    // Node 1 starts first, so node 2 stamps its change later: node 2's Books wins.
+    nodes[0].start_ready();
+    std::thread::sleep(Duration::from_millis(1500));
+    nodes[1].start_ready();
+    let schema = wait_for(CONVERGE, "the same schema on both nodes", || {
+        let s: Vec<_> = nodes.iter().map(|n| schema_of(&n.db)).collect();
+        (s[0] == s[1]).then(|| s[0].clone())
+    });
+    for name in ["Shelves", "Shelves_name", "Loans", "Loans_book"] {
+        assert!(
+            schema.iter().any(|(_, n, _)| n == name),
+            "the compatible change {name} is on both nodes: {schema:?}"
+        );
+    }
+    let content = wait_converged(&refs(&nodes), CONVERGE);
+    assert!(
+        content.contains(&"Books: (1, 'Emma', 'Jane Austen', 1815, 0)".to_string()),
+        "node 2's Books (with pages) won: {content:?}"
+    );
+    assert!(content.contains(&"Shelves: (1, 'classics')".to_string()));
+    assert!(content.contains(&"Loans: (1, 1)".to_string()));
+    let recorded: Vec<String> = nodes
+        .iter()
+        .map(|n| String::from_utf8_lossy(&n.command(&["conflicts"]).stdout).to_string())
+        .collect();
+    assert!(
+        recorded
+            .iter()
+            .any(|t| t.contains("(schema table)") && t.contains("isbn")),
+        "the losing ADD COLUMN isbn is recorded: {recorded:?}"
+    );
+}
+
+#[test]
 fn with_schema_replication_off_each_node_is_migrated_by_hand() {
     let dir = tempfile::tempdir().unwrap();
     let (_nats, nodes) = cluster(dir.path(), 2, BOOKS, "[schema]\nreplicate = false\n");
