@@ -338,6 +338,12 @@ impl Observer for DaemonObserver {
                     "the newest snapshot is recent enough"
                 ),
             },
+            Event::JoinedWithRows { stream_last_seq } => tracing::warn!(
+                stream_last_seq,
+                "this node starts on a database that holds rows, with nothing applied, and joins a cluster whose stream already has a history: \
+                 rows already in this file are not published (only later writes are), and the cluster's rows reach it only as they are written again. \
+                 Fine if this file is a copy of the cluster's data; otherwise stop marmot, move the file aside and start on an empty file: it then restores the cluster's newest snapshot"
+            ),
             Event::SeedTaken { existing } => {
                 let ours = self
                     .stats

@@ -130,7 +130,7 @@ pub fn unstash_pending(t: &TableInfo) -> String {
 /// Drops the change log and version tables of a table.
 pub fn drop_table_state(table: &str) -> String {
     format!(
-        "DROP TABLE IF EXISTS {};\nDROP TABLE IF EXISTS {};",
+        "DROP TABLE IF EXISTS main.{};\nDROP TABLE IF EXISTS main.{};",
         quote(&log_table(table)),
         quote(&ver_table(table))
     )

@@ -749,6 +749,66 @@ pub(crate) fn apply(
     })
 }
 
+/// A merge restore's schema: every object of the snapshot (attached as `snap`) whose version
+/// is newer than this node's is brought to the snapshot's state, as if its change arrived from
+/// the stream (the same order, rules and transform), before the rows are merged. So a node
+/// that restores never needs DDL the stream no longer holds. Returns the tables created or
+/// changed (their rows come from the snapshot: they are not published again); a change this
+/// node cannot make is logged and left out (its rows then do not merge, as before).
+pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
+    let has: i64 = c.query_row(
+        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__schema'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        return Ok(Vec::new());
+    }
+    let mut theirs: Vec<(ObjectKind, String, String, Option<String>, Version)> = Vec::new();
+    {
+        let mut stmt = c.prepare(
+            "SELECT type, name, tbl_name, sql, stamp, node FROM snap.\"__marmot__schema\"",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let Some(kind) = ObjectKind::parse(&r.get::<_, String>(0)?) else {
+                continue;
+            };
+            let Some(version) = version_of(r.get(4)?, r.get(5)?) else {
+                continue; // the schema every node started from
+            };
+            theirs.push((kind, r.get(1)?, r.get(2)?, r.get(3)?, version));
+        }
+    }
+    theirs.sort_by_key(|(kind, _, _, sql, _)| rank(*kind, sql.is_none()));
+    let mut changed = Vec::new();
+    for (kind, name, table, sql, version) in theirs {
+        if baseline_row(c, kind, &name)?.is_some_and(|ours| ours >= version) {
+            continue;
+        }
+        let ours = local_sql(c, kind, &name)?;
+        let item = SchemaItem {
+            kind,
+            name: &name,
+            table: &table,
+            old_sql: ours.as_deref(),
+            new_sql: sql.as_deref(),
+        };
+        match apply(c, &item, version) {
+            Ok(applied) => {
+                if applied.changed && kind == ObjectKind::Table {
+                    changed.push(name.clone());
+                }
+            }
+            Err(ApplyFault::Storage(e)) => return Err(e),
+            Err(ApplyFault::Poison(why) | ApplyFault::Collision(why)) => {
+                tracing::warn!(object = %name, kind = kind.as_str(), %why, "the snapshot's schema change could not be made here; left out of the restore");
+            }
+        }
+    }
+    Ok(changed)
+}
+
 /// Why this node's `[tables]` lists keep `item` off it, if they do: it is, or belongs to, an
 /// excluded table, or (a view or trigger) names one.
 fn excluded_here(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<Option<String>> {

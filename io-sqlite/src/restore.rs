@@ -60,9 +60,17 @@ impl SqliteStore {
         snap: &StagedSnapshot,
         allow_merge: bool,
     ) -> Result<RestoreReport, StoreError> {
+        // Read-only: nothing a restore runs (some of it unqualified, like the application's
+        // DDL) can change the staged copy it reads from.
         let path = snap.path.to_string_lossy().into_owned();
+        let uri = format!(
+            "file:{}?mode=ro",
+            path.replace('%', "%25")
+                .replace('?', "%3f")
+                .replace('#', "%23")
+        );
         self.conn
-            .execute("ATTACH DATABASE ?1 AS snap", [&path])
+            .execute("ATTACH DATABASE ?1 AS snap", [&uri])
             .map_err(|x| self.sql_err(x))?;
         let result = self.in_txn(|s| {
             s.follow_schema()?;
@@ -186,11 +194,26 @@ impl SqliteStore {
     ) -> Result<RestoreReport, StoreError> {
         let horizon = snap.info.horizon_ms;
         let captured = self.capture_in_txn(clock, wall_ms)?;
+        let path = self.cfg.path.clone();
         let err = |x| StoreError::Sqlite {
-            path: self.cfg.path.clone(),
+            path: path.clone(),
             source: x,
         };
         remember_unpublished(&self.conn, self.cfg.node_id).map_err(err)?;
+        if self.cfg.replicate_schema {
+            // The snapshot's schema first, where it is newer: its rows need it.
+            let adopted = crate::replicated::adopt_snapshot(&self.conn).map_err(err)?;
+            let tables = crate::sync::sync_tables(
+                &self.conn,
+                self.cfg.capture,
+                false,
+                &|n| adopted.iter().any(|a| a == n),
+                &self.stats,
+            )
+            .map_err(err)?;
+            self.install_tables(tables).map_err(|x| self.sql_err(x))?;
+            self.synced_in_txn = true;
+        }
         for t in &self.tables {
             match merge_table(&self.conn, &t.info, horizon) {
                 Ok(Ok(())) => {

@@ -274,7 +274,7 @@ impl Node {
             Input::Captured(r) => self.on_captured(now, r),
             Input::Prepared(r) => {
                 if let Ok(bounds) = &r {
-                    self.snapshots.stream_prepared(now, bounds.last_seq);
+                    self.snapshots.stream_prepared(now, bounds.last_seq, out);
                 }
                 self.link.on_prepared(now, r, cfg, out)
             }

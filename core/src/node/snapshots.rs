@@ -101,9 +101,15 @@ impl Snapshots {
     /// The stream is prepared, holding messages up to `last_seq` (0: none ever): a node
     /// that started on a populated database with nothing applied seeds the cluster when the
     /// stream is empty.
-    pub(super) fn stream_prepared(&mut self, now: Duration, last_seq: u64) {
+    /// A populated node joining a stream that has a history is reported: its rows were never
+    /// captured, and the cluster's are not in its file.
+    pub(super) fn stream_prepared(&mut self, now: Duration, last_seq: u64, out: &mut Outputs) {
         if self.populated_new && last_seq == 0 && self.seed_at.is_none() {
             self.seed_at = Some(now);
+        } else if self.populated_new && last_seq > 0 {
+            out.event(Event::JoinedWithRows {
+                stream_last_seq: last_seq,
+            });
         }
         self.populated_new = false;
     }

@@ -325,6 +325,14 @@ pub enum Event {
         /// What happened.
         outcome: SaveOutcome,
     },
+    /// This node started on a database holding rows, with nothing applied from the stream,
+    /// and the stream already holds messages: a cluster with a history. Its rows were never
+    /// captured (they are not published), and the cluster's rows are not in its file: unless
+    /// the file is a copy of the cluster's data, this node diverges.
+    JoinedWithRows {
+        /// The newest message of the stream.
+        stream_last_seq: u64,
+    },
     /// This node started on a populated database with the stream empty (a seed), but the
     /// store holds a snapshot already, `existing`: another node seeded the cluster first.
     /// Where their schema digests differ, the nodes started from different databases.

@@ -447,3 +447,53 @@ fn a_row_written_before_two_renames_follows_both() {
     );
     assert_eq!(parked(&c, 1), 0);
 }
+
+#[test]
+fn a_merge_restore_brings_the_snapshots_newer_schema_before_its_rows() {
+    // A node that fell behind restores into its database with rows: the schema changes it
+    // missed (no longer in the stream) come from the snapshot, with their rows.
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(0, "INSERT INTO books (id, title) VALUES (1, 'Emma');");
+    c.settle();
+    c.exec(
+        1,
+        "INSERT INTO books (id, title) VALUES (2, 'written on node 2, unpublished');",
+    );
+    c.exec(
+        0,
+        "ALTER TABLE books ADD COLUMN isbn TEXT;
+         UPDATE books SET isbn = '978-0' WHERE id = 1;
+         CREATE TABLE shelves (id INTEGER PRIMARY KEY, name TEXT NOT NULL);
+         CREATE UNIQUE INDEX shelves_name ON shelves (name);
+         INSERT INTO shelves VALUES (1, 'classics');
+         CREATE VIEW titled AS SELECT title FROM books;",
+    );
+    c.capture(0);
+    c.apply(0);
+    // Node 2 never reads those messages: it restores node 1's snapshot.
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path.clone());
+    let n = &mut c.nodes[1];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    n.applied = rep.position;
+    // The merge captured node 2's pending write first: it publishes it.
+    c.publish(rep.captured);
+    assert_eq!(
+        objects(&c, 0),
+        objects(&c, 1),
+        "the snapshot's schema came first"
+    );
+    assert_eq!(c.dump(1, "shelves"), vec!["(1, 'classics')"]);
+    let isbn: String = c.nodes[1]
+        .app
+        .query_row("SELECT isbn FROM books WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(isbn, "978-0");
+    // Node 2's own write survived and reaches node 1; nothing is published twice or parked.
+    c.settle();
+    assert_same_schema(&c);
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+    assert_eq!(c.dump(0, "books").len(), 2);
+    assert_eq!(parked(&c, 0) + parked(&c, 1), 0);
+    assert_no_echo(&mut c);
+}

@@ -501,6 +501,14 @@ fn a_node_started_on_a_populated_database_with_the_stream_empty_seeds_the_first_
             saves(&outs).is_empty(),
             "empty {empty} position {position} last {last_seq}: {outs:?}"
         );
+        // Rows that were never captured, in a cluster with a history: reported.
+        assert_eq!(
+            has(&outs, |o| matches!(
+                o,
+                Output::Event(Event::JoinedWithRows { stream_last_seq: 7 })
+            )),
+            (empty, position, last_seq) == (false, 0, 7)
+        );
     }
 }
 
