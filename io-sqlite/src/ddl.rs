@@ -321,8 +321,10 @@ pub struct ApplySql {
     pub unindex: Vec<String>,
     /// Adds the row, as written, to those indexes: incoming key values.
     pub index: Vec<String>,
-    /// Columns of the local table the incoming definition does not carry (a node that has
-    /// not migrated yet sent the batch): kept across a clear-first apply.
+    /// Columns of the local table the incoming definition does not carry (its node did not
+    /// have them when it wrote the row). With schema replication they take their default
+    /// (see [`ApplySql::new`]); without, they keep their values, across a clear-first apply
+    /// too.
     pub extras: Vec<String>,
     /// With extras: sets a row aside (its key and extras) in `stash` before it is cleared:
     /// incoming key values.
@@ -340,6 +342,13 @@ pub fn stash_table(local_index: usize) -> String {
 impl ApplySql {
     /// `incoming` lists column names, its first `key_columns` being the key; `local_key`
     /// maps local key position -> index into `incoming`.
+    ///
+    /// `defaults`: with schema replication, the default (an SQL expression) of each local
+    /// column the incoming row lacks. Row-level last writer wins: the winning write carried
+    /// no value for such a column (its node did not have it yet), so every node gives it its
+    /// default, whatever it held before: keeping each node's own value would let nodes
+    /// diverge. A column missing from `defaults` (NOT NULL without a default) keeps its value.
+    /// `None` (each node's schema its own): every such column keeps its value.
     pub fn new(
         t: &TableInfo,
         incoming: &[&str],
@@ -347,6 +356,7 @@ impl ApplySql {
         local_key: &[usize],
         indexes: &[crate::fts::ExternalIndex],
         local_index: usize,
+        defaults: Option<&[(String, String)]>,
     ) -> Self {
         let table = quote(&t.name);
         let ver = quote(&ver_table(&t.name));
@@ -405,8 +415,17 @@ impl ApplySql {
         let sets = incoming
             .iter()
             .map(|c| format!("{q} = excluded.{q}", q = quote(c)))
+            .chain(
+                defaults
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|(c, _)| extras.contains(c))
+                    .map(|(c, expr)| format!("{} = ({expr})", quote(c))),
+            )
             .collect::<Vec<_>>()
             .join(", ");
+        // With defaults, a cleared row is inserted again and takes them: nothing to keep.
+        let keep = !extras.is_empty() && defaults.is_none();
         let upsert = format!(
             "INSERT INTO {table} ({cols}) VALUES ({params}) ON CONFLICT ({key_names}) DO UPDATE SET {sets}"
         );
@@ -424,7 +443,7 @@ impl ApplySql {
             read: format!("SELECT {cols} FROM {table} WHERE {where_row}"),
             unindex: indexes.iter().map(|i| i.delete_sql(&where_row)).collect(),
             index: indexes.iter().map(|i| i.insert_sql(&where_row)).collect(),
-            stash: (!extras.is_empty()).then(|| {
+            stash: keep.then(|| {
                 format!(
                     "INSERT INTO {stash} ({keys}, {ex}) SELECT {keys}, {ex} FROM {table} WHERE {where_row}",
                     stash = stash_table(local_index),
@@ -432,7 +451,7 @@ impl ApplySql {
                     ex = extras.iter().map(|c| quote(c)).collect::<Vec<_>>().join(", "),
                 )
             }),
-            unstash: (!extras.is_empty()).then(|| {
+            unstash: keep.then(|| {
                 let stash = stash_table(local_index);
                 let in_stash = local_key
                     .iter()

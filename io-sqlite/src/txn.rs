@@ -495,8 +495,21 @@ impl ApplyTxn for Tx<'_> {
             )));
         }
         let indexes = &self.tables()[index].indexes;
-        let sql = ApplySql::new(t, &columns, def.key_columns, &local_key, indexes, index);
-        if !sql.extras.is_empty() {
+        let defaults = if self.replicate_schema {
+            Some(column_defaults(self.conn, &t.name).map_err(ApplyFault::Storage)?)
+        } else {
+            None
+        };
+        let sql = ApplySql::new(
+            t,
+            &columns,
+            def.key_columns,
+            &local_key,
+            indexes,
+            index,
+            defaults.as_deref(),
+        );
+        if sql.stash.is_some() {
             // Where a clear-first apply keeps the extra columns of the rows it clears.
             let stash = crate::ddl::stash_table(index);
             let cols = t
@@ -790,4 +803,26 @@ impl ApplyTxn for Tx<'_> {
             ])?;
         Ok(())
     }
+}
+
+/// Each column's default as an SQL expression (`NULL` where it has none), leaving out NOT NULL
+/// columns without one: see `ApplySql::new`.
+fn column_defaults(c: &Connection, table: &str) -> rusqlite::Result<Vec<(String, String)>> {
+    c.prepare_cached(
+        "SELECT name, dflt_value, \"notnull\" FROM pragma_table_xinfo(?1) WHERE hidden = 0",
+    )?
+    .query_map([table], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            r.get::<_, bool>(2)?,
+        ))
+    })?
+    .filter_map(|r| match r {
+        Ok((name, Some(d), _)) => Some(Ok((name, d))),
+        Ok((name, None, false)) => Some(Ok((name, "NULL".to_string()))),
+        Ok((_, None, true)) => None,
+        Err(e) => Some(Err(e)),
+    })
+    .collect()
 }

@@ -497,3 +497,27 @@ fn a_merge_restore_brings_the_snapshots_newer_schema_before_its_rows() {
     assert_eq!(parked(&c, 0) + parked(&c, 1), 0);
     assert_no_echo(&mut c);
 }
+
+#[test]
+fn a_row_written_without_a_column_another_node_just_added_converges_to_the_columns_default() {
+    // Row-level last writer wins: the winning write carried no value for the column (its
+    // node did not have it yet), so every node ends with the column's default, not with
+    // whatever each node held (found by reasoning about the simulation's schema workload).
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(0, "INSERT INTO books (id, title) VALUES (1, 'Emma');");
+    c.settle();
+    c.exec(
+        0,
+        "ALTER TABLE books ADD COLUMN isbn TEXT DEFAULT 'none'; UPDATE books SET isbn = 'set on node 1' WHERE id = 1;",
+    );
+    c.capture(0);
+    c.exec(1, "UPDATE books SET title = 'Emma, later' WHERE id = 1;");
+    c.capture(1);
+    c.settle();
+    assert_same_schema(&c);
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+    assert_eq!(
+        c.dump(0, "books"),
+        vec!["(1, 'Emma, later', NULL, NULL, NULL, NULL, 'none')"]
+    );
+}
