@@ -34,11 +34,23 @@ pub mod canary {
 
     thread_local! {
         static LAST_ARRIVAL_WINS: Cell<bool> = const { Cell::new(false) };
+        static SCHEMA_LAST_ARRIVAL_WINS: Cell<bool> = const { Cell::new(false) };
     }
 
     /// Switches this thread's merge rule to "last arrival wins" (what Go Marmot did).
     pub fn set_last_arrival_wins(on: bool) {
         LAST_ARRIVAL_WINS.with(|c| c.set(on));
+    }
+
+    /// Switches this thread's rule for schema changes to "last arrival wins": every change
+    /// that arrives is applied, whatever its version (the schema canary).
+    pub fn set_schema_last_arrival_wins(on: bool) {
+        SCHEMA_LAST_ARRIVAL_WINS.with(|c| c.set(on));
+    }
+
+    /// Whether the schema canary is on for this thread (read by the storage adapter).
+    pub fn schema_on() -> bool {
+        SCHEMA_LAST_ARRIVAL_WINS.with(Cell::get)
     }
 
     pub(super) fn on() -> bool {

@@ -665,6 +665,12 @@ pub(crate) fn apply(
         });
     }
     let base = baseline_row(c, item.kind, item.name).map_err(f)?;
+    #[cfg(feature = "sim-canary")]
+    let base = if marmot_core::merge::canary::schema_on() {
+        None
+    } else {
+        base
+    };
     let local = local_sql(c, item.kind, item.name).map_err(f)?;
     let same = match (&local, item.new_sql) {
         (None, None) => true,
@@ -674,11 +680,22 @@ pub(crate) fn apply(
     if let Some(v) = base
         && v >= version
     {
+        // One node's own changes are ordered by its clock: an older one of the node that
+        // made the local version was superseded by that node itself (its batches reached the
+        // stream out of order), and is no conflict.
+        if v.node == version.node {
+            return Ok(Applied {
+                changed: false,
+                republish: None,
+                conflict: None,
+            });
+        }
         let mut republish = None;
         if !same && item.kind == ObjectKind::Table && local.is_some() {
             // Rows written on the losing node in its shape still arrive: the columns it had
-            // and this table has not are left out of them. And the winner's rows go out
-            // again, for the nodes where the losing change dropped them.
+            // and this table has not are left out of them. And where the losing change
+            // removed data this table keeps (the table, or columns), the winner's rows go out
+            // again, for the node that made it.
             if let Some(theirs) = item.new_sql.and_then(declared) {
                 let ours = described(c, item.name).map_err(f)?;
                 for col in theirs {
@@ -693,7 +710,9 @@ pub(crate) fn apply(
                     }
                 }
             }
-            republish = Some(item.name.to_string());
+            if lost_data_we_keep(c, item).map_err(f)? {
+                republish = Some(item.name.to_string());
+            }
         }
         return Ok(Applied {
             changed: false,
@@ -726,6 +745,18 @@ pub(crate) fn apply(
         if let Some(before) = before
             && item.new_sql.is_some()
         {
+            // What the sender's change did to its columns, too: where this table was not
+            // what the sender changed (a change of its still to come, from a batch that
+            // reaches the stream later), rows written in that shape still find their column
+            // (a column added there and renamed since).
+            if let (Some(old), Some(new)) = (item.old_sql, item.new_sql)
+                && local
+                    .as_deref()
+                    .is_some_and(|l| normalise(l) != normalise(old))
+                && let (Some(theirs_before), Some(theirs_after)) = (declared(old), declared(new))
+            {
+                record_fates(c, item.name, &theirs_before, &theirs_after).map_err(f)?;
+            }
             record_fates(c, item.name, &before, &described(c, item.name).map_err(f)?).map_err(f)?;
         }
         if item.kind == ObjectKind::Table {
@@ -747,6 +778,39 @@ pub(crate) fn apply(
         conflict: None,
         republish: None,
     })
+}
+
+/// Whether a losing change of table `item.name` removed, on the node that made it, data
+/// this node's table keeps: the table itself, or columns it had before the change and not
+/// after (a column renamed since, here or there, counts under its current name).
+fn lost_data_we_keep(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<bool> {
+    let Some(new) = item.new_sql else {
+        return Ok(true);
+    };
+    let (Some(before), Some(after)) = (item.old_sql.and_then(declared), declared(new)) else {
+        return Ok(false);
+    };
+    let ours = described(c, item.name)?;
+    let current = |name: &str| -> rusqlite::Result<String> {
+        let mut name = name.to_string();
+        for _ in 0..8 {
+            match column_fate(c, item.name, &name)? {
+                Some(Some(to)) => name = to,
+                _ => break,
+            }
+        }
+        Ok(name)
+    };
+    for col in &before {
+        if after.iter().any(|a| a.name.eq_ignore_ascii_case(&col.name)) {
+            continue;
+        }
+        let now = current(&col.name)?;
+        if ours.iter().any(|o| o.name.eq_ignore_ascii_case(&now)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A merge restore's schema: every object of the snapshot (attached as `snap`) whose version

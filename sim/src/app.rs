@@ -32,7 +32,7 @@ pub(crate) async fn writer(world: World, i: usize) -> turmoil::Result {
         // Rows written before marmot first set itself up in the database are not published
         // (start every node from the same copy, the README says): the application starts
         // once its node did (a crash point can kill the very first start).
-        if plan.generator == Generator::V2 && !world.borrow().set_up[i] {
+        if plan.generator != Generator::V1 && !world.borrow().set_up[i] {
             continue;
         }
         let effects = match plan.generator {
@@ -40,21 +40,35 @@ pub(crate) async fn writer(world: World, i: usize) -> turmoil::Result {
                 crate::workload::v1_transaction(&conn, &mut rng, i, txn, plan.hot_share)
                     .map_err(|e| format!("writer {}: {e}", i + 1))?
             }
-            Generator::V2 => {
+            Generator::V2 | Generator::V3 => {
                 // Now and then the application holds the write lock across a pause: marmot
                 // meets SQLITE_BUSY in capture, apply, restores and snapshots meanwhile.
                 let hold = plan.lock_holds && rng.random_bool(0.15);
                 conn.execute_batch(if hold { "BEGIN IMMEDIATE" } else { "BEGIN" })?;
                 let blind = world.borrow().blind[i];
-                let (effects, rebuilt) = match crate::workload::v2_operations(
-                    &conn,
-                    &mut rng,
-                    i,
-                    txn,
-                    plan.hot_share,
-                    plan.rebuild_share,
-                    blind,
-                ) {
+                let ops = if plan.generator == Generator::V3 {
+                    crate::workload::v3_operations(
+                        &conn,
+                        &mut rng,
+                        i,
+                        txn,
+                        plan.hot_share,
+                        plan.rebuild_share,
+                        plan.schema_share,
+                        blind,
+                    )
+                } else {
+                    crate::workload::v2_operations(
+                        &conn,
+                        &mut rng,
+                        i,
+                        txn,
+                        plan.hot_share,
+                        plan.rebuild_share,
+                        blind,
+                    )
+                };
+                let (effects, rebuilt) = match ops {
                     Ok(e) => e,
                     Err(e) => {
                         let _ = conn.execute_batch("ROLLBACK");

@@ -70,7 +70,10 @@ type Versions = BTreeMap<(String, String), Version>;
 fn versions(db: &PathBuf, tables: &[TableSpec]) -> rusqlite::Result<Versions> {
     let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut out = Versions::new();
-    for &TableSpec { name: table, keys } in tables {
+    for &TableSpec {
+        name: table, keys, ..
+    } in tables
+    {
         let exists: i64 = c.query_row(
             "SELECT count(*) FROM sqlite_master WHERE name = ?1",
             [format!("__marmot__ver__{table}")],
@@ -128,15 +131,42 @@ fn parked(db: &PathBuf) -> Option<Vec<String>> {
         .ok()
 }
 
-/// A node's user tables as sorted row literals.
+/// Whether the database has table `table` (V3 creates some during the run).
+fn has_table(c: &Connection, table: &str) -> rusqlite::Result<bool> {
+    c.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [table],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+/// A node's user tables as sorted row literals, of the columns the oracle knows them by
+/// (`all`: every column). A table the node does not have reads as empty.
 pub fn contents(
     db: &PathBuf,
     tables: &[TableSpec],
 ) -> rusqlite::Result<BTreeMap<&'static str, Vec<String>>> {
+    contents_of(db, tables, false)
+}
+
+fn contents_of(
+    db: &PathBuf,
+    tables: &[TableSpec],
+    all: bool,
+) -> rusqlite::Result<BTreeMap<&'static str, Vec<String>>> {
     let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut out = BTreeMap::new();
-    for &TableSpec { name: table, .. } in tables {
-        let mut stmt = c.prepare(&format!("SELECT * FROM {table}"))?;
+    for &TableSpec {
+        name: table, cols, ..
+    } in tables
+    {
+        if !has_table(&c, table)? {
+            out.insert(table, Vec::new());
+            continue;
+        }
+        let cols = if all { "*" } else { cols };
+        let mut stmt = c.prepare(&format!("SELECT {cols} FROM {table}"))?;
         let n = stmt.column_count();
         let mut rows: Vec<String> = stmt
             .query_map([], |r| {
@@ -159,8 +189,16 @@ fn keyed_contents(
 ) -> rusqlite::Result<BTreeMap<(String, String), String>> {
     let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut out = BTreeMap::new();
-    for &TableSpec { name: table, keys } in tables {
-        let mut stmt = c.prepare(&format!("SELECT * FROM {table}"))?;
+    for &TableSpec {
+        name: table,
+        keys,
+        cols,
+    } in tables
+    {
+        if !has_table(&c, table)? {
+            continue;
+        }
+        let mut stmt = c.prepare(&format!("SELECT {cols} FROM {table}"))?;
         let n = stmt.column_count();
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
@@ -353,6 +391,10 @@ impl Checker {
         if schemas.iter().any(Option::is_none) || schemas.windows(2).any(|w| w[0] != w[1]) {
             return None;
         }
+        // And the same full rows of the tables the oracle knows by some columns only.
+        if !self.same_full_rows() {
+            return None;
+        }
         Some(oracle.captures.iter().map(Vec::len).sum())
     }
 
@@ -390,6 +432,27 @@ impl Checker {
             }
         }
         Ok(())
+    }
+
+    /// Whether every node holds the same rows, every column, of the tables the oracle knows
+    /// by some of their columns only.
+    fn same_full_rows(&self) -> bool {
+        let partial: Vec<TableSpec> = self
+            .generator
+            .tables()
+            .iter()
+            .filter(|t| t.cols != "*")
+            .copied()
+            .collect();
+        if partial.is_empty() {
+            return true;
+        }
+        let all: Vec<_> = self
+            .dbs
+            .iter()
+            .map(|db| contents_of(db, &partial, true).ok())
+            .collect();
+        all.iter().all(Option::is_some) && all.windows(2).all(|w| w[0] == w[1])
     }
 
     /// Describes how the nodes differ from the oracle.
@@ -441,6 +504,28 @@ impl Checker {
                     "node {} has another schema than node 1: {s:?} / {first:?}\n",
                     n + 1
                 ));
+            }
+        }
+        if !self.same_full_rows() {
+            let partial: Vec<TableSpec> = self
+                .generator
+                .tables()
+                .iter()
+                .filter(|t| t.cols != "*")
+                .copied()
+                .collect();
+            let first = self
+                .dbs
+                .first()
+                .and_then(|db| contents_of(db, &partial, true).ok());
+            for (n, db) in self.dbs.iter().enumerate().skip(1) {
+                let got = contents_of(db, &partial, true).ok();
+                if got != first {
+                    out.push_str(&format!(
+                        "node {} has other full rows than node 1: {got:?} / {first:?}\n",
+                        n + 1
+                    ));
+                }
             }
         }
         if out.is_empty() {

@@ -28,4 +28,4 @@ pub mod world;
 pub use plan::Plan;
 pub use report::{Failure, Outcome, Report};
 pub use workload::Generator;
-pub use world::{run_plan_watched, run_seed, run_seed_watched};
+pub use world::{run_plan_watched, run_seed, run_seed_watched, run_seed_with_schema_canary};

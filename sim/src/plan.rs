@@ -112,6 +112,8 @@ pub struct Plan {
     pub generator: Generator,
     /// Share of transactions that rebuild table `t` (V2).
     pub rebuild_share: f64,
+    /// Share of transactions that change the schema (V3).
+    pub schema_share: f64,
     /// Applications sometimes hold the write lock across a pause (V2): marmot's capture,
     /// apply and restore meet SQLITE_BUSY.
     pub lock_holds: bool,
@@ -140,9 +142,9 @@ pub struct StorageFaults {
 }
 
 impl Plan {
-    /// Draws the plan of `seed` with the current generator ([`Generator::V2`]).
+    /// Draws the plan of `seed` with the current generator ([`Generator::V3`]).
     pub fn from_seed(seed: u64) -> Plan {
-        Plan::from_seed_with(seed, Generator::V2)
+        Plan::from_seed_with(seed, Generator::V3)
     }
 
     /// Draws the plan of `seed` with generator `g`. V2 draws everything V1 draws, the same
@@ -181,6 +183,12 @@ impl Plan {
         {
             plan.tombstone_ttl = plan.tombstone_ttl.max(slow * 3);
         }
+        if g == Generator::V2 {
+            return plan;
+        }
+        // V3 draws everything V2 draws, the same way, then its own.
+        plan.generator = Generator::V3;
+        plan.schema_share = r.random_range(0.02..0.12);
         plan
     }
 
@@ -296,6 +304,7 @@ impl Plan {
             swarm,
             generator: Generator::V1,
             rebuild_share: 0.0,
+            schema_share: 0.0,
             lock_holds: false,
             storage_faults: None,
             slow_upload: None,

@@ -12,6 +12,17 @@
 //!   table rebuilds (create, copy, drop, rename) and renames, with a delete in the same
 //!   transaction, while other writes go on; and transactions that hold the write lock for a
 //!   while (the writer decides that, see `crate::world`).
+//! - [`Generator::V3`]: all of V2, plus schema changes, replicated with the rows (issue 10):
+//!   node 1 adds, renames and drops columns of table `sc` while every node writes it (rows in
+//!   older and newer shapes cross the changes); any node creates tables `x1` and `x2` (with
+//!   an index; the same statement on several nodes converges silently) and writes them once
+//!   they exist on it; any node sets `PRAGMA user_version` (concurrent settings: the higher
+//!   stamp wins everywhere, the loser is recorded). The oracle knows `sc` by its first two
+//!   columns (`k`, `v`), which no change touches; the checker demands, besides, the same full
+//!   rows of `sc` on every node (the columns changes come and go with) and the same
+//!   normalised schema. Changes to one table on two nodes at once are left to the adapter's
+//!   tests: the winning node publishes that table's rows again, which can write over a
+//!   concurrent row (a documented limit the oracle does not model).
 
 use crate::oracle::Effect;
 use marmot_core::value::{ValueRef, sql_row_literal};
@@ -27,6 +38,9 @@ pub enum Generator {
     /// V1 plus unique constraints, collations on the key clause, STRICT `ANY` keys, FTS5,
     /// rebuilds, lock holders, storage faults and slow snapshot uploads.
     V2,
+    /// V2 plus schema changes (columns added, renamed, dropped; tables and indexes created;
+    /// `user_version`).
+    V3,
 }
 
 /// A replicated table the checker reads.
@@ -36,6 +50,8 @@ pub struct TableSpec {
     pub name: &'static str,
     /// How many columns its key has (they come first).
     pub keys: usize,
+    /// The columns the oracle knows it by (`*`: all of them).
+    pub cols: &'static str,
 }
 
 const V1_SCHEMA: &str = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);
@@ -58,6 +74,9 @@ const V2_EXTRA: &str = "
       INSERT INTO doc_fts(rowid, body) VALUES (new.id, new.body);
     END;";
 
+const V3_EXTRA: &str = "
+    CREATE TABLE sc (k INTEGER PRIMARY KEY, v TEXT);";
+
 /// Words the documents are made of (and the checker searches for).
 pub const WORDS: &[&str] = &["alpha", "beta", "gamma", "delta", "epsilon", "zeta"];
 
@@ -67,44 +86,118 @@ impl Generator {
         match self {
             Generator::V1 => V1_SCHEMA.to_string(),
             Generator::V2 => format!("{V1_SCHEMA}{V2_EXTRA}"),
+            Generator::V3 => format!("{V1_SCHEMA}{V2_EXTRA}{V3_EXTRA}"),
         }
     }
 
     /// The replicated tables.
     pub fn tables(self) -> &'static [TableSpec] {
         const V1: &[TableSpec] = &[
-            TableSpec { name: "t", keys: 1 },
-            TableSpec { name: "u", keys: 2 },
+            TableSpec {
+                name: "t",
+                keys: 1,
+                cols: "*",
+            },
+            TableSpec {
+                name: "u",
+                keys: 2,
+                cols: "*",
+            },
         ];
         const V2: &[TableSpec] = &[
-            TableSpec { name: "t", keys: 1 },
-            TableSpec { name: "u", keys: 2 },
+            TableSpec {
+                name: "t",
+                keys: 1,
+                cols: "*",
+            },
+            TableSpec {
+                name: "u",
+                keys: 2,
+                cols: "*",
+            },
             TableSpec {
                 name: "uq",
                 keys: 1,
+                cols: "*",
             },
             TableSpec {
                 name: "pk",
                 keys: 1,
+                cols: "*",
             },
             TableSpec {
                 name: "st",
                 keys: 1,
+                cols: "*",
             },
             TableSpec {
                 name: "doc",
                 keys: 1,
+                cols: "*",
+            },
+        ];
+        const V3: &[TableSpec] = &[
+            TableSpec {
+                name: "t",
+                keys: 1,
+                cols: "*",
+            },
+            TableSpec {
+                name: "u",
+                keys: 2,
+                cols: "*",
+            },
+            TableSpec {
+                name: "uq",
+                keys: 1,
+                cols: "*",
+            },
+            TableSpec {
+                name: "pk",
+                keys: 1,
+                cols: "*",
+            },
+            TableSpec {
+                name: "st",
+                keys: 1,
+                cols: "*",
+            },
+            TableSpec {
+                name: "doc",
+                keys: 1,
+                cols: "*",
+            },
+            TableSpec {
+                name: "sc",
+                keys: 1,
+                cols: "k, v",
+            },
+            TableSpec {
+                name: "x1",
+                keys: 1,
+                cols: "*",
+            },
+            TableSpec {
+                name: "x2",
+                keys: 1,
+                cols: "*",
             },
         ];
         match self {
             Generator::V1 => V1,
             Generator::V2 => V2,
+            Generator::V3 => V3,
         }
     }
 
     /// Whether the schema has a full-text index to check.
     pub fn has_fts(self) -> bool {
-        self == Generator::V2
+        self != Generator::V1
+    }
+
+    /// Whether the application changes the schema (V3).
+    pub fn changes_schema(self) -> bool {
+        self == Generator::V3
     }
 }
 
@@ -130,7 +223,18 @@ fn read_back(
     cond: &str,
     params: &[&dyn ToSql],
 ) -> rusqlite::Result<Option<String>> {
-    tx.prepare_cached(&format!("SELECT * FROM {table} WHERE {cond}"))?
+    read_back_cols(tx, table, "*", cond, params)
+}
+
+/// [`read_back`] of some columns.
+fn read_back_cols(
+    tx: &Connection,
+    table: &str,
+    cols: &str,
+    cond: &str,
+    params: &[&dyn ToSql],
+) -> rusqlite::Result<Option<String>> {
+    tx.prepare_cached(&format!("SELECT {cols} FROM {table} WHERE {cond}"))?
         .query_row(params, |r| {
             let n = r.as_ref().column_count();
             let vals: Vec<ValueRef<'_>> = (0..n)
@@ -599,5 +703,182 @@ fn rebuild(
             row: read_back(tx, "t", "k = ?1", &[&k])?,
         });
     }
+    Ok(())
+}
+
+/// The operations of one V3 transaction: a schema change now and then (`schema_share`),
+/// otherwise V2's operations and a write of `sc` or of a table created during the run.
+/// Returns its effects and whether marmot is blind to some deletes until its next capture:
+/// it rebuilt `t` (as V2), or created a table marmot has no triggers on yet (while blind,
+/// rows are only inserted and updated there: the same documented limit).
+#[allow(clippy::too_many_arguments)]
+pub fn v3_operations(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+    rebuild_share: f64,
+    schema_share: f64,
+    blind: bool,
+) -> rusqlite::Result<(Vec<Effect>, bool)> {
+    if rng.random_bool(schema_share) {
+        let created = schema_change(tx, rng, i, txn)?;
+        return Ok((Vec::new(), created));
+    }
+    let (mut effects, rebuilt) = v2_operations(tx, rng, i, txn, hot_share, rebuild_share, blind)?;
+    if !rebuilt {
+        if rng.random_bool(0.5) {
+            sc_write(tx, rng, i, txn, hot_share, &mut effects)?;
+        } else {
+            created_table_write(tx, rng, i, txn, hot_share, blind, &mut effects)?;
+        }
+    }
+    Ok((effects, rebuilt))
+}
+
+/// The columns `sc` has beyond `k` and `v` on this node now.
+fn sc_extras(tx: &Connection) -> rusqlite::Result<Vec<String>> {
+    tx.prepare_cached("SELECT name FROM pragma_table_info('sc') WHERE cid >= 2 ORDER BY cid")?
+        .query_map([], |r| r.get(0))?
+        .collect()
+}
+
+/// One schema change. Columns of `sc` change on node 1 only (see the module doc); tables
+/// and `user_version` on any node. Returns whether it created a table here.
+fn schema_change(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+) -> rusqlite::Result<bool> {
+    let extras = sc_extras(tx)?;
+    let kinds = if i == 0 { 5 } else { 2 };
+    let add = |tx: &Connection, rng: &mut ChaCha8Rng| {
+        let default = if rng.random_bool(0.5) {
+            format!(" DEFAULT 'd{txn}'")
+        } else {
+            String::new()
+        };
+        tx.execute_batch(&format!("ALTER TABLE sc ADD COLUMN c{txn} TEXT{default}"))
+    };
+    match rng.random_range(0..kinds) {
+        0 => {
+            let j = rng.random_range(1..=2);
+            let existed = has_table(tx, &format!("x{j}"))?;
+            tx.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS x{j} (k INTEGER PRIMARY KEY, v TEXT);
+                 CREATE INDEX IF NOT EXISTS x{j}_v ON x{j} (v);"
+            ))?;
+            return Ok(!existed);
+        }
+        1 => tx.execute_batch(&format!("PRAGMA user_version = {}", txn * 10 + i + 1)),
+        2 if extras.len() < 4 => add(tx, rng),
+        3 if !extras.is_empty() => {
+            let c = &extras[rng.random_range(0..extras.len())];
+            tx.execute_batch(&format!("ALTER TABLE sc RENAME COLUMN {c} TO r{txn}"))
+        }
+        4 if !extras.is_empty() => {
+            let c = &extras[rng.random_range(0..extras.len())];
+            tx.execute_batch(&format!("ALTER TABLE sc DROP COLUMN {c}"))
+        }
+        _ if extras.is_empty() => add(tx, rng),
+        _ => Ok(()),
+    }
+    .map(|()| false)
+}
+
+fn has_table(tx: &Connection, name: &str) -> rusqlite::Result<bool> {
+    tx.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+/// An upsert (or a delete) of a row of `sc`, with every column the table has here.
+fn sc_write(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    let k: i64 = if rng.random_bool(hot_share) {
+        rng.random_range(1..=4)
+    } else {
+        (i as i64 + 1) * 1_000_000 + txn as i64
+    };
+    let changed = if rng.random_bool(0.85) {
+        let v = format!("n{}-t{txn}", i + 1);
+        let extras = sc_extras(tx)?;
+        let cols: String = extras.iter().map(|c| format!(", {c}")).collect();
+        let vals: String = extras.iter().map(|_| ", ?2").collect();
+        let sets: String = extras
+            .iter()
+            .map(|c| format!(", {c} = excluded.{c}"))
+            .collect();
+        tx.execute(
+            &format!(
+                "INSERT INTO sc (k, v{cols}) VALUES (?1, ?2{vals}) ON CONFLICT (k) DO UPDATE SET v = excluded.v{sets}"
+            ),
+            rusqlite::params![k, v],
+        )?
+    } else {
+        tx.execute("DELETE FROM sc WHERE k = ?1", [k])?
+    };
+    if changed == 0 {
+        return Ok(());
+    }
+    effects.push(Effect {
+        table: "sc",
+        key: sql_row_literal([ValueRef::Integer(k)]),
+        row: read_back_cols(tx, "sc", "k, v", "k = ?1", &[&k])?,
+    });
+    Ok(())
+}
+
+/// An upsert (or, unless marmot is blind, a delete) in `x1` or `x2`, if this node has the
+/// table yet.
+fn created_table_write(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+    blind: bool,
+    effects: &mut Vec<Effect>,
+) -> rusqlite::Result<()> {
+    let (name, j) = if rng.random_bool(0.5) {
+        ("x1", 1)
+    } else {
+        ("x2", 2)
+    };
+    if !has_table(tx, name)? {
+        return Ok(());
+    }
+    let k: i64 = if rng.random_bool(hot_share) {
+        rng.random_range(1..=4)
+    } else {
+        (i as i64 + 1) * 1_000_000 + (txn * 2 + j) as i64
+    };
+    let changed = if blind || rng.random_bool(0.85) {
+        tx.execute(
+            &format!("INSERT INTO {name} (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v"),
+            rusqlite::params![k, format!("n{}-t{txn}", i + 1)],
+        )?
+    } else {
+        tx.execute(&format!("DELETE FROM {name} WHERE k = ?1"), [k])?
+    };
+    if changed == 0 {
+        return Ok(());
+    }
+    effects.push(Effect {
+        table: name,
+        key: sql_row_literal([ValueRef::Integer(k)]),
+        row: read_back(tx, name, "k = ?1", &[&k])?,
+    });
     Ok(())
 }

@@ -76,6 +76,15 @@ pub fn run_seed(seed: u64, canary: bool) -> Result<Outcome, Box<Report>> {
     run_plan_watched(Plan::from_seed(seed), canary, limit)
 }
 
+/// [`run_seed`] with the schema canary: schema changes apply in arrival order, whatever their
+/// version (the checker must catch it).
+pub fn run_seed_with_schema_canary(seed: u64) -> Result<Outcome, Box<Report>> {
+    marmot_core::merge::canary::set_schema_last_arrival_wins(true);
+    let r = run_seed(seed, false);
+    marmot_core::merge::canary::set_schema_last_arrival_wins(false);
+    r
+}
+
 /// [`run_seed`] with the real-time watchdog set to `limit`.
 pub fn run_seed_watched(seed: u64, canary: bool, limit: Duration) -> Result<Outcome, Box<Report>> {
     run_plan_watched(Plan::from_seed(seed), canary, limit)

@@ -186,3 +186,32 @@ fn regression_16_an_apply_stamped_local_writes_with_a_clock_nobody_had_checked()
 fn regression_17_a_snapshot_carried_writes_its_node_had_not_captured() {
     passes_with(608106, Generator::V2);
 }
+
+/// Postmortem (V3, schema changes): a publish retried after a later one went through put one
+/// node's schema changes out of order in the stream; the older change then "lost" to that
+/// node's own newer one as if the two were concurrent, was recorded as a conflict, and the
+/// receiver published the table's rows again, writing its older values over newer writes it
+/// had not received yet. One node's own changes are now ordered by its clock (an older one is
+/// no conflict), and a losing change republishes only when it removed data the winner keeps.
+#[test]
+fn regression_18_one_nodes_schema_changes_out_of_order_republished_older_rows() {
+    passes_with(26, Generator::V3);
+    passes_with(4, Generator::V3);
+}
+
+/// Postmortem (V3): a column added, then renamed, on one node; the rename reached a receiver
+/// first (it rebuilt its table into the new shape), and rows written with the column's first
+/// name parked forever: the receiver had never had that name, so it had recorded no rename.
+/// Applying a change now records what the sender's change did to its columns as well.
+#[test]
+fn regression_19_rows_named_a_column_the_receiver_only_knew_renamed() {
+    passes_with(11, Generator::V3);
+}
+
+/// Postmortem (V3): a retry of parked batches applied the batch that freed a UNIQUE value
+/// another parked batch waited on, after that one was tried in the same pass; nothing woke
+/// it again. A retry that applied something now retries the batches waiting on a value.
+#[test]
+fn regression_20_a_batch_waiting_on_a_unique_value_missed_the_retry_that_freed_it() {
+    passes_with(27, Generator::V3);
+}

@@ -8,7 +8,7 @@
 //! Built with `--features canary`, every run uses the known-wrong merge rule and the suite
 //! must fail.
 
-use sim::{Failure, Report, run_seed};
+use sim::{Failure, Report, run_seed, run_seed_with_schema_canary};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -167,6 +167,31 @@ fn the_same_seed_gives_the_same_trace() {
             "both runs of seed {seed} must fail the same way"
         ),
     }
+}
+
+/// The checker must catch a known-wrong rule for schema changes (applied in arrival order,
+/// not by version: concurrent `user_version` settings then end different on different nodes)
+/// within a bounded number of seeds.
+#[test]
+fn the_schema_canary_is_caught() {
+    const BOUND: u64 = 30;
+    for seed in 1..=BOUND {
+        if let Err(r) = run_seed_with_schema_canary(seed) {
+            eprintln!("schema canary caught by seed {seed}:\n{r}");
+            match &r.failure {
+                Failure::Safety { invariant, .. } => assert!(!invariant.is_empty()),
+                Failure::Liveness { detail } => assert!(
+                    detail.contains("another schema"),
+                    "caught, but not by the schema check: {detail}"
+                ),
+                Failure::Crash { detail } => {
+                    panic!("the canary must break an invariant, not the simulation: {detail}")
+                }
+            }
+            return;
+        }
+    }
+    panic!("the schema canary survived {BOUND} seeds: the schema check proves nothing");
 }
 
 /// The checker must catch a known-wrong rule ("last arrival wins", as Go Marmot did) within a
