@@ -496,6 +496,43 @@ fn record_fates(
     Ok(renamed)
 }
 
+/// What the sender's change did to its table's columns (renamed, dropped), whatever becomes of
+/// the change here: rows written in the sender's earlier shapes then find their columns even
+/// where this node never had that shape (one node's changes can reach the stream out of
+/// order: a column added, then renamed or dropped, may arrive as the rename or drop first,
+/// and the addition, superseded, is never applied here). Facts already known are kept.
+fn record_sender_fates(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<bool> {
+    if item.kind != ObjectKind::Table {
+        return Ok(false);
+    }
+    let (Some(old), Some(new)) = (item.old_sql, item.new_sql) else {
+        return Ok(false);
+    };
+    if normalise(old) == normalise(new) {
+        return Ok(false);
+    }
+    let (Some(before), Some(after)) = (declared(old), declared(new)) else {
+        return Ok(false);
+    };
+    let mut learned = 0;
+    let pairs = copy_pairs(&before, &after);
+    let mut put = c.prepare_cached(
+        "INSERT OR IGNORE INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3)",
+    )?;
+    for b in &before {
+        match pairs.iter().find(|(o, _)| *o == b.name) {
+            Some((_, n)) if *n == b.name => {}
+            Some((_, n)) => {
+                learned += put.execute(params![item.name, b.name, n])?;
+            }
+            None => {
+                learned += put.execute(params![item.name, b.name, Option::<String>::None])?;
+            }
+        }
+    }
+    Ok(learned > 0)
+}
+
 /// The ordinary columns `sql` declares (a `CREATE TABLE`), read from a scratch database.
 fn declared(sql: &str) -> Option<Vec<Described>> {
     let scratch = Connection::open_in_memory().ok()?;
@@ -664,6 +701,9 @@ pub(crate) fn apply(
             republish: None,
         });
     }
+    // Newly learned column history counts as a schema change (parked rows in an older shape
+    // are retried), even when the change itself is not applied here.
+    let learned = record_sender_fates(c, item).map_err(f)?;
     let base = baseline_row(c, item.kind, item.name).map_err(f)?;
     #[cfg(feature = "sim-canary")]
     let base = if marmot_core::merge::canary::schema_on() {
@@ -685,7 +725,7 @@ pub(crate) fn apply(
         // stream out of order), and is no conflict.
         if v.node == version.node {
             return Ok(Applied {
-                changed: false,
+                changed: learned,
                 republish: None,
                 conflict: None,
             });
@@ -715,7 +755,7 @@ pub(crate) fn apply(
             }
         }
         return Ok(Applied {
-            changed: false,
+            changed: learned,
             republish,
             conflict: (!same).then(|| ConflictRecord {
                 table: item.name.to_string(),
@@ -745,18 +785,6 @@ pub(crate) fn apply(
         if let Some(before) = before
             && item.new_sql.is_some()
         {
-            // What the sender's change did to its columns, too: where this table was not
-            // what the sender changed (a change of its still to come, from a batch that
-            // reaches the stream later), rows written in that shape still find their column
-            // (a column added there and renamed since).
-            if let (Some(old), Some(new)) = (item.old_sql, item.new_sql)
-                && local
-                    .as_deref()
-                    .is_some_and(|l| normalise(l) != normalise(old))
-                && let (Some(theirs_before), Some(theirs_after)) = (declared(old), declared(new))
-            {
-                record_fates(c, item.name, &theirs_before, &theirs_after).map_err(f)?;
-            }
             record_fates(c, item.name, &before, &described(c, item.name).map_err(f)?).map_err(f)?;
         }
         if item.kind == ObjectKind::Table {
@@ -774,7 +802,7 @@ pub(crate) fn apply(
     )
     .map_err(f)?;
     Ok(Applied {
-        changed: !same,
+        changed: !same || learned,
         conflict: None,
         republish: None,
     })
@@ -827,6 +855,19 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
     )?;
     if has == 0 {
         return Ok(Vec::new());
+    }
+    // The snapshot's column history too: rows still to come may be written in a shape this
+    // node never had and whose change it will not read (it is before the snapshot).
+    let fates: i64 = c.query_row(
+        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__column_fates'",
+        [],
+        |r| r.get(0),
+    )?;
+    if fates > 0 {
+        c.execute_batch(
+            "INSERT OR IGNORE INTO main.\"__marmot__column_fates\" (tbl, col, renamed_to) \
+             SELECT tbl, col, renamed_to FROM snap.\"__marmot__column_fates\"",
+        )?;
     }
     let mut theirs: Vec<(ObjectKind, String, String, Option<String>, Version)> = Vec::new();
     {

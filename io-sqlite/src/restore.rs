@@ -215,7 +215,7 @@ impl SqliteStore {
             self.synced_in_txn = true;
         }
         for t in &self.tables {
-            match merge_table(&self.conn, &t.info, horizon) {
+            match merge_table(&self.conn, &t.info, horizon, !self.cfg.replicate_schema) {
                 Ok(Ok(())) => {
                     // Rows changed in bulk: the full-text indexes over them start afresh.
                     for i in &t.indexes {
@@ -563,6 +563,7 @@ fn merge_table(
     conn: &Connection,
     t: &TableInfo,
     horizon_ms: u64,
+    keep_extras: bool,
 ) -> rusqlite::Result<Result<(), String>> {
     let name = &t.name;
     let ver = ver_table(name);
@@ -633,13 +634,15 @@ fn merge_table(
         vv = ver_match(t, "lv", "sv"),
     ))?;
     // Columns this node has and the snapshot's table has not (it was taken before a
-    // migration reached its node): the rows the snapshot replaces keep their values there, as
-    // an update in place would have left them.
+    // migration reached its node): with each node's schema its own (`keep_extras`), the rows
+    // the snapshot replaces keep their values there, as an update in place would have left
+    // them. With schema replication they take their defaults, as an apply of those rows does
+    // (the winning version was written without them): every node ends the same.
     let extras: Vec<&str> = t
         .columns
         .iter()
         .map(|c| c.name.as_str())
-        .filter(|c| !snap_cols.iter().any(|s| s == c))
+        .filter(|c| keep_extras && !snap_cols.iter().any(|s| s == c))
         .collect();
     if !extras.is_empty() {
         conn.execute_batch(&format!(

@@ -31,6 +31,35 @@ pub struct BatchRow {
 
 use crate::workload::{Generator, TableSpec, norm_key};
 
+/// The schema objects a complete batch changes, as (kind, name).
+pub fn batch_schema_objects(messages: &[Bytes]) -> Vec<(String, String)> {
+    let mut header = None;
+    let mut payload = Vec::new();
+    for m in messages {
+        let Ok((h, frag)) = decode_message(m) else {
+            return Vec::new();
+        };
+        header.get_or_insert(h);
+        payload.extend_from_slice(frag);
+    }
+    let Some(header) = header else {
+        return Vec::new();
+    };
+    let Ok(body) = unseal(&header, Bytes::from(payload)) else {
+        return Vec::new();
+    };
+    let mut reader = BodyReader::new(&body);
+    let mut values = Vec::new();
+    let mut out = Vec::new();
+    while let Ok(Some(item)) = reader.next_item(&mut values) {
+        match item {
+            Item::Schema(s) => out.push((s.kind.as_str().to_string(), s.name.to_string())),
+            _ => break,
+        }
+    }
+    out
+}
+
 /// Decodes a complete batch from its messages (in chunk order).
 pub fn batch_rows(messages: &[Bytes]) -> Option<(Header, Vec<BatchRow>)> {
     let mut header = None;

@@ -112,7 +112,18 @@ impl Recorded {
                 // lately (until its next check against the server) plus the bound, unless the
                 // stamp is just above a version it replaces that is itself that far ahead.
                 let floor = rows.iter().filter_map(|r| r.base).map(|b| b.stamp).max();
-                let just_above = floor.is_some_and(|f| c.stamp.as_u64() == f.as_u64() + 1);
+                // A schema change is stamped above its object's version too: the version of
+                // some batch that carried a schema change (the object's own, or that of the
+                // table it belongs to, which its index or trigger took when the table changed).
+                let objects = crate::check::batch_schema_objects(&c.messages);
+                let above_schema = !objects.is_empty()
+                    && c.stamp.as_u64() > 0
+                    && w.schema_stamps.contains(&(c.stamp.as_u64() - 1));
+                let just_above =
+                    above_schema || floor.is_some_and(|f| c.stamp.as_u64() == f.as_u64() + 1);
+                if !objects.is_empty() {
+                    w.schema_stamps.insert(c.stamp.as_u64());
+                }
                 let true_ms = turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64);
                 let window = w.plan.claim_interval + Duration::from_secs(1);
                 let t = now();

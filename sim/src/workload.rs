@@ -754,13 +754,14 @@ fn schema_change(
 ) -> rusqlite::Result<bool> {
     let extras = sc_extras(tx)?;
     let kinds = if i == 0 { 5 } else { 2 };
+    // Every added column has a declaration of its own (its default): a column dropped and
+    // another of the same declaration added look like a rename to a receiver that sees both
+    // at once, a documented limit the workload keeps out of.
     let add = |tx: &Connection, rng: &mut ChaCha8Rng| {
-        let default = if rng.random_bool(0.5) {
-            format!(" DEFAULT 'd{txn}'")
-        } else {
-            String::new()
-        };
-        tx.execute_batch(&format!("ALTER TABLE sc ADD COLUMN c{txn} TEXT{default}"))
+        let kind = if rng.random_bool(0.5) { "TEXT" } else { "" };
+        tx.execute_batch(&format!(
+            "ALTER TABLE sc ADD COLUMN c{txn} {kind} DEFAULT 'd{txn}'"
+        ))
     };
     match rng.random_range(0..kinds) {
         0 => {

@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     /// Per node: table `t` was rebuilt and the node has not captured since (see
     /// `workload::v2_operations`).
     pub(crate) blind: Vec<bool>,
+    /// The stamps of every captured batch that carried a schema change.
+    pub(crate) schema_stamps: std::collections::BTreeSet<u64>,
     /// Per node: its clock's skew since when, in order (the checker allows a node's stamps to
     /// lead true time as far as its own clock recently did, and no further).
     pub(crate) skew_history: Vec<Vec<(Duration, i64)>>,
@@ -195,6 +197,7 @@ fn run_plan_inner(plan: Plan, canary: bool) -> Result<Outcome, Box<Report>> {
         storage_faults,
         chaos_active: chaos_active.clone(),
         blind: vec![false; plan.nodes],
+        schema_stamps: std::collections::BTreeSet::new(),
         set_up: vec![false; plan.nodes],
         skew_history: plan
             .skews

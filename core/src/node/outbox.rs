@@ -9,7 +9,14 @@
 //!   ([`super::Gates::too_far_ahead`], the pacing of `max_lag`);
 //! - a batch leaves the outbox only once the stream acknowledged every one of its messages
 //!   (then storage is told, [`Output::MarkPublished`]); a failed publish goes back to the
-//!   front of the queue and publishing waits with backoff, for as long as it takes.
+//!   front of the queue and publishing waits with backoff, for as long as it takes;
+//! - a batch that carries a schema change (message format 2) is a barrier: it goes out only
+//!   once every message before it was acknowledged, and nothing after it goes out before it
+//!   was. Pipelined publishes reach the stream out of capture order when one fails and is
+//!   retried; rows tolerate that (last writer wins), but one node's schema changes must reach
+//!   every node in the order they were made (a receiver that meets a rename before the
+//!   addition it renames can only guess which column became which). Batches read back at
+//!   start are not known to be barriers (their messages are read lazily).
 
 use super::{Backoff, Event, Gates, NodeConfig, Output, Outputs, Timer, TimerTable, due};
 use crate::capture::Captured;
@@ -29,6 +36,8 @@ struct OutBatch {
     payloads: Option<Vec<Bytes>>,
     /// Bytes of `payloads`.
     cached: usize,
+    /// It carries a schema change: see the module doc.
+    barrier: bool,
 }
 
 pub(super) struct Outbox {
@@ -45,6 +54,8 @@ pub(super) struct Outbox {
     cached_bytes: usize,
     /// Publishing waits for this node to apply more of the stream (last reported).
     throttled: bool,
+    /// A barrier batch is being published: nothing else goes out until it is acknowledged.
+    barrier_out: Option<BatchId>,
 }
 
 impl Outbox {
@@ -57,6 +68,7 @@ impl Outbox {
             backoff: Backoff::new(cfg),
             cached_bytes: 0,
             throttled: false,
+            barrier_out: None,
         }
     }
 
@@ -70,6 +82,7 @@ impl Outbox {
                     unacked: chunks,
                     payloads: None,
                     cached: 0,
+                    barrier: false,
                 },
             );
             self.publish_queue.extend((0..chunks).map(|c| (batch, c)));
@@ -90,6 +103,11 @@ impl Outbox {
             return;
         }
         let size: usize = c.messages.iter().map(Bytes::len).sum();
+        let barrier = c
+            .messages
+            .first()
+            .and_then(|m| crate::wire::decode_message(m).ok())
+            .is_some_and(|(h, _)| h.format >= crate::wire::FORMAT_VERSION);
         let (payloads, cached) = if self.cached_bytes + size <= cfg.max_cached_bytes {
             self.cached_bytes += size;
             (Some(c.messages), size)
@@ -103,6 +121,7 @@ impl Outbox {
                 unacked: chunks,
                 payloads,
                 cached,
+                barrier,
             },
         );
         self.publish_queue.extend((0..chunks).map(|i| (c.batch, i)));
@@ -154,6 +173,9 @@ impl Outbox {
             b.unacked -= 1;
         }
         if b.unacked == 0 {
+            if self.barrier_out == Some(batch) {
+                self.barrier_out = None;
+            }
             let cached = b.cached;
             self.cached_bytes -= cached;
             self.outbox.remove(&batch);
@@ -182,8 +204,21 @@ impl Outbox {
         !g.can_publish || (g.too_far_ahead && self.in_flight == 0)
     }
 
+    /// Whether the message at the front of the queue may go out now as far as barriers go
+    /// (see the module doc).
+    fn front_may_go(&self) -> bool {
+        let Some(&(batch, _)) = self.publish_queue.front() else {
+            return false;
+        };
+        match self.barrier_out {
+            // (A barrier no longer in the outbox holds nothing back.)
+            Some(b) if self.outbox.contains_key(&b) => b == batch,
+            _ => self.in_flight == 0 || !self.outbox.get(&batch).is_some_and(|b| b.barrier),
+        }
+    }
+
     fn publish_due(&self, g: &Gates, cfg: &NodeConfig) -> Option<Duration> {
-        (!self.publish_queue.is_empty()
+        (self.front_may_go()
             && g.can_publish
             && self.in_flight < cfg.publish_window
             && !g.too_far_ahead)
@@ -216,9 +251,16 @@ impl Outbox {
             return;
         }
         while self.in_flight < cfg.publish_window {
+            // A barrier goes out alone: after everything before it, before everything after.
+            if !self.front_may_go() {
+                break;
+            }
             let Some((batch, chunk)) = self.publish_queue.pop_front() else {
                 break;
             };
+            if self.outbox.get(&batch).is_some_and(|b| b.barrier) {
+                self.barrier_out = Some(batch);
+            }
             let Some(b) = self.outbox.get(&batch) else {
                 continue;
             };

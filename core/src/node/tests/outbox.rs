@@ -182,3 +182,85 @@ fn publishing_waits_while_the_node_is_too_far_behind_the_stream_head() {
         Output::Stop(Stop::Shutdown { unpublished: 1 })
     )));
 }
+
+/// A batch whose messages carry format `format` (2: a schema change).
+fn formatted(seq: u64, format: u8) -> crate::capture::Captured {
+    let messages = crate::wire::seal(
+        batch(seq),
+        Stamp::new(1000 + seq, 0),
+        format,
+        b"body",
+        false,
+        1024,
+    );
+    crate::capture::Captured {
+        batch: batch(seq),
+        stamp: Stamp::new(1000 + seq, 0),
+        rows: 1,
+        messages,
+    }
+}
+
+fn published_batches(outs: &[Output]) -> Vec<u64> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Publish { batch, .. } => Some(batch.seq),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_schema_batch_goes_out_alone_after_every_earlier_message_and_before_every_later_one() {
+    // One node's schema changes must reach the stream in the order they were made: a retried
+    // publish would otherwise put a later change before an earlier one.
+    let mut n = ready(0, vec![]);
+    drain(&mut n);
+    for (seq, format) in [(1, 1), (2, 2), (3, 1)] {
+        n.handle(
+            ms(1),
+            Input::Captured(Ok(CaptureOutcome {
+                captured: Some(formatted(seq, format)),
+                ..Default::default()
+            })),
+        );
+    }
+    assert_eq!(
+        published_batches(&drain(&mut n)),
+        vec![1],
+        "the schema batch waits"
+    );
+    // Batch 1 fails and is retried: still nothing after it.
+    n.handle(
+        ms(2),
+        Input::Published {
+            batch: batch(1),
+            chunk: 0,
+            result: Err(unavailable()),
+        },
+    );
+    n.handle(ms(10_000), Input::Tick);
+    assert_eq!(published_batches(&drain(&mut n)), vec![1]);
+    n.handle(
+        ms(10_001),
+        Input::Published {
+            batch: batch(1),
+            chunk: 0,
+            result: Ok(1),
+        },
+    );
+    assert_eq!(
+        published_batches(&drain(&mut n)),
+        vec![2],
+        "then the schema batch, alone"
+    );
+    n.handle(
+        ms(10_002),
+        Input::Published {
+            batch: batch(2),
+            chunk: 0,
+            result: Ok(2),
+        },
+    );
+    assert_eq!(published_batches(&drain(&mut n)), vec![3]);
+}
