@@ -604,15 +604,43 @@ fn merge_table(
             t.key_signature()
         )));
     }
-    let cols: Vec<&str> = t
-        .columns
-        .iter()
-        .map(|c| c.name.as_str())
-        .filter(|c| snap_cols.iter().any(|s| s == c))
-        .collect();
+    // Columns by name, and a column the snapshot has under an older name (renamed here since,
+    // by the column history) under its name here.
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for c in &t.columns {
+        if snap_cols.iter().any(|s| *s == c.name) {
+            pairs.push((c.name.clone(), c.name.clone()));
+        }
+    }
+    for s in &snap_cols {
+        if t.columns.iter().any(|c| c.name == *s) {
+            continue;
+        }
+        let mut now = s.clone();
+        for _ in 0..8 {
+            match crate::replicated::column_fate(conn, name, &now)? {
+                Some(Some(to)) => now = to,
+                _ => break,
+            }
+        }
+        if now != *s
+            && t.columns.iter().any(|c| c.name == now)
+            && !pairs.iter().any(|(l, _)| *l == now)
+        {
+            pairs.push((now, s.clone()));
+        }
+    }
+    // `prefix` "" names the columns here, "s." the snapshot's (under their names there).
     let list = |prefix: &str| {
-        cols.iter()
-            .map(|c| format!("{prefix}{}", quote(c)))
+        pairs
+            .iter()
+            .map(|(l, s)| {
+                if prefix.is_empty() {
+                    quote(l)
+                } else {
+                    format!("{prefix}{}", quote(s))
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -642,7 +670,7 @@ fn merge_table(
         .columns
         .iter()
         .map(|c| c.name.as_str())
-        .filter(|c| keep_extras && !snap_cols.iter().any(|s| s == c))
+        .filter(|c| keep_extras && !pairs.iter().any(|(l, _)| l == c))
         .collect();
     if !extras.is_empty() {
         conn.execute_batch(&format!(
