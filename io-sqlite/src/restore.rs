@@ -608,7 +608,7 @@ fn merge_table(
     // by the column history) under its name here.
     let mut pairs: Vec<(String, String)> = Vec::new();
     for c in &t.columns {
-        if snap_cols.iter().any(|s| *s == c.name) {
+        if snap_cols.contains(&c.name) {
             pairs.push((c.name.clone(), c.name.clone()));
         }
     }
