@@ -463,16 +463,20 @@ impl Checker {
         Ok(())
     }
 
-    /// Whether every node holds the same rows, every column, of the tables the oracle knows
-    /// by some of their columns only.
-    fn same_full_rows(&self) -> bool {
-        let partial: Vec<TableSpec> = self
-            .generator
+    /// The tables the oracle knows by some of their columns only.
+    fn partial_tables(&self) -> Vec<TableSpec> {
+        self.generator
             .tables()
             .iter()
             .filter(|t| t.cols != "*")
             .copied()
-            .collect();
+            .collect()
+    }
+
+    /// Whether every node holds the same rows, every column, of the tables the oracle knows
+    /// by some of their columns only.
+    fn same_full_rows(&self) -> bool {
+        let partial = self.partial_tables();
         if partial.is_empty() {
             return true;
         }
@@ -536,13 +540,7 @@ impl Checker {
             }
         }
         if !self.same_full_rows() {
-            let partial: Vec<TableSpec> = self
-                .generator
-                .tables()
-                .iter()
-                .filter(|t| t.cols != "*")
-                .copied()
-                .collect();
+            let partial = self.partial_tables();
             let first = self
                 .dbs
                 .first()
