@@ -468,15 +468,81 @@ pub(crate) fn column_fate(
     .optional()
 }
 
-/// Records which columns of `table` were renamed or dropped between `before` and `after`.
+/// Which old column of `table` fills which new one, when this node changes the table to a
+/// shape that may be several changes away from its own (a restore, or a change from the
+/// stream made to another local shape): a column whose history (`__marmot__column_fates`)
+/// leads, through its renames, to a column of the new shape fills that column; one the
+/// history says was dropped fills none; for the rest, [`copy_pairs`] guesses from names and
+/// shapes. The guess alone pairs by position, and paired a column renamed twice with another
+/// column when other columns came and went in between (found by seed 740351).
+fn pairs_through_history(
+    c: &Connection,
+    table: &str,
+    old: &[Described],
+    new: &[Described],
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let in_new = |n: &str| {
+        new.iter()
+            .find(|d| d.name.eq_ignore_ascii_case(n))
+            .map(|d| d.name.clone())
+    };
+    // Old column -> Some(new column) or None (dropped), as far as the history knows.
+    let mut known: Vec<(String, Option<String>)> = Vec::new();
+    for o in old {
+        if in_new(&o.name).is_some() {
+            continue;
+        }
+        let mut name = o.name.clone();
+        let mut seen = vec![name.to_ascii_lowercase()];
+        let fate = loop {
+            match column_fate(c, table, &name)? {
+                Some(Some(to)) => {
+                    if let Some(target) = in_new(&to) {
+                        break Some(Some(target));
+                    }
+                    let key = to.to_ascii_lowercase();
+                    if seen.contains(&key) || seen.len() > 64 {
+                        break None;
+                    }
+                    seen.push(key);
+                    name = to;
+                }
+                Some(None) => break Some(None),
+                None => break None,
+            }
+        };
+        if let Some(fate) = fate {
+            known.push((o.name.clone(), fate));
+        }
+    }
+    let taken = |n: &str| known.iter().any(|(_, t)| t.as_deref() == Some(n));
+    let rest_old: Vec<Described> = old
+        .iter()
+        .filter(|o| !known.iter().any(|(k, _)| *k == o.name))
+        .cloned()
+        .collect();
+    let rest_new: Vec<Described> = new.iter().filter(|d| !taken(&d.name)).cloned().collect();
+    let mut pairs = copy_pairs(&rest_old, &rest_new);
+    pairs.extend(known.into_iter().filter_map(|(o, t)| t.map(|t| (o, t))));
+    Ok(pairs)
+}
+
+/// Records which columns of `table` were renamed or dropped between `before` and `after`:
+/// by [`copy_pairs`] for this node's own change (one capture's difference), through the
+/// history for a change applied here (`through_history`).
 fn record_fates(
     c: &Connection,
     table: &str,
     before: &[Described],
     after: &[Described],
+    through_history: bool,
 ) -> rusqlite::Result<bool> {
     let mut renamed = false;
-    let pairs = copy_pairs(before, after);
+    let pairs = if through_history {
+        pairs_through_history(c, table, before, after)?
+    } else {
+        copy_pairs(before, after)
+    };
     let mut put = c.prepare_cached(
         "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3) \
          ON CONFLICT (tbl, col) DO UPDATE SET renamed_to = excluded.renamed_to",
@@ -557,7 +623,7 @@ pub(crate) fn commit(
         if let (ObjectKind::Table, Some(old), Some(_)) = (ch.kind, &ch.old_sql, &ch.new_sql)
             && let Some(before) = declared(old)
         {
-            record_fates(c, &ch.name, &before, &described(c, &ch.name)?)?;
+            record_fates(c, &ch.name, &before, &described(c, &ch.name)?, false)?;
         }
         put_baseline(
             c,
@@ -785,7 +851,14 @@ pub(crate) fn apply(
         if let Some(before) = before
             && item.new_sql.is_some()
         {
-            record_fates(c, item.name, &before, &described(c, item.name).map_err(f)?).map_err(f)?;
+            record_fates(
+                c,
+                item.name,
+                &before,
+                &described(c, item.name).map_err(f)?,
+                true,
+            )
+            .map_err(f)?;
         }
         if item.kind == ObjectKind::Table {
             forget_vanished(c, item.name, version).map_err(f)?;
@@ -1217,7 +1290,7 @@ fn rebuild(c: &Connection, table: &str, new: &str) -> rusqlite::Result<()> {
         &format!("{}{}{}", &new[..name.start], quote(&tmp), &new[name.end..]),
         [],
     )?;
-    let mut pairs = copy_pairs(&described(c, table)?, &described(c, &tmp)?);
+    let mut pairs = pairs_through_history(c, table, &described(c, table)?, &described(c, &tmp)?)?;
     // Rows keep their rowids (an FTS5 index over the table refers to them).
     if implicit_rowid(c, "main", table)? && implicit_rowid(c, "main", &tmp)? {
         pairs.push(("rowid".to_string(), "rowid".to_string()));

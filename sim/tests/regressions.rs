@@ -238,3 +238,15 @@ fn regression_20_a_batch_waiting_on_a_unique_value_missed_the_retry_that_freed_i
 fn regression_21_a_merge_restore_left_out_a_column_the_snapshot_had_under_an_older_name() {
     passes_with(730537, Generator::V3);
 }
+
+/// Postmortem (V3, campaign on 102cb22; seeds 740351, 741310, 741439, one class): a node that
+/// fell behind restored into its rows a snapshot in which a column it had was renamed twice
+/// while other columns were dropped and added. The restore's rebuild paired old and new
+/// columns by position and shape, found no partner for that column, and the merge kept the
+/// node's rows (same versions) with the column's default: equal `k, v` everywhere, other
+/// values in the added column on that node alone. A rebuild now follows the column history
+/// first. Pinned by `a_merge_restore_follows_a_column_through_renames_while_other_columns_came_and_went`.
+#[test]
+fn regression_22_a_restore_lost_a_column_renamed_twice_while_others_came_and_went() {
+    passes_with(740351, Generator::V3);
+}

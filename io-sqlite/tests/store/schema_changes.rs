@@ -595,3 +595,47 @@ fn rows_in_a_shape_the_receiver_never_had_apply_through_the_senders_column_histo
     assert_eq!(parked(&c, 1), 0);
     assert_no_echo(&mut c);
 }
+
+#[test]
+fn a_merge_restore_follows_a_column_through_renames_while_other_columns_came_and_went() {
+    // Found by the simulation (V3, seeds 740351, 741310, 741439): a node that fell behind
+    // had columns `a` and `b`; meanwhile `b` was renamed twice, `a` dropped and two columns
+    // added. The restore rebuilt the table pairing old and new columns by position and shape,
+    // so `b`'s values went nowhere and the column came back with its default. The column
+    // history says where `b` went.
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(
+        0,
+        "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';
+         ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';
+         INSERT INTO books (id, title, a, b) VALUES (1, 'Emma', 'va', 'vb');",
+    );
+    c.settle();
+    for ddl in [
+        "ALTER TABLE books RENAME COLUMN b TO b2",
+        "ALTER TABLE books DROP COLUMN a",
+        "ALTER TABLE books ADD COLUMN c TEXT DEFAULT 'dc'",
+        "ALTER TABLE books ADD COLUMN d TEXT DEFAULT 'dd'",
+        "ALTER TABLE books RENAME COLUMN b2 TO b3",
+    ] {
+        c.exec(0, ddl);
+        c.capture(0);
+    }
+    c.apply(0);
+    // Node 2 never reads those changes: it restores node 1's snapshot into its rows.
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path.clone());
+    let n = &mut c.nodes[1];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    n.applied = rep.position;
+    c.settle();
+    assert_same_schema(&c);
+    let b3: String = c.nodes[1]
+        .app
+        .query_row("SELECT b3 FROM books WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(b3, "vb", "the twice-renamed column kept its value");
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+    assert_eq!(parked(&c, 0) + parked(&c, 1), 0);
+    assert_no_echo(&mut c);
+}
