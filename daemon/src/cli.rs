@@ -57,7 +57,20 @@ pub enum Command {
         limit: usize,
     },
     /// What the database holds for marmot: position, pending and parked batches, tables.
-    Status,
+    Status {
+        /// Every live node of the cluster instead, as each advertises itself beside its
+        /// node-id claim: version, message formats, schema digest, position, readiness.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Waits until every live node has this node's replicated schema (the same schema
+    /// digest): for deploys that must not go on before a migration reached every node.
+    /// Exit status 0 when they do, 1 at the timeout (naming the nodes that differ).
+    WaitSchema {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Republish rows of a table from this node with fresh stamps, so that every node
     /// converges to this node's copy of them (the way out after nodes diverged). Works with
     /// the daemon running (it captures them at once) or stopped (at its next start).

@@ -31,7 +31,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
     Ok(Settings::load(path)?)
 }
 
-fn open_db(s: &Settings) -> anyhow::Result<rusqlite::Connection> {
+pub(crate) fn open_db(s: &Settings) -> anyhow::Result<rusqlite::Connection> {
     if !s.db_path.exists() {
         bail!("database {} does not exist", s.db_path.display());
     }
@@ -95,7 +95,15 @@ pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => status(&s),
+        Command::Status { cluster: false } => status(&s),
+        Command::Status { cluster: true } => {
+            init_logging_quiet(&s);
+            crate::cluster::status(&s)
+        }
+        Command::WaitSchema { timeout } => {
+            init_logging_quiet(&s);
+            crate::cluster::wait_schema(&s, Duration::from_secs(timeout))
+        }
         Command::Repair {
             table,
             filter,

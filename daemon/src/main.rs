@@ -3,6 +3,7 @@
 //! status).
 
 mod cli;
+mod cluster;
 mod commands;
 use marmot_daemon::config;
 mod lock;

@@ -367,7 +367,7 @@ impl Snapshots for DaemonSnapshots {
 
 /// The NATS servers a command should use: the configured ones, or the server a running
 /// daemon supervises (it leaves its address beside the database).
-fn command_urls(s: &crate::config::Settings) -> anyhow::Result<Vec<String>> {
+pub(crate) fn command_urls(s: &crate::config::Settings) -> anyhow::Result<Vec<String>> {
     if !s.urls.is_empty() {
         return Ok(s.urls.clone());
     }

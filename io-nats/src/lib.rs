@@ -11,6 +11,8 @@
 //!   recreated by the client on gaps and reconnects.
 //! - Node ids are claimed in a key-value bucket whose entries expire unless renewed; the
 //!   claim's server timestamp also measures this node's clock skew.
+//! - Beside its claim, a node advertises what it reads and where it is ([`NodeInfo`]); a
+//!   message of a newer format than some live node reads waits (see the `members` module).
 //! - The client reconnects forever with capped backoff; while disconnected, operations fail
 //!   quickly and the node retries them.
 //!
@@ -18,7 +20,9 @@
 //! (their message formats differ).
 #![warn(missing_docs)]
 
+mod members;
 mod objects;
+pub use members::{LiveNode, NodeInfo};
 pub use objects::NatsObjectStore;
 
 use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream};
@@ -89,6 +93,9 @@ pub struct NatsConfig {
     pub claim_ttl: Duration,
     /// Client name shown by the server.
     pub client_name: String,
+    /// How long what the other live nodes read (their advertised formats) is trusted before
+    /// it is read again, when publishing a schema change.
+    pub format_check_interval: Duration,
 }
 
 impl NatsConfig {
@@ -110,6 +117,7 @@ impl NatsConfig {
             request_timeout: Duration::from_secs(5),
             claim_ttl: Duration::from_secs(15),
             client_name: format!("marmot-node-{node_id}"),
+            format_check_interval: Duration::from_secs(2),
         }
     }
 
@@ -183,6 +191,7 @@ pub struct NatsTransport {
     js: jetstream::Context,
     kv: OnceCell<kv::Store>,
     connected: Arc<AtomicBool>,
+    format_gate: std::sync::Mutex<members::FormatGate>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> TransportError {
@@ -286,6 +295,7 @@ impl NatsTransport {
             js,
             kv: OnceCell::new(),
             connected,
+            format_gate: Default::default(),
         })
     }
 
@@ -419,6 +429,8 @@ impl Transport for NatsTransport {
     }
 
     async fn publish(&self, message_id: String, payload: Bytes) -> Result<u64, TransportError> {
+        self.check_format(payload.first().copied().unwrap_or(0))
+            .await?;
         let ack = self
             .js
             .send_publish(

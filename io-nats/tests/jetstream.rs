@@ -377,3 +377,62 @@ async fn tls_with_a_client_certificate_is_used() {
         "without a client certificate the server refuses"
     );
 }
+
+#[tokio::test]
+async fn a_schema_change_waits_until_every_live_node_reads_its_format() {
+    use marmot_nats::NodeInfo;
+    let s = start_server();
+    let fast = |c: &mut NatsConfig| c.format_check_interval = Duration::ZERO;
+    let a = transport(&s, 1, fast).await;
+    let b = transport(&s, 2, fast).await;
+    let schema = || Bytes::from(vec![marmot_core::wire::FORMAT_VERSION, 0, 1]);
+    let rows = || Bytes::from(vec![marmot_core::wire::FORMAT_ROWS, 0, 1]);
+    // Alone, node 1 publishes anything.
+    a.claim(1, "db-a").await.unwrap();
+    a.publish("s-0".into(), schema()).await.unwrap();
+    // Node 2 is live but advertises nothing: a release from before schema replication.
+    b.claim(2, "db-b").await.unwrap();
+    let live = a.live_nodes().await.unwrap();
+    assert_eq!(
+        live.iter()
+            .map(|n| (n.node, n.max_format()))
+            .collect::<Vec<_>>(),
+        vec![(1, 1), (2, 1)]
+    );
+    let err = a.publish("s-1".into(), schema()).await.unwrap_err();
+    assert_eq!(
+        err.kind,
+        marmot_core::ports::TransportErrorKind::Unavailable
+    );
+    assert!(
+        err.message.contains("node 2") && err.message.contains("upgraded"),
+        "{}",
+        err.message
+    );
+    // Rows still go out.
+    a.publish("r-1".into(), rows()).await.unwrap();
+    // Node 2 upgrades: it advertises format 2, and the schema change goes through.
+    let info = NodeInfo {
+        node: 2,
+        max_format: marmot_core::wire::FORMAT_VERSION,
+        version: "test".into(),
+        schema_digest: "abc".into(),
+        applied_seq: 3,
+        ready: true,
+        updated_ms: 1,
+    };
+    b.advertise(&info).await.unwrap();
+    assert_eq!(a.live_nodes().await.unwrap()[1].info.as_ref(), Some(&info));
+    a.publish("s-1".into(), schema()).await.unwrap();
+    // Gone nodes do not count: node 2 releases its claim (its info alone is not a node).
+    b.release("node-2", "db-b").await.unwrap();
+    assert_eq!(
+        a.live_nodes()
+            .await
+            .unwrap()
+            .iter()
+            .map(|n| n.node)
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+}

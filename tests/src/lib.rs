@@ -311,6 +311,14 @@ impl Node {
         }
     }
 
+    /// Sends `signal` (for example `libc::SIGSTOP`, `libc::SIGCONT`) to the daemon.
+    pub fn signal(&self, signal: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, signal) };
+        }
+    }
+
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;

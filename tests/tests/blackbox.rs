@@ -1283,3 +1283,47 @@ fn excluded_tables_stay_on_their_node_and_changing_the_lists_between_runs_publis
     );
     assert_eq!(schema_of(&nodes[0].db), schema_of(&nodes[1].db));
 }
+
+#[test]
+fn wait_schema_returns_once_every_live_node_has_the_migration_and_not_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, mut nodes) = cluster(dir.path(), 3, BOOKS, "");
+    // Every node advertises itself beside its claim: the new message format, its schema.
+    let listed = wait_for(CONVERGE, "every node to advertise itself", || {
+        let out = nodes[0].command(&["status", "--cluster"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let nodes = v["nodes"].as_array()?.clone();
+        (nodes.len() == 3
+            && nodes
+                .iter()
+                .all(|n| n["max_format"] == 2 && n["version"].is_string()))
+        .then_some(nodes)
+    });
+    assert_eq!(listed[1]["schema_digest"], listed[0]["schema_digest"]);
+    // Node 3's daemon is frozen: its claim and its old digest stay for the claim's 15 s.
+    nodes[2].signal(libc::SIGSTOP);
+    nodes[0].sql("ALTER TABLE Books ADD COLUMN isbn TEXT;");
+    let early = nodes[0].command(&["wait-schema", "--timeout", "3"]);
+    let said = String::from_utf8_lossy(&early.stderr).to_string();
+    assert_eq!(early.status.code(), Some(1), "{said}");
+    assert!(said.contains("node 3 has"), "{said}");
+    nodes[2].signal(libc::SIGCONT);
+    let done = nodes[0].command(&["wait-schema", "--timeout", "60"]);
+    let said = String::from_utf8_lossy(&done.stdout).to_string();
+    assert!(
+        done.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(said.contains("all 3 live nodes"), "{said}");
+    // When it returned, every node had the column.
+    for n in &nodes {
+        assert_eq!(
+            n.sql("SELECT count(*) FROM pragma_table_info('Books') WHERE name = 'isbn';"),
+            "1",
+            "node {}",
+            n.id
+        );
+    }
+    nodes[2].stop();
+}

@@ -1,0 +1,175 @@
+//! What each live node says about itself, beside its node-id claim.
+//!
+//! Every node renews its claim (`node-<id>`) in the node bucket; the daemon also puts, under
+//! `info-<id>` in the same bucket, a [`NodeInfo`]: the message formats it reads, its marmot
+//! version, its replicated schema's digest and its position. Entries expire with the claim
+//! (the bucket's age limit), so what is there describes the nodes alive now.
+//!
+//! Two things rest on it:
+//! - **Formats while versions are mixed.** A node publishes a message of a format newer than
+//!   [`FORMAT_ROWS`](marmot_core::wire::FORMAT_ROWS) (a batch carrying a schema change) only
+//!   when every live node reads it. A live node with a claim but no `info-` entry runs a
+//!   release from before schema replication and reads format 1 only. The publish waits (the
+//!   batch stays in the outbox, and the batches after it wait behind it, as a schema change
+//!   is a publish barrier) until that node is upgraded or gone, with a clear error.
+//! - **"Applied everywhere."** `marmot wait-schema` reads every live node's schema digest.
+
+use crate::{NatsTransport, unavailable};
+use bytes::Bytes;
+use futures::StreamExt;
+use marmot_core::NodeId;
+use marmot_core::ports::TransportError;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// What a node says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node id.
+    pub node: NodeId,
+    /// The newest message format it reads (it reads every older one down to format 1).
+    pub max_format: u8,
+    /// Its marmot version.
+    pub version: String,
+    /// Its replicated schema's digest (equal digests: equal schemas).
+    pub schema_digest: String,
+    /// The last stream position it applied.
+    pub applied_seq: u64,
+    /// It reports ready (subscribed, clock checked, not behind).
+    pub ready: bool,
+    /// Its wall clock when it wrote this, in Unix milliseconds.
+    pub updated_ms: u64,
+}
+
+/// A node whose claim is alive, and what it said about itself (`None`: a node of a release
+/// that does not advertise, which reads format 1 only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveNode {
+    /// The node id.
+    pub node: NodeId,
+    /// Who holds the claim (database identity, host and file).
+    pub owner: String,
+    /// What it advertised.
+    pub info: Option<NodeInfo>,
+}
+
+impl LiveNode {
+    /// The newest message format this node reads.
+    pub fn max_format(&self) -> u8 {
+        self.info
+            .as_ref()
+            .map_or(marmot_core::wire::FORMAT_ROWS, |i| i.max_format)
+    }
+}
+
+/// The newest format every other live node reads, as last read, and when.
+#[derive(Default)]
+pub(crate) struct FormatGate {
+    checked: Option<(Instant, u8, String)>,
+}
+
+impl NatsTransport {
+    /// Puts (or renews) this node's [`NodeInfo`] beside its claim.
+    pub async fn advertise(&self, info: &NodeInfo) -> Result<(), TransportError> {
+        let kv = self.kv().await?;
+        let body = serde_json::to_vec(info)
+            .map_err(|e| TransportError::other(format!("encoding the node info: {e}")))?;
+        kv.put(format!("info-{}", info.node), Bytes::from(body))
+            .await
+            .map_err(|e| unavailable("advertising this node", e))?;
+        Ok(())
+    }
+
+    /// Every node whose claim is alive, with what it advertised, by node id.
+    pub async fn live_nodes(&self) -> Result<Vec<LiveNode>, TransportError> {
+        let kv = self.kv().await?;
+        let mut keys = kv
+            .keys()
+            .await
+            .map_err(|e| unavailable("listing the node bucket", e))?
+            .boxed();
+        let mut claims = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| unavailable("listing the node bucket", e))?;
+            if let Some(id) = k
+                .strip_prefix("node-")
+                .and_then(|n| n.parse::<NodeId>().ok())
+            {
+                claims.push(id);
+            }
+        }
+        claims.sort_unstable();
+        let mut live = Vec::new();
+        for node in claims {
+            let Some(claim) = kv
+                .entry(format!("node-{node}"))
+                .await
+                .map_err(|e| unavailable("reading a claim", e))?
+                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+            else {
+                continue;
+            };
+            let info = kv
+                .entry(format!("info-{node}"))
+                .await
+                .map_err(|e| unavailable("reading a node's info", e))?
+                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+                .and_then(|e| serde_json::from_slice::<NodeInfo>(&e.value).ok());
+            live.push(LiveNode {
+                node,
+                owner: String::from_utf8_lossy(&claim.value).into_owned(),
+                info,
+            });
+        }
+        Ok(live)
+    }
+
+    /// Refuses (as unavailable: the node retries) a message of a format some other live node
+    /// cannot read. Reads the bucket at most every `format_check_interval`, and only for
+    /// messages newer than format 1 (schema changes): row batches cost nothing.
+    pub(crate) async fn check_format(&self, format: u8) -> Result<(), TransportError> {
+        if format <= marmot_core::wire::FORMAT_ROWS {
+            return Ok(());
+        }
+        let cached = {
+            let gate = self.format_gate.lock().expect("format gate lock");
+            gate.checked.as_ref().and_then(|(at, max, who)| {
+                (at.elapsed() < self.cfg.format_check_interval).then(|| (*max, who.clone()))
+            })
+        };
+        let (max, who) = match cached {
+            Some(c) => c,
+            None => {
+                let live = self.live_nodes().await?;
+                let lowest = live
+                    .iter()
+                    .filter(|n| n.node != self.cfg.node_id)
+                    .min_by_key(|n| n.max_format());
+                let (max, who) = match lowest {
+                    Some(n) => (
+                        n.max_format(),
+                        match &n.info {
+                            Some(i) => format!("node {} (marmot {})", n.node, i.version),
+                            None => format!(
+                                "node {} (a marmot release from before schema replication)",
+                                n.node
+                            ),
+                        },
+                    ),
+                    None => (u8::MAX, String::new()),
+                };
+                let mut gate = self.format_gate.lock().expect("format gate lock");
+                gate.checked = Some((Instant::now(), max, who.clone()));
+                (max, who)
+            }
+        };
+        if format > max {
+            return Err(TransportError::unavailable(format!(
+                "{who} reads message formats up to {max}; this batch carries a schema change \
+                 (format {format}), so it and the batches after it wait in the outbox until \
+                 every live node is upgraded (nothing is lost)"
+            )));
+        }
+        Ok(())
+    }
+}
