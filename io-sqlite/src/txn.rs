@@ -407,7 +407,8 @@ impl ApplyTxn for Tx<'_> {
         if self.by_name().contains_key(name) {
             return Ok(false);
         }
-        Ok(crate::filter::excluded(self.conn, name)?)
+        Ok(crate::filter::excluded(self.conn, name)?
+            || (self.replicate_schema && crate::replicated::dropped_table(self.conn, name)?))
     }
 
     fn table(&mut self, def: &TableDef<'_>) -> Result<usize, ApplyFault<Self::Error>> {

@@ -142,9 +142,9 @@ pub struct StorageFaults {
 }
 
 impl Plan {
-    /// Draws the plan of `seed` with the current generator ([`Generator::V3`]).
+    /// Draws the plan of `seed` with the current generator ([`Generator::current`]).
     pub fn from_seed(seed: u64) -> Plan {
-        Plan::from_seed_with(seed, Generator::V3)
+        Plan::from_seed_with(seed, Generator::current())
     }
 
     /// Draws the plan of `seed` with generator `g`. V2 draws everything V1 draws, the same
@@ -189,6 +189,11 @@ impl Plan {
         // V3 draws everything V2 draws, the same way, then its own.
         plan.generator = Generator::V3;
         plan.schema_share = r.random_range(0.02..0.12);
+        if g == Generator::V3 {
+            return plan;
+        }
+        // V4 draws everything V3 draws; its own changes take half of the schema share.
+        plan.generator = Generator::V4;
         plan
     }
 

@@ -88,7 +88,8 @@ impl std::fmt::Display for Report {
         writeln!(f, "  plan: {:#?}", self.plan)?;
         write!(
             f,
-            "  replay: SIM_SEED={} cargo test -p sim --release -- --nocapture replay_one_seed",
+            "  replay: {}SIM_SEED={} cargo test -p sim --release -- --nocapture replay_one_seed",
+            self.plan.generator.env_prefix(),
             self.plan.seed
         )
     }

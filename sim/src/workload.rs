@@ -23,6 +23,12 @@
 //!   normalised schema. Changes to one table on two nodes at once are left to the adapter's
 //!   tests: the winning node publishes that table's rows again, which can write over a
 //!   concurrent row (a documented limit the oracle does not model).
+//! - [`Generator::V4`] (not the default yet, `SIM_GENERATOR=v4`): all of V3, plus changes of
+//!   one table on several nodes at once: any node adds, renames and drops columns of table
+//!   `sd` and rebuilds it into another shape (a column left out, one added, a CHECK), and any
+//!   node creates and drops table `x3`; every node writes both. The oracle does not know their
+//!   rows (a concurrent change republishes rows over concurrent writes, and a drop takes its
+//!   rows); the checker demands the same full rows and schema on every node.
 
 use crate::oracle::Effect;
 use marmot_core::value::{ValueRef, sql_row_literal};
@@ -41,6 +47,9 @@ pub enum Generator {
     /// V2 plus schema changes (columns added, renamed, dropped; tables and indexes created;
     /// `user_version`).
     V3,
+    /// V3 plus schema changes of one table on several nodes at once (columns, and rebuilds
+    /// into another shape), and a table dropped and created again.
+    V4,
 }
 
 /// A replicated table the checker reads.
@@ -50,8 +59,12 @@ pub struct TableSpec {
     pub name: &'static str,
     /// How many columns its key has (they come first).
     pub keys: usize,
-    /// The columns the oracle knows it by (`*`: all of them).
+    /// The columns the oracle knows it by (`*`: all of them; empty: none, the checker only
+    /// demands the same full rows on every node).
     pub cols: &'static str,
+    /// The workload drops it now and then (its row versions go with it): the checks on row
+    /// versions leave it out.
+    pub drops: bool,
 }
 
 const V1_SCHEMA: &str = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT, n INTEGER);
@@ -77,16 +90,42 @@ const V2_EXTRA: &str = "
 const V3_EXTRA: &str = "
     CREATE TABLE sc (k INTEGER PRIMARY KEY, v TEXT);";
 
+const V4_EXTRA: &str = "
+    CREATE TABLE sd (k INTEGER PRIMARY KEY, v TEXT);";
+
 /// Words the documents are made of (and the checker searches for).
 pub const WORDS: &[&str] = &["alpha", "beta", "gamma", "delta", "epsilon", "zeta"];
 
 impl Generator {
+    /// The generator runs use: V3, or the one `SIM_GENERATOR` names (`v1` to `v4`). V4 is not
+    /// the default yet: it finds failure classes still open (see SIMULATION.md).
+    pub fn current() -> Generator {
+        match std::env::var("SIM_GENERATOR").as_deref() {
+            Ok("v1" | "V1") => Generator::V1,
+            Ok("v2" | "V2") => Generator::V2,
+            Ok("v4" | "V4") => Generator::V4,
+            Ok("v3" | "V3") | Err(_) => Generator::V3,
+            Ok(other) => panic!("SIM_GENERATOR={other}: use v1, v2, v3 or v4"),
+        }
+    }
+
+    /// The prefix a replay command needs for this generator (none for the default).
+    pub fn env_prefix(self) -> &'static str {
+        match self {
+            Generator::V1 => "SIM_GENERATOR=v1 ",
+            Generator::V2 => "SIM_GENERATOR=v2 ",
+            Generator::V3 => "",
+            Generator::V4 => "SIM_GENERATOR=v4 ",
+        }
+    }
+
     /// The schema every node's database starts with.
     pub fn schema(self) -> String {
         match self {
             Generator::V1 => V1_SCHEMA.to_string(),
             Generator::V2 => format!("{V1_SCHEMA}{V2_EXTRA}"),
             Generator::V3 => format!("{V1_SCHEMA}{V2_EXTRA}{V3_EXTRA}"),
+            Generator::V4 => format!("{V1_SCHEMA}{V2_EXTRA}{V3_EXTRA}{V4_EXTRA}"),
         }
     }
 
@@ -97,11 +136,13 @@ impl Generator {
                 name: "t",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "u",
                 keys: 2,
                 cols: "*",
+                drops: false,
             },
         ];
         const V2: &[TableSpec] = &[
@@ -109,31 +150,37 @@ impl Generator {
                 name: "t",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "u",
                 keys: 2,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "uq",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "pk",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "st",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "doc",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
         ];
         const V3: &[TableSpec] = &[
@@ -141,52 +188,130 @@ impl Generator {
                 name: "t",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "u",
                 keys: 2,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "uq",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "pk",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "st",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "doc",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "sc",
                 keys: 1,
                 cols: "k, v",
+                drops: false,
             },
             TableSpec {
                 name: "x1",
                 keys: 1,
                 cols: "*",
+                drops: false,
             },
             TableSpec {
                 name: "x2",
                 keys: 1,
                 cols: "*",
+                drops: false,
+            },
+        ];
+        const V4: &[TableSpec] = &[
+            TableSpec {
+                name: "t",
+                keys: 1,
+                cols: "*",
+                drops: false,
+            },
+            TableSpec {
+                name: "u",
+                keys: 2,
+                cols: "*",
+                drops: false,
+            },
+            TableSpec {
+                name: "uq",
+                keys: 1,
+                cols: "*",
+                drops: false,
+            },
+            TableSpec {
+                name: "pk",
+                keys: 1,
+                cols: "*",
+                drops: false,
+            },
+            TableSpec {
+                name: "st",
+                keys: 1,
+                cols: "*",
+                drops: false,
+            },
+            TableSpec {
+                name: "doc",
+                keys: 1,
+                cols: "*",
+                drops: false,
+            },
+            TableSpec {
+                name: "sc",
+                keys: 1,
+                cols: "k, v",
+                drops: false,
+            },
+            TableSpec {
+                name: "x1",
+                keys: 1,
+                cols: "*",
+                drops: false,
+            },
+            TableSpec {
+                name: "x2",
+                keys: 1,
+                cols: "*",
+                drops: false,
+            },
+            TableSpec {
+                name: "sd",
+                keys: 1,
+                cols: "",
+                drops: false,
+            },
+            TableSpec {
+                name: "x3",
+                keys: 1,
+                cols: "",
+                drops: true,
             },
         ];
         match self {
             Generator::V1 => V1,
             Generator::V2 => V2,
             Generator::V3 => V3,
+            Generator::V4 => V4,
         }
     }
 
@@ -197,7 +322,7 @@ impl Generator {
 
     /// Whether the application changes the schema (V3).
     pub fn changes_schema(self) -> bool {
-        self == Generator::V3
+        matches!(self, Generator::V3 | Generator::V4)
     }
 }
 
@@ -735,6 +860,172 @@ pub fn v3_operations(
         }
     }
     Ok((effects, rebuilt))
+}
+
+/// The operations of one V4 transaction: V3's, plus now and then a change of table `sd` made
+/// on any node (columns added, renamed, dropped, or the table rebuilt into another shape) or
+/// of table `x3` (created, dropped), and writes of them. Neither is known to the oracle: a
+/// concurrent change of one table on two nodes can make the winner publish the table's rows
+/// again over concurrent writes (a documented limit), and a dropped table takes its rows. The
+/// checker demands the same full rows and schema on every node.
+#[allow(clippy::too_many_arguments)]
+pub fn v4_operations(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+    rebuild_share: f64,
+    schema_share: f64,
+    blind: bool,
+) -> rusqlite::Result<(Vec<Effect>, bool)> {
+    if rng.random_bool(schema_share / 2.0) {
+        let blinded = shared_schema_change(tx, rng, i, txn)?;
+        return Ok((Vec::new(), blinded));
+    }
+    let (effects, blinded) = v3_operations(
+        tx,
+        rng,
+        i,
+        txn,
+        hot_share,
+        rebuild_share,
+        schema_share / 2.0,
+        blind,
+    )?;
+    if !blinded && rng.random_bool(0.4) {
+        shared_table_write(tx, rng, i, txn, hot_share, blind)?;
+    }
+    Ok((effects, blinded))
+}
+
+/// The columns `sd` has beyond `k` and `v` on this node now.
+fn sd_extras(tx: &Connection) -> rusqlite::Result<Vec<String>> {
+    tx.prepare_cached("SELECT name FROM pragma_table_info('sd') WHERE cid >= 2 ORDER BY cid")?
+        .query_map([], |r| r.get(0))?
+        .collect()
+}
+
+/// One change of `sd` or `x3`, on any node. Names carry the node and transaction, so two
+/// nodes never add the same name; every added column has a declaration of its own (see
+/// [`schema_change`]). Returns whether marmot is blind to deletes there until its next
+/// capture (a rebuilt or created table).
+fn shared_schema_change(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+) -> rusqlite::Result<bool> {
+    let n = i + 1;
+    let extras = sd_extras(tx)?;
+    let add = |tx: &Connection| {
+        tx.execute_batch(&format!(
+            "ALTER TABLE sd ADD COLUMN a{n}_{txn} TEXT DEFAULT 'd{n}_{txn}'"
+        ))
+    };
+    match rng.random_range(0..6) {
+        0 if extras.len() < 4 => add(tx).map(|()| false),
+        1 if !extras.is_empty() => {
+            let c = &extras[rng.random_range(0..extras.len())];
+            tx.execute_batch(&format!("ALTER TABLE sd RENAME COLUMN {c} TO r{n}_{txn}"))
+                .map(|()| false)
+        }
+        2 if !extras.is_empty() => {
+            let c = &extras[rng.random_range(0..extras.len())];
+            tx.execute_batch(&format!("ALTER TABLE sd DROP COLUMN {c}"))
+                .map(|()| false)
+        }
+        3 => {
+            // A rebuild into another shape (SQLite's recipe for what ALTER TABLE cannot do):
+            // one column left out, one column added, a CHECK constraint.
+            // Kept columns keep their declarations: a default changed while rows lacking the
+            // column are in flight gives those rows the old default on some nodes and the new
+            // one on others (a documented limit).
+            let mut keep = extras.clone();
+            if !keep.is_empty() && rng.random_bool(0.5) {
+                keep.remove(rng.random_range(0..keep.len()));
+            }
+            let added = (keep.len() < 4).then(|| format!("b{n}_{txn}"));
+            let mut cols = Vec::new();
+            for c in &keep {
+                let (ty, dflt): (String, Option<String>) = tx.query_row(
+                    "SELECT type, dflt_value FROM pragma_table_info('sd') WHERE name = ?1",
+                    [c],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let dflt = dflt.map(|d| format!(" DEFAULT {d}")).unwrap_or_default();
+                cols.push(format!("{c} {ty}{dflt}"));
+            }
+            if let Some(a) = &added {
+                cols.push(format!("{a} TEXT DEFAULT 'e{n}_{txn}'"));
+            }
+            let defs: String = cols.iter().map(|c| format!(", {c}")).collect();
+            let copied: String = keep.iter().map(|c| format!(", {c}")).collect();
+            tx.execute_batch(&format!(
+                "CREATE TABLE sd_new (k INTEGER PRIMARY KEY, v TEXT CHECK (v <> ''){defs});
+                 INSERT INTO sd_new (k, v{copied}) SELECT k, v{copied} FROM sd;
+                 DROP TABLE sd;
+                 ALTER TABLE sd_new RENAME TO sd;"
+            ))
+            .map(|()| true)
+        }
+        4 => {
+            let existed = has_table(tx, "x3")?;
+            tx.execute_batch("CREATE TABLE IF NOT EXISTS x3 (k INTEGER PRIMARY KEY, v TEXT);")?;
+            Ok(!existed)
+        }
+        5 => tx.execute_batch("DROP TABLE IF EXISTS x3;").map(|()| false),
+        _ if extras.is_empty() => add(tx).map(|()| false),
+        _ => Ok(false),
+    }
+}
+
+/// A write of `sd` (with whatever columns it has here) or of `x3` (when it exists here).
+/// While marmot is blind to deletes on this node, rows are only inserted and updated.
+fn shared_table_write(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    hot_share: f64,
+    blind: bool,
+) -> rusqlite::Result<()> {
+    let k: i64 = if rng.random_bool(hot_share) {
+        rng.random_range(1..=4)
+    } else {
+        (i as i64 + 1) * 1_000_000 + txn as i64
+    };
+    let v = format!("n{}-t{txn}", i + 1);
+    let delete = !blind && rng.random_bool(0.15);
+    if rng.random_bool(0.7) {
+        if delete {
+            tx.execute("DELETE FROM sd WHERE k = ?1", [k])?;
+            return Ok(());
+        }
+        let extras = sd_extras(tx)?;
+        let cols: String = extras.iter().map(|c| format!(", {c}")).collect();
+        let vals: String = extras.iter().map(|_| ", ?2").collect();
+        let sets: String = extras
+            .iter()
+            .map(|c| format!(", {c} = excluded.{c}"))
+            .collect();
+        tx.execute(
+            &format!(
+                "INSERT INTO sd (k, v{cols}) VALUES (?1, ?2{vals}) ON CONFLICT (k) DO UPDATE SET v = excluded.v{sets}"
+            ),
+            rusqlite::params![k, v],
+        )?;
+    } else if has_table(tx, "x3")? {
+        if delete {
+            tx.execute("DELETE FROM x3 WHERE k = ?1", [k])?;
+        } else {
+            tx.execute(
+                "INSERT INTO x3 (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                rusqlite::params![k, v],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// The columns `sc` has beyond `k` and `v` on this node now.

@@ -96,6 +96,7 @@ pub fn run_seed_watched(seed: u64, canary: bool, limit: Duration) -> Result<Outc
 /// real-time watchdog `limit`.
 pub fn run_plan_watched(plan: Plan, canary: bool, limit: Duration) -> Result<Outcome, Box<Report>> {
     let seed = plan.seed;
+    let generator = plan.generator.env_prefix();
     // A host that never yields stops simulated time and hangs the run inside turmoil, where
     // no check can see it: a watchdog turns that into a loud failure naming the seed.
     let (done, watch) = std::sync::mpsc::channel::<()>();
@@ -107,7 +108,7 @@ pub fn run_plan_watched(plan: Plan, canary: bool, limit: Duration) -> Result<Out
             let _ = writeln!(
                 std::io::stderr(),
                 "simulation seed {seed} failed (hang): no progress for {limit:?} of real time; a simulated host never yields\n  \
-                 replay: SIM_SEED={seed} cargo test -p sim --release -- --nocapture replay_one_seed"
+                 replay: {generator}SIM_SEED={seed} cargo test -p sim --release -- --nocapture replay_one_seed"
             );
             std::process::abort();
         }

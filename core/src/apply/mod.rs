@@ -119,9 +119,10 @@ pub trait ApplyTxn {
     /// Matches an incoming table definition to the local schema: unknown table, unknown
     /// column or a different primary key is a [`ApplyFault::Poison`].
     fn table(&mut self, def: &TableDef<'_>) -> Result<Self::Table, ApplyFault<Self::Error>>;
-    /// Whether this node keeps table `name` to itself (configured not to replicate it): the
-    /// rows that follow its table item are skipped, not applied and not parked. The default:
-    /// every table replicates.
+    /// Whether the rows that follow table `name`'s item are skipped here, not applied and not
+    /// parked: this node keeps the table to itself (configured not to replicate it), or knows
+    /// that a replicated change dropped it (rows written before their node learned of the
+    /// drop). The default: every table replicates and none is skipped.
     fn keeps_local(&mut self, name: &str) -> Result<bool, ApplyFault<Self::Error>> {
         let _ = name;
         Ok(false)
