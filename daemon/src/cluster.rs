@@ -4,6 +4,7 @@
 use crate::config::Settings;
 use anyhow::Context;
 use marmot_nats::{LiveNode, NatsConfig, NatsTransport};
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ async fn connect(s: &Settings) -> anyhow::Result<NatsTransport> {
     Ok(NatsTransport::connect(cfg).await?)
 }
 
-fn describe(n: &LiveNode) -> serde_json::Value {
+fn describe(n: &LiveNode, ours: Option<&BTreeMap<String, String>>) -> serde_json::Value {
     match &n.info {
         Some(i) => serde_json::json!({
             "node_id": n.node,
@@ -30,6 +31,12 @@ fn describe(n: &LiveNode) -> serde_json::Value {
             "version": i.version,
             "max_format": i.max_format,
             "schema_digest": i.schema_digest,
+            // Which replicated objects differ from this node's database (empty: none).
+            "schema_difference": ours.map(|o| marmot_sqlite::replicated::schema_difference(
+                o,
+                &i.schema_objects,
+                &format!("node {}", n.node),
+            )),
             "position": i.applied_seq,
             "ready": i.ready,
             "updated_ms": i.updated_ms,
@@ -46,6 +53,9 @@ fn describe(n: &LiveNode) -> serde_json::Value {
 
 /// Prints every live node as JSON.
 pub fn status(s: &Settings) -> anyhow::Result<ExitCode> {
+    let ours = crate::commands::open_db(s)
+        .ok()
+        .and_then(|c| marmot_sqlite::replicated::schema_object_digests(&c).ok());
     runtime()?.block_on(async {
         let t = connect(s).await?;
         let live = t
@@ -53,7 +63,7 @@ pub fn status(s: &Settings) -> anyhow::Result<ExitCode> {
             .await
             .context("reading the live nodes from NATS")?;
         let out = serde_json::json!({
-            "nodes": live.iter().map(describe).collect::<Vec<_>>(),
+            "nodes": live.iter().map(|n| describe(n, ours.as_ref())).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         t.close().await;

@@ -2,6 +2,7 @@
 //! and offers the commands a person needs around it (cleanup, parked batches, conflicts,
 //! status).
 
+mod advertise;
 mod cli;
 mod cluster;
 mod commands;

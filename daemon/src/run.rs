@@ -226,7 +226,15 @@ async fn serve(
     let env = TokioEnv {
         start: tokio::time::Instant::now(),
     };
-    spawn_advertising(transport.clone(), shared.clone(), s.node_id);
+    crate::advertise::spawn(crate::advertise::Advertiser {
+        transport: transport.clone(),
+        shared: shared.clone(),
+        node: s.node_id,
+        db: s.db_path.clone(),
+        busy_timeout: s.busy_timeout,
+        metrics_prefix: s.metrics_prefix.clone(),
+        mismatch_after: s.schema_mismatch_after,
+    });
     if let Some(idle) = s.sleep_timeout {
         let shared = shared.clone();
         let env = env.clone();
@@ -296,51 +304,6 @@ async fn serve(
     transport.close().await;
     drop(watcher);
     Ok(stop)
-}
-
-/// How often a node renews what it advertises beside its claim (the bucket forgets entries
-/// after the claim's 15 s).
-const ADVERTISE_EVERY: Duration = Duration::from_secs(2);
-
-/// Advertises, beside the node-id claim, the formats this node reads, its version, schema
-/// digest and position ([`marmot_nats::NodeInfo`]): other nodes hold schema changes back
-/// while a live node cannot read them, and `marmot wait-schema` reads the digests. Starts once
-/// the claim is granted (an id another database holds is not advertised over).
-fn spawn_advertising(transport: Arc<NatsTransport>, shared: Arc<Shared>, node: u64) {
-    tokio::spawn(async move {
-        let mut failing = false;
-        loop {
-            tokio::time::sleep(ADVERTISE_EVERY).await;
-            let status = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
-            if !status.claimed {
-                continue;
-            }
-            let info = marmot_nats::NodeInfo {
-                node,
-                max_format: marmot_core::wire::FORMAT_VERSION,
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                schema_digest: shared
-                    .schema_digest
-                    .lock()
-                    .map(|d| d.clone())
-                    .unwrap_or_default(),
-                applied_seq: status.position,
-                ready: crate::observe::ready(&shared).0,
-                updated_ms: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-            };
-            match transport.advertise(&info).await {
-                Ok(()) => failing = false,
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::debug!(error = %e, "could not advertise this node's formats and schema; retrying");
-                }
-                Err(_) => {}
-            }
-        }
-    });
 }
 
 /// The local database's configuration, from the settings: the daemon, `snapshot save` and

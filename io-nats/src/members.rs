@@ -39,6 +39,9 @@ pub struct NodeInfo {
     pub ready: bool,
     /// Its wall clock when it wrote this, in Unix milliseconds.
     pub updated_ms: u64,
+    /// Each replicated schema object's digest, by `"<type> <name>"` (to say which differ).
+    #[serde(default)]
+    pub schema_objects: std::collections::BTreeMap<String, String>,
 }
 
 /// A node whose claim is alive, and what it said about itself (`None`: a node of a release

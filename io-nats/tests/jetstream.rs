@@ -420,6 +420,7 @@ async fn a_schema_change_waits_until_every_live_node_reads_its_format() {
         applied_seq: 3,
         ready: true,
         updated_ms: 1,
+        schema_objects: [("table t".to_string(), "0123".to_string())].into(),
     };
     b.advertise(&info).await.unwrap();
     assert_eq!(a.live_nodes().await.unwrap()[1].info.as_ref(), Some(&info));

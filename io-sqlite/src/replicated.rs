@@ -287,6 +287,41 @@ pub fn schema_digest(c: &Connection) -> rusqlite::Result<String> {
     Ok(h.finalize().to_hex()[..16].to_string())
 }
 
+/// Each replicated object's own short digest, by `"<type> <name>"`: what two nodes compare to
+/// say which objects differ (the whole schema's is [`schema_digest`]).
+pub fn schema_object_digests(c: &Connection) -> rusqlite::Result<BTreeMap<String, String>> {
+    Ok(schema_objects(c)?
+        .into_iter()
+        .map(|(kind, name, norm)| {
+            let d = blake3::hash(norm.as_bytes()).to_hex()[..12].to_string();
+            (format!("{kind} {name}"), d)
+        })
+        .collect())
+}
+
+/// How `theirs` (the objects node `them` advertises) differs from `ours`, one line per object:
+/// `table books differs`, `index books_isbn only on node 2`, `view titled only here`.
+pub fn schema_difference(
+    ours: &BTreeMap<String, String>,
+    theirs: &BTreeMap<String, String>,
+    them: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (object, d) in ours {
+        match theirs.get(object) {
+            Some(t) if t == d => {}
+            Some(_) => out.push(format!("{object} differs")),
+            None => out.push(format!("{object} only here")),
+        }
+    }
+    for object in theirs.keys() {
+        if !ours.contains_key(object) {
+            out.push(format!("{object} only on {them}"));
+        }
+    }
+    out
+}
+
 /// A baseline row: (table, sql or None when dropped, version).
 type Baseline = BTreeMap<(ObjectKind, String), (String, Option<String>, Option<Version>)>;
 
@@ -1389,6 +1424,27 @@ pub(crate) fn implicit_rowid(c: &Connection, schema: &str, table: &str) -> rusql
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_schema_difference_names_each_object_that_differs_and_where_it_is_missing() {
+        let m = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let ours = m(&[("table a", "1"), ("table b", "2"), ("view v", "3")]);
+        let theirs = m(&[("table a", "1"), ("table b", "9"), ("index i", "4")]);
+        assert_eq!(
+            schema_difference(&ours, &theirs, "node 2"),
+            vec![
+                "table b differs",
+                "view v only here",
+                "index i only on node 2"
+            ]
+        );
+        assert!(schema_difference(&ours, &ours, "node 2").is_empty());
+    }
 
     #[test]
     fn normalising_ignores_quoting_case_spacing_and_comments_but_not_literals() {

@@ -1327,3 +1327,53 @@ fn wait_schema_returns_once_every_live_node_has_the_migration_and_not_before() {
     }
     nodes[2].stop();
 }
+
+#[test]
+fn nodes_started_from_different_schemas_are_reported_with_the_objects_that_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path());
+    let extra = "[schema]\nmismatch_warn_after_ms = 1000\n";
+    let mut a = Node::new(dir.path(), 1, BOOKS, Some(&nats.url()), extra);
+    let mut b = Node::new(
+        dir.path(),
+        2,
+        &format!("{BOOKS} CREATE TABLE Extra (id INTEGER PRIMARY KEY, note TEXT);"),
+        Some(&nats.url()),
+        extra,
+    );
+    a.start();
+    b.start();
+    a.wait_ready();
+    b.wait_ready();
+    // Both nodes say so in their logs, naming the object.
+    wait_for(CONVERGE, "node 1 to report the difference", || {
+        let log = a.log_text();
+        (log.contains("differs from another ready node")
+            && log.contains("table Extra only on node 2"))
+        .then_some(())
+    });
+    wait_for(CONVERGE, "node 2 to report the difference", || {
+        b.log_text().contains("table Extra only here").then_some(())
+    });
+    // The metric counts the node, and `status --cluster` shows the difference.
+    let (_, metrics) = http_get(a.http_port, "/metrics").unwrap();
+    assert!(
+        metrics.contains("marmot_schema_mismatched_nodes 1"),
+        "{metrics}"
+    );
+    let out = a.command(&["status", "--cluster"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let two = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == 2)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        two["schema_difference"],
+        serde_json::json!(["table Extra only on node 2"])
+    );
+    a.stop();
+    b.stop();
+}

@@ -56,6 +56,9 @@ pub struct Config {
 pub struct SchemaSection {
     /// Replicate schema changes (DDL and `PRAGMA user_version`) with the rows.
     pub replicate: Option<bool>,
+    /// Warn when a live, ready node's replicated schema has differed from this node's for
+    /// this many milliseconds (0: never).
+    pub mismatch_warn_after_ms: Option<u64>,
 }
 
 /// `[tables]`.

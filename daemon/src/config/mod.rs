@@ -153,6 +153,9 @@ pub struct Settings {
     pub keep_conflicts: u64,
     /// Replicate schema changes (`[schema] replicate`).
     pub replicate_schema: bool,
+    /// How long another ready node's schema may differ before a warning
+    /// (`[schema] mismatch_warn_after_ms`; `None`: never).
+    pub schema_mismatch_after: Option<Duration>,
     /// Which tables replicate (`[tables] include` and `exclude`).
     pub tables: marmot_sqlite::filter::TableFilter,
     /// Stream message limit (0: none).
@@ -369,6 +372,14 @@ impl Settings {
             busy_timeout: Duration::from_millis(c.busy_timeout_ms.unwrap_or(5_000)),
             keep_conflicts: c.keep_conflicts.unwrap_or(10_000),
             replicate_schema: c.schema.as_ref().and_then(|s| s.replicate).unwrap_or(true),
+            schema_mismatch_after: Some(
+                c.schema
+                    .as_ref()
+                    .and_then(|s| s.mismatch_warn_after_ms)
+                    .unwrap_or(30_000),
+            )
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis),
             tables,
             max_entries,
             max_bytes: rl.max_bytes.unwrap_or(1 << 30),

@@ -194,6 +194,14 @@ mod retention {
     fn schema_replication_is_on_unless_turned_off() {
         assert!(parse("").replicate_schema);
         assert!(!parse("[schema]\nreplicate = false\n").replicate_schema);
+        assert_eq!(
+            parse("").schema_mismatch_after,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse("[schema]\nmismatch_warn_after_ms = 0\n").schema_mismatch_after,
+            None
+        );
         let e = Settings::parse(Path::new("n.toml"), "[schema]\nreplicat = true\n")
             .unwrap_err()
             .to_string();
