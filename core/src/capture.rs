@@ -24,6 +24,11 @@ pub struct DirtyTable {
     pub columns: Vec<String>,
     /// How many of `columns` form the primary key.
     pub key_columns: usize,
+    /// The version of the replicated schema change that created or last changed the table
+    /// (`None`: it is as every node started, or schema changes do not replicate). Rows carry
+    /// it (a versioned table item), so receivers can tell rows of a dropped table from rows of
+    /// the table created again.
+    pub schema_version: Option<Version>,
 }
 
 /// A schema object that changed since the last capture (see [`SchemaItem`]).
@@ -150,7 +155,24 @@ pub fn capture<T: CaptureTxn>(
         body.schema(&c.item());
     }
     for t in &tables {
-        body.table(&t.name, &t.columns, t.key_columns);
+        let changed_here = schema.iter().any(|c| {
+            c.kind == crate::wire::ObjectKind::Table && c.name == t.name && c.new_sql.is_some()
+        });
+        match (changed_here, t.schema_version) {
+            (true, _) => body.table_versioned(
+                &t.name,
+                &t.columns,
+                t.key_columns,
+                crate::wire::TableVersion::ThisBatch,
+            ),
+            (false, Some(v)) => body.table_versioned(
+                &t.name,
+                &t.columns,
+                t.key_columns,
+                crate::wire::TableVersion::At(v),
+            ),
+            (false, None) => body.table(&t.name, &t.columns, t.key_columns),
+        }
         txn.read_dirty(t, &mut |row| {
             let base = row.base();
             if let Some(b) = base {

@@ -191,7 +191,7 @@ pub struct NatsTransport {
     js: jetstream::Context,
     kv: OnceCell<kv::Store>,
     connected: Arc<AtomicBool>,
-    format_gate: std::sync::Mutex<members::FormatGate>,
+    format_gate: members::FormatGate,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> TransportError {

@@ -7,8 +7,9 @@
 //!
 //! Two things rest on it:
 //! - **Formats while versions are mixed.** A node publishes a message of a format newer than
-//!   [`FORMAT_ROWS`](marmot_core::wire::FORMAT_ROWS) (a batch carrying a schema change) only
-//!   when every live node reads it. A live node with a claim but no `info-` entry runs a
+//!   [`FORMAT_ROWS`](marmot_core::wire::FORMAT_ROWS) (a batch carrying a schema change, or
+//!   rows of a table a replicated change created or changed) only when every live node reads
+//!   it. A live node with a claim but no `info-` entry runs a
 //!   release from before schema replication and reads format 1 only. The publish waits (the
 //!   batch stays in the outbox, and the batches after it wait behind it, as a schema change
 //!   is a publish barrier) until that node is upgraded or gone, with a clear error.
@@ -68,7 +69,18 @@ impl LiveNode {
 /// The newest format every other live node reads, as last read, and when.
 #[derive(Default)]
 pub(crate) struct FormatGate {
-    checked: Option<(Instant, u8, String)>,
+    checked: std::sync::Mutex<Option<(Instant, u8, String)>>,
+    /// One reader of the bucket at a time: pipelined publishes wait for its answer.
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl FormatGate {
+    fn cached(&self, fresh_for: std::time::Duration) -> Option<(u8, String)> {
+        let checked = self.checked.lock().expect("format gate lock");
+        checked
+            .as_ref()
+            .and_then(|(at, max, who)| (at.elapsed() < fresh_for).then(|| (*max, who.clone())))
+    }
 }
 
 impl NatsTransport {
@@ -128,17 +140,22 @@ impl NatsTransport {
     }
 
     /// Refuses (as unavailable: the node retries) a message of a format some other live node
-    /// cannot read. Reads the bucket at most every `format_check_interval`, and only for
-    /// messages newer than format 1 (schema changes): row batches cost nothing.
+    /// cannot read. Reads the bucket at most every `format_check_interval` (one reader at a
+    /// time), and only for messages newer than format 1: format 1 batches cost nothing.
     pub(crate) async fn check_format(&self, format: u8) -> Result<(), TransportError> {
         if format <= marmot_core::wire::FORMAT_ROWS {
             return Ok(());
         }
-        let cached = {
-            let gate = self.format_gate.lock().expect("format gate lock");
-            gate.checked.as_ref().and_then(|(at, max, who)| {
-                (at.elapsed() < self.cfg.format_check_interval).then(|| (*max, who.clone()))
-            })
+        let gate = &self.format_gate;
+        let fresh_for = self.cfg.format_check_interval;
+        let mut cached = gate.cached(fresh_for);
+        let _reading = if cached.is_none() {
+            let guard = gate.refresh.lock().await;
+            // Another publish may have read the bucket meanwhile.
+            cached = gate.cached(fresh_for);
+            Some(guard)
+        } else {
+            None
         };
         let (max, who) = match cached {
             Some(c) => c,
@@ -161,8 +178,8 @@ impl NatsTransport {
                     ),
                     None => (u8::MAX, String::new()),
                 };
-                let mut gate = self.format_gate.lock().expect("format gate lock");
-                gate.checked = Some((Instant::now(), max, who.clone()));
+                *gate.checked.lock().expect("format gate lock") =
+                    Some((Instant::now(), max, who.clone()));
                 (max, who)
             }
         };

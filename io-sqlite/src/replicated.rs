@@ -24,7 +24,39 @@ CREATE TABLE IF NOT EXISTS "__marmot__schema" (
     PRIMARY KEY (type, name));
 CREATE TABLE IF NOT EXISTS "__marmot__column_fates" (
     tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT, PRIMARY KEY (tbl, col));
+CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
+    tbl TEXT NOT NULL PRIMARY KEY, stamp INTEGER NOT NULL, node INTEGER NOT NULL);
 "#;
+
+/// Records that table `table` was dropped by the replicated change of version `v` (the newest
+/// such drop is kept): rows written in a schema version of the table older than that are
+/// skipped when they arrive, even once the table exists again.
+fn record_drop(c: &Connection, table: &str, v: Version) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO \"__marmot__table_drops\" (tbl, stamp, node) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (tbl) DO UPDATE SET stamp = excluded.stamp, node = excluded.node \
+         WHERE excluded.stamp > stamp OR (excluded.stamp = stamp AND excluded.node > node)",
+    )?
+    .execute(params![table, v.stamp.as_u64() as i64, v.node as i64])?;
+    Ok(())
+}
+
+/// The version of the newest replicated drop of table `table` this node knows of.
+pub(crate) fn last_drop(c: &Connection, table: &str) -> rusqlite::Result<Option<Version>> {
+    c.prepare_cached("SELECT stamp, node FROM \"__marmot__table_drops\" WHERE tbl = ?1")?
+        .query_row([table], |r| Ok(version_of(r.get(0)?, r.get(1)?)))
+        .optional()
+        .map(Option::flatten)
+}
+
+/// The version of the replicated change that created or last changed table `table` here
+/// (`None`: it is as every node started).
+pub(crate) fn table_schema_version(
+    c: &Connection,
+    table: &str,
+) -> rusqlite::Result<Option<Version>> {
+    baseline_row(c, ObjectKind::Table, table)
+}
 
 /// A schema object: (kind, name) -> (table, sql).
 type Objects = BTreeMap<(ObjectKind, String), (String, String)>;
@@ -660,6 +692,9 @@ pub(crate) fn commit(
         {
             record_fates(c, &ch.name, &before, &described(c, &ch.name)?, false)?;
         }
+        if ch.kind == ObjectKind::Table && ch.new_sql.is_none() {
+            record_drop(c, &ch.name, version)?;
+        }
         put_baseline(
             c,
             ch.kind,
@@ -804,7 +839,7 @@ pub(crate) fn apply(
     }
     // Newly learned column history counts as a schema change (parked rows in an older shape
     // are retried), even when the change itself is not applied here.
-    let learned = record_sender_fates(c, item).map_err(f)?;
+    let mut learned = record_sender_fates(c, item).map_err(f)?;
     let base = baseline_row(c, item.kind, item.name).map_err(f)?;
     #[cfg(feature = "sim-canary")]
     let base = if marmot_core::merge::canary::schema_on() {
@@ -837,7 +872,9 @@ pub(crate) fn apply(
             // and this table has not are left out of them. And where the losing change
             // removed data this table keeps (the table, or columns), the winner's rows go out
             // again, for the node that made it.
-            leave_out_losing_columns(c, item).map_err(f)?;
+            // What became of the losing shape's columns is news: rows in that shape that
+            // parked before it arrived (its node restarted and published them first) retry.
+            learned |= leave_out_losing_columns(c, item).map_err(f)?;
             if lost_data_we_keep(c, item).map_err(f)? {
                 republish = Some(item.name.to_string());
             }
@@ -886,6 +923,9 @@ pub(crate) fn apply(
             forget_vanished(c, item.name, version).map_err(f)?;
         }
     }
+    if item.kind == ObjectKind::Table && item.new_sql.is_none() {
+        record_drop(c, item.name, version).map_err(f)?;
+    }
     let now = local_sql(c, item.kind, item.name).map_err(f)?;
     put_baseline(
         c,
@@ -903,24 +943,37 @@ pub(crate) fn apply(
     })
 }
 
-/// A change of table `item.name` lost here: the columns only it has are dropped as far as this
-/// node knows (rows written in its shape apply without them), unless their fate is known.
-fn leave_out_losing_columns(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<()> {
+/// A change of table `item.name` lost here: what became of the columns only it has, as far as
+/// this node knows, unless their fate is known already. Rows written in its shape then apply
+/// the way they would on a node that applied the losing change first and the winning one
+/// after (the rebuild pairs columns the same way, [`pairs_through_history`]): a column it
+/// paired with one of ours is renamed to it, the others are dropped (left out of rows).
+/// Found by the simulation (V4, seed 88: two nodes renamed one column at once; the node that
+/// met the winner first dropped the loser's name, the others kept its values under the
+/// winner's).
+fn leave_out_losing_columns(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<bool> {
     let Some(theirs) = item.new_sql.and_then(declared) else {
-        return Ok(());
+        return Ok(false);
     };
+    let mut learned = false;
     let ours = described(c, item.name)?;
+    let pairs = pairs_through_history(c, item.name, &theirs, &ours)?;
     for col in theirs {
         if !ours.iter().any(|o| o.name.eq_ignore_ascii_case(&col.name))
             && column_fate(c, item.name, &col.name)?.is_none()
         {
+            let to = pairs
+                .iter()
+                .find(|(o, _)| *o == col.name)
+                .map(|(_, n)| n.clone());
             c.prepare_cached(
-                "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, NULL)",
+                "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3)",
             )?
-            .execute(params![item.name, col.name])?;
+            .execute(params![item.name, col.name, to])?;
+            learned = true;
         }
     }
-    Ok(())
+    Ok(learned)
 }
 
 /// Whether a losing change of table `item.name` left out data this node's table keeps: the
@@ -985,6 +1038,23 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
             "INSERT OR IGNORE INTO main.\"__marmot__column_fates\" (tbl, col, renamed_to) \
              SELECT tbl, col, renamed_to FROM snap.\"__marmot__column_fates\"",
         )?;
+    }
+    // And the drops it knows of: rows still to come may belong to a table dropped before.
+    let drops: i64 = c.query_row(
+        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__table_drops'",
+        [],
+        |r| r.get(0),
+    )?;
+    if drops > 0 {
+        let mut stmt = c.prepare("SELECT tbl, stamp, node FROM snap.\"__marmot__table_drops\"")?;
+        let known: Vec<(String, i64, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (tbl, stamp, node) in known {
+            if let Some(v) = version_of(stamp, node) {
+                record_drop(c, &tbl, v)?;
+            }
+        }
     }
     let mut theirs: Vec<(ObjectKind, String, String, Option<String>, Version)> = Vec::new();
     {

@@ -240,11 +240,17 @@ impl CaptureTxn for Tx<'_> {
                 .optional()?
                 .is_some();
             if dirty {
+                let schema_version = if self.replicate_schema {
+                    crate::replicated::table_schema_version(self.conn, &t.info.name)?
+                } else {
+                    None
+                };
                 out.push(DirtyTable {
                     index,
                     name: t.info.name.clone(),
                     columns: t.info.column_names(),
                     key_columns: t.info.key_columns,
+                    schema_version,
                 });
             }
         }
@@ -403,7 +409,20 @@ impl ApplyTxn for Tx<'_> {
         Ok(())
     }
 
-    fn keeps_local(&mut self, name: &str) -> Result<bool, ApplyFault<Self::Error>> {
+    fn keeps_local(
+        &mut self,
+        def: &TableDef<'_>,
+        batch: Version,
+    ) -> Result<bool, ApplyFault<Self::Error>> {
+        let name = def.name;
+        // Rows written in a life of the table that a replicated drop ended: their own node
+        // removed them with the drop (or publishes them again, where the drop lost there).
+        if self.replicate_schema
+            && let Some(dropped) = crate::replicated::last_drop(self.conn, name)?
+            && def.schema_version_in(batch).is_none_or(|v| v < dropped)
+        {
+            return Ok(true);
+        }
         if self.by_name().contains_key(name) {
             return Ok(false);
         }

@@ -281,3 +281,23 @@ fn regression_24_rows_for_a_dropped_table_parked_forever() {
 fn regression_25_a_column_whose_lineage_lost_then_won_diverged() {
     passes_with(58, Generator::V4);
 }
+
+/// Postmortem (V4, seed 88): two nodes renamed one column at once. The node that met the
+/// winning rename first took the losing name for a dropped column and left it out of rows;
+/// the nodes that met the renames the other way round kept those values under the winning
+/// name. A losing change's columns now become what a rebuild from its shape would make of
+/// them. Pinned by `two_nodes_renaming_one_column_at_once_keep_its_values_under_the_winning_name`.
+#[test]
+fn regression_26_two_nodes_renaming_one_column_diverged() {
+    passes_with(88, Generator::V4);
+}
+
+/// Postmortem (V4, seed 55): a node restarted with a schema change and the rows after it both
+/// unpublished, and published the rows first (a documented limit); a receiver parked them,
+/// then met the change, which lost there, and never retried them. What a losing change's
+/// columns became now counts as a schema change. Pinned by
+/// `rows_parked_before_a_losing_change_arrives_apply_once_it_does`.
+#[test]
+fn regression_27_rows_parked_before_a_losing_change_stayed_parked() {
+    passes_with(55, Generator::V4);
+}

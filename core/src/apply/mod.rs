@@ -119,12 +119,17 @@ pub trait ApplyTxn {
     /// Matches an incoming table definition to the local schema: unknown table, unknown
     /// column or a different primary key is a [`ApplyFault::Poison`].
     fn table(&mut self, def: &TableDef<'_>) -> Result<Self::Table, ApplyFault<Self::Error>>;
-    /// Whether the rows that follow table `name`'s item are skipped here, not applied and not
-    /// parked: this node keeps the table to itself (configured not to replicate it), or knows
-    /// that a replicated change dropped it (rows written before their node learned of the
-    /// drop). The default: every table replicates and none is skipped.
-    fn keeps_local(&mut self, name: &str) -> Result<bool, ApplyFault<Self::Error>> {
-        let _ = name;
+    /// Whether the rows that follow table item `def` (of a batch of version `batch`) are
+    /// skipped here, not applied and not parked: this node keeps the table to itself
+    /// (configured not to replicate it), or a replicated change dropped the table after the
+    /// schema version the rows were written in (see [`TableDef::schema_version_in`]). The
+    /// default: every table replicates and none is skipped.
+    fn keeps_local(
+        &mut self,
+        def: &TableDef<'_>,
+        batch: Version,
+    ) -> Result<bool, ApplyFault<Self::Error>> {
+        let _ = (def, batch);
         Ok(false)
     }
     /// The row's local version, if it has one.
@@ -594,7 +599,7 @@ fn apply_batch<'a, T: ApplyTxn>(
                 continue;
             }
             Item::Table(def) => {
-                local_only = txn.keeps_local(def.name)?;
+                local_only = txn.keeps_local(&def, incoming)?;
                 if !local_only {
                     let handle = txn.table(&def)?;
                     table = Some((handle, def));

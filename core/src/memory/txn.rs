@@ -154,6 +154,8 @@ impl CaptureTxn for MemTxn {
                 name: name.clone(),
                 columns: t.columns.clone(),
                 key_columns: t.key_columns,
+                // The in-memory storage has no schema changes.
+                schema_version: None,
             })
             .collect())
     }

@@ -12,8 +12,10 @@
 //!
 //! ```text
 //! body   := item*
-//! item   := 0x01 table | 0x02 upsert | 0x03 delete | 0x04 schema
+//! item   := 0x01 table | 0x02 upsert | 0x03 delete | 0x04 schema | 0x05 versioned
 //! table  := name:str columns:varint key_columns:varint column_name:str * columns
+//! versioned := stamp:varint node:varint table   (the table's schema version on the sender;
+//!              0 0 = this batch's version: the table changed in this batch)
 //! upsert := base value * columns        (the row as it is now, key columns first)
 //! delete := base value * key_columns    (the key of a row that no longer exists)
 //! base   := stamp:varint node:varint    (the version the writer replaced; 0 0 = none)
@@ -26,8 +28,13 @@
 //!
 //! A schema item is one object's state after a schema change (its `CREATE` statement as
 //! SQLite stores it, or absent when dropped) and before it on the sender; schema items come
-//! before the rows of their batch. A batch with a schema item is written with format version
-//! 2; a batch of rows only with version 1, which every earlier marmot reads.
+//! before the rows of their batch. A versioned table item says which schema version of its
+//! table the rows were written in (the version of the replicated change that created or last
+//! changed it on the sender), so a receiver can tell rows of a table dropped since from rows
+//! of the table created again. Tables in the schema every node started from have no version
+//! and keep the plain table item. A batch with a schema item or a versioned table item is
+//! written with format version 2; any other batch with version 1, which every earlier marmot
+//! reads.
 //!
 //! Rows refer to the table item before them. Every row of a batch carries the batch's one
 //! stamp and origin (from the header). Fragments of one batch concatenate, in chunk order,
@@ -49,6 +56,7 @@ const ITEM_TABLE: u8 = 1;
 const ITEM_UPSERT: u8 = 2;
 const ITEM_DELETE: u8 = 3;
 const ITEM_SCHEMA: u8 = 4;
+const ITEM_TABLE_VERSIONED: u8 = 5;
 
 /// Bodies smaller than this are sent uncompressed: zstd would not pay for itself.
 const COMPRESS_MIN_BYTES: usize = 512;
@@ -259,6 +267,7 @@ pub struct BodyWriter {
     buf: Vec<u8>,
     rows: u64,
     schema_items: u64,
+    versioned_tables: u64,
 }
 
 /// What kind of schema object a schema item describes.
@@ -351,10 +360,10 @@ impl BodyWriter {
         self.schema_items
     }
 
-    /// The message format this body needs: [`FORMAT_VERSION`] with schema items, else
-    /// [`FORMAT_ROWS`].
+    /// The message format this body needs: [`FORMAT_VERSION`] with schema items or versioned
+    /// table items, else [`FORMAT_ROWS`].
     pub fn format(&self) -> u8 {
-        if self.schema_items > 0 {
+        if self.schema_items > 0 || self.versioned_tables > 0 {
             FORMAT_VERSION
         } else {
             FORMAT_ROWS
@@ -364,6 +373,29 @@ impl BodyWriter {
     /// Starts the rows of a table. `columns` lists key columns first.
     pub fn table(&mut self, name: &str, columns: &[String], key_columns: usize) {
         self.buf.push(ITEM_TABLE);
+        self.table_rest(name, columns, key_columns);
+    }
+
+    /// Starts the rows of a table whose schema version on the sender is `version`.
+    pub fn table_versioned(
+        &mut self,
+        name: &str,
+        columns: &[String],
+        key_columns: usize,
+        version: TableVersion,
+    ) {
+        self.versioned_tables += 1;
+        self.buf.push(ITEM_TABLE_VERSIONED);
+        let (s, n) = match version {
+            TableVersion::ThisBatch => (0, 0),
+            TableVersion::At(v) => (v.stamp.as_u64(), v.node),
+        };
+        put_varint(&mut self.buf, s);
+        put_varint(&mut self.buf, n);
+        self.table_rest(name, columns, key_columns);
+    }
+
+    fn table_rest(&mut self, name: &str, columns: &[String], key_columns: usize) {
         put_str(&mut self.buf, name);
         put_varint(&mut self.buf, columns.len() as u64);
         put_varint(&mut self.buf, key_columns as u64);
@@ -413,6 +445,15 @@ impl BodyWriter {
     }
 }
 
+/// The schema version of a table on the sender, as a versioned table item carries it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TableVersion {
+    /// The table changed in this very batch: its version is the batch's.
+    ThisBatch,
+    /// The version of the replicated change that created or last changed it.
+    At(Version),
+}
+
 /// A table item of a body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableDef<'a> {
@@ -422,6 +463,19 @@ pub struct TableDef<'a> {
     pub columns: Vec<&'a str>,
     /// How many of `columns` form the primary key.
     pub key_columns: usize,
+    /// The table's schema version on the sender (`None`: the schema every node started
+    /// from, or a sender that does not say).
+    pub schema_version: Option<TableVersion>,
+}
+
+impl TableDef<'_> {
+    /// The table's schema version on the sender, in a batch of version `batch`.
+    pub fn schema_version_in(&self, batch: Version) -> Option<Version> {
+        self.schema_version.map(|v| match v {
+            TableVersion::ThisBatch => batch,
+            TableVersion::At(v) => v,
+        })
+    }
 }
 
 /// One item read from a body.
@@ -470,7 +524,21 @@ impl<'a> BodyReader<'a> {
             return Ok(None);
         }
         match self.r.u8("item")? {
-            ITEM_TABLE => {
+            kind @ (ITEM_TABLE | ITEM_TABLE_VERSIONED) => {
+                let schema_version = if kind == ITEM_TABLE_VERSIONED {
+                    let stamp = self.r.varint("table version stamp")?;
+                    let node = self.r.varint("table version node")?;
+                    Some(if stamp == 0 && node == 0 {
+                        TableVersion::ThisBatch
+                    } else {
+                        TableVersion::At(Version {
+                            stamp: Stamp::from_u64(stamp),
+                            node,
+                        })
+                    })
+                } else {
+                    None
+                };
                 let name = self.r.str("table name")?;
                 let columns = self.r.varint_usize("column count")?;
                 let key_columns = self.r.varint_usize("key column count")?;
@@ -489,6 +557,7 @@ impl<'a> BodyReader<'a> {
                     name,
                     columns: names,
                     key_columns,
+                    schema_version,
                 })))
             }
             op @ (ITEM_UPSERT | ITEM_DELETE) => {

@@ -252,3 +252,35 @@ proptest! {
         prop_assert!(vals[1].same_as(ValueRef::Real(r)));
     }
 }
+
+#[test]
+fn a_versioned_table_item_carries_the_tables_schema_version_and_makes_the_body_format_2() {
+    let v = Version {
+        stamp: Stamp::new(1_700_000_000_000, 3),
+        node: 4,
+    };
+    let mut w = BodyWriter::default();
+    w.table_versioned("a", &["k".to_string()], 1, TableVersion::At(v));
+    w.upsert(None, [ValueRef::Integer(1)]);
+    w.table_versioned("b", &["k".to_string()], 1, TableVersion::ThisBatch);
+    w.delete(None, [ValueRef::Integer(2)]);
+    w.table("c", &["k".to_string()], 1);
+    w.upsert(None, [ValueRef::Integer(3)]);
+    assert_eq!(w.format(), FORMAT_VERSION, "earlier marmots do not read it");
+    let batch_version = Version {
+        stamp: Stamp::new(1_700_000_000_500, 0),
+        node: 9,
+    };
+    let mut r = BodyReader::new(w.as_bytes());
+    let mut vals = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(item) = r.next_item(&mut vals).unwrap() {
+        if let Item::Table(def) = item {
+            seen.push((def.name, def.schema_version_in(batch_version)));
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![("a", Some(v)), ("b", Some(batch_version)), ("c", None)]
+    );
+}
