@@ -1290,8 +1290,8 @@ fn described(c: &Connection, table: &str) -> rusqlite::Result<Vec<Described>> {
 
 /// Which old column fills which new one when a table is rebuilt: columns with the same name,
 /// and, between two such columns, a column whose name changed but whose shape did not, in
-/// the same place (`RENAME COLUMN`, possibly with other changes in the same capture). Old
-/// columns with no partner are dropped; new ones get their defaults.
+/// the same order (`RENAME COLUMN`, possibly with columns dropped and added around it in the
+/// same capture). Old columns with no partner are dropped; new ones get their defaults.
 fn copy_pairs(old: &[Described], new: &[Described]) -> Vec<(String, String)> {
     let (n, m) = (old.len(), new.len());
     let same = |i: usize, j: usize| old[i].name.eq_ignore_ascii_case(&new[j].name);
@@ -1309,11 +1309,17 @@ fn copy_pairs(old: &[Described], new: &[Described]) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
     let (mut i, mut j) = (0, 0);
     let (mut gap_old, mut gap_new) = (Vec::new(), Vec::new());
+    // Within a gap, each new column takes the next old column of the same shape, in order
+    // (renamed columns keep their places; dropped and added ones come and go around them).
+    // Pairing by position alone lost a column renamed in the same capture as another was
+    // dropped before it (simulation seed 751033).
     let close_gap =
         |go: &mut Vec<usize>, gn: &mut Vec<usize>, pairs: &mut Vec<(String, String)>| {
-            for (a, b) in go.iter().zip(gn.iter()) {
-                if old[*a].shape == new[*b].shape {
-                    pairs.push((old[*a].name.clone(), new[*b].name.clone()));
+            let mut next = 0;
+            for b in gn.iter() {
+                if let Some(k) = (next..go.len()).find(|&k| old[go[k]].shape == new[*b].shape) {
+                    pairs.push((old[go[k]].name.clone(), new[*b].name.clone()));
+                    next = k + 1;
                 }
             }
             go.clear();

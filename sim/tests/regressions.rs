@@ -301,3 +301,15 @@ fn regression_26_two_nodes_renaming_one_column_diverged() {
 fn regression_27_rows_parked_before_a_losing_change_stayed_parked() {
     passes_with(55, Generator::V4);
 }
+
+/// Postmortem (V3, campaign on e1c1daa; seeds 750624, 751033, 752421, one class): node 1
+/// dropped a column and renamed the next one in one capture. Receivers rebuilt the table and
+/// paired the columns between two unchanged ones by position: the dropped column stood
+/// against the renamed one's new name (another declaration: no pair), and the renamed
+/// column's values were left out (its default taken). Within such a gap each new column now
+/// takes the next old column of its shape, in order. Pinned by
+/// `a_column_renamed_in_the_same_capture_as_another_was_dropped_before_it_keeps_its_values`.
+#[test]
+fn regression_28_a_rename_next_to_a_drop_in_one_capture_lost_its_values() {
+    passes_with(751033, Generator::V3);
+}

@@ -844,3 +844,31 @@ fn rows_parked_before_a_losing_change_arrives_apply_once_it_does() {
     assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
     assert_eq!(c.dump(0, "books").len(), 2);
 }
+
+#[test]
+fn a_column_renamed_in_the_same_capture_as_another_was_dropped_before_it_keeps_its_values() {
+    // Found by the simulation (V3, seed 751033): node 1 drops `a` and renames `b` in one
+    // capture. Receivers rebuild the table; pairing the gap's columns by position put `a`
+    // against `b2` (another shape: no pair) and left `b` out, so `b2` took its default there.
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(
+        0,
+        "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';
+         ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';
+         INSERT INTO books (id, title, a, b) VALUES (1, 'Emma', 'va', 'vb');",
+    );
+    c.settle();
+    c.exec(
+        0,
+        "ALTER TABLE books DROP COLUMN a; ALTER TABLE books RENAME COLUMN b TO b2;",
+    );
+    c.capture(0);
+    c.settle();
+    assert_same_schema(&c);
+    let b2: String = c.nodes[1]
+        .app
+        .query_row("SELECT b2 FROM books WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(b2, "vb");
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+}
