@@ -132,6 +132,8 @@ pub struct Captured {
     pub rows: u64,
     /// Sealed messages, chunk order.
     pub messages: Vec<Bytes>,
+    /// It carries schema changes: a publish barrier (see the node's outbox).
+    pub schema: bool,
 }
 
 /// Captures every pending change as one batch, or returns `None` when nothing changed. Schema
@@ -220,6 +222,7 @@ pub fn capture<T: CaptureTxn>(
         stamp,
         rows: body.rows(),
         messages,
+        schema: body.schema_items() > 0,
     }))
 }
 

@@ -246,6 +246,7 @@ mod tests {
                 stamp,
                 rows: 1,
                 messages: vec![Bytes::from_static(b"m")],
+                schema: false,
             }))
         }
         fn position(&mut self) -> Result<u64, ()> {

@@ -185,9 +185,10 @@ impl NatsTransport {
         };
         if format > max {
             return Err(TransportError::unavailable(format!(
-                "{who} reads message formats up to {max}; this batch carries a schema change \
-                 (format {format}), so it and the batches after it wait in the outbox until \
-                 every live node is upgraded (nothing is lost)"
+                "{who} reads message formats up to {max}; this batch is format {format} (it \
+                 carries a schema change, or rows of a table a replicated change created or \
+                 changed), so it and the batches after it wait in the outbox until every live \
+                 node is upgraded (nothing is lost)"
             )));
         }
         Ok(())

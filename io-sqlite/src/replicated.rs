@@ -32,6 +32,10 @@ CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
 /// such drop is kept): rows written in a schema version of the table older than that are
 /// skipped when they arrive, even once the table exists again.
 fn record_drop(c: &Connection, table: &str, v: Version) -> rusqlite::Result<()> {
+    // The column history of a table ends with it: a table created again under that name
+    // starts a new one (its column names may be reused).
+    c.prepare_cached("DELETE FROM \"__marmot__column_fates\" WHERE tbl = ?1")?
+        .execute([table])?;
     c.prepare_cached(
         "INSERT INTO \"__marmot__table_drops\" (tbl, stamp, node) VALUES (?1, ?2, ?3) \
          ON CONFLICT (tbl) DO UPDATE SET stamp = excluded.stamp, node = excluded.node \
@@ -563,6 +567,11 @@ fn pairs_through_history(
         let mut seen = vec![name.to_ascii_lowercase()];
         let fate = loop {
             match column_fate(c, table, &name)? {
+                // A target that is another column of the old shape is an earlier life of
+                // that name: the history is stale here, guess instead.
+                Some(Some(to)) if old.iter().any(|d| d.name.eq_ignore_ascii_case(&to)) => {
+                    break None;
+                }
                 Some(Some(to)) => {
                     if let Some(target) = in_new(&to) {
                         break Some(Some(target));
@@ -625,6 +634,13 @@ fn record_fates(
                 put.execute(params![table, b.name, Option::<String>::None])?;
             }
         }
+    }
+    // A column the table has now has no fate: one recorded for an earlier column of that
+    // name (dropped or renamed, then the name used again) is stale.
+    let mut clear =
+        c.prepare_cached("DELETE FROM \"__marmot__column_fates\" WHERE tbl = ?1 AND col = ?2")?;
+    for a in after {
+        clear.execute(params![table, a.name])?;
     }
     Ok(renamed)
 }
@@ -856,6 +872,13 @@ pub(crate) fn apply(
     if let Some(v) = base
         && v >= version
     {
+        // A drop that lost here still ended its table's life for the rows written in it (on
+        // the nodes where it won they are gone, and rows of that life still in flight are
+        // skipped there): skip them here too, in whatever order the changes arrive. This
+        // node's newer change publishes the rows it holds again.
+        if item.kind == ObjectKind::Table && item.new_sql.is_none() {
+            record_drop(c, item.name, version).map_err(f)?;
+        }
         // One node's own changes are ordered by its clock: an older one of the node that
         // made the local version was superseded by that node itself (its batches reached the
         // stream out of order), and is no conflict.

@@ -239,6 +239,8 @@ impl Recorded {
                 stamp: header.stamp,
                 rows: rows.len() as u64,
                 messages,
+                // Recorded batches are only counted (the oracle's captures).
+                schema: false,
             }));
         }
     }

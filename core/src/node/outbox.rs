@@ -103,11 +103,9 @@ impl Outbox {
             return;
         }
         let size: usize = c.messages.iter().map(Bytes::len).sum();
-        let barrier = c
-            .messages
-            .first()
-            .and_then(|m| crate::wire::decode_message(m).ok())
-            .is_some_and(|(h, _)| h.format >= crate::wire::FORMAT_VERSION);
+        // A batch that carries schema changes (not merely format 2: rows of a table a
+        // replicated change created are format 2 too, and must not serialise publishing).
+        let barrier = c.schema;
         let (payloads, cached) = if self.cached_bytes + size <= cfg.max_cached_bytes {
             self.cached_bytes += size;
             (Some(c.messages), size)

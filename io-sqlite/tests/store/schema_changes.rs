@@ -872,3 +872,70 @@ fn a_column_renamed_in_the_same_capture_as_another_was_dropped_before_it_keeps_i
     assert_eq!(b2, "vb");
     assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
 }
+
+#[test]
+fn rows_of_a_table_life_a_losing_drop_ended_are_skipped_everywhere() {
+    // Found in review: node 1 drops `x`, node 2 changes it later (its change wins over the
+    // drop), node 3, having seen neither, writes a row in the old life of `x`. Where the drop
+    // won first (nodes 1 and 3) that row is gone or skipped; node 2, where the drop lost, must
+    // skip it too rather than keep it alone.
+    let mut c = Cluster::new(3, SCHEMA);
+    c.exec(
+        0,
+        "CREATE TABLE x (k INTEGER PRIMARY KEY, v TEXT); INSERT INTO x VALUES (1, 'a');",
+    );
+    c.settle();
+    c.exec(0, "DROP TABLE x;");
+    c.capture(0);
+    c.exec(1, "ALTER TABLE x ADD COLUMN z TEXT;");
+    c.capture(1);
+    c.exec(2, "INSERT INTO x VALUES (2, 'old life');");
+    c.capture(2);
+    c.settle();
+    assert_same_schema(&c);
+    for i in 1..3 {
+        assert_eq!(c.dump(i, "x"), c.dump(0, "x"), "node {}", i + 1);
+    }
+    assert!(
+        !c.dump(0, "x").iter().any(|r| r.contains("old life")),
+        "{:?}",
+        c.dump(0, "x")
+    );
+    assert_eq!(parked(&c, 0) + parked(&c, 1) + parked(&c, 2), 0);
+}
+
+#[test]
+fn a_column_name_used_again_does_not_inherit_the_old_columns_history() {
+    // Found in review: `x` was renamed to `y`, and a new `x` added later. A rebuild on a
+    // receiver must not take the old fact "x became y" for the new `x`.
+    let mut c = Cluster::new(2, SCHEMA);
+    c.exec(0, "ALTER TABLE books ADD COLUMN x TEXT DEFAULT 'd1';");
+    c.capture(0);
+    c.exec(0, "ALTER TABLE books RENAME COLUMN x TO y;");
+    c.capture(0);
+    c.exec(0, "ALTER TABLE books ADD COLUMN x TEXT DEFAULT 'd2';");
+    c.capture(0);
+    c.exec(
+        0,
+        "INSERT INTO books (id, title, y, x) VALUES (1, 'Emma', 'vy', 'vx');",
+    );
+    c.capture(0);
+    c.settle();
+    // Node 2 renames the new `x` and adds a column in one capture: node 1 rebuilds.
+    c.exec(1, "SELECT x FROM books LIMIT 0;");
+    c.exec(
+        1,
+        "ALTER TABLE books RENAME COLUMN x TO w; ALTER TABLE books ADD COLUMN z TEXT DEFAULT 'dz';",
+    );
+    c.capture(1);
+    c.settle();
+    assert_same_schema(&c);
+    assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
+    let (y, w): (String, String) = c.nodes[0]
+        .app
+        .query_row("SELECT y, w FROM books WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((y.as_str(), w.as_str()), ("vy", "vx"));
+}

@@ -32,6 +32,7 @@ pub(super) fn captured(seq: u64, chunks: usize) -> Captured {
         stamp: Stamp::new(1000, 0),
         rows: 1,
         messages: (0..chunks).map(|i| Bytes::from(vec![i as u8])).collect(),
+        schema: false,
     }
 }
 

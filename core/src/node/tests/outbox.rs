@@ -198,6 +198,7 @@ fn formatted(seq: u64, format: u8) -> crate::capture::Captured {
         stamp: Stamp::new(1000 + seq, 0),
         rows: 1,
         messages,
+        schema: format >= crate::wire::FORMAT_VERSION,
     }
 }
 
@@ -263,4 +264,24 @@ fn a_schema_batch_goes_out_alone_after_every_earlier_message_and_before_every_la
         },
     );
     assert_eq!(published_batches(&drain(&mut n)), vec![3]);
+}
+
+#[test]
+fn format_2_batches_without_schema_changes_are_pipelined_like_any_rows() {
+    // Rows of a table that a replicated change created are format 2 (they carry the table's
+    // schema version) but change no schema: they must not serialise publishing.
+    let mut n = ready(0, vec![]);
+    drain(&mut n);
+    for seq in 1..=3 {
+        let mut c = formatted(seq, crate::wire::FORMAT_VERSION);
+        c.schema = false;
+        n.handle(
+            ms(1),
+            Input::Captured(Ok(CaptureOutcome {
+                captured: Some(c),
+                ..Default::default()
+            })),
+        );
+    }
+    assert_eq!(published_batches(&drain(&mut n)), vec![1, 2, 3]);
 }
