@@ -46,19 +46,13 @@ pub(crate) async fn writer(world: World, i: usize) -> turmoil::Result {
                 let hold = plan.lock_holds && rng.random_bool(0.15);
                 conn.execute_batch(if hold { "BEGIN IMMEDIATE" } else { "BEGIN" })?;
                 let blind = world.borrow().blind[i];
-                let ops = if plan.generator == Generator::V4 {
-                    crate::workload::v4_operations(
-                        &conn,
-                        &mut rng,
-                        i,
-                        txn,
-                        plan.hot_share,
-                        plan.rebuild_share,
-                        plan.schema_share,
-                        blind,
-                    )
-                } else if plan.generator == Generator::V3 {
-                    crate::workload::v3_operations(
+                let ops = if plan.generator.changes_schema() {
+                    let schema_ops = if plan.generator == Generator::V4 {
+                        crate::workload::v4_operations
+                    } else {
+                        crate::workload::v3_operations
+                    };
+                    schema_ops(
                         &conn,
                         &mut rng,
                         i,
