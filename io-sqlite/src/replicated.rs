@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS "__marmot__schema" (
     stamp INTEGER NOT NULL DEFAULT 0, node INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (type, name));
 CREATE TABLE IF NOT EXISTS "__marmot__column_fates" (
-    tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT, PRIMARY KEY (tbl, col));
+    tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT,
+    stamp INTEGER NOT NULL DEFAULT 0, node INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tbl, col));
 CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
     tbl TEXT NOT NULL PRIMARY KEY, stamp INTEGER NOT NULL, node INTEGER NOT NULL);
 "#;
@@ -417,6 +418,7 @@ fn put_baseline(
 /// like the rows already in it, it is what every node starts from.
 pub(crate) fn init_baseline(c: &Connection) -> rusqlite::Result<()> {
     c.execute_batch(CREATE_BASELINE)?;
+    ensure_fate_versions(c, "main")?;
     let recorded: Option<i64> = c
         .query_row(
             "SELECT value FROM \"__marmot__meta\" WHERE key = 'schema_baseline'",
@@ -539,6 +541,62 @@ pub(crate) fn column_fate(
     .optional()
 }
 
+/// Adds the version columns of `__marmot__column_fates` where a database (or a snapshot,
+/// `schema` "snap") of an earlier build lacks them: its facts count as the oldest.
+fn ensure_fate_versions(c: &Connection, schema: &str) -> rusqlite::Result<()> {
+    let has: i64 = c.query_row(
+        &format!(
+            "SELECT count(*) FROM pragma_table_info('__marmot__column_fates', '{schema}') WHERE name = 'stamp'"
+        ),
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        c.execute_batch(&format!(
+            "ALTER TABLE {schema}.\"__marmot__column_fates\" ADD COLUMN stamp INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE {schema}.\"__marmot__column_fates\" ADD COLUMN node INTEGER NOT NULL DEFAULT 0;"
+        ))?;
+    }
+    Ok(())
+}
+
+/// Records what became of column `col` of `table` (renamed to `to`, or dropped) by the change
+/// of version `v`, unless a newer change's fact is known: one name can have several facts
+/// (a change that lost dropped it, the winning one renamed it; a column dropped and its name
+/// used again), and the newest is the one every node keeps, whatever order they arrive in.
+/// Found by the simulation (V4, seed 251: a losing drop's fact, kept first, turned the
+/// winning lineage's later rename into a drop on the nodes that had it). Returns whether it
+/// was recorded.
+fn put_fate(
+    c: &Connection,
+    table: &str,
+    col: &str,
+    to: Option<&str>,
+    v: Version,
+) -> rusqlite::Result<bool> {
+    let known: Option<(Option<String>, i64, i64)> = c
+        .prepare_cached(
+            "SELECT renamed_to, stamp, node FROM \"__marmot__column_fates\" WHERE tbl = ?1 AND col = ?2",
+        )?
+        .query_row([table, col], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let (stamp, node) = (v.stamp.as_u64() as i64, v.node as i64);
+    if let Some((known_to, ks, kn)) = &known
+        && (*ks, *kn) >= (stamp, node)
+    {
+        let _ = known_to;
+        return Ok(false);
+    }
+    c.prepare_cached(
+        "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to, stamp, node) \
+         VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (tbl, col) DO UPDATE SET renamed_to = excluded.renamed_to, \
+         stamp = excluded.stamp, node = excluded.node",
+    )?
+    .execute(params![table, col, to, stamp, node])?;
+    Ok(known.is_none_or(|(known_to, _, _)| known_to.as_deref() != to))
+}
+
 /// Which old column of `table` fills which new one, when this node changes the table to a
 /// shape that may be several changes away from its own (a restore, or a change from the
 /// stream made to another local shape): a column whose history (`__marmot__column_fates`)
@@ -612,6 +670,7 @@ fn record_fates(
     before: &[Described],
     after: &[Described],
     through_history: bool,
+    v: Version,
 ) -> rusqlite::Result<bool> {
     let mut renamed = false;
     let pairs = if through_history {
@@ -619,19 +678,15 @@ fn record_fates(
     } else {
         copy_pairs(before, after)
     };
-    let mut put = c.prepare_cached(
-        "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (tbl, col) DO UPDATE SET renamed_to = excluded.renamed_to",
-    )?;
     for b in before {
         match pairs.iter().find(|(o, _)| *o == b.name) {
             Some((_, n)) if *n == b.name => {}
             Some((_, n)) => {
-                put.execute(params![table, b.name, n])?;
+                put_fate(c, table, &b.name, Some(n), v)?;
                 renamed = true;
             }
             None => {
-                put.execute(params![table, b.name, Option::<String>::None])?;
+                put_fate(c, table, &b.name, None, v)?;
             }
         }
     }
@@ -649,8 +704,12 @@ fn record_fates(
 /// the change here: rows written in the sender's earlier shapes then find their columns even
 /// where this node never had that shape (one node's changes can reach the stream out of
 /// order: a column added, then renamed or dropped, may arrive as the rename or drop first,
-/// and the addition, superseded, is never applied here). Facts already known are kept.
-fn record_sender_fates(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<bool> {
+/// and the addition, superseded, is never applied here). A newer change's fact about a column is kept ([`put_fate`]).
+fn record_sender_fates(
+    c: &Connection,
+    item: &SchemaItem<'_>,
+    v: Version,
+) -> rusqlite::Result<bool> {
     if item.kind != ObjectKind::Table {
         return Ok(false);
     }
@@ -663,23 +722,16 @@ fn record_sender_fates(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Resul
     let (Some(before), Some(after)) = (declared(old), declared(new)) else {
         return Ok(false);
     };
-    let mut learned = 0;
+    let mut learned = false;
     let pairs = copy_pairs(&before, &after);
-    let mut put = c.prepare_cached(
-        "INSERT OR IGNORE INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3)",
-    )?;
     for b in &before {
         match pairs.iter().find(|(o, _)| *o == b.name) {
             Some((_, n)) if *n == b.name => {}
-            Some((_, n)) => {
-                learned += put.execute(params![item.name, b.name, n])?;
-            }
-            None => {
-                learned += put.execute(params![item.name, b.name, Option::<String>::None])?;
-            }
+            Some((_, n)) => learned |= put_fate(c, item.name, &b.name, Some(n), v)?,
+            None => learned |= put_fate(c, item.name, &b.name, None, v)?,
         }
     }
-    Ok(learned > 0)
+    Ok(learned)
 }
 
 /// The ordinary columns `sql` declares (a `CREATE TABLE`), read from a scratch database.
@@ -706,7 +758,14 @@ pub(crate) fn commit(
         if let (ObjectKind::Table, Some(old), Some(_)) = (ch.kind, &ch.old_sql, &ch.new_sql)
             && let Some(before) = declared(old)
         {
-            record_fates(c, &ch.name, &before, &described(c, &ch.name)?, false)?;
+            record_fates(
+                c,
+                &ch.name,
+                &before,
+                &described(c, &ch.name)?,
+                false,
+                version,
+            )?;
         }
         if ch.kind == ObjectKind::Table && ch.new_sql.is_none() {
             record_drop(c, &ch.name, version)?;
@@ -855,7 +914,7 @@ pub(crate) fn apply(
     }
     // Newly learned column history counts as a schema change (parked rows in an older shape
     // are retried), even when the change itself is not applied here.
-    let mut learned = record_sender_fates(c, item).map_err(f)?;
+    let mut learned = record_sender_fates(c, item, version).map_err(f)?;
     let base = baseline_row(c, item.kind, item.name).map_err(f)?;
     #[cfg(feature = "sim-canary")]
     let base = if marmot_core::merge::canary::schema_on() {
@@ -897,7 +956,7 @@ pub(crate) fn apply(
             // again, for the node that made it.
             // What became of the losing shape's columns is news: rows in that shape that
             // parked before it arrived (its node restarted and published them first) retry.
-            learned |= leave_out_losing_columns(c, item).map_err(f)?;
+            learned |= leave_out_losing_columns(c, item, version).map_err(f)?;
             if lost_data_we_keep(c, item).map_err(f)? {
                 republish = Some(item.name.to_string());
             }
@@ -939,6 +998,7 @@ pub(crate) fn apply(
                 &before,
                 &described(c, item.name).map_err(f)?,
                 true,
+                version,
             )
             .map_err(f)?;
         }
@@ -974,7 +1034,11 @@ pub(crate) fn apply(
 /// Found by the simulation (V4, seed 88: two nodes renamed one column at once; the node that
 /// met the winner first dropped the loser's name, the others kept its values under the
 /// winner's).
-fn leave_out_losing_columns(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<bool> {
+fn leave_out_losing_columns(
+    c: &Connection,
+    item: &SchemaItem<'_>,
+    v: Version,
+) -> rusqlite::Result<bool> {
     let Some(theirs) = item.new_sql.and_then(declared) else {
         return Ok(false);
     };
@@ -989,11 +1053,7 @@ fn leave_out_losing_columns(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::
                 .iter()
                 .find(|(o, _)| *o == col.name)
                 .map(|(_, n)| n.clone());
-            c.prepare_cached(
-                "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![item.name, col.name, to])?;
-            learned = true;
+            learned |= put_fate(c, item.name, &col.name, to.as_deref(), v)?;
         }
     }
     Ok(learned)
@@ -1057,10 +1117,32 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
         |r| r.get(0),
     )?;
     if fates > 0 {
-        c.execute_batch(
-            "INSERT OR IGNORE INTO main.\"__marmot__column_fates\" (tbl, col, renamed_to) \
-             SELECT tbl, col, renamed_to FROM snap.\"__marmot__column_fates\"",
+        // Each fact where it is newer than this node's ([`put_fate`]); a snapshot of an
+        // earlier build has no versions (its facts count as the oldest).
+        let versioned: i64 = c.query_row(
+            "SELECT count(*) FROM pragma_table_info('__marmot__column_fates', 'snap') WHERE name = 'stamp'",
+            [],
+            |r| r.get(0),
         )?;
+        let select = if versioned > 0 {
+            "SELECT tbl, col, renamed_to, stamp, node FROM snap.\"__marmot__column_fates\""
+        } else {
+            "SELECT tbl, col, renamed_to, 0, 0 FROM snap.\"__marmot__column_fates\""
+        };
+        type Fact = (String, String, Option<String>, i64, i64);
+        let facts: Vec<Fact> = c
+            .prepare(select)?
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for (tbl, col, to, stamp, node) in facts {
+            let v = version_of(stamp, node).unwrap_or(Version {
+                stamp: Stamp::from_u64(0),
+                node: 0,
+            });
+            put_fate(c, &tbl, &col, to.as_deref(), v)?;
+        }
     }
     // And the drops it knows of: rows still to come may belong to a table dropped before.
     let drops: i64 = c.query_row(
@@ -1115,6 +1197,7 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
                         old_sql: Some(&ours),
                         new_sql: sql.as_deref(),
                     },
+                    version,
                 )?;
             }
             continue;

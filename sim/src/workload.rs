@@ -923,6 +923,27 @@ fn shared_schema_change(
             "ALTER TABLE sd ADD COLUMN a{n}_{txn} TEXT DEFAULT 'd{n}_{txn}'"
         ))
     };
+    let r = shared_schema_change_inner(tx, rng, i, txn, n, &extras, add);
+    // `SIM_TRACE_DDL=1`: what each change did to `sd`'s columns (on stderr, outside the
+    // trace, whose hashes it leaves alone).
+    if std::env::var_os("SIM_TRACE_DDL").is_some() {
+        eprintln!(
+            "DDL app{n} txn {txn}: sd {extras:?} -> {:?}",
+            sd_extras(tx)?
+        );
+    }
+    r
+}
+
+fn shared_schema_change_inner(
+    tx: &Connection,
+    rng: &mut ChaCha8Rng,
+    i: usize,
+    txn: usize,
+    n: usize,
+    extras: &[String],
+    add: impl Fn(&Connection) -> rusqlite::Result<()>,
+) -> rusqlite::Result<bool> {
     match rng.random_range(0..6) {
         0 if extras.len() < 4 => add(tx).map(|()| false),
         1 if !extras.is_empty() => {
@@ -941,7 +962,7 @@ fn shared_schema_change(
             // Kept columns keep their declarations: a default changed while rows lacking the
             // column are in flight gives those rows the old default on some nodes and the new
             // one on others (a documented limit).
-            let mut keep = extras.clone();
+            let mut keep = extras.to_vec();
             if !keep.is_empty() && rng.random_bool(0.5) {
                 keep.remove(rng.random_range(0..keep.len()));
             }

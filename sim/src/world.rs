@@ -148,12 +148,20 @@ fn run_plan_inner(plan: Plan, canary: bool) -> Result<Outcome, Box<Report>> {
     marmot_core::merge::canary::set_last_arrival_wins(canary);
     let seed = plan.seed;
     let shm = std::path::Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
+    let mut dir = if shm.is_dir() {
         tempfile::tempdir_in(shm)
     } else {
         tempfile::tempdir()
     }
     .expect("temporary directory");
+    // `SIM_KEEP_DIR=1` keeps the nodes' databases for a look after a replay.
+    if std::env::var_os("SIM_KEEP_DIR").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!(
+            "SIM_KEEP_DIR: the databases stay in {}",
+            dir.path().display()
+        );
+    }
     let dbs: Vec<PathBuf> = (0..plan.nodes)
         .map(|i| dir.path().join(format!("node{}.db", i + 1)))
         .collect();

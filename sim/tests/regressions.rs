@@ -313,3 +313,29 @@ fn regression_27_rows_parked_before_a_losing_change_stayed_parked() {
 fn regression_28_a_rename_next_to_a_drop_in_one_capture_lost_its_values() {
     passes_with(751033, Generator::V3);
 }
+
+/// Postmortem (V3, campaign on 4b9e82d, seed 772522): node 1's publishes were retried after a
+/// broker restart and reached the stream out of capture order; node 2, paused by clock skew,
+/// then applied everything at once. Batches of node 1 waited on each other's UNIQUE values,
+/// one of them carrying a column rename. Applied together, every batch's rows were written
+/// after the whole set, the rename included, so rows in the shape before it named a column
+/// that no longer existed: the set never applied, and every later batch using the new name
+/// parked behind it. A set's schema changes now come first, its rows after, through the column
+/// history. Pinned by
+/// `batches_waiting_on_each_others_unique_values_apply_together_when_one_changes_the_schema`.
+#[test]
+fn regression_29_a_waiting_rename_and_the_rows_before_it_never_applied_together() {
+    passes_with(772522, Generator::V3);
+}
+
+/// Postmortem (V4, seed 251): node 1 dropped a column while node 2's lineage of the table won;
+/// nodes learned the loser's fact "dropped" and kept it, first come first kept. When node 1
+/// later renamed that column (node 3 again after it), nodes that still held the stale fact
+/// followed it instead of the rename, and rows written in the old shape (by a node behind,
+/// which then merge-restored) lost the column's values there. Facts about a column now carry
+/// the version of their change and the newest is kept. Pinned by
+/// `a_losing_drops_column_fact_does_not_turn_a_later_rename_into_a_drop`.
+#[test]
+fn regression_30_a_losing_drops_stale_fact_turned_a_later_rename_into_a_drop() {
+    passes_with(251, Generator::V4);
+}

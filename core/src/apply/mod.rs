@@ -363,19 +363,26 @@ pub fn retry_parked_jointly<T: ApplyTxn>(
     let mut stats = BatchStats::default();
     let mut writes = Vec::new();
     let mut result = Ok(());
-    for (header, body) in &bodies {
-        let own = header.batch.origin == me;
-        result = apply_batch(
-            txn,
-            header,
-            body,
-            own,
-            &mut stats,
-            Order::ClearFirst,
-            &mut writes,
-        );
-        if result.is_err() {
-            break;
+    // Every batch's schema changes first, then every batch's rows: rows are written at the
+    // end, after the whole set, so they must all meet the schema the set ends with (rows of an
+    // older shape apply through the schema history, as they do when they arrive late). A
+    // waiting batch that carries a schema change can so apply together with the batches
+    // parked behind it.
+    'parts: for part in [Part::SchemaOnly, Part::RowsOnly] {
+        for (header, body) in &bodies {
+            let own = header.batch.origin == me;
+            result = apply_batch(
+                txn,
+                header,
+                body,
+                own,
+                &mut stats,
+                (Order::ClearFirst, part),
+                &mut writes,
+            );
+            if result.is_err() {
+                break 'parts;
+            }
         }
     }
     let result = result.and_then(|()| write_pending(txn, &writes, true));
@@ -465,7 +472,7 @@ fn apply_isolated<T: ApplyTxn>(
         &body,
         ctx.own,
         &mut stats,
-        Order::InPlace,
+        (Order::InPlace, Part::All),
         &mut Vec::new(),
     );
     if let Err(ApplyFault::Collision(_)) = result {
@@ -480,7 +487,7 @@ fn apply_isolated<T: ApplyTxn>(
             &body,
             ctx.own,
             &mut stats,
-            Order::ClearFirst,
+            (Order::ClearFirst, Part::All),
             &mut writes,
         )
         .and_then(|()| write_pending(txn, &writes, false));
@@ -540,6 +547,15 @@ enum Order {
     ClearFirst,
 }
 
+/// Which of a batch's items an apply takes: a set of batches applied together takes every
+/// batch's schema changes first, then every batch's rows (see [`retry_parked_jointly`]).
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Part {
+    All,
+    SchemaOnly,
+    RowsOnly,
+}
+
 /// A row to write once every row it replaces is out of the way ([`Order::ClearFirst`]).
 struct Pending<'a, H> {
     table: H,
@@ -574,7 +590,7 @@ fn apply_batch<'a, T: ApplyTxn>(
     body: &'a [u8],
     own: bool,
     stats: &mut BatchStats,
-    order: Order,
+    (order, part): (Order, Part),
     writes: &mut Vec<Pending<'a, T::Table>>,
 ) -> Result<(), ApplyFault<T::Error>> {
     let incoming = header.version();
@@ -595,9 +611,13 @@ fn apply_batch<'a, T: ApplyTxn>(
                         "schema change after rows in one batch".to_string(),
                     ));
                 }
-                txn.apply_schema(&s, incoming)?;
+                if part != Part::RowsOnly {
+                    txn.apply_schema(&s, incoming)?;
+                }
                 continue;
             }
+            // Schema changes lead their batch: none follows.
+            Item::Table(_) if part == Part::SchemaOnly => break,
             Item::Table(def) => {
                 local_only = txn.keeps_local(&def, incoming)?;
                 if !local_only {

@@ -939,3 +939,131 @@ fn a_column_name_used_again_does_not_inherit_the_old_columns_history() {
         .unwrap();
     assert_eq!((y.as_str(), w.as_str()), ("vy", "vx"));
 }
+
+#[test]
+fn a_merge_restore_follows_a_column_renamed_on_two_other_nodes_one_after_the_other() {
+    // Found by the simulation (V4, seed 251): node 3 wrote rows with column `a`; node 1
+    // renamed `a` to `r1`, node 2 renamed `r1` to `r2`; node 3 missed both (it fell behind
+    // the stream's retention) and restored node 2's snapshot over its own rows.
+    let mut c = Cluster::new(3, SCHEMA);
+    c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
+    c.capture(0);
+    c.settle();
+    c.exec(
+        2,
+        "INSERT INTO books (id, title, a) VALUES (1, 'Emma', 'va');",
+    );
+    c.capture(2);
+    c.settle();
+    c.exec(0, "ALTER TABLE books RENAME COLUMN a TO r1;");
+    c.capture(0);
+    c.apply(0);
+    c.apply(1);
+    // (An application connection reads the table first: its cached schema predates `r1`.)
+    c.dump(1, "books");
+    c.exec(1, "ALTER TABLE books RENAME COLUMN r1 TO r2;");
+    c.capture(1);
+    c.apply(0);
+    c.apply(1);
+    let fates = |c: &Cluster, i: usize| -> Vec<String> {
+        c.nodes[i]
+            .app
+            .prepare("SELECT col || '>' || ifnull(renamed_to, '-') FROM \"__marmot__column_fates\" WHERE tbl = 'books' ORDER BY 1")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    assert_eq!(fates(&c, 1), vec!["a>r1", "r1>r2"], "node 2's history");
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path.clone());
+    let n = &mut c.nodes[2];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    n.applied = rep.position;
+    c.settle();
+    assert_same_schema(&c);
+    let r2: String = c.nodes[2]
+        .app
+        .query_row("SELECT r2 FROM books WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        r2, "va",
+        "the column renamed twice elsewhere kept its value"
+    );
+    assert_eq!(c.dump(0, "books"), c.dump(2, "books"));
+    assert_eq!(parked(&c, 0) + parked(&c, 1) + parked(&c, 2), 0);
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn a_losing_drops_column_fact_does_not_turn_a_later_rename_into_a_drop() {
+    // Found by the simulation (V4, seed 251): node 2 dropped column `a` while node 3 changed
+    // the table too; node 3's change won, so `a` stayed. Node 3 still learned the loser's
+    // fact "`a` dropped" (rows in node 2's losing shape need it). When node 1 later renamed
+    // `a`, node 3 followed the stale fact instead of the rename, and `a`'s values became
+    // the default there for rows written in the old shape that arrived after the rename
+    // (node 4's, written before it read the rename).
+    let mut c = Cluster::new(4, SCHEMA);
+    c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
+    c.capture(0);
+    c.settle();
+    c.exec(
+        2,
+        "INSERT INTO books (id, title, a) VALUES (1, 'Emma', 'va');",
+    );
+    c.capture(2);
+    c.settle();
+    c.dump(1, "books");
+    c.exec(1, "ALTER TABLE books DROP COLUMN a;");
+    c.capture(1);
+    c.dump(2, "books");
+    c.exec(2, "ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';");
+    c.capture(2);
+    c.settle();
+    assert_same_schema(&c);
+    let has_a: i64 = c.nodes[0]
+        .app
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('books') WHERE name = 'a'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(has_a, 1, "node 3's change won: `a` stays");
+    c.dump(0, "books");
+    c.exec(0, "ALTER TABLE books RENAME COLUMN a TO r;");
+    c.capture(0);
+    for i in 0..3 {
+        c.apply(i);
+    }
+    c.dump(3, "books");
+    c.exec(
+        3,
+        "INSERT INTO books (id, title, a) VALUES (2, 'Persuasion', 'va');",
+    );
+    c.capture(3);
+    c.settle();
+    assert_same_schema(&c);
+    for i in 0..4 {
+        let r: String = c.nodes[i]
+            .app
+            .query_row(
+                "SELECT group_concat(r) FROM books WHERE id IN (1, 2)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            r,
+            "va,va",
+            "node {} kept the renamed column's values",
+            i + 1
+        );
+    }
+    for i in 1..4 {
+        assert_eq!(c.dump(0, "books"), c.dump(i, "books"));
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
