@@ -1094,20 +1094,31 @@ fn lost_data_we_keep(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<
         .any(|o| !theirs.iter().any(|t| t.eq_ignore_ascii_case(&o.name))))
 }
 
+/// What a merge restore did to the schema ([`adopt_snapshot`]).
+#[derive(Default)]
+pub(crate) struct Adopted {
+    /// Tables created or changed: their rows come from the snapshot, they are not published
+    /// again.
+    pub changed: Vec<String>,
+    /// Tables whose rows this node publishes again: the snapshot's losing shape of them
+    /// lacks data they keep.
+    pub republish: Vec<String>,
+}
+
 /// A merge restore's schema: every object of the snapshot (attached as `snap`) whose version
 /// is newer than this node's is brought to the snapshot's state, as if its change arrived from
 /// the stream (the same order, rules and transform), before the rows are merged. So a node
 /// that restores never needs DDL the stream no longer holds. Returns the tables created or
 /// changed (their rows come from the snapshot: they are not published again); a change this
 /// node cannot make is logged and left out (its rows then do not merge, as before).
-pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
+pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
     let has: i64 = c.query_row(
         "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__schema'",
         [],
         |r| r.get(0),
     )?;
     if has == 0 {
-        return Ok(Vec::new());
+        return Ok(Adopted::default());
     }
     // The snapshot's column history too: rows still to come may be written in a shape this
     // node never had and whose change it will not read (it is before the snapshot).
@@ -1178,27 +1189,34 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
         }
     }
     theirs.sort_by_key(|(kind, _, _, sql, _)| rank(*kind, sql.is_none()));
-    let mut changed = Vec::new();
+    let mut adopted = Adopted::default();
     for (kind, name, table, sql, version) in theirs {
         if baseline_row(c, kind, &name)?.is_some_and(|ours| ours >= version) {
             // This node's table is newer: the snapshot's shape lost here, and the rows still to
             // come from the stream may be written in it (the change that made it is before the
             // snapshot's position: this node will not read it, nor learn from it that its
             // columns lost). Found by the simulation (V4, seed 9).
+            // And where that shape lacks data this table keeps, the nodes that applied it left
+            // that data out of this node's rows: they go out again, as when a losing change
+            // arrives from the stream (found by the simulation, V4 seed 346: a node that fell
+            // behind kept its newer shape over the snapshot's, and the others took the
+            // column's default for its rows once its next change won there).
             if kind == ObjectKind::Table
                 && let Some(ours) = local_sql(c, kind, &name)?
             {
-                leave_out_losing_columns(
-                    c,
-                    &SchemaItem {
-                        kind,
-                        name: &name,
-                        table: &table,
-                        old_sql: Some(&ours),
-                        new_sql: sql.as_deref(),
-                    },
-                    version,
-                )?;
+                let item = SchemaItem {
+                    kind,
+                    name: &name,
+                    table: &table,
+                    old_sql: Some(&ours),
+                    new_sql: sql.as_deref(),
+                };
+                leave_out_losing_columns(c, &item, version)?;
+                if normalise(&ours) != sql.as_deref().map(normalise).unwrap_or_default()
+                    && lost_data_we_keep(c, &item)?
+                {
+                    adopted.republish.push(name.clone());
+                }
             }
             continue;
         }
@@ -1213,8 +1231,9 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
         match apply(c, &item, version) {
             Ok(applied) => {
                 if applied.changed && kind == ObjectKind::Table {
-                    changed.push(name.clone());
+                    adopted.changed.push(name.clone());
                 }
+                adopted.republish.extend(applied.republish);
             }
             Err(ApplyFault::Storage(e)) => return Err(e),
             Err(ApplyFault::Poison(why) | ApplyFault::Collision(why)) => {
@@ -1222,7 +1241,7 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Vec<String>> {
             }
         }
     }
-    Ok(changed)
+    Ok(adopted)
 }
 
 /// Why this node's `[tables]` lists keep `item` off it, if they do: it is, or belongs to, an

@@ -339,3 +339,17 @@ fn regression_29_a_waiting_rename_and_the_rows_before_it_never_applied_together(
 fn regression_30_a_losing_drops_stale_fact_turned_a_later_rename_into_a_drop() {
     passes_with(251, Generator::V4);
 }
+
+/// Postmortem (V4, seeds 346 and 461): node 3, with a clock far ahead, renamed columns and
+/// wrote rows, then fell behind the stream; node 1 meanwhile changed the table too. Node 3
+/// restored a snapshot with node 1's shape, kept its own (its later changes were newer) and
+/// then published what it held. Elsewhere node 3's earlier changes lost to node 1's, so its
+/// rows applied without their columns; its next change then won there and brought the
+/// columns back with their defaults. A merge restore that keeps a newer shape than the
+/// snapshot's now publishes the table's rows again where the snapshot's shape lacks their
+/// data, as a losing change arriving by the stream does. Pinned by
+/// `a_merge_restore_that_keeps_a_newer_shape_publishes_its_rows_again`.
+#[test]
+fn regression_31_a_restore_that_kept_a_newer_shape_did_not_publish_its_rows_again() {
+    passes_with(346, Generator::V4);
+}

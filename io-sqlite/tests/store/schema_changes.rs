@@ -1067,3 +1067,68 @@ fn a_losing_drops_column_fact_does_not_turn_a_later_rename_into_a_drop() {
     }
     assert_no_echo(&mut c);
 }
+
+#[test]
+fn a_merge_restore_that_keeps_a_newer_shape_publishes_its_rows_again() {
+    // Found by the simulation (V4, seed 346): node 3 renamed a column and wrote rows, then
+    // fell behind; meanwhile node 1 dropped that column, later than the rename. Node 3
+    // restored a snapshot with node 1's shape, kept its own (its next change was newer
+    // still) and published everything it held. Elsewhere the rename lost to node 1's change,
+    // so node 3's rows applied without the renamed column; node 3's next change then won
+    // there and brought the column back with its default. Node 3 now publishes its rows
+    // again after such a restore, as it does when a losing change reaches it by the stream.
+    let mut c = Cluster::new(3, SCHEMA);
+    c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
+    c.capture(0);
+    c.settle();
+    c.exec(
+        2,
+        "INSERT INTO books (id, title, a) VALUES (1, 'Emma', 'x');",
+    );
+    c.capture(2);
+    c.settle();
+    // Node 3's messages wait in `held` (its publishes are late).
+    let mut held = Vec::new();
+    let hold = |c: &mut Cluster, held: &mut Vec<Delivery>, from: usize| {
+        held.extend(c.stream.drain(from..));
+    };
+    c.dump(2, "books");
+    c.exec(2, "ALTER TABLE books RENAME COLUMN a TO r;");
+    let from = c.stream.len();
+    c.capture(2);
+    hold(&mut c, &mut held, from);
+    c.dump(0, "books");
+    c.exec(0, "ALTER TABLE books DROP COLUMN a;");
+    c.capture(0);
+    c.apply(0);
+    c.apply(1);
+    let from = c.stream.len();
+    c.exec(2, "UPDATE books SET r = 'v' WHERE id = 1;");
+    c.capture(2);
+    c.exec(2, "ALTER TABLE books ADD COLUMN e TEXT DEFAULT 'de';");
+    c.capture(2);
+    hold(&mut c, &mut held, from);
+    // Node 3 restores node 1's snapshot, keeping its newer shape and its unpublished writes.
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[0].path.clone());
+    let n = &mut c.nodes[2];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    n.applied = rep.position;
+    c.wall += 20;
+    for mut d in held {
+        d.stream_seq = c.stream.len() as u64 + 1;
+        c.stream.push(d);
+    }
+    c.settle();
+    assert_same_schema(&c);
+    for i in 0..3 {
+        let r: String = c.nodes[i]
+            .app
+            .query_row("SELECT r FROM books WHERE id = 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(r, "v", "node {} has the renamed column's value", i + 1);
+    }
+    assert_eq!(c.dump(0, "books"), c.dump(2, "books"));
+    assert_eq!(c.dump(1, "books"), c.dump(2, "books"));
+    assert_no_echo(&mut c);
+}
