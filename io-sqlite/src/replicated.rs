@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS "__marmot__schema" (
     PRIMARY KEY (type, name));
 CREATE TABLE IF NOT EXISTS "__marmot__column_fates" (
     tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT,
-    stamp INTEGER NOT NULL DEFAULT 0, node INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tbl, col));
+    stamp INTEGER NOT NULL DEFAULT 0, node INTEGER NOT NULL DEFAULT 0,
+    contested INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tbl, col));
 CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
     tbl TEXT NOT NULL PRIMARY KEY, stamp INTEGER NOT NULL, node INTEGER NOT NULL);
 "#;
@@ -541,7 +542,7 @@ pub(crate) fn column_fate(
     .optional()
 }
 
-/// Adds the version columns of `__marmot__column_fates` where a database (or a snapshot,
+/// Adds the version and `contested` columns of `__marmot__column_fates` where a database (or a snapshot,
 /// `schema` "snap") of an earlier build lacks them: its facts count as the oldest.
 fn ensure_fate_versions(c: &Connection, schema: &str) -> rusqlite::Result<()> {
     let has: i64 = c.query_row(
@@ -555,6 +556,18 @@ fn ensure_fate_versions(c: &Connection, schema: &str) -> rusqlite::Result<()> {
         c.execute_batch(&format!(
             "ALTER TABLE {schema}.\"__marmot__column_fates\" ADD COLUMN stamp INTEGER NOT NULL DEFAULT 0;
              ALTER TABLE {schema}.\"__marmot__column_fates\" ADD COLUMN node INTEGER NOT NULL DEFAULT 0;"
+        ))?;
+    }
+    let has: i64 = c.query_row(
+        &format!(
+            "SELECT count(*) FROM pragma_table_info('__marmot__column_fates', '{schema}') WHERE name = 'contested'"
+        ),
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        c.execute_batch(&format!(
+            "ALTER TABLE {schema}.\"__marmot__column_fates\" ADD COLUMN contested INTEGER NOT NULL DEFAULT 0;"
         ))?;
     }
     Ok(())
@@ -581,10 +594,21 @@ fn put_fate(
         .query_row([table, col], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let (stamp, node) = (v.stamp.as_u64() as i64, v.node as i64);
-    if let Some((known_to, ks, kn)) = &known
+    // Two changes that disagree on the column (one dropped it, the other renamed it, or two
+    // renames): rows written with it may have lost its values on the nodes that followed the
+    // other change for a while ([`fate_contested`]).
+    let contested = known
+        .as_ref()
+        .is_some_and(|(known_to, _, _)| known_to.as_deref() != to);
+    if contested {
+        c.prepare_cached(
+            "UPDATE \"__marmot__column_fates\" SET contested = 1 WHERE tbl = ?1 AND col = ?2",
+        )?
+        .execute([table, col])?;
+    }
+    if let Some((_, ks, kn)) = &known
         && (*ks, *kn) >= (stamp, node)
     {
-        let _ = known_to;
         return Ok(false);
     }
     c.prepare_cached(
@@ -594,7 +618,23 @@ fn put_fate(
          stamp = excluded.stamp, node = excluded.node",
     )?
     .execute(params![table, col, to, stamp, node])?;
-    Ok(known.is_none_or(|(known_to, _, _)| known_to.as_deref() != to))
+    Ok(known.is_none() || contested)
+}
+
+/// Whether changes disagreed on what became of column `column` of `table` ([`put_fate`]).
+/// A row that arrives with it, and applies here under the name the winning change gave it,
+/// is published again by this node: nodes that followed the losing change when the row
+/// reached them left its value out (the column was dropped there), and took the column's
+/// default when the winning change came. Found by the simulation (V4, seed 341: one node
+/// renamed a column while another rebuilt the table without it; a third node's rows written
+/// with the column reached some nodes while the rebuild still won there).
+pub(crate) fn fate_contested(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    Ok(c.prepare_cached(
+        "SELECT contested FROM \"__marmot__column_fates\" WHERE tbl = ?1 AND col = ?2",
+    )?
+    .query_row([table, column], |r| r.get::<_, i64>(0))
+    .optional()?
+    .is_some_and(|x| x != 0))
 }
 
 /// Which old column of `table` fills which new one, when this node changes the table to a
@@ -1135,24 +1175,42 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             [],
             |r| r.get(0),
         )?;
-        let select = if versioned > 0 {
-            "SELECT tbl, col, renamed_to, stamp, node FROM snap.\"__marmot__column_fates\""
-        } else {
-            "SELECT tbl, col, renamed_to, 0, 0 FROM snap.\"__marmot__column_fates\""
-        };
-        type Fact = (String, String, Option<String>, i64, i64);
+        let contested: i64 = c.query_row(
+            "SELECT count(*) FROM pragma_table_info('__marmot__column_fates', 'snap') WHERE name = 'contested'",
+            [],
+            |r| r.get(0),
+        )?;
+        let select = format!(
+            "SELECT tbl, col, renamed_to, {}, {} FROM snap.\"__marmot__column_fates\"",
+            if versioned > 0 { "stamp, node" } else { "0, 0" },
+            if contested > 0 { "contested" } else { "0" }
+        );
+        type Fact = (String, String, Option<String>, i64, i64, i64);
         let facts: Vec<Fact> = c
-            .prepare(select)?
+            .prepare(&select)?
             .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })?
             .collect::<rusqlite::Result<_>>()?;
-        for (tbl, col, to, stamp, node) in facts {
+        for (tbl, col, to, stamp, node, contested) in facts {
             let v = version_of(stamp, node).unwrap_or(Version {
                 stamp: Stamp::from_u64(0),
                 node: 0,
             });
             put_fate(c, &tbl, &col, to.as_deref(), v)?;
+            if contested != 0 {
+                c.execute(
+                    "UPDATE \"__marmot__column_fates\" SET contested = 1 WHERE tbl = ?1 AND col = ?2",
+                    [&tbl, &col],
+                )?;
+            }
         }
     }
     // And the drops it knows of: rows still to come may belong to a table dropped before.

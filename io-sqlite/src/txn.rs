@@ -102,7 +102,9 @@ pub struct Tx<'a> {
     pub(crate) incarnations: &'a std::collections::BTreeMap<u64, u64>,
     /// Per incoming table item: the local table, its statements, and which incoming columns
     /// are written (None: all; a column the schema history says was dropped is not).
-    pub(crate) apply_tables: Vec<(usize, ApplySql, Option<Vec<bool>>)>,
+    /// Per table item applied: the table, its statements, which incoming columns it keeps,
+    /// and whether the rows written are published again from here (see `table`).
+    pub(crate) apply_tables: Vec<(usize, ApplySql, Option<Vec<bool>>, bool)>,
     /// Replicate schema changes (see `StoreConfig::replicate_schema`).
     pub(crate) replicate_schema: bool,
     /// Capture triggers are installed.
@@ -444,6 +446,7 @@ impl ApplyTxn for Tx<'_> {
         // shape apply through the schema history).
         let mut names: Vec<String> = Vec::with_capacity(def.columns.len());
         let mut mask = Vec::with_capacity(def.columns.len());
+        let mut republish_rows = false;
         for (i, c) in def.columns.iter().enumerate() {
             if def.columns[..i].contains(c) {
                 return Err(ApplyFault::Poison(format!(
@@ -458,11 +461,17 @@ impl ApplyTxn for Tx<'_> {
                 continue;
             }
             // Follow renames one after another (a -> b -> c), a few steps at most.
+            let contested = |name: &str| {
+                crate::replicated::fate_contested(self.conn, def.name, name)
+                    .map_err(ApplyFault::Storage)
+            };
+            let mut disputed = contested(c)?;
             let mut fate = crate::replicated::column_fate(self.conn, def.name, c)
                 .map_err(ApplyFault::Storage)?;
             for _ in 0..8 {
                 match &fate {
                     Some(Some(to)) if !t.columns.iter().any(|lc| lc.name == *to) => {
+                        disputed |= contested(to)?;
                         fate = crate::replicated::column_fate(self.conn, def.name, to)
                             .map_err(ApplyFault::Storage)?;
                     }
@@ -477,6 +486,9 @@ impl ApplyTxn for Tx<'_> {
                 {
                     names.push(to);
                     mask.push(true);
+                    // Nodes may have dropped this column's values when they reached them
+                    // (see `replicated::fate_contested`): the rows go out again from here.
+                    republish_rows |= disputed;
                 }
                 Some(None) if i >= def.key_columns => mask.push(false),
                 _ => {
@@ -547,7 +559,8 @@ impl ApplyTxn for Tx<'_> {
                 ))
                 .map_err(ApplyFault::Storage)?;
         }
-        self.apply_tables.push((index, sql, mask));
+        self.apply_tables
+            .push((index, sql, mask, republish_rows && self.capture));
         Ok(self.apply_tables.len() - 1)
     }
 
@@ -596,6 +609,16 @@ impl ApplyTxn for Tx<'_> {
             .and_then(|mut s| s.execute(rusqlite::params_from_iter(kept)));
         if let Err(e) = r {
             return Err(self.poison(t, key, e));
+        }
+        if self.apply_tables[t].3 {
+            let log_key = &self.apply_tables[t].1.log_key;
+            let r = self.conn.prepare_cached(log_key).and_then(|mut st| {
+                st.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))))
+            });
+            if let Err(e) = r {
+                return Err(ApplyFault::Storage(e));
+            }
+            self.republished = true;
         }
         if let Some(statements) = &self.apply_tables[t].1.unstash {
             for s in statements {

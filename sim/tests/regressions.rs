@@ -353,3 +353,16 @@ fn regression_30_a_losing_drops_stale_fact_turned_a_later_rename_into_a_drop() {
 fn regression_31_a_restore_that_kept_a_newer_shape_did_not_publish_its_rows_again() {
     passes_with(346, Generator::V4);
 }
+
+/// Postmortem (V4, seed 341): node 4 rebuilt the table without a column while node 1 renamed
+/// it, later (node 1's change won). Node 5's rows written with the column reached the other
+/// nodes while the rebuild still won there: the column's values were left out, and node 1's
+/// rename brought the column back with its default. Node 1 kept the values under the new
+/// name, but had published its rows again when the rebuild reached it, before these rows
+/// came. A column whose fate two changes disagree on is now marked contested, and a node that
+/// applies a row under such a column's winning name publishes that row again. Pinned by
+/// `rows_written_with_a_column_one_change_dropped_and_another_renamed_keep_their_values`.
+#[test]
+fn regression_32_rows_with_a_column_dropped_by_a_losing_rebuild_lost_their_values() {
+    passes_with(341, Generator::V4);
+}
