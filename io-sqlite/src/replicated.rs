@@ -982,6 +982,14 @@ pub(crate) fn apply(
         // made the local version was superseded by that node itself (its batches reached the
         // stream out of order), and is no conflict.
         if v.node == version.node {
+            // Rows its node wrote in that older shape may still arrive: a column it added
+            // there and its later shape lacks is left out of them, as for a losing change's
+            // (found by the simulation, V4 seed 1540: a node added a column, lost it to
+            // another node's change before publishing, and changed the table again; nodes
+            // that met the addition last parked its rows forever on an unknown column).
+            if !same && item.kind == ObjectKind::Table && local.is_some() {
+                learned |= leave_out_losing_columns(c, item, version).map_err(f)?;
+            }
             return Ok(Applied {
                 changed: learned,
                 republish: None,

@@ -366,3 +366,15 @@ fn regression_31_a_restore_that_kept_a_newer_shape_did_not_publish_its_rows_agai
 fn regression_32_rows_with_a_column_dropped_by_a_losing_rebuild_lost_their_values() {
     passes_with(341, Generator::V4);
 }
+
+/// Postmortem (V4, seed 1540): node 1 added a column and wrote rows with it; before it
+/// published them, node 2's concurrent change won there, and node 1 changed the table again.
+/// Node 3 met node 1's later change before the addition (an older change of the same node,
+/// no conflict), then the rows, which parked forever on an unknown column. The columns of
+/// such a superseded change that the node's later shape lacks are now left out of its rows,
+/// as a losing change's are. Pinned by
+/// `rows_in_a_shape_their_node_superseded_itself_apply_without_its_lost_column`.
+#[test]
+fn regression_33_rows_in_a_shape_their_node_superseded_itself_parked_forever() {
+    passes_with(1540, Generator::V4);
+}
