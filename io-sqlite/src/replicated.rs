@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS "__marmot__column_fates" (
     tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT,
     stamp INTEGER NOT NULL DEFAULT 0, node INTEGER NOT NULL DEFAULT 0,
     contested INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tbl, col));
+CREATE TABLE IF NOT EXISTS "__marmot__kept_values" (
+    tbl TEXT NOT NULL, col TEXT NOT NULL, key TEXT NOT NULL, stamp INTEGER NOT NULL,
+    node INTEGER NOT NULL, value, PRIMARY KEY (tbl, col, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
     tbl TEXT NOT NULL PRIMARY KEY, stamp INTEGER NOT NULL, node INTEGER NOT NULL);
 "#;
@@ -37,6 +40,8 @@ fn record_drop(c: &Connection, table: &str, v: Version) -> rusqlite::Result<()> 
     // The column history of a table ends with it: a table created again under that name
     // starts a new one (its column names may be reused).
     c.prepare_cached("DELETE FROM \"__marmot__column_fates\" WHERE tbl = ?1")?
+        .execute([table])?;
+    c.prepare_cached("DELETE FROM \"__marmot__kept_values\" WHERE tbl = ?1")?
         .execute([table])?;
     c.prepare_cached(
         "INSERT INTO \"__marmot__table_drops\" (tbl, stamp, node) VALUES (?1, ?2, ?3) \
@@ -637,6 +642,121 @@ pub(crate) fn fate_contested(c: &Connection, table: &str, column: &str) -> rusql
     .is_some_and(|x| x != 0))
 }
 
+/// The key columns of `table`, in key order (marmot's version tables name them `k0`, `k1`...).
+fn key_columns(c: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let mut keys: Vec<(i64, String)> = described(c, table)?
+        .into_iter()
+        .filter(|d| d.shape.3 > 0)
+        .map(|d| (d.shape.3, d.name))
+        .collect();
+    keys.sort();
+    Ok(keys.into_iter().map(|(_, n)| n).collect())
+}
+
+/// A row's key as text, from the key columns of `alias` (SQLite's `quote()` of each, comma
+/// separated): how `__marmot__kept_values` names a row.
+pub(crate) fn kept_key_expr(keys: &[String], alias: &str) -> String {
+    keys.iter()
+        .map(|k| format!("quote({alias}.{})", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" || ',' || ")
+}
+
+/// Keeps the values of `columns` of `table`, each with the version of its row, before a
+/// replicated change removes the columns here. Concurrent changes of one table can drop a
+/// column on some nodes and keep it (or rename it) in the lineage that wins later; a node that
+/// met the drop first would otherwise give the column its default when it comes back, while
+/// the nodes that met the rows later keep their values (the simulation's V4 workload, seeds
+/// 635, 1174, 1423, 1481). Kept until the tombstone horizon, or until the table is dropped.
+fn keep_values(c: &Connection, table: &str, columns: &[String]) -> rusqlite::Result<()> {
+    if columns.is_empty() {
+        return Ok(());
+    }
+    let keys = key_columns(c, table)?;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let ver = quote(&crate::ddl::ver_table(table));
+    let matches = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("v.\"k{i}\" = t.{}", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    for col in columns {
+        c.execute(
+            &format!(
+                "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value) \
+                 SELECT ?1, ?2, {key}, v.stamp, v.node, t.{col} FROM {t} AS t JOIN {ver} AS v ON {matches} \
+                 WHERE v.deleted = 0 \
+                 ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, value = excluded.value \
+                 WHERE (excluded.stamp, excluded.node) >= (stamp, node)",
+                key = kept_key_expr(&keys, "t"),
+                col = quote(col),
+                t = quote(table),
+            ),
+            params![table, col],
+        )?;
+    }
+    Ok(())
+}
+
+/// Fills column `column` of `table`, which a replicated change just gave its default, from the
+/// values kept for it ([`keep_values`], and the values left out of rows that arrived while the
+/// column was gone here): a kept value under a name whose history leads to `column`, written
+/// by the row's current version. A column's value is so the one its row's winning write
+/// carried, whatever order this node met the changes in. Returns the rows filled.
+fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::Result<u64> {
+    let names: Vec<String> = c
+        .prepare_cached("SELECT DISTINCT col FROM \"__marmot__kept_values\" WHERE tbl = ?1")?
+        .query_map([table], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let keys = key_columns(c, table)?;
+    if names.is_empty() || keys.is_empty() {
+        return Ok(0);
+    }
+    let t = quote(table);
+    let ver = quote(&crate::ddl::ver_table(table));
+    let matches = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("v.\"k{i}\" = {t}.{}", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let mut filled = 0;
+    for name in names {
+        // Does this name's history lead to the column?
+        let mut at = name.clone();
+        let mut leads = at.eq_ignore_ascii_case(column);
+        for _ in 0..8 {
+            if leads {
+                break;
+            }
+            match column_fate(c, table, &at)? {
+                Some(Some(to)) => {
+                    leads = to.eq_ignore_ascii_case(column);
+                    at = to;
+                }
+                _ => break,
+            }
+        }
+        if !leads {
+            continue;
+        }
+        filled += c.execute(
+            &format!(
+                "UPDATE {t} SET {col} = k.value FROM \"__marmot__kept_values\" AS k, {ver} AS v \
+                 WHERE k.tbl = ?1 AND k.col = ?2 AND k.key = {key} AND {matches} \
+                 AND k.stamp = v.stamp AND k.node = v.node AND v.deleted = 0",
+                col = quote(column),
+                key = kept_key_expr(&keys, &t),
+            ),
+            params![table, name],
+        )? as u64;
+    }
+    Ok(filled)
+}
+
 /// Which old column of `table` fills which new one, when this node changes the table to a
 /// shape that may be several changes away from its own (a restore, or a change from the
 /// stream made to another local shape): a column whose history (`__marmot__column_fates`)
@@ -1031,6 +1151,22 @@ pub(crate) fn apply(
             (ObjectKind::Table, Some(_)) => Some(described(c, item.name).map_err(f)?),
             _ => None,
         };
+        // The columns this change takes from the table: their values are kept, with each
+        // row's version, in case a later change brings the column back ([`keep_values`]).
+        let paired = match (&before, item.new_sql.and_then(declared)) {
+            (Some(before), Some(after)) => {
+                let pairs = pairs_through_history(c, item.name, before, &after).map_err(f)?;
+                let removed: Vec<String> = before
+                    .iter()
+                    .filter(|b| b.shape.3 == 0 && !pairs.iter().any(|(o, _)| *o == b.name))
+                    .filter(|b| !after.iter().any(|a| a.name.eq_ignore_ascii_case(&b.name)))
+                    .map(|b| b.name.clone())
+                    .collect();
+                keep_values(c, item.name, &removed).map_err(f)?;
+                Some(pairs)
+            }
+            _ => None,
+        };
         c.execute_batch("PRAGMA legacy_alter_table = ON")
             .map_err(f)?;
         let r = transform(c, item, local.as_deref());
@@ -1040,15 +1176,18 @@ pub(crate) fn apply(
         if let Some(before) = before
             && item.new_sql.is_some()
         {
-            record_fates(
-                c,
-                item.name,
-                &before,
-                &described(c, item.name).map_err(f)?,
-                true,
-                version,
-            )
-            .map_err(f)?;
+            let after = described(c, item.name).map_err(f)?;
+            record_fates(c, item.name, &before, &after, true, version).map_err(f)?;
+            // Columns no old column filled: one that comes back takes the values kept for
+            // it where the row's winning write carried them.
+            let pairs = paired.unwrap_or_default();
+            for a in after.iter().filter(|a| a.shape.3 == 0) {
+                if !pairs.iter().any(|(_, n)| *n == a.name)
+                    && !before.iter().any(|b| b.name.eq_ignore_ascii_case(&a.name))
+                {
+                    fill_kept(c, item.name, &a.name).map_err(f)?;
+                }
+            }
         }
         if item.kind == ObjectKind::Table {
             forget_vanished(c, item.name, version).map_err(f)?;

@@ -183,6 +183,21 @@ impl SnapshotDir {
             )
             .map_err(local)?;
         }
+        // Values kept for columns a replicated change removed go with the horizon too.
+        let kept: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '__marmot__kept_values'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(local)?;
+        if kept > 0 {
+            tx.execute(
+                "DELETE FROM \"__marmot__kept_values\" WHERE stamp < ?1",
+                [limit],
+            )
+            .map_err(local)?;
+        }
         tx.execute(
             "INSERT INTO \"__marmot__meta\" (key, value) VALUES ('horizon', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [horizon as i64],

@@ -103,8 +103,10 @@ pub struct Tx<'a> {
     /// Per incoming table item: the local table, its statements, and which incoming columns
     /// are written (None: all; a column the schema history says was dropped is not).
     /// Per table item applied: the table, its statements, which incoming columns it keeps,
-    /// and whether the rows written are published again from here (see `table`).
-    pub(crate) apply_tables: Vec<(usize, ApplySql, Option<Vec<bool>>, bool)>,
+    /// whether the rows written are published again from here (see `table`),
+    /// and the values it leaves out (columns gone here) to keep, with the statement that
+    /// keeps one (see `replicated::fill_kept`).
+    pub(crate) apply_tables: Vec<ApplyTable>,
     /// Replicate schema changes (see `StoreConfig::replicate_schema`).
     pub(crate) replicate_schema: bool,
     /// Capture triggers are installed.
@@ -168,6 +170,23 @@ impl Tx<'_> {
         self.resynced = Some((tables, by_name));
         Ok(())
     }
+}
+
+/// A table item being applied: see `Tx::apply_tables`.
+pub(crate) struct ApplyTable {
+    index: usize,
+    sql: ApplySql,
+    mask: Option<Vec<bool>>,
+    republish: bool,
+    keep: Option<Keep>,
+}
+
+/// Values an applied table item leaves out (their columns are gone here), to keep.
+pub(crate) struct Keep {
+    /// Keeps one value: the incoming key values, then table, column, stamp, node, value.
+    sql: String,
+    /// The incoming columns left out: their position and name.
+    columns: Vec<(usize, String)>,
 }
 
 struct RowView<'r, 's> {
@@ -332,7 +351,7 @@ impl Tx<'_> {
         key: &[ValueRef<'_>],
         index: bool,
     ) -> Result<(), ApplyFault<rusqlite::Error>> {
-        let sql = &self.apply_tables[t].1;
+        let sql = &self.apply_tables[t].sql;
         let statements = if index { &sql.index } else { &sql.unindex };
         for s in statements {
             let r = self.conn.prepare_cached(s).and_then(|mut st| {
@@ -354,7 +373,7 @@ impl Tx<'_> {
         if is_transient(&e) {
             return ApplyFault::Storage(e);
         }
-        let name = &self.tables()[self.apply_tables[t].0].info.name;
+        let name = &self.tables()[self.apply_tables[t].index].info.name;
         let reason = format!(
             "table {}, key {}: {e}",
             quote(name),
@@ -447,6 +466,7 @@ impl ApplyTxn for Tx<'_> {
         let mut names: Vec<String> = Vec::with_capacity(def.columns.len());
         let mut mask = Vec::with_capacity(def.columns.len());
         let mut republish_rows = false;
+        let mut left_out: Vec<(usize, String)> = Vec::new();
         for (i, c) in def.columns.iter().enumerate() {
             if def.columns[..i].contains(c) {
                 return Err(ApplyFault::Poison(format!(
@@ -490,7 +510,10 @@ impl ApplyTxn for Tx<'_> {
                     // (see `replicated::fate_contested`): the rows go out again from here.
                     republish_rows |= disputed;
                 }
-                Some(None) if i >= def.key_columns => mask.push(false),
+                Some(None) if i >= def.key_columns => {
+                    mask.push(false);
+                    left_out.push((i, c.to_string()));
+                }
                 _ => {
                     return Err(ApplyFault::Poison(format!(
                         "table {}: unknown column {} (add it on this node; parked batches are retried after a schema change)",
@@ -559,8 +582,42 @@ impl ApplyTxn for Tx<'_> {
                 ))
                 .map_err(ApplyFault::Storage)?;
         }
-        self.apply_tables
-            .push((index, sql, mask, republish_rows && self.capture));
+        // Values left out of rows (their column is gone here) are kept: a later change of the
+        // table may bring the column back (see `replicated::fill_kept`).
+        let keep = (self.replicate_schema && !left_out.is_empty()).then(|| {
+            let n = def.key_columns;
+            let local_names: Vec<String> = t.key().iter().map(|c| c.name.clone()).collect();
+            let where_row = local_key
+                .iter()
+                .zip(t.key())
+                .map(|(&i, c)| format!("t.{} = ?{} COLLATE {}", quote(&c.name), i + 1, c.collation))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            Keep {
+                sql: format!(
+                    "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value) \
+                     SELECT ?{}, ?{}, {}, ?{}, ?{}, ?{} FROM {} AS t WHERE {where_row} \
+                     ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, \
+                     node = excluded.node, value = excluded.value \
+                     WHERE (excluded.stamp, excluded.node) >= (stamp, node)",
+                    n + 1,
+                    n + 2,
+                    crate::replicated::kept_key_expr(&local_names, "t"),
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    quote(&t.name),
+                ),
+                columns: left_out,
+            }
+        });
+        self.apply_tables.push(ApplyTable {
+            index,
+            sql,
+            mask,
+            republish: republish_rows && self.capture,
+            keep,
+        });
         Ok(self.apply_tables.len() - 1)
     }
 
@@ -569,7 +626,7 @@ impl ApplyTxn for Tx<'_> {
         t: usize,
         key: &[ValueRef<'_>],
     ) -> Result<Option<RowVersion>, ApplyFault<Self::Error>> {
-        let sql = &self.apply_tables[t].1.version_get;
+        let sql = &self.apply_tables[t].sql.version_get;
         let r = self.conn.prepare_cached(sql).and_then(|mut s| {
             s.query_row(
                 rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))),
@@ -592,12 +649,13 @@ impl ApplyTxn for Tx<'_> {
         &mut self,
         t: usize,
         values: &[ValueRef<'_>],
+        version: Version,
     ) -> Result<(), ApplyFault<Self::Error>> {
-        let keys = self.tables()[self.apply_tables[t].0].info.key_columns;
+        let keys = self.tables()[self.apply_tables[t].index].info.key_columns;
         let key = &values[..keys.min(values.len())];
         self.derived(t, key, false)?;
-        let sql = &self.apply_tables[t].1.upsert;
-        let mask = &self.apply_tables[t].2;
+        let sql = &self.apply_tables[t].sql.upsert;
+        let mask = &self.apply_tables[t].mask;
         let kept = values
             .iter()
             .enumerate()
@@ -610,8 +668,30 @@ impl ApplyTxn for Tx<'_> {
         if let Err(e) = r {
             return Err(self.poison(t, key, e));
         }
-        if self.apply_tables[t].3 {
-            let log_key = &self.apply_tables[t].1.log_key;
+        if let Some(keep) = &self.apply_tables[t].keep {
+            let name = self.tables()[self.apply_tables[t].index].info.name.clone();
+            let stamp = ValueRef::Integer(version.stamp.as_u64() as i64);
+            let node = ValueRef::Integer(version.node as i64);
+            for (i, col) in &keep.columns {
+                let extra = [
+                    ValueRef::Text(name.as_bytes()),
+                    ValueRef::Text(col.as_bytes()),
+                    stamp,
+                    node,
+                    values[*i],
+                ];
+                let r = self.conn.prepare_cached(&keep.sql).and_then(|mut st| {
+                    st.execute(rusqlite::params_from_iter(
+                        key.iter().copied().chain(extra).map(Bind),
+                    ))
+                });
+                if let Err(e) = r {
+                    return Err(ApplyFault::Storage(e));
+                }
+            }
+        }
+        if self.apply_tables[t].republish {
+            let log_key = &self.apply_tables[t].sql.log_key;
             let r = self.conn.prepare_cached(log_key).and_then(|mut st| {
                 st.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))))
             });
@@ -620,7 +700,7 @@ impl ApplyTxn for Tx<'_> {
             }
             self.republished = true;
         }
-        if let Some(statements) = &self.apply_tables[t].1.unstash {
+        if let Some(statements) = &self.apply_tables[t].sql.unstash {
             for s in statements {
                 let r = self.conn.prepare_cached(s).and_then(|mut st| {
                     st.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))))
@@ -634,7 +714,7 @@ impl ApplyTxn for Tx<'_> {
     }
 
     fn clear_row(&mut self, t: usize, key: &[ValueRef<'_>]) -> Result<(), ApplyFault<Self::Error>> {
-        if let Some(stash) = &self.apply_tables[t].1.stash {
+        if let Some(stash) = &self.apply_tables[t].sql.stash {
             let r = self.conn.prepare_cached(stash).and_then(|mut st| {
                 st.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))))
             });
@@ -651,7 +731,7 @@ impl ApplyTxn for Tx<'_> {
         key: &[ValueRef<'_>],
     ) -> Result<(), ApplyFault<Self::Error>> {
         self.derived(t, key, false)?;
-        let sql = &self.apply_tables[t].1.delete;
+        let sql = &self.apply_tables[t].sql.delete;
         let r = self
             .conn
             .prepare_cached(sql)
@@ -665,7 +745,7 @@ impl ApplyTxn for Tx<'_> {
         key: &[ValueRef<'_>],
         v: RowVersion,
     ) -> Result<(), ApplyFault<Self::Error>> {
-        let sql = &self.apply_tables[t].1.version_set;
+        let sql = &self.apply_tables[t].sql.version_set;
         let stamp = ValueRef::Integer(v.version.stamp.as_u64() as i64);
         let node = ValueRef::Integer(v.version.node as i64);
         let deleted = ValueRef::Integer(i64::from(v.deleted));
@@ -682,8 +762,8 @@ impl ApplyTxn for Tx<'_> {
         t: usize,
         key: &[ValueRef<'_>],
     ) -> Result<Option<Vec<Value>>, ApplyFault<Self::Error>> {
-        let sql = &self.apply_tables[t].1.read;
-        let mask = &self.apply_tables[t].2;
+        let sql = &self.apply_tables[t].sql.read;
+        let mask = &self.apply_tables[t].mask;
         let r = self.conn.prepare_cached(sql).and_then(|mut s| {
             s.query_row(
                 rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))),

@@ -378,3 +378,18 @@ fn regression_32_rows_with_a_column_dropped_by_a_losing_rebuild_lost_their_value
 fn regression_33_rows_in_a_shape_their_node_superseded_itself_parked_forever() {
     passes_with(1540, Generator::V4);
 }
+
+/// Postmortem (V4, seeds 635, 1174, 1481): concurrent lineages of one table; one dropped a
+/// column that a later change of another kept. Nodes that met the drop first lost the
+/// column's values and gave it its default when it came back, while nodes that met the rows
+/// after it kept the values; the winner's publication of its rows again was outrun by a
+/// version stamped later (a node whose clock was far ahead). A node now keeps the values a
+/// replicated change removes and those left out of rows that arrive while the column is gone
+/// (`__marmot__kept_values`, with the version of the row write that carried them, until the
+/// tombstone horizon); a column that comes back takes them where the row's current version
+/// wrote them. Pinned by
+/// `a_column_that_comes_back_takes_the_values_its_rows_winning_writes_carried`.
+#[test]
+fn regression_34_a_column_that_came_back_lost_the_values_its_rows_carried() {
+    passes_with(635, Generator::V4);
+}

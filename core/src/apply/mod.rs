@@ -138,11 +138,13 @@ pub trait ApplyTxn {
         t: Self::Table,
         key: &[ValueRef<'_>],
     ) -> Result<Option<RowVersion>, ApplyFault<Self::Error>>;
-    /// Writes a row (insert, or update of the row with the same key; never a REPLACE).
+    /// Writes a row (insert, or update of the row with the same key; never a REPLACE), as
+    /// the write of version `version` carried it.
     fn write_row(
         &mut self,
         t: Self::Table,
         values: &[ValueRef<'_>],
+        version: Version,
     ) -> Result<(), ApplyFault<Self::Error>>;
     /// Removes the row with this key (if present) to make room for the batch's rows (see
     /// [`ApplyFault::Collision`]), remembering the values of its columns the incoming table
@@ -579,7 +581,7 @@ fn write_pending<T: ApplyTxn>(
                 continue;
             }
         }
-        txn.write_row(w.table, &w.values)?;
+        txn.write_row(w.table, &w.values, w.version)?;
     }
     Ok(())
 }
@@ -659,7 +661,7 @@ fn apply_batch<'a, T: ApplyTxn>(
                 }
                 match order {
                     Order::InPlace if delete => txn.delete_row(*t, key)?,
-                    Order::InPlace => txn.write_row(*t, &values)?,
+                    Order::InPlace => txn.write_row(*t, &values, incoming)?,
                     Order::ClearFirst if delete => txn.delete_row(*t, key)?,
                     Order::ClearFirst => {
                         txn.clear_row(*t, key)?;

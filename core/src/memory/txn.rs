@@ -241,6 +241,7 @@ impl ApplyTxn for MemTxn {
         &mut self,
         h: usize,
         values: &[ValueRef<'_>],
+        _version: Version,
     ) -> Result<(), ApplyFault<MemoryError>> {
         let map = self.handles[h].1.clone();
         let t = self.local_mut(h);

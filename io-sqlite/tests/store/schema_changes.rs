@@ -1229,3 +1229,56 @@ fn rows_in_a_shape_their_node_superseded_itself_apply_without_its_lost_column() 
     assert_eq!(title, "Emma");
     assert_no_echo(&mut c);
 }
+
+#[test]
+fn a_column_that_comes_back_takes_the_values_its_rows_winning_writes_carried() {
+    // Found by the simulation (V4, seeds 635, 1174, 1481): a column dropped by one change and
+    // kept by a later, concurrent one. A node that met the drop first lost the column's
+    // values; when the later change won there, the column came back with its default, while
+    // nodes that met the rows after it kept their values. The publication that repairs this
+    // (the winner's rows again) could be outrun by a version stamped later. A node now keeps
+    // the values a replicated change removes, with their rows' versions, and a column that
+    // comes back takes them where the row's current version wrote them.
+    let mut c = Cluster::new(3, SCHEMA);
+    c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
+    c.capture(0);
+    c.settle();
+    c.exec(
+        0,
+        "INSERT INTO books (id, title, a) VALUES (1, 'Emma', 'x'), (2, 'Persuasion', 'x');",
+    );
+    c.capture(0);
+    c.settle();
+    for i in 0..3 {
+        c.dump(i, "books");
+    }
+    c.exec(1, "ALTER TABLE books DROP COLUMN a;");
+    c.capture(1);
+    // Row 2 is written again with `a` by node 1, which has not met the drop: node 3 meets
+    // that write after the drop (its value is left out there).
+    c.exec(0, "UPDATE books SET a = 'y' WHERE id = 2;");
+    c.capture(0);
+    c.exec(0, "ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';");
+    c.capture(0);
+    // Node 3 meets the drop, then node 1's later change (it wins): `a` comes back.
+    c.apply(2);
+    let a: String = c.nodes[2]
+        .app
+        .query_row(
+            "SELECT group_concat(a) FROM books WHERE id IN (1, 2)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        a, "x,y",
+        "the column came back with the values the rows' winning writes carried"
+    );
+    c.settle();
+    assert_same_schema(&c);
+    for i in 1..3 {
+        assert_eq!(c.dump(0, "books"), c.dump(i, "books"));
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
