@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS "__marmot__column_fates" (
     contested INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tbl, col));
 CREATE TABLE IF NOT EXISTS "__marmot__kept_values" (
     tbl TEXT NOT NULL, col TEXT NOT NULL, key TEXT NOT NULL, stamp INTEGER NOT NULL,
-    node INTEGER NOT NULL, value, PRIMARY KEY (tbl, col, key)) WITHOUT ROWID;
+    node INTEGER NOT NULL, value, kept INTEGER NOT NULL, PRIMARY KEY (tbl, col, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
     tbl TEXT NOT NULL PRIMARY KEY, stamp INTEGER NOT NULL, node INTEGER NOT NULL);
 "#;
@@ -667,8 +667,15 @@ pub(crate) fn kept_key_expr(keys: &[String], alias: &str) -> String {
 /// column on some nodes and keep it (or rename it) in the lineage that wins later; a node that
 /// met the drop first would otherwise give the column its default when it comes back, while
 /// the nodes that met the rows later keep their values (the simulation's V4 workload, seeds
-/// 635, 1174, 1423, 1481). Kept until the tombstone horizon, or until the table is dropped.
-fn keep_values(c: &Connection, table: &str, columns: &[String]) -> rusqlite::Result<()> {
+/// 635, 1174, 1481). Kept until the removing change (`removed_by`) is older than the tombstone
+/// horizon (a change concurrent with it is stamped near it, and none is published later than
+/// that, as the README asks), or until the table is dropped.
+fn keep_values(
+    c: &Connection,
+    table: &str,
+    columns: &[String],
+    removed_by: Version,
+) -> rusqlite::Result<()> {
     if columns.is_empty() {
         return Ok(());
     }
@@ -686,16 +693,17 @@ fn keep_values(c: &Connection, table: &str, columns: &[String]) -> rusqlite::Res
     for col in columns {
         c.execute(
             &format!(
-                "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value) \
-                 SELECT ?1, ?2, {key}, v.stamp, v.node, t.{col} FROM {t} AS t JOIN {ver} AS v ON {matches} \
+                "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
+                 SELECT ?1, ?2, {key}, v.stamp, v.node, t.{col}, ?3 FROM {t} AS t JOIN {ver} AS v ON {matches} \
                  WHERE v.deleted = 0 \
-                 ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, value = excluded.value \
+                 ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, \
+                 value = excluded.value, kept = max(kept, excluded.kept) \
                  WHERE (excluded.stamp, excluded.node) >= (stamp, node)",
                 key = kept_key_expr(&keys, "t"),
                 col = quote(col),
                 t = quote(table),
             ),
-            params![table, col],
+            params![table, col, removed_by.stamp.as_u64() as i64],
         )?;
     }
     Ok(())
@@ -724,23 +732,24 @@ fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::Result<u64>
         .collect::<Vec<_>>()
         .join(" AND ");
     let mut filled = 0;
-    for name in names {
-        // Does this name's history lead to the column?
-        let mut at = name.clone();
-        let mut leads = at.eq_ignore_ascii_case(column);
+    // Where a name's history leads (renames, a few steps at most).
+    let reaches = |from: &str, to: &str| -> rusqlite::Result<bool> {
+        let mut at = from.to_string();
         for _ in 0..8 {
-            if leads {
-                break;
+            if at.eq_ignore_ascii_case(to) {
+                return Ok(true);
             }
             match column_fate(c, table, &at)? {
-                Some(Some(to)) => {
-                    leads = to.eq_ignore_ascii_case(column);
-                    at = to;
-                }
-                _ => break,
+                Some(Some(next)) => at = next,
+                _ => return Ok(false),
             }
         }
-        if !leads {
+        Ok(false)
+    };
+    for name in names {
+        // The kept name became this column, or this column was renamed to the kept name
+        // here (by a change that lost since) before its values were removed.
+        if !reaches(&name, column)? && !reaches(column, &name)? {
             continue;
         }
         filled += c.execute(
@@ -1162,7 +1171,7 @@ pub(crate) fn apply(
                     .filter(|b| !after.iter().any(|a| a.name.eq_ignore_ascii_case(&b.name)))
                     .map(|b| b.name.clone())
                     .collect();
-                keep_values(c, item.name, &removed).map_err(f)?;
+                keep_values(c, item.name, &removed, version).map_err(f)?;
                 Some(pairs)
             }
             _ => None,
@@ -1177,9 +1186,9 @@ pub(crate) fn apply(
             && item.new_sql.is_some()
         {
             let after = described(c, item.name).map_err(f)?;
-            record_fates(c, item.name, &before, &after, true, version).map_err(f)?;
             // Columns no old column filled: one that comes back takes the values kept for
-            // it where the row's winning write carried them.
+            // it where the row's winning write carried them (before the history forgets
+            // where a present column went).
             let pairs = paired.unwrap_or_default();
             for a in after.iter().filter(|a| a.shape.3 == 0) {
                 if !pairs.iter().any(|(_, n)| *n == a.name)
@@ -1188,6 +1197,7 @@ pub(crate) fn apply(
                     fill_kept(c, item.name, &a.name).map_err(f)?;
                 }
             }
+            record_fates(c, item.name, &before, &after, true, version).map_err(f)?;
         }
         if item.kind == ObjectKind::Table {
             forget_vanished(c, item.name, version).map_err(f)?;

@@ -183,7 +183,8 @@ impl SnapshotDir {
             )
             .map_err(local)?;
         }
-        // Values kept for columns a replicated change removed go with the horizon too.
+        // Values kept for columns a replicated change removed go once that change is past
+        // the horizon.
         let kept: i64 = tx
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '__marmot__kept_values'",
@@ -193,7 +194,7 @@ impl SnapshotDir {
             .map_err(local)?;
         if kept > 0 {
             tx.execute(
-                "DELETE FROM \"__marmot__kept_values\" WHERE stamp < ?1",
+                "DELETE FROM \"__marmot__kept_values\" WHERE kept < ?1",
                 [limit],
             )
             .map_err(local)?;

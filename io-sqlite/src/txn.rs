@@ -595,10 +595,10 @@ impl ApplyTxn for Tx<'_> {
                 .join(" AND ");
             Keep {
                 sql: format!(
-                    "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value) \
-                     SELECT ?{}, ?{}, {}, ?{}, ?{}, ?{} FROM {} AS t WHERE {where_row} \
+                    "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
+                     SELECT ?{}, ?{}, {}, ?{}, ?{}, ?{}, ?{} FROM {} AS t WHERE {where_row} \
                      ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, \
-                     node = excluded.node, value = excluded.value \
+                     node = excluded.node, value = excluded.value, kept = max(kept, excluded.kept) \
                      WHERE (excluded.stamp, excluded.node) >= (stamp, node)",
                     n + 1,
                     n + 2,
@@ -606,6 +606,7 @@ impl ApplyTxn for Tx<'_> {
                     n + 3,
                     n + 4,
                     n + 5,
+                    n + 3,
                     quote(&t.name),
                 ),
                 columns: left_out,

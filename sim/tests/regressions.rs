@@ -393,3 +393,17 @@ fn regression_33_rows_in_a_shape_their_node_superseded_itself_parked_forever() {
 fn regression_34_a_column_that_came_back_lost_the_values_its_rows_carried() {
     passes_with(635, Generator::V4);
 }
+
+/// Postmortem (V4, seed 1423): node 3 renamed two columns while node 1 kept them under their
+/// names; node 2's lineage then dropped them on node 3; node 1's later change won and brought
+/// them back. On node 3 the values the renamed columns held were the returning columns', but
+/// the kept values were found only through names leading to the returning column, and were
+/// collected at the horizon of the rows' writes rather than of the change that removed them.
+/// A column that comes back now also takes the kept values of the name it had been renamed to
+/// here, and kept values go once the removing change is past the horizon. Pinned by
+/// `a_column_renamed_here_by_a_losing_change_and_then_dropped_comes_back_with_its_values`
+/// and `a_column_that_comes_back_takes_the_values_its_rows_winning_writes_carried`.
+#[test]
+fn regression_35_a_column_renamed_by_a_losing_change_came_back_without_its_values() {
+    passes_with(1423, Generator::V4);
+}
