@@ -1371,6 +1371,7 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
         }
     }
     // And the drops it knows of: rows still to come may belong to a table dropped before.
+    let mut drops_learned: Vec<(String, Version, Option<Version>)> = Vec::new();
     let drops: i64 = c.query_row(
         "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__table_drops'",
         [],
@@ -1383,7 +1384,10 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             .collect::<Result<_, _>>()?;
         for (tbl, stamp, node) in known {
             if let Some(v) = version_of(stamp, node) {
+                // The local table's life, before the snapshot's schema is adopted.
+                let life = baseline_row(c, ObjectKind::Table, &tbl)?;
                 record_drop(c, &tbl, v)?;
+                drops_learned.push((tbl, v, life));
             }
         }
     }
@@ -1456,7 +1460,70 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             }
         }
     }
+    // Rows of a table's life that a drop ended, which this node still holds (it missed the
+    // drop: it is before the snapshot's position), go as the drop took them everywhere else;
+    // the merge would keep them (a dropped table leaves no tombstones). Found by the
+    // simulation (V4, seed 1943).
+    for (tbl, v, life) in drops_learned {
+        end_older_life(c, &tbl, v, life.is_none_or(|l| l < v))?;
+    }
     Ok(adopted)
+}
+
+/// Removes the rows of `table` (and their versions) written in a life of the table that the
+/// drop of version `dropped` ended: all of them when the local table is itself of that life
+/// (`whole`: its rows were written in it, whatever their stamps), otherwise those older than
+/// the drop.
+fn end_older_life(
+    c: &Connection,
+    table: &str,
+    dropped: Version,
+    whole: bool,
+) -> rusqlite::Result<()> {
+    let ver_name = crate::ddl::ver_table(table);
+    let has: i64 = c.query_row(
+        "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' AND name IN (?1, ?2)",
+        [table, ver_name.as_str()],
+        |r| r.get(0),
+    )?;
+    if has < 2 {
+        return Ok(());
+    }
+    let keys = key_columns(c, table)?;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let (t, ver) = (quote(table), quote(&ver_name));
+    let matches = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("v.\"k{i}\" = {t}.{}", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let (stamp, node) = if whole {
+        (i64::MAX, i64::MAX)
+    } else {
+        (dropped.stamp.as_u64() as i64, dropped.node as i64)
+    };
+    let gone = c.execute(
+        &format!(
+            "DELETE FROM main.{t} WHERE EXISTS (SELECT 1 FROM main.{ver} AS v WHERE {matches} \
+             AND (v.stamp, v.node) < (?1, ?2))"
+        ),
+        params![stamp, node],
+    )?;
+    c.execute(
+        &format!("DELETE FROM main.{ver} WHERE (stamp, node) < (?1, ?2)"),
+        params![stamp, node],
+    )?;
+    if gone > 0 {
+        tracing::info!(
+            table,
+            rows = gone,
+            "removed rows of a life of the table that a drop ended (met through a snapshot)"
+        );
+    }
+    Ok(())
 }
 
 /// Why this node's `[tables]` lists keep `item` off it, if they do: it is, or belongs to, an

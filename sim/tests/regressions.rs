@@ -407,3 +407,14 @@ fn regression_34_a_column_that_came_back_lost_the_values_its_rows_carried() {
 fn regression_35_a_column_renamed_by_a_losing_change_came_back_without_its_values() {
     passes_with(1423, Generator::V4);
 }
+
+/// Postmortem (V4, seed 1943): node 3 missed node 1's drop and creation of `x3` (it fell
+/// behind the stream) and wrote rows in its old `x3` meanwhile, stamped after the drop; it then
+/// merge-restored a snapshot whose `x3` looked the same as its own, and the merge kept the old
+/// rows (a dropped table leaves no tombstones), which every other node skips. A merge restore
+/// now removes the rows of a life that a drop it learns of ended. Pinned by
+/// `a_merge_restore_removes_rows_of_a_table_life_a_drop_ended`.
+#[test]
+fn regression_36_a_merge_restore_kept_rows_of_a_dropped_tables_old_life() {
+    passes_with(1943, Generator::V4);
+}
