@@ -36,7 +36,12 @@ CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
 /// Records that table `table` was dropped by the replicated change of version `v` (the newest
 /// such drop is kept): rows written in a schema version of the table older than that are
 /// skipped when they arrive, even once the table exists again.
-fn record_drop(c: &Connection, table: &str, v: Version) -> rusqlite::Result<()> {
+fn record_drop(c: &Connection, table: &str, v: Version) -> rusqlite::Result<bool> {
+    // A drop known already ended its life then: the table may have a new life since, whose
+    // history must stay (a merge restore learns every drop its snapshot knows again).
+    if last_drop(c, table)?.is_some_and(|known| known >= v) {
+        return Ok(false);
+    }
     // The column history of a table ends with it: a table created again under that name
     // starts a new one (its column names may be reused).
     c.prepare_cached("DELETE FROM \"__marmot__column_fates\" WHERE tbl = ?1")?
@@ -45,11 +50,10 @@ fn record_drop(c: &Connection, table: &str, v: Version) -> rusqlite::Result<()> 
         .execute([table])?;
     c.prepare_cached(
         "INSERT INTO \"__marmot__table_drops\" (tbl, stamp, node) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (tbl) DO UPDATE SET stamp = excluded.stamp, node = excluded.node \
-         WHERE excluded.stamp > stamp OR (excluded.stamp = stamp AND excluded.node > node)",
+         ON CONFLICT (tbl) DO UPDATE SET stamp = excluded.stamp, node = excluded.node",
     )?
     .execute(params![table, v.stamp.as_u64() as i64, v.node as i64])?;
-    Ok(())
+    Ok(true)
 }
 
 /// The version of the newest replicated drop of table `table` this node knows of.
@@ -1189,9 +1193,25 @@ pub(crate) fn apply(
             // Columns no old column filled: one that comes back takes the values kept for
             // it where the row's winning write carried them (before the history forgets
             // where a present column went).
+            // Only a column the sender's lineage had before this change (under its name, or
+            // one this change renames to it): a column the change adds is new, whatever
+            // values an earlier column of that name held.
             let pairs = paired.unwrap_or_default();
+            let sender_old = item.old_sql.and_then(declared).unwrap_or_default();
+            let sender_pairs = item
+                .new_sql
+                .and_then(declared)
+                .map(|new| copy_pairs(&sender_old, &new))
+                .unwrap_or_default();
             for a in after.iter().filter(|a| a.shape.3 == 0) {
-                if !pairs.iter().any(|(_, n)| *n == a.name)
+                let lineage_had = sender_old
+                    .iter()
+                    .any(|o| o.name.eq_ignore_ascii_case(&a.name))
+                    || sender_pairs
+                        .iter()
+                        .any(|(_, n)| n.eq_ignore_ascii_case(&a.name));
+                if lineage_had
+                    && !pairs.iter().any(|(_, n)| *n == a.name)
                     && !before.iter().any(|b| b.name.eq_ignore_ascii_case(&a.name))
                 {
                     fill_kept(c, item.name, &a.name).map_err(f)?;
@@ -1386,8 +1406,9 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             if let Some(v) = version_of(stamp, node) {
                 // The local table's life, before the snapshot's schema is adopted.
                 let life = baseline_row(c, ObjectKind::Table, &tbl)?;
-                record_drop(c, &tbl, v)?;
-                drops_learned.push((tbl, v, life));
+                if record_drop(c, &tbl, v)? {
+                    drops_learned.push((tbl, v, life));
+                }
             }
         }
     }
@@ -1465,65 +1486,65 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
     // the merge would keep them (a dropped table leaves no tombstones). Found by the
     // simulation (V4, seed 1943).
     for (tbl, v, life) in drops_learned {
-        end_older_life(c, &tbl, v, life.is_none_or(|l| l < v))?;
+        if life.is_none_or(|l| l < v) {
+            end_older_life(c, &tbl)?;
+        } else if holds_rows_older_than(c, &tbl, v)? {
+            // This node's newer change of the table beat the drop: as when the drop arrives
+            // by the stream and loses, the rows it holds go out again.
+            adopted.republish.push(tbl);
+        }
     }
     Ok(adopted)
 }
 
-/// Removes the rows of `table` (and their versions) written in a life of the table that the
-/// drop of version `dropped` ended: all of them when the local table is itself of that life
-/// (`whole`: its rows were written in it, whatever their stamps), otherwise those older than
-/// the drop.
-fn end_older_life(
-    c: &Connection,
-    table: &str,
-    dropped: Version,
-    whole: bool,
-) -> rusqlite::Result<()> {
+/// Removes every row of `table` (and its versions): the local table is of a life that a drop
+/// ended (its rows were written in it, whatever their stamps).
+fn end_older_life(c: &Connection, table: &str) -> rusqlite::Result<()> {
     let ver_name = crate::ddl::ver_table(table);
-    let has: i64 = c.query_row(
-        "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' AND name IN (?1, ?2)",
-        [table, ver_name.as_str()],
-        |r| r.get(0),
-    )?;
-    if has < 2 {
-        return Ok(());
-    }
-    let keys = key_columns(c, table)?;
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let (t, ver) = (quote(table), quote(&ver_name));
-    let matches = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("v.\"k{i}\" = {t}.{}", quote(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let (stamp, node) = if whole {
-        (i64::MAX, i64::MAX)
-    } else {
-        (dropped.stamp.as_u64() as i64, dropped.node as i64)
+    let exists = |name: &str| -> rusqlite::Result<bool> {
+        c.query_row(
+            "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
     };
-    let gone = c.execute(
-        &format!(
-            "DELETE FROM main.{t} WHERE EXISTS (SELECT 1 FROM main.{ver} AS v WHERE {matches} \
-             AND (v.stamp, v.node) < (?1, ?2))"
-        ),
-        params![stamp, node],
-    )?;
-    c.execute(
-        &format!("DELETE FROM main.{ver} WHERE (stamp, node) < (?1, ?2)"),
-        params![stamp, node],
-    )?;
+    if !exists(table)? {
+        return Ok(());
+    }
+    let gone = c.execute(&format!("DELETE FROM main.{}", quote(table)), [])?;
+    if exists(&ver_name)? {
+        c.execute(&format!("DELETE FROM main.{}", quote(&ver_name)), [])?;
+    }
     if gone > 0 {
         tracing::info!(
             table,
             rows = gone,
-            "removed rows of a life of the table that a drop ended (met through a snapshot)"
+            "removed the rows of a life of the table that a drop ended (met through a snapshot)"
         );
     }
     Ok(())
+}
+
+/// Whether `table` holds rows written before the drop of version `dropped`.
+fn holds_rows_older_than(c: &Connection, table: &str, dropped: Version) -> rusqlite::Result<bool> {
+    let ver_name = crate::ddl::ver_table(table);
+    let has: i64 = c.query_row(
+        "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' AND name = ?1",
+        [ver_name.as_str()],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        return Ok(false);
+    }
+    c.query_row(
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM main.{} WHERE deleted = 0 AND (stamp, node) < (?1, ?2))",
+            quote(&ver_name)
+        ),
+        params![dropped.stamp.as_u64() as i64, dropped.node as i64],
+        |r| r.get(0),
+    )
 }
 
 /// Why this node's `[tables]` lists keep `item` off it, if they do: it is, or belongs to, an

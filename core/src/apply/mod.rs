@@ -361,49 +361,56 @@ pub fn retry_parked_jointly<T: ApplyTxn>(
             Err(e) => return Ok(Some(e.to_string())),
         }
     }
-    txn.savepoint()?;
-    let mut stats = BatchStats::default();
-    let mut writes = Vec::new();
-    let mut result = Ok(());
     // Every batch's schema changes first, then every batch's rows: rows are written at the
     // end, after the whole set, so they must all meet the schema the set ends with (rows of an
     // older shape apply through the schema history, as they do when they arrive late). A
     // waiting batch that carries a schema change can so apply together with the batches
-    // parked behind it.
-    'parts: for part in [Part::SchemaOnly, Part::RowsOnly] {
-        for (header, body) in &bodies {
-            let own = header.batch.origin == me;
-            result = apply_batch(
-                txn,
-                header,
-                body,
-                own,
-                &mut stats,
-                (Order::ClearFirst, part),
-                &mut writes,
-            );
-            if result.is_err() {
-                break 'parts;
+    // parked behind it. Where that fails, each batch whole, in order, as before: a later
+    // batch's schema change may need an earlier batch's rows out of the way (a UNIQUE index
+    // over values one of them changes).
+    const SPLIT: &[Part] = &[Part::SchemaOnly, Part::RowsOnly];
+    const WHOLE: &[Part] = &[Part::All];
+    let mut reason = String::new();
+    for parts in [SPLIT, WHOLE] {
+        txn.savepoint()?;
+        let mut stats = BatchStats::default();
+        let mut writes = Vec::new();
+        let mut result = Ok(());
+        'parts: for &part in parts {
+            for (header, body) in &bodies {
+                let own = header.batch.origin == me;
+                result = apply_batch(
+                    txn,
+                    header,
+                    body,
+                    own,
+                    &mut stats,
+                    (Order::ClearFirst, part),
+                    &mut writes,
+                );
+                if result.is_err() {
+                    break 'parts;
+                }
             }
         }
-    }
-    let result = result.and_then(|()| write_pending(txn, &writes, true));
-    match result {
-        Ok(()) => {
-            txn.release()?;
-            report.batches += bodies.len() as u64;
-            report.rows_written += stats.written;
-            report.rows_skipped += stats.skipped;
-            report.conflicts += stats.conflicts;
-            Ok(None)
+        match result.and_then(|()| write_pending(txn, &writes, true)) {
+            Ok(()) => {
+                txn.release()?;
+                report.batches += bodies.len() as u64;
+                report.rows_written += stats.written;
+                report.rows_skipped += stats.skipped;
+                report.conflicts += stats.conflicts;
+                return Ok(None);
+            }
+            Err(ApplyFault::Poison(why) | ApplyFault::Collision(why)) => {
+                txn.rollback_to()?;
+                txn.release()?;
+                reason = why;
+            }
+            Err(ApplyFault::Storage(e)) => return Err(e),
         }
-        Err(ApplyFault::Poison(reason) | ApplyFault::Collision(reason)) => {
-            txn.rollback_to()?;
-            txn.release()?;
-            Ok(Some(reason))
-        }
-        Err(ApplyFault::Storage(e)) => Err(e),
     }
+    Ok(Some(reason))
 }
 
 /// Where a batch comes from.
