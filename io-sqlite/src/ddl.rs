@@ -314,8 +314,6 @@ pub struct ApplySql {
     pub upsert: String,
     /// Deletes the row: incoming key values.
     pub delete: String,
-    /// Logs the row's key for the next capture to publish it again: incoming key values.
-    pub log_key: String,
     /// Reads the row's incoming columns: incoming key values.
     pub read: String,
     /// Removes the row from the full-text indexes that index it, with its current values
@@ -442,10 +440,6 @@ impl ApplySql {
             ),
             upsert,
             delete: format!("DELETE FROM {table} WHERE {where_row}"),
-            log_key: format!(
-                "INSERT INTO {} ({ver_cols}) VALUES ({ver_params})",
-                quote(&log_table(&t.name))
-            ),
             read: format!("SELECT {cols} FROM {table} WHERE {where_row}"),
             unindex: indexes.iter().map(|i| i.delete_sql(&where_row)).collect(),
             index: indexes.iter().map(|i| i.insert_sql(&where_row)).collect(),

@@ -24,8 +24,7 @@ CREATE TABLE IF NOT EXISTS "__marmot__schema" (
     PRIMARY KEY (type, name));
 CREATE TABLE IF NOT EXISTS "__marmot__column_fates" (
     tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT,
-    stamp INTEGER NOT NULL DEFAULT 0, node INTEGER NOT NULL DEFAULT 0,
-    contested INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tbl, col));
+    stamp INTEGER NOT NULL DEFAULT 0, node INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tbl, col));
 CREATE TABLE IF NOT EXISTS "__marmot__kept_values" (
     tbl TEXT NOT NULL, col TEXT NOT NULL, key TEXT NOT NULL, stamp INTEGER NOT NULL,
     node INTEGER NOT NULL, value, kept INTEGER NOT NULL, PRIMARY KEY (tbl, col, key)) WITHOUT ROWID;
@@ -551,7 +550,7 @@ pub(crate) fn column_fate(
     .optional()
 }
 
-/// Adds the version and `contested` columns of `__marmot__column_fates` where a database (or a snapshot,
+/// Adds the version columns of `__marmot__column_fates` where a database (or a snapshot,
 /// `schema` "snap") of an earlier build lacks them: its facts count as the oldest.
 fn ensure_fate_versions(c: &Connection, schema: &str) -> rusqlite::Result<()> {
     let has: i64 = c.query_row(
@@ -565,18 +564,6 @@ fn ensure_fate_versions(c: &Connection, schema: &str) -> rusqlite::Result<()> {
         c.execute_batch(&format!(
             "ALTER TABLE {schema}.\"__marmot__column_fates\" ADD COLUMN stamp INTEGER NOT NULL DEFAULT 0;
              ALTER TABLE {schema}.\"__marmot__column_fates\" ADD COLUMN node INTEGER NOT NULL DEFAULT 0;"
-        ))?;
-    }
-    let has: i64 = c.query_row(
-        &format!(
-            "SELECT count(*) FROM pragma_table_info('__marmot__column_fates', '{schema}') WHERE name = 'contested'"
-        ),
-        [],
-        |r| r.get(0),
-    )?;
-    if has == 0 {
-        c.execute_batch(&format!(
-            "ALTER TABLE {schema}.\"__marmot__column_fates\" ADD COLUMN contested INTEGER NOT NULL DEFAULT 0;"
         ))?;
     }
     Ok(())
@@ -603,18 +590,9 @@ fn put_fate(
         .query_row([table, col], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let (stamp, node) = (v.stamp.as_u64() as i64, v.node as i64);
-    // Two changes that disagree on the column (one dropped it, the other renamed it, or two
-    // renames): rows written with it may have lost its values on the nodes that followed the
-    // other change for a while ([`fate_contested`]).
-    let contested = known
+    let differs = known
         .as_ref()
         .is_some_and(|(known_to, _, _)| known_to.as_deref() != to);
-    if contested {
-        c.prepare_cached(
-            "UPDATE \"__marmot__column_fates\" SET contested = 1 WHERE tbl = ?1 AND col = ?2",
-        )?
-        .execute([table, col])?;
-    }
     if let Some((_, ks, kn)) = &known
         && (*ks, *kn) >= (stamp, node)
     {
@@ -627,23 +605,7 @@ fn put_fate(
          stamp = excluded.stamp, node = excluded.node",
     )?
     .execute(params![table, col, to, stamp, node])?;
-    Ok(known.is_none() || contested)
-}
-
-/// Whether changes disagreed on what became of column `column` of `table` ([`put_fate`]).
-/// A row that arrives with it, and applies here under the name the winning change gave it,
-/// is published again by this node: nodes that followed the losing change when the row
-/// reached them left its value out (the column was dropped there), and took the column's
-/// default when the winning change came. Found by the simulation (V4, seed 341: one node
-/// renamed a column while another rebuilt the table without it; a third node's rows written
-/// with the column reached some nodes while the rebuild still won there).
-pub(crate) fn fate_contested(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
-    Ok(c.prepare_cached(
-        "SELECT contested FROM \"__marmot__column_fates\" WHERE tbl = ?1 AND col = ?2",
-    )?
-    .query_row([table, column], |r| r.get::<_, i64>(0))
-    .optional()?
-    .is_some_and(|x| x != 0))
+    Ok(known.is_none() || differs)
 }
 
 /// The key columns of `table`, in key order (marmot's version tables name them `k0`, `k1`...).
@@ -1317,9 +1279,6 @@ pub(crate) struct Adopted {
     /// Tables created or changed: their rows come from the snapshot, they are not published
     /// again.
     pub changed: Vec<String>,
-    /// Tables whose rows this node publishes again: the snapshot's losing shape of them
-    /// lacks data they keep.
-    pub republish: Vec<String>,
 }
 
 /// A merge restore's schema: every object of the snapshot (attached as `snap`) whose version
@@ -1352,42 +1311,23 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             [],
             |r| r.get(0),
         )?;
-        let contested: i64 = c.query_row(
-            "SELECT count(*) FROM pragma_table_info('__marmot__column_fates', 'snap') WHERE name = 'contested'",
-            [],
-            |r| r.get(0),
-        )?;
         let select = format!(
-            "SELECT tbl, col, renamed_to, {}, {} FROM snap.\"__marmot__column_fates\"",
+            "SELECT tbl, col, renamed_to, {} FROM snap.\"__marmot__column_fates\"",
             if versioned > 0 { "stamp, node" } else { "0, 0" },
-            if contested > 0 { "contested" } else { "0" }
         );
-        type Fact = (String, String, Option<String>, i64, i64, i64);
+        type Fact = (String, String, Option<String>, i64, i64);
         let facts: Vec<Fact> = c
             .prepare(&select)?
             .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
-        for (tbl, col, to, stamp, node, contested) in facts {
+        for (tbl, col, to, stamp, node) in facts {
             let v = version_of(stamp, node).unwrap_or(Version {
                 stamp: Stamp::from_u64(0),
                 node: 0,
             });
             put_fate(c, &tbl, &col, to.as_deref(), v)?;
-            if contested != 0 {
-                c.execute(
-                    "UPDATE \"__marmot__column_fates\" SET contested = 1 WHERE tbl = ?1 AND col = ?2",
-                    [&tbl, &col],
-                )?;
-            }
         }
     }
     // And the drops it knows of: rows still to come may belong to a table dropped before.
@@ -1436,27 +1376,25 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             // come from the stream may be written in it (the change that made it is before the
             // snapshot's position: this node will not read it, nor learn from it that its
             // columns lost). Found by the simulation (V4, seed 9).
-            // And where that shape lacks data this table keeps, the nodes that applied it left
-            // that data out of this node's rows: they go out again, as when a losing change
-            // arrives from the stream (found by the simulation, V4 seed 346: a node that fell
-            // behind kept its newer shape over the snapshot's, and the others took the
-            // column's default for its rows once its next change won there).
+            // Nodes that applied that shape left this table's columns it lacks out of this
+            // node's rows; they keep those values and fill the columns from them when this
+            // node's change wins there (`fill_kept`; V4 seed 346). Publishing the rows again
+            // from here, before this node read the stream past the snapshot, wrote stale
+            // rows over newer writes it had not received yet (V4 seed 3266).
             if kind == ObjectKind::Table
                 && let Some(ours) = local_sql(c, kind, &name)?
             {
-                let item = SchemaItem {
-                    kind,
-                    name: &name,
-                    table: &table,
-                    old_sql: Some(&ours),
-                    new_sql: sql.as_deref(),
-                };
-                leave_out_losing_columns(c, &item, version)?;
-                if normalise(&ours) != sql.as_deref().map(normalise).unwrap_or_default()
-                    && lost_data_we_keep(c, &item)?
-                {
-                    adopted.republish.push(name.clone());
-                }
+                leave_out_losing_columns(
+                    c,
+                    &SchemaItem {
+                        kind,
+                        name: &name,
+                        table: &table,
+                        old_sql: Some(&ours),
+                        new_sql: sql.as_deref(),
+                    },
+                    version,
+                )?;
             }
             continue;
         }
@@ -1473,7 +1411,6 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
                 if applied.changed && kind == ObjectKind::Table {
                     adopted.changed.push(name.clone());
                 }
-                adopted.republish.extend(applied.republish);
             }
             Err(ApplyFault::Storage(e)) => return Err(e),
             Err(ApplyFault::Poison(why) | ApplyFault::Collision(why)) => {
@@ -1488,10 +1425,6 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
     for (tbl, v, life) in drops_learned {
         if life.is_none_or(|l| l < v) {
             end_older_life(c, &tbl)?;
-        } else if holds_rows_older_than(c, &tbl, v)? {
-            // This node's newer change of the table beat the drop: as when the drop arrives
-            // by the stream and loses, the rows it holds go out again.
-            adopted.republish.push(tbl);
         }
     }
     Ok(adopted)
@@ -1524,27 +1457,6 @@ fn end_older_life(c: &Connection, table: &str) -> rusqlite::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Whether `table` holds rows written before the drop of version `dropped`.
-fn holds_rows_older_than(c: &Connection, table: &str, dropped: Version) -> rusqlite::Result<bool> {
-    let ver_name = crate::ddl::ver_table(table);
-    let has: i64 = c.query_row(
-        "SELECT count(*) FROM main.sqlite_master WHERE type = 'table' AND name = ?1",
-        [ver_name.as_str()],
-        |r| r.get(0),
-    )?;
-    if has == 0 {
-        return Ok(false);
-    }
-    c.query_row(
-        &format!(
-            "SELECT EXISTS (SELECT 1 FROM main.{} WHERE deleted = 0 AND (stamp, node) < (?1, ?2))",
-            quote(&ver_name)
-        ),
-        params![dropped.stamp.as_u64() as i64, dropped.node as i64],
-        |r| r.get(0),
-    )
 }
 
 /// Why this node's `[tables]` lists keep `item` off it, if they do: it is, or belongs to, an

@@ -200,11 +200,9 @@ impl SqliteStore {
             source: x,
         };
         remember_unpublished(&self.conn, self.cfg.node_id).map_err(err)?;
-        let mut republish = Vec::new();
         if self.cfg.replicate_schema {
             // The snapshot's schema first, where it is newer: its rows need it.
             let adopted = crate::replicated::adopt_snapshot(&self.conn).map_err(err)?;
-            republish = adopted.republish;
             let tables = crate::sync::sync_tables(
                 &self.conn,
                 self.cfg.capture,
@@ -235,22 +233,6 @@ impl SqliteStore {
                     });
                 }
                 Err(x) => return Err(err(x)),
-            }
-        }
-        // Tables the snapshot's losing shape left data out of go out again, whole.
-        if self.cfg.capture {
-            for t in self
-                .tables
-                .iter()
-                .filter(|t| republish.contains(&t.info.name))
-            {
-                self.conn.execute_batch(&t.sql.log_all).map_err(err)?;
-                self.conn.execute_batch(&t.sql.log_gone).map_err(err)?;
-                tracing::info!(
-                    table = %t.info.name,
-                    "publishing the table's rows again: the snapshot's shape of it lost here and lacks some of its data"
-                );
-                self.scan_needed = true;
             }
         }
         import_cluster_state(&self.conn).map_err(err)?;

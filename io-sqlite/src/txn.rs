@@ -103,7 +103,6 @@ pub struct Tx<'a> {
     /// Per incoming table item: the local table, its statements, and which incoming columns
     /// are written (None: all; a column the schema history says was dropped is not).
     /// Per table item applied: the table, its statements, which incoming columns it keeps,
-    /// whether the rows written are published again from here (see `table`),
     /// and the values it leaves out (columns gone here) to keep, with the statement that
     /// keeps one (see `replicated::fill_kept`).
     pub(crate) apply_tables: Vec<ApplyTable>,
@@ -177,7 +176,6 @@ pub(crate) struct ApplyTable {
     index: usize,
     sql: ApplySql,
     mask: Option<Vec<bool>>,
-    republish: bool,
     keep: Option<Keep>,
 }
 
@@ -465,7 +463,6 @@ impl ApplyTxn for Tx<'_> {
         // shape apply through the schema history).
         let mut names: Vec<String> = Vec::with_capacity(def.columns.len());
         let mut mask = Vec::with_capacity(def.columns.len());
-        let mut republish_rows = false;
         let mut left_out: Vec<(usize, String)> = Vec::new();
         for (i, c) in def.columns.iter().enumerate() {
             if def.columns[..i].contains(c) {
@@ -481,17 +478,11 @@ impl ApplyTxn for Tx<'_> {
                 continue;
             }
             // Follow renames one after another (a -> b -> c), a few steps at most.
-            let contested = |name: &str| {
-                crate::replicated::fate_contested(self.conn, def.name, name)
-                    .map_err(ApplyFault::Storage)
-            };
-            let mut disputed = contested(c)?;
             let mut fate = crate::replicated::column_fate(self.conn, def.name, c)
                 .map_err(ApplyFault::Storage)?;
             for _ in 0..8 {
                 match &fate {
                     Some(Some(to)) if !t.columns.iter().any(|lc| lc.name == *to) => {
-                        disputed |= contested(to)?;
                         fate = crate::replicated::column_fate(self.conn, def.name, to)
                             .map_err(ApplyFault::Storage)?;
                     }
@@ -506,9 +497,6 @@ impl ApplyTxn for Tx<'_> {
                 {
                     names.push(to);
                     mask.push(true);
-                    // Nodes may have dropped this column's values when they reached them
-                    // (see `replicated::fate_contested`): the rows go out again from here.
-                    republish_rows |= disputed;
                 }
                 Some(None) if i >= def.key_columns => {
                     mask.push(false);
@@ -616,7 +604,6 @@ impl ApplyTxn for Tx<'_> {
             index,
             sql,
             mask,
-            republish: republish_rows && self.capture,
             keep,
         });
         Ok(self.apply_tables.len() - 1)
@@ -690,16 +677,6 @@ impl ApplyTxn for Tx<'_> {
                     return Err(ApplyFault::Storage(e));
                 }
             }
-        }
-        if self.apply_tables[t].republish {
-            let log_key = &self.apply_tables[t].sql.log_key;
-            let r = self.conn.prepare_cached(log_key).and_then(|mut st| {
-                st.execute(rusqlite::params_from_iter(key.iter().map(|v| Bind(*v))))
-            });
-            if let Err(e) = r {
-                return Err(ApplyFault::Storage(e));
-            }
-            self.republished = true;
         }
         if let Some(statements) = &self.apply_tables[t].sql.unstash {
             for s in statements {

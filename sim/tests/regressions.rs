@@ -345,10 +345,9 @@ fn regression_30_a_losing_drops_stale_fact_turned_a_later_rename_into_a_drop() {
 /// restored a snapshot with node 1's shape, kept its own (its later changes were newer) and
 /// then published what it held. Elsewhere node 3's earlier changes lost to node 1's, so its
 /// rows applied without their columns; its next change then won there and brought the
-/// columns back with their defaults. A merge restore that keeps a newer shape than the
-/// snapshot's now publishes the table's rows again where the snapshot's shape lacks their
-/// data, as a losing change arriving by the stream does. Pinned by
-/// `a_merge_restore_that_keeps_a_newer_shape_publishes_its_rows_again`.
+/// columns back with their defaults. Fixed first by publishing the table's rows again after
+/// such a restore (which regression 37 showed wrong), now by the kept values of regression
+/// 34. Pinned by `a_merge_restore_that_keeps_a_newer_shape_leaves_its_rows_values_everywhere`.
 #[test]
 fn regression_31_a_restore_that_kept_a_newer_shape_did_not_publish_its_rows_again() {
     passes_with(346, Generator::V4);
@@ -357,11 +356,10 @@ fn regression_31_a_restore_that_kept_a_newer_shape_did_not_publish_its_rows_agai
 /// Postmortem (V4, seed 341): node 4 rebuilt the table without a column while node 1 renamed
 /// it, later (node 1's change won). Node 5's rows written with the column reached the other
 /// nodes while the rebuild still won there: the column's values were left out, and node 1's
-/// rename brought the column back with its default. Node 1 kept the values under the new
-/// name, but had published its rows again when the rebuild reached it, before these rows
-/// came. A column whose fate two changes disagree on is now marked contested, and a node that
-/// applies a row under such a column's winning name publishes that row again. Pinned by
-/// `rows_written_with_a_column_one_change_dropped_and_another_renamed_keep_their_values`.
+/// rename brought the column back with its default. Fixed first by publishing such rows again
+/// from the nodes that kept the values, now by the kept values of regression 34 (values left
+/// out of a row are kept, and the renamed column takes them through the column history).
+/// Pinned by `rows_written_with_a_column_one_change_dropped_and_another_renamed_keep_their_values`.
 #[test]
 fn regression_32_rows_with_a_column_dropped_by_a_losing_rebuild_lost_their_values() {
     passes_with(341, Generator::V4);
@@ -417,4 +415,14 @@ fn regression_35_a_column_renamed_by_a_losing_change_came_back_without_its_value
 #[test]
 fn regression_36_a_merge_restore_kept_rows_of_a_dropped_tables_old_life() {
     passes_with(1943, Generator::V4);
+}
+
+/// Postmortem (V4, seed 3266): a node that fell behind merge-restored a snapshot and, as
+/// regression 31's first fix had it, published its copy of a table again because it kept a
+/// newer shape of it; it had not read the stream past the snapshot yet, and its stale copy of
+/// a row, stamped anew, wrote over another node's newer write everywhere (a lost write).
+/// A restore no longer publishes rows again; the kept values cover what it was for.
+#[test]
+fn regression_37_a_restore_published_stale_rows_over_newer_writes() {
+    passes_with(3266, Generator::V4);
 }

@@ -1069,14 +1069,16 @@ fn a_losing_drops_column_fact_does_not_turn_a_later_rename_into_a_drop() {
 }
 
 #[test]
-fn a_merge_restore_that_keeps_a_newer_shape_publishes_its_rows_again() {
+fn a_merge_restore_that_keeps_a_newer_shape_leaves_its_rows_values_everywhere() {
     // Found by the simulation (V4, seed 346): node 3 renamed a column and wrote rows, then
     // fell behind; meanwhile node 1 dropped that column, later than the rename. Node 3
     // restored a snapshot with node 1's shape, kept its own (its next change was newer
-    // still) and published everything it held. Elsewhere the rename lost to node 1's change,
+    // still) and published everything it held. Elsewhere the rename lost to node 1's drop,
     // so node 3's rows applied without the renamed column; node 3's next change then won
-    // there and brought the column back with its default. Node 3 now publishes its rows
-    // again after such a restore, as it does when a losing change reaches it by the stream.
+    // there and brought the column back with its default. Nodes now keep the values they
+    // leave out of rows and fill a column that comes back from them. (Publishing node 3's
+    // rows again after the restore also fixed this, but wrote stale rows over newer writes
+    // node 3 had not read yet: V4 seed 3266.)
     let mut c = Cluster::new(3, SCHEMA);
     c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
     c.capture(0);
@@ -1138,10 +1140,8 @@ fn rows_written_with_a_column_one_change_dropped_and_another_renamed_keep_their_
     // Found by the simulation (V4, seed 341): node 3 dropped column `a` (in a rebuild) while
     // node 1 renamed it, later; node 4's rows written with `a` reached node 2 while the drop
     // still won there, so their values were left out, and node 1's rename then brought the
-    // column back with its default. Node 1 kept the values under the new name but had already
-    // published its rows again (when the drop reached it): the rows arrived after. A node
-    // that applies such a row under a column whose fate two changes disagree on publishes
-    // the row again.
+    // column back with its default. Node 2 now keeps the values it leaves out and fills the
+    // renamed column from them (through the column history) when it comes back.
     let mut c = Cluster::new(4, SCHEMA);
     c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
     c.capture(0);
