@@ -314,6 +314,10 @@ pub struct ApplySql {
     pub upsert: String,
     /// Deletes the row: incoming key values.
     pub delete: String,
+    /// Keeps a value the row leaves out (its column is gone here) in
+    /// `__marmot__kept_values`, for a change that brings the column back
+    /// (`replicated::fill_kept`): incoming key values, then table, column, stamp, node, value.
+    pub keep_value: String,
     /// Reads the row's incoming columns: incoming key values.
     pub read: String,
     /// Removes the row from the full-text indexes that index it, with its current values
@@ -440,6 +444,22 @@ impl ApplySql {
             ),
             upsert,
             delete: format!("DELETE FROM {table} WHERE {where_row}"),
+            keep_value: format!(
+                "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
+                 SELECT ?{t}, ?{c}, {key}, ?{st}, ?{nd}, ?{v}, ?{st} FROM {table} WHERE {where_row} \
+                 ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, \
+                 node = excluded.node, value = excluded.value, kept = max(kept, excluded.kept) \
+                 WHERE (excluded.stamp, excluded.node) >= (stamp, node)",
+                t = key_columns + 1,
+                c = key_columns + 2,
+                st = key_columns + 3,
+                nd = key_columns + 4,
+                v = key_columns + 5,
+                key = crate::replicated::kept_key_expr(
+                    &t.key().iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+                    &table
+                ),
+            ),
             read: format!("SELECT {cols} FROM {table} WHERE {where_row}"),
             unindex: indexes.iter().map(|i| i.delete_sql(&where_row)).collect(),
             index: indexes.iter().map(|i| i.insert_sql(&where_row)).collect(),

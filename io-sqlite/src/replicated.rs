@@ -628,6 +628,16 @@ pub(crate) fn kept_key_expr(keys: &[String], alias: &str) -> String {
         .join(" || ',' || ")
 }
 
+/// The version table's key (`v.k0`, `v.k1`...) equal to the key columns of `alias`, compared
+/// under the version table's collations (the key's).
+fn ver_key_match(keys: &[String], alias: &str) -> String {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| format!("v.\"k{i}\" = {alias}.{}", quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// Keeps the values of `columns` of `table`, each with the version of its row, before a
 /// replicated change removes the columns here. Concurrent changes of one table can drop a
 /// column on some nodes and keep it (or rename it) in the lineage that wins later; a node that
@@ -650,12 +660,7 @@ fn keep_values(
         return Ok(());
     }
     let ver = quote(&crate::ddl::ver_table(table));
-    let matches = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("v.\"k{i}\" = t.{}", quote(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let matches = ver_key_match(&keys, "t");
     for col in columns {
         c.execute(
             &format!(
@@ -691,12 +696,7 @@ fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::Result<u64>
     }
     let t = quote(table);
     let ver = quote(&crate::ddl::ver_table(table));
-    let matches = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| format!("v.\"k{i}\" = {t}.{}", quote(k)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let matches = ver_key_match(&keys, &t);
     let mut filled = 0;
     // Where a name's history leads (renames, a few steps at most).
     let reaches = |from: &str, to: &str| -> rusqlite::Result<bool> {

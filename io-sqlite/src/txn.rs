@@ -103,8 +103,7 @@ pub struct Tx<'a> {
     /// Per incoming table item: the local table, its statements, and which incoming columns
     /// are written (None: all; a column the schema history says was dropped is not).
     /// Per table item applied: the table, its statements, which incoming columns it keeps,
-    /// and the values it leaves out (columns gone here) to keep, with the statement that
-    /// keeps one (see `replicated::fill_kept`).
+    /// and the columns it leaves out, whose values are kept (see `replicated::fill_kept`).
     pub(crate) apply_tables: Vec<ApplyTable>,
     /// Replicate schema changes (see `StoreConfig::replicate_schema`).
     pub(crate) replicate_schema: bool,
@@ -176,15 +175,8 @@ pub(crate) struct ApplyTable {
     index: usize,
     sql: ApplySql,
     mask: Option<Vec<bool>>,
-    keep: Option<Keep>,
-}
-
-/// Values an applied table item leaves out (their columns are gone here), to keep.
-pub(crate) struct Keep {
-    /// Keeps one value: the incoming key values, then table, column, stamp, node, value.
-    sql: String,
-    /// The incoming columns left out: their position and name.
-    columns: Vec<(usize, String)>,
+    /// The incoming columns it leaves out (gone here), by position: their values are kept.
+    left_out: Vec<(usize, String)>,
 }
 
 struct RowView<'r, 's> {
@@ -572,39 +564,14 @@ impl ApplyTxn for Tx<'_> {
         }
         // Values left out of rows (their column is gone here) are kept: a later change of the
         // table may bring the column back (see `replicated::fill_kept`).
-        let keep = (self.replicate_schema && !left_out.is_empty()).then(|| {
-            let n = def.key_columns;
-            let local_names: Vec<String> = t.key().iter().map(|c| c.name.clone()).collect();
-            let where_row = local_key
-                .iter()
-                .zip(t.key())
-                .map(|(&i, c)| format!("t.{} = ?{} COLLATE {}", quote(&c.name), i + 1, c.collation))
-                .collect::<Vec<_>>()
-                .join(" AND ");
-            Keep {
-                sql: format!(
-                    "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
-                     SELECT ?{}, ?{}, {}, ?{}, ?{}, ?{}, ?{} FROM {} AS t WHERE {where_row} \
-                     ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, \
-                     node = excluded.node, value = excluded.value, kept = max(kept, excluded.kept) \
-                     WHERE (excluded.stamp, excluded.node) >= (stamp, node)",
-                    n + 1,
-                    n + 2,
-                    crate::replicated::kept_key_expr(&local_names, "t"),
-                    n + 3,
-                    n + 4,
-                    n + 5,
-                    n + 3,
-                    quote(&t.name),
-                ),
-                columns: left_out,
-            }
-        });
+        if !self.replicate_schema {
+            left_out.clear();
+        }
         self.apply_tables.push(ApplyTable {
             index,
             sql,
             mask,
-            keep,
+            left_out,
         });
         Ok(self.apply_tables.len() - 1)
     }
@@ -656,11 +623,12 @@ impl ApplyTxn for Tx<'_> {
         if let Err(e) = r {
             return Err(self.poison(t, key, e));
         }
-        if let Some(keep) = &self.apply_tables[t].keep {
-            let name = self.tables()[self.apply_tables[t].index].info.name.clone();
+        let left_out = &self.apply_tables[t].left_out;
+        if !left_out.is_empty() {
+            let name = &self.tables()[self.apply_tables[t].index].info.name;
             let stamp = ValueRef::Integer(version.stamp.as_u64() as i64);
             let node = ValueRef::Integer(version.node as i64);
-            for (i, col) in &keep.columns {
+            for (i, col) in left_out {
                 let extra = [
                     ValueRef::Text(name.as_bytes()),
                     ValueRef::Text(col.as_bytes()),
@@ -668,7 +636,8 @@ impl ApplyTxn for Tx<'_> {
                     node,
                     values[*i],
                 ];
-                let r = self.conn.prepare_cached(&keep.sql).and_then(|mut st| {
+                let sql = &self.apply_tables[t].sql.keep_value;
+                let r = self.conn.prepare_cached(sql).and_then(|mut st| {
                     st.execute(rusqlite::params_from_iter(
                         key.iter().copied().chain(extra).map(Bind),
                     ))

@@ -30,6 +30,11 @@ fn conflicts(c: &Cluster, i: usize) -> Vec<String> {
         .collect()
 }
 
+/// The one value `sql` selects on node `i`'s application connection.
+fn scalar<T: rusqlite::types::FromSql>(c: &Cluster, i: usize, sql: &str) -> T {
+    c.nodes[i].app.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
 fn parked(c: &Cluster, i: usize) -> i64 {
     c.nodes[i]
         .app
@@ -64,10 +69,7 @@ fn a_migration_on_one_node_reaches_every_node_and_rows_written_after_it_apply_ev
     assert_same_schema(&c);
     for i in 0..3 {
         assert_eq!(c.dump(i, "shelves"), vec!["(1, 'classics')"]);
-        let uv: i64 = c.nodes[i]
-            .app
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let uv: i64 = scalar(&c, i, "PRAGMA user_version");
         assert_eq!(uv, 7, "node {}", i + 1);
     }
     // A write of the new column on another node reaches every node.
@@ -216,14 +218,11 @@ fn a_dropped_table_goes_everywhere_and_views_and_triggers_follow() {
     );
     c.settle();
     assert_same_schema(&c);
-    let left: i64 = c.nodes[1]
-        .app
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE name IN ('audit', 'titles', 'books_audit')",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let left: i64 = scalar(
+        &c,
+        1,
+        "SELECT count(*) FROM sqlite_master WHERE name IN ('audit', 'titles', 'books_audit')",
+    );
     assert_eq!(left, 0);
     assert_no_echo(&mut c);
 }
@@ -484,10 +483,7 @@ fn a_merge_restore_brings_the_snapshots_newer_schema_before_its_rows() {
         "the snapshot's schema came first"
     );
     assert_eq!(c.dump(1, "shelves"), vec!["(1, 'classics')"]);
-    let isbn: String = c.nodes[1]
-        .app
-        .query_row("SELECT isbn FROM books WHERE id = 1", [], |r| r.get(0))
-        .unwrap();
+    let isbn: String = scalar(&c, 1, "SELECT isbn FROM books WHERE id = 1");
     assert_eq!(isbn, "978-0");
     // Node 2's own write survived and reaches node 1; nothing is published twice or parked.
     c.settle();
@@ -630,10 +626,7 @@ fn a_merge_restore_follows_a_column_through_renames_while_other_columns_came_and
     n.applied = rep.position;
     c.settle();
     assert_same_schema(&c);
-    let b3: String = c.nodes[1]
-        .app
-        .query_row("SELECT b3 FROM books WHERE id = 1", [], |r| r.get(0))
-        .unwrap();
+    let b3: String = scalar(&c, 1, "SELECT b3 FROM books WHERE id = 1");
     assert_eq!(b3, "vb", "the twice-renamed column kept its value");
     assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
     assert_eq!(parked(&c, 0) + parked(&c, 1), 0);
@@ -691,14 +684,7 @@ fn rows_for_a_table_dropped_meanwhile_are_skipped_not_parked() {
     assert_eq!(parked(&c, 0) + parked(&c, 1), 0, "nothing parked");
     assert_same_schema(&c);
     for i in 0..2 {
-        let n: i64 = c.nodes[i]
-            .app
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'x'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let n: i64 = scalar(&c, i, "SELECT count(*) FROM sqlite_master WHERE name = 'x'");
         assert_eq!(n, 0, "node {} still has the table", i + 1);
     }
     assert_no_echo(&mut c);
@@ -728,12 +714,7 @@ fn a_column_whose_lineage_lost_and_then_won_ends_the_same_on_every_node() {
     c.settle();
     assert_same_schema(&c);
     assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
-    let a2 = |i: usize| -> String {
-        c.nodes[i]
-            .app
-            .query_row("SELECT a2 FROM books WHERE id = 1", [], |r| r.get(0))
-            .unwrap()
-    };
+    let a2 = |i: usize| -> String { scalar(&c, i, "SELECT a2 FROM books WHERE id = 1") };
     assert_eq!(a2(0), a2(1));
     assert_eq!(parked(&c, 0) + parked(&c, 1), 0);
     assert_no_echo(&mut c);
@@ -766,10 +747,7 @@ fn two_nodes_renaming_one_column_at_once_keep_its_values_under_the_winning_name(
     c.settle();
     assert_same_schema(&c);
     for i in 0..3 {
-        let v: String = c.nodes[i]
-            .app
-            .query_row("SELECT r1 FROM books WHERE id = 7", [], |r| r.get(0))
-            .unwrap();
+        let v: String = scalar(&c, i, "SELECT r1 FROM books WHERE id = 7");
         assert_eq!(v, "x", "node {}", i + 1);
     }
     assert_eq!(parked(&c, 0) + parked(&c, 1) + parked(&c, 2), 0);
@@ -865,10 +843,7 @@ fn a_column_renamed_in_the_same_capture_as_another_was_dropped_before_it_keeps_i
     c.capture(0);
     c.settle();
     assert_same_schema(&c);
-    let b2: String = c.nodes[1]
-        .app
-        .query_row("SELECT b2 FROM books WHERE id = 1", [], |r| r.get(0))
-        .unwrap();
+    let b2: String = scalar(&c, 1, "SELECT b2 FROM books WHERE id = 1");
     assert_eq!(b2, "vb");
     assert_eq!(c.dump(0, "books"), c.dump(1, "books"));
 }
@@ -983,10 +958,7 @@ fn a_merge_restore_follows_a_column_renamed_on_two_other_nodes_one_after_the_oth
     n.applied = rep.position;
     c.settle();
     assert_same_schema(&c);
-    let r2: String = c.nodes[2]
-        .app
-        .query_row("SELECT r2 FROM books WHERE id = 1", [], |r| r.get(0))
-        .unwrap();
+    let r2: String = scalar(&c, 2, "SELECT r2 FROM books WHERE id = 1");
     assert_eq!(
         r2, "va",
         "the column renamed twice elsewhere kept its value"
@@ -1022,14 +994,11 @@ fn a_losing_drops_column_fact_does_not_turn_a_later_rename_into_a_drop() {
     c.capture(2);
     c.settle();
     assert_same_schema(&c);
-    let has_a: i64 = c.nodes[0]
-        .app
-        .query_row(
-            "SELECT count(*) FROM pragma_table_info('books') WHERE name = 'a'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let has_a: i64 = scalar(
+        &c,
+        0,
+        "SELECT count(*) FROM pragma_table_info('books') WHERE name = 'a'",
+    );
     assert_eq!(has_a, 1, "node 3's change won: `a` stays");
     c.dump(0, "books");
     c.exec(0, "ALTER TABLE books RENAME COLUMN a TO r;");
@@ -1046,14 +1015,11 @@ fn a_losing_drops_column_fact_does_not_turn_a_later_rename_into_a_drop() {
     c.settle();
     assert_same_schema(&c);
     for i in 0..4 {
-        let r: String = c.nodes[i]
-            .app
-            .query_row(
-                "SELECT group_concat(r) FROM books WHERE id IN (1, 2)",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let r: String = scalar(
+            &c,
+            i,
+            "SELECT group_concat(r) FROM books WHERE id IN (1, 2)",
+        );
         assert_eq!(
             r,
             "va,va",
@@ -1124,10 +1090,7 @@ fn a_merge_restore_that_keeps_a_newer_shape_leaves_its_rows_values_everywhere() 
     c.settle();
     assert_same_schema(&c);
     for i in 0..3 {
-        let r: String = c.nodes[i]
-            .app
-            .query_row("SELECT r FROM books WHERE id = 1", [], |r| r.get(0))
-            .unwrap();
+        let r: String = scalar(&c, i, "SELECT r FROM books WHERE id = 1");
         assert_eq!(r, "v", "node {} has the renamed column's value", i + 1);
     }
     assert_eq!(c.dump(0, "books"), c.dump(2, "books"));
@@ -1167,10 +1130,7 @@ fn rows_written_with_a_column_one_change_dropped_and_another_renamed_keep_their_
     c.settle();
     assert_same_schema(&c);
     for i in 0..4 {
-        let r: String = c.nodes[i]
-            .app
-            .query_row("SELECT r FROM books WHERE id = 1", [], |r| r.get(0))
-            .unwrap();
+        let r: String = scalar(&c, i, "SELECT r FROM books WHERE id = 1");
         assert_eq!(
             r,
             "x",
@@ -1222,10 +1182,7 @@ fn rows_in_a_shape_their_node_superseded_itself_apply_without_its_lost_column() 
         assert_eq!(parked(&c, i), 0, "node {} parked nothing", i + 1);
         assert_eq!(c.dump(0, "books"), c.dump(i, "books"));
     }
-    let title: String = c.nodes[2]
-        .app
-        .query_row("SELECT title FROM books WHERE id = 1", [], |r| r.get(0))
-        .unwrap();
+    let title: String = scalar(&c, 2, "SELECT title FROM books WHERE id = 1");
     assert_eq!(title, "Emma");
     assert_no_echo(&mut c);
 }
@@ -1262,14 +1219,11 @@ fn a_column_that_comes_back_takes_the_values_its_rows_winning_writes_carried() {
     c.capture(0);
     // Node 3 meets the drop, then node 1's later change (it wins): `a` comes back.
     c.apply(2);
-    let a: String = c.nodes[2]
-        .app
-        .query_row(
-            "SELECT group_concat(a) FROM books WHERE id IN (1, 2)",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let a: String = scalar(
+        &c,
+        2,
+        "SELECT group_concat(a) FROM books WHERE id IN (1, 2)",
+    );
     assert_eq!(
         a, "x,y",
         "the column came back with the values the rows' winning writes carried"
@@ -1330,10 +1284,7 @@ fn a_column_renamed_here_by_a_losing_change_and_then_dropped_comes_back_with_its
     c.exec(0, "ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';");
     c.capture(0);
     c.apply(2);
-    let a: String = c.nodes[2]
-        .app
-        .query_row("SELECT a FROM books WHERE id = 1", [], |r| r.get(0))
-        .unwrap();
+    let a: String = scalar(&c, 2, "SELECT a FROM books WHERE id = 1");
     assert_eq!(a, "x", "`a` came back on node 3 with the values `y` held");
     c.settle();
     assert_same_schema(&c);
@@ -1405,10 +1356,7 @@ fn a_column_dropped_and_added_again_under_its_name_starts_empty_everywhere() {
     c.settle();
     assert_same_schema(&c);
     for i in 0..3 {
-        let x: String = c.nodes[i]
-            .app
-            .query_row("SELECT x FROM books WHERE id = 1", [], |r| r.get(0))
-            .unwrap();
+        let x: String = scalar(&c, i, "SELECT x FROM books WHERE id = 1");
         assert_eq!(x, "new", "node {} gave the new column its default", i + 1);
     }
     assert_no_echo(&mut c);
