@@ -30,6 +30,11 @@ CREATE TABLE IF NOT EXISTS "__marmot__kept_values" (
     node INTEGER NOT NULL, value, kept INTEGER NOT NULL, PRIMARY KEY (tbl, col, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
     tbl TEXT NOT NULL PRIMARY KEY, stamp INTEGER NOT NULL, node INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS "__marmot__column_renames" (
+    tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT NOT NULL,
+    PRIMARY KEY (tbl, col, renamed_to)) WITHOUT ROWID;
+INSERT OR IGNORE INTO "__marmot__column_renames" (tbl, col, renamed_to)
+    SELECT tbl, col, renamed_to FROM "__marmot__column_fates" WHERE renamed_to IS NOT NULL;
 "#;
 
 /// Records that table `table` was dropped by the replicated change of version `v` (the newest
@@ -44,6 +49,8 @@ fn record_drop(c: &Connection, table: &str, v: Version) -> rusqlite::Result<bool
     // The column history of a table ends with it: a table created again under that name
     // starts a new one (its column names may be reused).
     c.prepare_cached("DELETE FROM \"__marmot__column_fates\" WHERE tbl = ?1")?
+        .execute([table])?;
+    c.prepare_cached("DELETE FROM \"__marmot__column_renames\" WHERE tbl = ?1")?
         .execute([table])?;
     c.prepare_cached("DELETE FROM \"__marmot__kept_values\" WHERE tbl = ?1")?
         .execute([table])?;
@@ -590,6 +597,14 @@ fn put_fate(
         .query_row([table, col], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let (stamp, node) = (v.stamp.as_u64() as i64, v.node as i64);
+    // Every rename is remembered, whatever fact wins: a column's values kept under one of
+    // its names fill it under another ([`fill_kept`]).
+    if let Some(to) = to {
+        c.prepare_cached(
+            "INSERT OR IGNORE INTO \"__marmot__column_renames\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3)",
+        )?
+        .execute([table, col, to])?;
+    }
     let differs = known
         .as_ref()
         .is_some_and(|(known_to, _, _)| known_to.as_deref() != to);
@@ -685,7 +700,7 @@ fn keep_values(
 /// column was gone here): a kept value under a name whose history leads to `column`, written
 /// by the row's current version. A column's value is so the one its row's winning write
 /// carried, whatever order this node met the changes in. Returns the rows filled.
-fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::Result<u64> {
+pub(crate) fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::Result<u64> {
     let names: Vec<String> = c
         .prepare_cached("SELECT DISTINCT col FROM \"__marmot__kept_values\" WHERE tbl = ?1")?
         .query_map([table], |r| r.get(0))?
@@ -698,24 +713,37 @@ fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::Result<u64>
     let ver = quote(&crate::ddl::ver_table(table));
     let matches = ver_key_match(&keys, &t);
     let mut filled = 0;
-    // Where a name's history leads (renames, a few steps at most).
-    let reaches = |from: &str, to: &str| -> rusqlite::Result<bool> {
-        let mut at = from.to_string();
-        for _ in 0..8 {
-            if at.eq_ignore_ascii_case(to) {
-                return Ok(true);
+    // Every rename learned, including those whose fact a later change replaced (a column
+    // renamed in one lineage and dropped in another keeps its rename here).
+    let edges: Vec<(String, String)> = c
+        .prepare_cached(
+            "SELECT lower(col), lower(renamed_to) FROM \"__marmot__column_renames\" WHERE tbl = ?1",
+        )?
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    // Whether renames lead from one name to the other.
+    let reaches = |from: &str, to: &str| -> bool {
+        let to = to.to_ascii_lowercase();
+        let mut seen = vec![from.to_ascii_lowercase()];
+        let mut at = 0;
+        while at < seen.len() {
+            if seen[at] == to {
+                return true;
             }
-            match column_fate(c, table, &at)? {
-                Some(Some(next)) => at = next,
-                _ => return Ok(false),
+            for (f, t) in &edges {
+                if *f == seen[at] && !seen.contains(t) {
+                    seen.push(t.clone());
+                }
             }
+            at += 1;
         }
-        Ok(false)
+        false
     };
     for name in names {
         // The kept name became this column, or this column was renamed to the kept name
-        // here (by a change that lost since) before its values were removed.
-        if !reaches(&name, column)? && !reaches(column, &name)? {
+        // (by a change that lost since, here or in another lineage) before its values were
+        // removed.
+        if !reaches(&name, column) && !reaches(column, &name) {
             continue;
         }
         filled += c.execute(
@@ -1329,6 +1357,18 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             });
             put_fate(c, &tbl, &col, to.as_deref(), v)?;
         }
+    }
+    let renames: i64 = c.query_row(
+        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__column_renames'",
+        [],
+        |r| r.get(0),
+    )?;
+    if renames > 0 {
+        c.execute(
+            "INSERT OR IGNORE INTO \"__marmot__column_renames\" (tbl, col, renamed_to) \
+             SELECT tbl, col, renamed_to FROM snap.\"__marmot__column_renames\"",
+            [],
+        )?;
     }
     // And the drops it knows of: rows still to come may belong to a table dropped before.
     let mut drops_learned: Vec<(String, Version, Option<Version>)> = Vec::new();

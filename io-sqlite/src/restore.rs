@@ -776,5 +776,68 @@ fn merge_table(
         ),
         [],
     )?;
+    if !keep_extras {
+        merge_kept_values(conn, t, &pairs, &snap_cols)?;
+    }
     Ok(Ok(()))
+}
+
+/// The values a merge restore must not lose to a difference of shape, as the stream path does
+/// not (`Tx::table` keeps the values it leaves out; `replicated::fill_kept` brings them
+/// back): the snapshot's kept values join this node's; the values of the merged rows in
+/// columns the snapshot has and this node's table has not are kept; and the columns this
+/// node's table has and the snapshot's has not take, in the merged rows, the values kept for
+/// them at those rows' versions rather than their defaults. Found by the simulation (V4,
+/// seed 800467): a node restored from a snapshot taken where a losing change had dropped a
+/// column; the winning change kept it here, and the merged rows took its default while the
+/// other nodes filled it from their kept values.
+fn merge_kept_values(
+    conn: &Connection,
+    t: &TableInfo,
+    pairs: &[(String, String)],
+    snap_cols: &[String],
+) -> rusqlite::Result<()> {
+    let name = &t.name;
+    let qt = quote(name);
+    let snap_has: i64 = conn.query_row(
+        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__kept_values'",
+        [],
+        |r| r.get(0),
+    )?;
+    let upsert = "ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, \
+                  node = excluded.node, value = excluded.value, kept = max(kept, excluded.kept) \
+                  WHERE (excluded.stamp, excluded.node) >= (stamp, node)";
+    if snap_has > 0 {
+        conn.execute(
+            &format!(
+                "INSERT INTO main.\"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
+                 SELECT tbl, col, key, stamp, node, value, kept FROM snap.\"__marmot__kept_values\" \
+                 WHERE tbl = ?1 {upsert}"
+            ),
+            [name],
+        )?;
+    }
+    let keys: Vec<String> = t.key().iter().map(|c| c.name.clone()).collect();
+    for s in snap_cols {
+        if pairs.iter().any(|(_, sc)| sc == s) || t.columns.iter().any(|c| c.name == *s) {
+            continue;
+        }
+        conn.execute(
+            &format!(
+                "INSERT INTO main.\"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
+                 SELECT ?1, ?2, {key}, n.stamp, n.node, s.{col}, n.stamp FROM snap.{qt} AS s \
+                 JOIN temp.\"marmot_newer\" AS n ON {m} WHERE n.deleted = 0 AND true {upsert}",
+                key = crate::replicated::kept_key_expr(&keys, "s"),
+                col = quote(s),
+                m = key_match(t, "s", "n"),
+            ),
+            params![name, s],
+        )?;
+    }
+    for c in &t.columns {
+        if !pairs.iter().any(|(l, _)| *l == c.name) {
+            crate::replicated::fill_kept(conn, name, &c.name)?;
+        }
+    }
+    Ok(())
 }

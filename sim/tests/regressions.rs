@@ -426,3 +426,28 @@ fn regression_36_a_merge_restore_kept_rows_of_a_dropped_tables_old_life() {
 fn regression_37_a_restore_published_stale_rows_over_newer_writes() {
     passes_with(3266, Generator::V4);
 }
+
+/// Postmortem (V4, seed 800467, the open class of the first campaign on the final code):
+/// node 2 dropped a column of `sd` in a rebuild; node 3, which had not met it, wrote the
+/// column, and the nodes that had the drop kept that value. Node 1's later rebuild kept the
+/// column (its lineage won), but node 1 had fallen behind and merge-restored a snapshot taken
+/// where the column was gone: the merged row took the column's default, while the other nodes
+/// filled it from their kept values. A merge restore now takes the snapshot's kept values and
+/// fills such columns from them. Pinned by
+/// `a_merge_restore_fills_a_column_the_snapshot_dropped_from_its_kept_values`.
+#[test]
+fn regression_38_a_merge_restore_gave_a_column_the_snapshot_lacked_its_default() {
+    passes_with(800467, Generator::V4);
+}
+
+/// Postmortem (V4, seed 800685): one lineage renamed a column, a concurrent one dropped it
+/// (its fact about the old name replaced the rename's), and a third, later, kept it under its
+/// old name. A node that wrote the column before meeting any of them held the value under the
+/// new name when the drop came (kept there); when the column came back, nothing led from its
+/// name to the kept one, and the row took the default. Every rename learned is now kept
+/// apart from the column facts. Pinned by
+/// `a_column_renamed_in_one_lineage_and_dropped_in_another_comes_back_with_its_values`.
+#[test]
+fn regression_39_a_renamed_then_dropped_column_came_back_without_its_values() {
+    passes_with(800685, Generator::V4);
+}

@@ -1296,6 +1296,100 @@ fn a_column_renamed_here_by_a_losing_change_and_then_dropped_comes_back_with_its
 }
 
 #[test]
+fn a_column_renamed_in_one_lineage_and_dropped_in_another_comes_back_with_its_values() {
+    // Found by the simulation (V4, seed 800685): node 1 renamed `a` to `r`; node 2, which had
+    // not met the rename, dropped `a`; node 3, which had met neither, changed the table later
+    // (its lineage wins: `a` comes back). Node 4 wrote `a` before it met any of them, then met
+    // the rename (its value moved to `r`) and the drop (kept under `r`). The drop's fact about
+    // `a` replaced the rename's, so when `a` came back nothing led from `a` to `r`, and the
+    // row took `a`'s default there while the other nodes held the value. Every rename a node
+    // learns is now remembered, whatever fact wins.
+    let mut c = Cluster::new(4, SCHEMA);
+    c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
+    c.capture(0);
+    c.settle();
+    c.exec(
+        0,
+        "INSERT INTO books (id, title, a) VALUES (1, 'Emma', 'x');",
+    );
+    c.capture(0);
+    c.settle();
+    for i in 0..4 {
+        c.dump(i, "books");
+    }
+    c.exec(0, "ALTER TABLE books RENAME COLUMN a TO r;");
+    c.capture(0);
+    c.exec(1, "ALTER TABLE books DROP COLUMN a;");
+    c.capture(1);
+    c.exec(2, "ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';");
+    c.capture(2);
+    // Node 3 meets the losing changes and publishes its rows again; node 4's write is later.
+    c.apply(2);
+    c.capture(2);
+    c.exec(3, "UPDATE books SET a = 'y' WHERE id = 1;");
+    c.capture(3);
+    c.apply(3);
+    let a: String = scalar(&c, 3, "SELECT a FROM books WHERE id = 1");
+    assert_eq!(
+        a, "y",
+        "`a` came back on node 4 with the value it held under `r`"
+    );
+    c.settle();
+    assert_same_schema(&c);
+    for i in 0..4 {
+        let a: String = scalar(&c, i, "SELECT a FROM books WHERE id = 1");
+        assert_eq!(a, "y", "node {}", i + 1);
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn a_merge_restore_fills_a_column_the_snapshot_dropped_from_its_kept_values() {
+    // Found by the simulation (V4, seed 800467): node 1 dropped `a`; node 3, which had not met
+    // the drop, wrote `a`, and node 1 kept that value (the column was gone there). Node 2,
+    // which had met neither, changed the table later (its lineage wins, `a` stays), then fell
+    // behind and merge-restored node 1's snapshot: the merged row took `a`'s default, while
+    // the other nodes held node 3's value. A merge restore now takes the snapshot's kept
+    // values, as the stream path would have carried them.
+    let mut c = Cluster::new(3, SCHEMA);
+    c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
+    c.capture(0);
+    c.settle();
+    c.exec(
+        0,
+        "INSERT INTO books (id, title, a) VALUES (1, 'Emma', 'x');",
+    );
+    c.capture(0);
+    c.settle();
+    for i in 0..3 {
+        c.dump(i, "books");
+    }
+    c.exec(0, "ALTER TABLE books DROP COLUMN a;");
+    c.capture(0);
+    c.exec(2, "UPDATE books SET a = 'y' WHERE id = 1;");
+    c.capture(2);
+    c.apply(0);
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path.clone());
+    c.exec(1, "ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';");
+    c.capture(1);
+    let n = &mut c.nodes[1];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    n.applied = rep.position;
+    let a: String = scalar(&c, 1, "SELECT a FROM books WHERE id = 1");
+    assert_eq!(a, "y", "the merged row took the value its write carried");
+    c.settle();
+    assert_same_schema(&c);
+    for i in 0..3 {
+        let a: String = scalar(&c, i, "SELECT a FROM books WHERE id = 1");
+        assert_eq!(a, "y", "node {}", i + 1);
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
+
+#[test]
 fn a_merge_restore_removes_rows_of_a_table_life_a_drop_ended() {
     // Found by the simulation (V4, seed 1943): node 2 missed node 1's drop and creation of
     // `x` (it fell behind the stream) and wrote rows in its old `x` meanwhile, stamped after
