@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS "__marmot__column_renames" (
     tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT NOT NULL,
     PRIMARY KEY (tbl, col, renamed_to)) WITHOUT ROWID;
 INSERT OR IGNORE INTO "__marmot__column_renames" (tbl, col, renamed_to)
-    SELECT tbl, col, renamed_to FROM "__marmot__column_fates" WHERE renamed_to IS NOT NULL;
+    SELECT tbl, lower(col), lower(renamed_to) FROM "__marmot__column_fates"
+    WHERE renamed_to IS NOT NULL;
 "#;
 
 /// Records that table `table` was dropped by the replicated change of version `v` (the newest
@@ -601,7 +602,8 @@ fn put_fate(
     // its names fill it under another ([`fill_kept`]).
     if let Some(to) = to {
         c.prepare_cached(
-            "INSERT OR IGNORE INTO \"__marmot__column_renames\" (tbl, col, renamed_to) VALUES (?1, ?2, ?3)",
+            "INSERT OR IGNORE INTO \"__marmot__column_renames\" (tbl, col, renamed_to) \
+             VALUES (?1, lower(?2), lower(?3))",
         )?
         .execute([table, col, to])?;
     }
@@ -697,11 +699,21 @@ fn keep_values(
 
 /// Fills column `column` of `table`, which a replicated change just gave its default, from the
 /// values kept for it ([`keep_values`], and the values left out of rows that arrived while the
-/// column was gone here): a kept value under a name whose history leads to `column`, written
-/// by the row's current version. A column's value is so the one its row's winning write
-/// carried, whatever order this node met the changes in. Returns the rows filled.
-pub(crate) fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::Result<u64> {
-    let names: Vec<String> = c
+/// column was gone here): a kept value under a name renames connect to `column`, written by
+/// the row's current version. A column's value is so the one its row's winning write carried,
+/// whatever order this node met the changes in. `only` (an SQL condition on the table, named
+/// by its quoted name) limits the rows filled. Returns the rows filled.
+///
+/// A kept name that another column of the table bears now holds that column's values, not
+/// this one's, and is never followed; values kept under the column's own name are applied
+/// last, so they win over a renamed name's for the same row.
+pub(crate) fn fill_kept(
+    c: &Connection,
+    table: &str,
+    column: &str,
+    only: Option<&str>,
+) -> rusqlite::Result<u64> {
+    let mut names: Vec<String> = c
         .prepare_cached("SELECT DISTINCT col FROM \"__marmot__kept_values\" WHERE tbl = ?1")?
         .query_map([table], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
@@ -709,18 +721,29 @@ pub(crate) fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::
     if names.is_empty() || keys.is_empty() {
         return Ok(0);
     }
+    let others: Vec<String> = described(c, table)?
+        .into_iter()
+        .map(|d| d.name.to_ascii_lowercase())
+        .filter(|n| !n.eq_ignore_ascii_case(column))
+        .collect();
+    names.retain(|n| !others.contains(&n.to_ascii_lowercase()));
+    names.sort_by_key(|n| n.eq_ignore_ascii_case(column));
     let t = quote(table);
     let ver = quote(&crate::ddl::ver_table(table));
     let matches = ver_key_match(&keys, &t);
     let mut filled = 0;
     // Every rename learned, including those whose fact a later change replaced (a column
-    // renamed in one lineage and dropped in another keeps its rename here).
+    // renamed in one lineage and dropped in another keeps its rename here); not from a name
+    // another column bears now (a rename of an earlier column of that name).
     let edges: Vec<(String, String)> = c
         .prepare_cached(
             "SELECT lower(col), lower(renamed_to) FROM \"__marmot__column_renames\" WHERE tbl = ?1",
         )?
         .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<rusqlite::Result<Vec<(String, String)>>>()?
+        .into_iter()
+        .filter(|(f, _)| !others.contains(f))
+        .collect();
     // Whether renames lead from one name to the other.
     let reaches = |from: &str, to: &str| -> bool {
         let to = to.to_ascii_lowercase();
@@ -739,6 +762,7 @@ pub(crate) fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::
         }
         false
     };
+    let only = only.map(|o| format!(" AND {o}")).unwrap_or_default();
     for name in names {
         // The kept name became this column, or this column was renamed to the kept name
         // (by a change that lost since, here or in another lineage) before its values were
@@ -750,7 +774,7 @@ pub(crate) fn fill_kept(c: &Connection, table: &str, column: &str) -> rusqlite::
             &format!(
                 "UPDATE {t} SET {col} = k.value FROM \"__marmot__kept_values\" AS k, {ver} AS v \
                  WHERE k.tbl = ?1 AND k.col = ?2 AND k.key = {key} AND {matches} \
-                 AND k.stamp = v.stamp AND k.node = v.node AND v.deleted = 0",
+                 AND k.stamp = v.stamp AND k.node = v.node AND v.deleted = 0{only}",
                 col = quote(column),
                 key = kept_key_expr(&keys, &t),
             ),
@@ -833,6 +857,7 @@ fn record_fates(
     before: &[Described],
     after: &[Described],
     through_history: bool,
+    revived: &[String],
     v: Version,
 ) -> rusqlite::Result<bool> {
     let mut renamed = false;
@@ -854,11 +879,27 @@ fn record_fates(
         }
     }
     // A column the table has now has no fate: one recorded for an earlier column of that
-    // name (dropped or renamed, then the name used again) is stale.
+    // name (dropped or renamed, then the name used again) is stale, and so are the renames
+    // of that earlier column ([`fill_kept`] has filled a column that came back by now).
     let mut clear =
         c.prepare_cached("DELETE FROM \"__marmot__column_fates\" WHERE tbl = ?1 AND col = ?2")?;
+    let mut clear_renames = c.prepare_cached(
+        "DELETE FROM \"__marmot__column_renames\" WHERE tbl = ?1 AND col = lower(?2)",
+    )?;
+    // A column new here (no old column became it, and not one that came back: `revived`)
+    // starts empty: values kept under its name were an earlier column's.
+    let mut clear_kept = c.prepare_cached(
+        "DELETE FROM \"__marmot__kept_values\" WHERE tbl = ?1 AND col = ?2 COLLATE NOCASE",
+    )?;
     for a in after {
         clear.execute(params![table, a.name])?;
+        clear_renames.execute(params![table, a.name])?;
+        let new_here = !before.iter().any(|b| b.name.eq_ignore_ascii_case(&a.name))
+            && !pairs.iter().any(|(_, n)| n.eq_ignore_ascii_case(&a.name))
+            && !revived.iter().any(|r| r.eq_ignore_ascii_case(&a.name));
+        if new_here {
+            clear_kept.execute(params![table, a.name])?;
+        }
     }
     Ok(renamed)
 }
@@ -927,6 +968,7 @@ pub(crate) fn commit(
                 &before,
                 &described(c, &ch.name)?,
                 false,
+                &[],
                 version,
             )?;
         }
@@ -1193,6 +1235,7 @@ pub(crate) fn apply(
                 .and_then(declared)
                 .map(|new| copy_pairs(&sender_old, &new))
                 .unwrap_or_default();
+            let mut revived: Vec<String> = Vec::new();
             for a in after.iter().filter(|a| a.shape.3 == 0) {
                 let lineage_had = sender_old
                     .iter()
@@ -1204,10 +1247,11 @@ pub(crate) fn apply(
                     && !pairs.iter().any(|(_, n)| *n == a.name)
                     && !before.iter().any(|b| b.name.eq_ignore_ascii_case(&a.name))
                 {
-                    fill_kept(c, item.name, &a.name).map_err(f)?;
+                    fill_kept(c, item.name, &a.name, None).map_err(f)?;
+                    revived.push(a.name.clone());
                 }
             }
-            record_fates(c, item.name, &before, &after, true, version).map_err(f)?;
+            record_fates(c, item.name, &before, &after, true, &revived, version).map_err(f)?;
         }
         if item.kind == ObjectKind::Table {
             forget_vanished(c, item.name, version).map_err(f)?;
@@ -1358,18 +1402,6 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             put_fate(c, &tbl, &col, to.as_deref(), v)?;
         }
     }
-    let renames: i64 = c.query_row(
-        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__column_renames'",
-        [],
-        |r| r.get(0),
-    )?;
-    if renames > 0 {
-        c.execute(
-            "INSERT OR IGNORE INTO \"__marmot__column_renames\" (tbl, col, renamed_to) \
-             SELECT tbl, col, renamed_to FROM snap.\"__marmot__column_renames\"",
-            [],
-        )?;
-    }
     // And the drops it knows of: rows still to come may belong to a table dropped before.
     let mut drops_learned: Vec<(String, Version, Option<Version>)> = Vec::new();
     let drops: i64 = c.query_row(
@@ -1391,6 +1423,31 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
                 }
             }
         }
+    }
+    // Every rename the snapshot learned, after the drops (a drop learned clears a table's
+    // renames) and only for the table's life the snapshot knows: where this node knows a
+    // later drop, the snapshot's renames are of a life that ended.
+    let renames: i64 = c.query_row(
+        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__column_renames'",
+        [],
+        |r| r.get(0),
+    )?;
+    if renames > 0 {
+        let same_life = if drops > 0 {
+            "NOT EXISTS (SELECT 1 FROM snap.\"__marmot__table_drops\" s \
+             WHERE s.tbl = d.tbl AND s.stamp = d.stamp AND s.node = d.node)"
+        } else {
+            "true"
+        };
+        c.execute(
+            &format!(
+                "INSERT OR IGNORE INTO main.\"__marmot__column_renames\" (tbl, col, renamed_to) \
+                 SELECT r.tbl, lower(r.col), lower(r.renamed_to) FROM snap.\"__marmot__column_renames\" AS r \
+                 WHERE NOT EXISTS (SELECT 1 FROM main.\"__marmot__table_drops\" AS d \
+                 WHERE d.tbl = r.tbl AND {same_life})"
+            ),
+            [],
+        )?;
     }
     let mut theirs: Vec<(ObjectKind, String, String, Option<String>, Version)> = Vec::new();
     {

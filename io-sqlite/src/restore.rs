@@ -665,7 +665,8 @@ fn merge_table(
     // migration reached its node): with each node's schema its own (`keep_extras`), the rows
     // the snapshot replaces keep their values there, as an update in place would have left
     // them. With schema replication they take their defaults, as an apply of those rows does
-    // (the winning version was written without them): every node ends the same.
+    // (the winning version was written without them), or the values kept for them at those
+    // rows' versions (`merge_kept_values`): every node ends the same.
     let extras: Vec<&str> = t
         .columns
         .iter()
@@ -826,7 +827,7 @@ fn merge_kept_values(
             &format!(
                 "INSERT INTO main.\"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
                  SELECT ?1, ?2, {key}, n.stamp, n.node, s.{col}, n.stamp FROM snap.{qt} AS s \
-                 JOIN temp.\"marmot_newer\" AS n ON {m} WHERE n.deleted = 0 AND true {upsert}",
+                 JOIN temp.\"marmot_newer\" AS n ON {m} WHERE n.deleted = 0 {upsert}",
                 key = crate::replicated::kept_key_expr(&keys, "s"),
                 col = quote(s),
                 m = key_match(t, "s", "n"),
@@ -834,9 +835,14 @@ fn merge_kept_values(
             params![name, s],
         )?;
     }
+    // Only the merged rows: the others kept their values here.
+    let only = format!(
+        "EXISTS (SELECT 1 FROM temp.\"marmot_newer\" AS n WHERE n.deleted = 0 AND {m})",
+        m = key_match(t, &qt, "n"),
+    );
     for c in &t.columns {
         if !pairs.iter().any(|(l, _)| *l == c.name) {
-            crate::replicated::fill_kept(conn, name, &c.name)?;
+            crate::replicated::fill_kept(conn, name, &c.name, Some(&only))?;
         }
     }
     Ok(())

@@ -40,19 +40,26 @@ pub(crate) async fn writer(world: World, i: usize) -> turmoil::Result {
                 crate::workload::v1_transaction(&conn, &mut rng, i, txn, plan.hot_share)
                     .map_err(|e| format!("writer {}: {e}", i + 1))?
             }
-            Generator::V2 | Generator::V3 | Generator::V4 => {
+            Generator::V2 | Generator::V3 | Generator::V4 | Generator::V5 => {
                 // Now and then the application holds the write lock across a pause: marmot
                 // meets SQLITE_BUSY in capture, apply, restores and snapshots meanwhile.
                 let hold = plan.lock_holds && rng.random_bool(0.15);
                 conn.execute_batch(if hold { "BEGIN IMMEDIATE" } else { "BEGIN" })?;
                 let blind = world.borrow().blind[i];
-                let ops = if plan.generator.changes_schema() {
-                    let schema_ops = if plan.generator == Generator::V4 {
-                        crate::workload::v4_operations
-                    } else {
-                        crate::workload::v3_operations
-                    };
-                    schema_ops(
+                let ops = if matches!(plan.generator, Generator::V4 | Generator::V5) {
+                    crate::workload::v4_operations(
+                        &conn,
+                        &mut rng,
+                        i,
+                        txn,
+                        plan.hot_share,
+                        plan.rebuild_share,
+                        plan.schema_share,
+                        blind,
+                        plan.generator == Generator::V5,
+                    )
+                } else if plan.generator.changes_schema() {
+                    crate::workload::v3_operations(
                         &conn,
                         &mut rng,
                         i,

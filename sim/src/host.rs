@@ -186,7 +186,7 @@ pub(crate) async fn node_host(world: World, i: usize) -> turmoil::Result {
     // lock runs on this same thread: marmot gets SQLITE_BUSY at once and retries later.
     let busy = match plan.generator {
         Generator::V1 => Duration::from_millis(50),
-        Generator::V2 | Generator::V3 | Generator::V4 => Duration::ZERO,
+        Generator::V2 | Generator::V3 | Generator::V4 | Generator::V5 => Duration::ZERO,
     };
     cfg.busy_timeout = busy;
     let faults = world.borrow().storage_faults[i].clone();

@@ -194,6 +194,11 @@ impl Plan {
         }
         // V4 draws everything V3 draws; its own changes take half of the schema share.
         plan.generator = Generator::V4;
+        if g == Generator::V4 {
+            return plan;
+        }
+        // V5 draws everything V4 draws; its writers reuse column names.
+        plan.generator = Generator::V5;
         plan
     }
 

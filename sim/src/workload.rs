@@ -23,12 +23,22 @@
 //!   normalised schema. Changes to one table on two nodes at once are left to the adapter's
 //!   tests: the winning node publishes that table's rows again, which can write over a
 //!   concurrent row (a documented limit the oracle does not model).
-//! - [`Generator::V4`] (not the default yet, `SIM_GENERATOR=v4`): all of V3, plus changes of
+//! - [`Generator::V4`] (the default): all of V3, plus changes of
 //!   one table on several nodes at once: any node adds, renames and drops columns of table
 //!   `sd` and rebuilds it into another shape (a column left out, one added, a CHECK); node 1
 //!   creates table `x3` (again after a drop) and any node drops it; every node writes both. The oracle does not know their
 //!   rows (a concurrent change republishes rows over concurrent writes, and a drop takes its
 //!   rows); the checker demands the same full rows and schema on every node.
+//! - [`Generator::V5`] (`SIM_GENERATOR=v5`, not the default: it shows an open class): all of
+//!   V4, and the changes of `sd` reuse column names. Each node has a few names of its own
+//!   (`q<node>_0` to `q<node>_2`) that its additions, renames and rebuilds take, half of the
+//!   time, when no column bears them: a name comes back as a new column (a new default: never
+//!   the declaration it had) while other lineages may still hold, rename or drop the column
+//!   that bore it before. Written after a review of the kept values (a column renamed away
+//!   and a new one under its name). Rows name their columns, and a name that two columns bore
+//!   in concurrent lineages is one name to a receiver: seeds 134 (rows parked on a column
+//!   renamed to a reused name) and 143 (rows written with the earlier column of a reused name
+//!   fill the new one on some nodes) fail, about 1 % of seeds. See SIMULATION.md.
 
 use crate::oracle::Effect;
 use marmot_core::value::{ValueRef, sql_row_literal};
@@ -50,6 +60,8 @@ pub enum Generator {
     /// V3 plus schema changes of one table on several nodes at once (columns, and rebuilds
     /// into another shape), and a table dropped and created again.
     V4,
+    /// V4 with column names reused by the changes of that table.
+    V5,
 }
 
 /// A replicated table the checker reads.
@@ -97,14 +109,15 @@ const V4_EXTRA: &str = "
 pub const WORDS: &[&str] = &["alpha", "beta", "gamma", "delta", "epsilon", "zeta"];
 
 impl Generator {
-    /// The generator runs use: V4, or the one `SIM_GENERATOR` names (`v1` to `v4`).
+    /// The generator runs use: V4, or the one `SIM_GENERATOR` names (`v1` to `v5`).
     pub fn current() -> Generator {
         match std::env::var("SIM_GENERATOR").as_deref() {
             Ok("v1" | "V1") => Generator::V1,
             Ok("v2" | "V2") => Generator::V2,
             Ok("v3" | "V3") => Generator::V3,
             Ok("v4" | "V4") | Err(_) => Generator::V4,
-            Ok(other) => panic!("SIM_GENERATOR={other}: use v1, v2, v3 or v4"),
+            Ok("v5" | "V5") => Generator::V5,
+            Ok(other) => panic!("SIM_GENERATOR={other}: use v1, v2, v3, v4 or v5"),
         }
     }
 
@@ -115,6 +128,7 @@ impl Generator {
             Generator::V2 => "SIM_GENERATOR=v2 ",
             Generator::V3 => "SIM_GENERATOR=v3 ",
             Generator::V4 => "",
+            Generator::V5 => "SIM_GENERATOR=v5 ",
         }
     }
 
@@ -124,7 +138,9 @@ impl Generator {
             Generator::V1 => V1_SCHEMA.to_string(),
             Generator::V2 => format!("{V1_SCHEMA}{V2_EXTRA}"),
             Generator::V3 => format!("{V1_SCHEMA}{V2_EXTRA}{V3_EXTRA}"),
-            Generator::V4 => format!("{V1_SCHEMA}{V2_EXTRA}{V3_EXTRA}{V4_EXTRA}"),
+            Generator::V4 | Generator::V5 => {
+                format!("{V1_SCHEMA}{V2_EXTRA}{V3_EXTRA}{V4_EXTRA}")
+            }
         }
     }
 
@@ -310,7 +326,7 @@ impl Generator {
             Generator::V1 => V1,
             Generator::V2 => V2,
             Generator::V3 => V3,
-            Generator::V4 => V4,
+            Generator::V4 | Generator::V5 => V4,
         }
     }
 
@@ -321,7 +337,7 @@ impl Generator {
 
     /// Whether the application changes the schema (V3).
     pub fn changes_schema(self) -> bool {
-        matches!(self, Generator::V3 | Generator::V4)
+        matches!(self, Generator::V3 | Generator::V4 | Generator::V5)
     }
 }
 
@@ -877,9 +893,10 @@ pub fn v4_operations(
     rebuild_share: f64,
     schema_share: f64,
     blind: bool,
+    reuse: bool,
 ) -> rusqlite::Result<(Vec<Effect>, bool)> {
     if rng.random_bool(schema_share / 2.0) {
-        let blinded = shared_schema_change(tx, rng, i, txn)?;
+        let blinded = shared_schema_change(tx, rng, i, txn, reuse)?;
         return Ok((Vec::new(), blinded));
     }
     let (effects, blinded) = v3_operations(
@@ -914,15 +931,28 @@ fn shared_schema_change(
     rng: &mut ChaCha8Rng,
     i: usize,
     txn: usize,
+    reuse: bool,
 ) -> rusqlite::Result<bool> {
     let n = i + 1;
     let extras = sd_extras(tx)?;
+    // V5: half of the time a name of this node's own that no column bears now (drawn
+    // before the change's kind, so V4's draws stay V4's when `reuse` is off).
+    let reused = if reuse && rng.random_bool(0.5) {
+        let free: Vec<String> = (0..3)
+            .map(|j| format!("q{n}_{j}"))
+            .filter(|q| !extras.iter().any(|e| e.eq_ignore_ascii_case(q)))
+            .collect();
+        (!free.is_empty()).then(|| free[rng.random_range(0..free.len())].clone())
+    } else {
+        None
+    };
     let add = |tx: &Connection| {
+        let name = reused.clone().unwrap_or_else(|| format!("a{n}_{txn}"));
         tx.execute_batch(&format!(
-            "ALTER TABLE sd ADD COLUMN a{n}_{txn} TEXT DEFAULT 'd{n}_{txn}'"
+            "ALTER TABLE sd ADD COLUMN {name} TEXT DEFAULT 'd{n}_{txn}'"
         ))
     };
-    let r = shared_schema_change_inner(tx, rng, i, txn, n, &extras, add);
+    let r = shared_schema_change_inner(tx, rng, i, txn, n, &extras, add, reused.as_deref());
     // `SIM_TRACE_DDL=1`: what each change did to `sd`'s columns (on stderr, outside the
     // trace, whose hashes it leaves alone).
     if std::env::var_os("SIM_TRACE_DDL").is_some() {
@@ -934,6 +964,7 @@ fn shared_schema_change(
     r
 }
 
+#[allow(clippy::too_many_arguments)]
 fn shared_schema_change_inner(
     tx: &Connection,
     rng: &mut ChaCha8Rng,
@@ -942,12 +973,14 @@ fn shared_schema_change_inner(
     n: usize,
     extras: &[String],
     add: impl Fn(&Connection) -> rusqlite::Result<()>,
+    reused: Option<&str>,
 ) -> rusqlite::Result<bool> {
     match rng.random_range(0..6) {
         0 if extras.len() < 4 => add(tx).map(|()| false),
         1 if !extras.is_empty() => {
             let c = &extras[rng.random_range(0..extras.len())];
-            tx.execute_batch(&format!("ALTER TABLE sd RENAME COLUMN {c} TO r{n}_{txn}"))
+            let to = reused.map_or_else(|| format!("r{n}_{txn}"), str::to_string);
+            tx.execute_batch(&format!("ALTER TABLE sd RENAME COLUMN {c} TO {to}"))
                 .map(|()| false)
         }
         2 if !extras.is_empty() => {
@@ -965,7 +998,11 @@ fn shared_schema_change_inner(
             if !keep.is_empty() && rng.random_bool(0.5) {
                 keep.remove(rng.random_range(0..keep.len()));
             }
-            let added = (keep.len() < 4).then(|| format!("b{n}_{txn}"));
+            let added = (keep.len() < 4).then(|| {
+                reused
+                    .filter(|r| !keep.iter().any(|k| k.eq_ignore_ascii_case(r)))
+                    .map_or_else(|| format!("b{n}_{txn}"), str::to_string)
+            });
             let mut cols = Vec::new();
             for c in &keep {
                 let (ty, dflt): (String, Option<String>) = tx.query_row(
