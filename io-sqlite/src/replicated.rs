@@ -879,12 +879,11 @@ fn record_fates(
         }
     }
     // A column the table has now has no fate: one recorded for an earlier column of that
-    // name (dropped or renamed, then the name used again) is stale, and so are the renames
-    // of that earlier column ([`fill_kept`] has filled a column that came back by now).
+    // name (dropped or renamed, then the name used again) is stale.
     let mut clear =
         c.prepare_cached("DELETE FROM \"__marmot__column_fates\" WHERE tbl = ?1 AND col = ?2")?;
     let mut clear_renames = c.prepare_cached(
-        "DELETE FROM \"__marmot__column_renames\" WHERE tbl = ?1 AND col = lower(?2)",
+        "DELETE FROM \"__marmot__column_renames\" WHERE tbl = ?1 AND lower(col) = lower(?2)",
     )?;
     // A column new here (no old column became it, and not one that came back: `revived`)
     // starts empty: values kept under its name were an earlier column's.
@@ -893,10 +892,15 @@ fn record_fates(
     )?;
     for a in after {
         clear.execute(params![table, a.name])?;
-        clear_renames.execute(params![table, a.name])?;
-        let new_here = !before.iter().any(|b| b.name.eq_ignore_ascii_case(&a.name))
-            && !pairs.iter().any(|(_, n)| n.eq_ignore_ascii_case(&a.name))
-            && !revived.iter().any(|r| r.eq_ignore_ascii_case(&a.name));
+        let was_here = before.iter().any(|b| b.name.eq_ignore_ascii_case(&a.name))
+            || revived.iter().any(|r| r.eq_ignore_ascii_case(&a.name));
+        // A name that now bears another column (added, or one renamed to it): its renames
+        // were the earlier column's. A column that stayed keeps them (a losing lineage's
+        // rename of it still leads to values kept under the new name).
+        if !was_here {
+            clear_renames.execute(params![table, a.name])?;
+        }
+        let new_here = !was_here && !pairs.iter().any(|(_, n)| n.eq_ignore_ascii_case(&a.name));
         if new_here {
             clear_kept.execute(params![table, a.name])?;
         }
@@ -1368,8 +1372,48 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
     if has == 0 {
         return Ok(Adopted::default());
     }
+    // And the drops it knows of: rows still to come may belong to a table dropped before.
+    let mut drops_learned: Vec<(String, Version, Option<Version>)> = Vec::new();
+    let drops: i64 = c.query_row(
+        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__table_drops'",
+        [],
+        |r| r.get(0),
+    )?;
+    if drops > 0 {
+        let mut stmt = c.prepare("SELECT tbl, stamp, node FROM snap.\"__marmot__table_drops\"")?;
+        let known: Vec<(String, i64, i64)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (tbl, stamp, node) in known {
+            if let Some(v) = version_of(stamp, node) {
+                // The local table's life, before the snapshot's schema is adopted.
+                let life = baseline_row(c, ObjectKind::Table, &tbl)?;
+                if record_drop(c, &tbl, v)? {
+                    drops_learned.push((tbl, v, life));
+                }
+            }
+        }
+    }
+    // Whether this node and the snapshot know the same last drop of a table (none, or the
+    // same one): the snapshot's history of it is of the life this node has.
+    let same_life = |tbl: &str| -> rusqlite::Result<bool> {
+        let theirs: Option<(i64, i64)> = if drops > 0 {
+            c.prepare_cached(
+                "SELECT stamp, node FROM snap.\"__marmot__table_drops\" WHERE tbl = ?1",
+            )?
+            .query_row([tbl], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+        } else {
+            None
+        };
+        let ours = last_drop(c, tbl)?.map(|v| (v.stamp.as_u64() as i64, v.node as i64));
+        Ok(theirs == ours)
+    };
     // The snapshot's column history too: rows still to come may be written in a shape this
-    // node never had and whose change it will not read (it is before the snapshot).
+    // node never had and whose change it will not read (it is before the snapshot). After
+    // the drops (a drop learned clears a table's history), and only for the table's life the
+    // snapshot knows: where this node knows a later drop, the snapshot's facts are of a life
+    // that ended.
     let fates: i64 = c.query_row(
         "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__column_fates'",
         [],
@@ -1395,33 +1439,14 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             })?
             .collect::<rusqlite::Result<_>>()?;
         for (tbl, col, to, stamp, node) in facts {
+            if !same_life(&tbl)? {
+                continue;
+            }
             let v = version_of(stamp, node).unwrap_or(Version {
                 stamp: Stamp::from_u64(0),
                 node: 0,
             });
             put_fate(c, &tbl, &col, to.as_deref(), v)?;
-        }
-    }
-    // And the drops it knows of: rows still to come may belong to a table dropped before.
-    let mut drops_learned: Vec<(String, Version, Option<Version>)> = Vec::new();
-    let drops: i64 = c.query_row(
-        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__table_drops'",
-        [],
-        |r| r.get(0),
-    )?;
-    if drops > 0 {
-        let mut stmt = c.prepare("SELECT tbl, stamp, node FROM snap.\"__marmot__table_drops\"")?;
-        let known: Vec<(String, i64, i64)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<Result<_, _>>()?;
-        for (tbl, stamp, node) in known {
-            if let Some(v) = version_of(stamp, node) {
-                // The local table's life, before the snapshot's schema is adopted.
-                let life = baseline_row(c, ObjectKind::Table, &tbl)?;
-                if record_drop(c, &tbl, v)? {
-                    drops_learned.push((tbl, v, life));
-                }
-            }
         }
     }
     // Every rename the snapshot learned, after the drops (a drop learned clears a table's

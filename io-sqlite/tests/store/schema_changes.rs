@@ -1489,6 +1489,51 @@ fn a_merge_restore_does_not_fill_a_column_added_again_with_the_dropped_ones_valu
 }
 
 #[test]
+fn a_merge_restore_that_learns_a_drop_keeps_the_new_lifes_column_history() {
+    // From a review of the snapshot's column history: a merge restore imported the
+    // snapshot's column facts, then learned the snapshot's drop of the table, which cleared
+    // the history, the new life's included. Rows written in the new life's older shape then
+    // parked on an unknown column. The facts now come after the drops, for the life the
+    // snapshot knows.
+    let mut c = Cluster::new(3, SCHEMA);
+    c.exec(0, "CREATE TABLE x (k INTEGER PRIMARY KEY, z INTEGER);");
+    c.capture(0);
+    c.settle();
+    c.exec(0, "DROP TABLE x;");
+    c.capture(0);
+    c.exec(0, "CREATE TABLE x (k INTEGER PRIMARY KEY, a TEXT);");
+    c.capture(0);
+    c.apply(2);
+    c.dump(2, "x");
+    c.exec(0, "ALTER TABLE x RENAME COLUMN a TO b;");
+    c.capture(0);
+    c.apply(0);
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path.clone());
+    // Node 3 writes in the new life's first shape, after the snapshot's position.
+    c.exec(2, "INSERT INTO x (k, a) VALUES (1, 'v');");
+    c.capture(2);
+    let n = &mut c.nodes[1];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    n.applied = rep.position;
+    c.apply(1);
+    assert_eq!(
+        parked(&c, 1),
+        0,
+        "the row applied through the new life's history"
+    );
+    let b: String = scalar(&c, 1, "SELECT b FROM x WHERE k = 1");
+    assert_eq!(b, "v");
+    c.settle();
+    assert_same_schema(&c);
+    for i in 0..3 {
+        assert_eq!(c.dump(0, "x"), c.dump(i, "x"));
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
+
+#[test]
 fn a_merge_restore_removes_rows_of_a_table_life_a_drop_ended() {
     // Found by the simulation (V4, seed 1943): node 2 missed node 1's drop and creation of
     // `x` (it fell behind the stream) and wrote rows in its old `x` meanwhile, stamped after
