@@ -1394,21 +1394,6 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             }
         }
     }
-    // Whether this node and the snapshot know the same last drop of a table (none, or the
-    // same one): the snapshot's history of it is of the life this node has.
-    let same_life = |tbl: &str| -> rusqlite::Result<bool> {
-        let theirs: Option<(i64, i64)> = if drops > 0 {
-            c.prepare_cached(
-                "SELECT stamp, node FROM snap.\"__marmot__table_drops\" WHERE tbl = ?1",
-            )?
-            .query_row([tbl], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?
-        } else {
-            None
-        };
-        let ours = last_drop(c, tbl)?.map(|v| (v.stamp.as_u64() as i64, v.node as i64));
-        Ok(theirs == ours)
-    };
     // The snapshot's column history too: rows still to come may be written in a shape this
     // node never had and whose change it will not read (it is before the snapshot). After
     // the drops (a drop learned clears a table's history), and only for the table's life the
@@ -1439,13 +1424,15 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             })?
             .collect::<rusqlite::Result<_>>()?;
         for (tbl, col, to, stamp, node) in facts {
-            if !same_life(&tbl)? {
-                continue;
-            }
             let v = version_of(stamp, node).unwrap_or(Version {
                 stamp: Stamp::from_u64(0),
                 node: 0,
             });
+            // A fact of a change made after this node's last drop of the table (on a node that
+            // had not met it) is of the life whose rows this node applies too.
+            if !snapshot_same_life(c, &tbl)? && last_drop(c, &tbl)?.is_some_and(|d| v <= d) {
+                continue;
+            }
             put_fate(c, &tbl, &col, to.as_deref(), v)?;
         }
     }
@@ -1504,6 +1491,7 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             // from here, before this node read the stream past the snapshot, wrote stale
             // rows over newer writes it had not received yet (V4 seed 3266).
             if kind == ObjectKind::Table
+                && snapshot_same_life(c, &name)?
                 && let Some(ours) = local_sql(c, kind, &name)?
             {
                 leave_out_losing_columns(
@@ -1550,6 +1538,27 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
         }
     }
     Ok(adopted)
+}
+
+/// Whether this node and the attached snapshot (`snap`) know the same last drop of `table`
+/// (none, or the same one): the snapshot's table, rows and history are of the life this
+/// node's table is. Called once the snapshot's drops are learned (this node keeps the newer
+/// drop), so `false` means this node knows a drop the snapshot's table did not live past.
+pub(crate) fn snapshot_same_life(c: &Connection, table: &str) -> rusqlite::Result<bool> {
+    let has: i64 = c.query_row(
+        "SELECT count(*) FROM snap.sqlite_master WHERE type = 'table' AND name = '__marmot__table_drops'",
+        [],
+        |r| r.get(0),
+    )?;
+    let theirs: Option<(i64, i64)> = if has > 0 {
+        c.prepare("SELECT stamp, node FROM snap.\"__marmot__table_drops\" WHERE tbl = ?1")?
+            .query_row([table], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+    } else {
+        None
+    };
+    let ours = last_drop(c, table)?.map(|v| (v.stamp.as_u64() as i64, v.node as i64));
+    Ok(theirs == ours)
 }
 
 /// Removes every row of `table` (and its versions): the local table is of a life that a drop
