@@ -447,9 +447,8 @@ impl ApplySql {
             keep_value: format!(
                 "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
                  SELECT ?{t}, ?{c}, {key}, ?{st}, ?{nd}, ?{v}, ?{st} FROM {table} WHERE {where_row} \
-                 ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, \
-                 node = excluded.node, value = excluded.value, kept = max(kept, excluded.kept) \
-                 WHERE (excluded.stamp, excluded.node) >= (stamp, node)",
+                 {upsert}",
+                upsert = crate::replicated::KEPT_UPSERT,
                 t = key_columns + 1,
                 c = key_columns + 2,
                 st = key_columns + 3,

@@ -655,6 +655,12 @@ fn ver_key_match(keys: &[String], alias: &str) -> String {
         .join(" AND ")
 }
 
+/// How a value joins `__marmot__kept_values`: the newest row write's value of a key is kept,
+/// with the latest removing change (every statement that keeps values ends with this).
+pub(crate) const KEPT_UPSERT: &str = "ON CONFLICT (tbl, col, key) DO UPDATE SET \
+    stamp = excluded.stamp, node = excluded.node, value = excluded.value, \
+    kept = max(kept, excluded.kept) WHERE (excluded.stamp, excluded.node) >= (stamp, node)";
+
 /// Keeps the values of `columns` of `table`, each with the version of its row, before a
 /// replicated change removes the columns here. Concurrent changes of one table can drop a
 /// column on some nodes and keep it (or rename it) in the lineage that wins later; a node that
@@ -683,10 +689,7 @@ fn keep_values(
             &format!(
                 "INSERT INTO \"__marmot__kept_values\" (tbl, col, key, stamp, node, value, kept) \
                  SELECT ?1, ?2, {key}, v.stamp, v.node, t.{col}, ?3 FROM {t} AS t JOIN {ver} AS v ON {matches} \
-                 WHERE v.deleted = 0 \
-                 ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, node = excluded.node, \
-                 value = excluded.value, kept = max(kept, excluded.kept) \
-                 WHERE (excluded.stamp, excluded.node) >= (stamp, node)",
+                 WHERE v.deleted = 0 {KEPT_UPSERT}",
                 key = kept_key_expr(&keys, "t"),
                 col = quote(col),
                 t = quote(table),

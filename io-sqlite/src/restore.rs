@@ -813,9 +813,7 @@ fn merge_kept_values(
         [],
         |r| r.get(0),
     )?;
-    let upsert = "ON CONFLICT (tbl, col, key) DO UPDATE SET stamp = excluded.stamp, \
-                  node = excluded.node, value = excluded.value, kept = max(kept, excluded.kept) \
-                  WHERE (excluded.stamp, excluded.node) >= (stamp, node)";
+    let upsert = crate::replicated::KEPT_UPSERT;
     if snap_has > 0 {
         conn.execute(
             &format!(
