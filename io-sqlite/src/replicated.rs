@@ -544,6 +544,50 @@ pub(crate) fn changes(c: &Connection) -> rusqlite::Result<Vec<SchemaChange>> {
     Ok(out)
 }
 
+/// How the column history's chain of renames from a name ends ([`renames_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChainEnd {
+    /// The last name has no fate here (it may be a column of the table, or one a change not
+    /// applied here yet adds).
+    Open,
+    /// The last name was dropped.
+    Dropped,
+    /// The renames lead back to a name met before (a losing change's rename and the winning
+    /// shape's pairing back, both at the losing change's version), or on for more than 64
+    /// steps: the column lives under none of those names.
+    Loops,
+}
+
+/// The names the column history renames `column` of `table` to, one after another (not
+/// `column` itself), and how the chain ends. The one walk of the history every place that
+/// follows renames uses (the apply of rows in an older shape, a transform's pairing, a merge
+/// restore's columns, a losing change's check); each takes from the path the first name it
+/// can use.
+pub(crate) fn renames_from(
+    c: &Connection,
+    table: &str,
+    column: &str,
+) -> rusqlite::Result<(Vec<String>, ChainEnd)> {
+    let mut path: Vec<String> = Vec::new();
+    let mut seen = vec![column.to_ascii_lowercase()];
+    let mut name = column.to_string();
+    loop {
+        match column_fate(c, table, &name)? {
+            None => return Ok((path, ChainEnd::Open)),
+            Some(None) => return Ok((path, ChainEnd::Dropped)),
+            Some(Some(to)) => {
+                let key = to.to_ascii_lowercase();
+                if seen.contains(&key) || seen.len() > 64 {
+                    return Ok((path, ChainEnd::Loops));
+                }
+                seen.push(key);
+                path.push(to.clone());
+                name = to;
+            }
+        }
+    }
+}
+
 /// What became of a column the table no longer has: `Some(Some(new))` renamed,
 /// `Some(None)` dropped, `None` unknown. Rows written before the change still name it.
 pub(crate) fn column_fate(
@@ -811,30 +855,24 @@ fn pairs_through_history(
         if in_new(&o.name).is_some() {
             continue;
         }
-        let mut name = o.name.clone();
-        let mut seen = vec![name.to_ascii_lowercase()];
-        let fate = loop {
-            match column_fate(c, table, &name)? {
-                // A target that is another column of the old shape is an earlier life of
-                // that name: the history is stale here, guess instead.
-                Some(Some(to)) if old.iter().any(|d| d.name.eq_ignore_ascii_case(&to)) => {
-                    break None;
-                }
-                Some(Some(to)) => {
-                    if let Some(target) = in_new(&to) {
-                        break Some(Some(target));
-                    }
-                    let key = to.to_ascii_lowercase();
-                    if seen.contains(&key) || seen.len() > 64 {
-                        break None;
-                    }
-                    seen.push(key);
-                    name = to;
-                }
-                Some(None) => break Some(None),
-                None => break None,
-            }
+        let (path, end) = renames_from(c, table, &o.name)?;
+        let mut fate = match end {
+            ChainEnd::Dropped => Some(None),
+            // A loop or an open end: the history does not say, guess instead.
+            ChainEnd::Open | ChainEnd::Loops => None,
         };
+        for to in &path {
+            // A target that is another column of the old shape is an earlier life of that
+            // name: the history is stale here, guess instead.
+            if old.iter().any(|d| d.name.eq_ignore_ascii_case(to)) {
+                fate = None;
+                break;
+            }
+            if let Some(target) = in_new(to) {
+                fate = Some(Some(target));
+                break;
+            }
+        }
         if let Some(fate) = fate {
             known.push((o.name.clone(), fate));
         }
@@ -1334,14 +1372,8 @@ fn lost_data_we_keep(c: &Connection, item: &SchemaItem<'_>) -> rusqlite::Result<
     };
     let ours = described(c, item.name)?;
     let current = |name: &str| -> rusqlite::Result<String> {
-        let mut name = name.to_string();
-        for _ in 0..8 {
-            match column_fate(c, item.name, &name)? {
-                Some(Some(to)) => name = to,
-                _ => break,
-            }
-        }
-        Ok(name)
+        let (path, _) = renames_from(c, item.name, name)?;
+        Ok(path.into_iter().last().unwrap_or_else(|| name.to_string()))
     };
     let mut theirs = Vec::with_capacity(after.len());
     for a in &after {

@@ -624,15 +624,10 @@ fn merge_table(
         if t.columns.iter().any(|c| c.name == *s) {
             continue;
         }
-        let mut now = s.clone();
-        for _ in 0..8 {
-            match crate::replicated::column_fate(conn, name, &now)? {
-                Some(Some(to)) => now = to,
-                _ => break,
-            }
-        }
-        if now != *s
-            && t.columns.iter().any(|c| c.name == now)
+        let (path, _) = crate::replicated::renames_from(conn, name, s)?;
+        if let Some(now) = path
+            .into_iter()
+            .find(|n| t.columns.iter().any(|c| c.name == *n))
             && !pairs.iter().any(|(l, _)| *l == now)
         {
             pairs.push((now, s.clone()));

@@ -451,3 +451,32 @@ fn regression_38_a_merge_restore_gave_a_column_the_snapshot_lacked_its_default()
 fn regression_39_a_renamed_then_dropped_column_came_back_without_its_values() {
     passes_with(800685, Generator::V4);
 }
+
+/// Postmortem (V4, seed 843597, campaign on 9b098cc): node 4 renamed a column of `sd` in a
+/// batch that also moved a value of `uq`; a node paused by clock skew applied node 4's
+/// batches all at once, out of capture order. The rename's batch waited on a UNIQUE value
+/// that only node 4's later batches freed, and those parked on the column's new name, which
+/// only the rename's batch gave. The joint retry took only the batches waiting on UNIQUE
+/// values, so neither side ever applied. It now takes every parked batch of the origin whose
+/// batches wait. Pinned by
+/// `a_waiting_schema_change_applies_together_with_the_batches_parked_on_its_new_shape`.
+/// Seed 846085 (an unknown table `x1`) was the same class.
+#[test]
+fn regression_40_a_waiting_schema_change_and_the_batches_in_its_new_shape_never_applied() {
+    passes_with(843597, Generator::V4);
+    passes_with(846085, Generator::V4);
+}
+
+/// Postmortem (V4, seed 846161): three nodes joined empty and merge-restored a snapshot whose
+/// column history held a losing rename (`a1_113 -> r1_294`) and the winning shape's pairing
+/// back (`r1_294 -> a1_113`), at one version; their table had neither name. Rows written in
+/// the losing shape named `r1_294`, and the renames led only in circles: they parked as an
+/// unknown column forever, where the snapshot's node had learned the drop that ended the
+/// chain. Renames that loop now count as the column being gone here, as a drop does (the
+/// value is left out and kept). Every place that follows renames now walks the history with
+/// one function (`replicated::renames_from`). Pinned by
+/// `rows_whose_column_renames_loop_leave_the_column_out_instead_of_parking_for_good`.
+#[test]
+fn regression_41_rows_whose_column_renames_looped_parked_for_good() {
+    passes_with(846161, Generator::V4);
+}

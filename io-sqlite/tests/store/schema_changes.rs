@@ -1685,3 +1685,52 @@ fn a_merge_restore_keeps_the_history_of_a_table_created_again_after_a_known_drop
     }
     assert_no_echo(&mut c);
 }
+
+#[test]
+fn rows_whose_column_renames_loop_leave_the_column_out_instead_of_parking_for_good() {
+    // A losing rename (b -> z) and the winning shape's pairing back (z -> b), both at the
+    // losing change's version, form a loop in the column history; a merge restore can bring
+    // such a pair to a node whose table has neither name. Rows written in the losing shape
+    // then named a column the history led nowhere but in circles: they parked as "unknown
+    // column" forever. Found by the simulation (V4, seed 846161). The loop now counts as the
+    // column being gone here, as a drop does: the value is left out (and kept, should a later
+    // change bring the column back). The loop is written into the history directly: the
+    // restore that brings it is the simulation's regression.
+    let mut c = Cluster::new(2, "CREATE TABLE s (k INTEGER PRIMARY KEY, a TEXT, c TEXT);");
+    c.exec(0, "INSERT INTO s VALUES (1, 'x', 'y');");
+    c.settle();
+    let from = c.stream.len();
+    c.exec(0, "ALTER TABLE s RENAME COLUMN a TO b;");
+    c.capture(0);
+    c.exec(0, "UPDATE s SET b = 'new', c = 'c2';");
+    c.capture(0);
+    assert_eq!(c.stream.len(), from + 2);
+    let mut rows = c.stream[from + 1].clone();
+    rows.stream_seq = (from + 1) as u64;
+    let out = {
+        let n = &mut c.nodes[1];
+        n.store.apply(&mut n.clock, c.wall + 1, &[rows]).unwrap()
+    };
+    assert_eq!(out.report.parked.len(), 1, "{:?}", out.report);
+    assert!(out.report.parked[0].reason.contains("unknown column"));
+    c.exec(
+        1,
+        "INSERT INTO \"__marmot__column_fates\" (tbl, col, renamed_to, stamp, node) \
+         VALUES ('s', 'b', 'z', 1, 9), ('s', 'z', 'b', 1, 9);",
+    );
+    let r = {
+        let n = &mut c.nodes[1];
+        n.store.retry_parked(&mut n.clock, c.wall + 2, true)
+    }
+    .unwrap();
+    assert_eq!((r.applied, r.remaining), (1, 0));
+    // `a`, which the sender's row lacks (its rename has not arrived here), takes its
+    // default, as any column a sender's row lacks.
+    assert_eq!(c.dump(1, "s"), vec!["(1, NULL, 'c2')"]);
+    let kept: String = scalar(
+        &c,
+        1,
+        "SELECT value FROM \"__marmot__kept_values\" WHERE tbl = 's' AND col = 'b'",
+    );
+    assert_eq!(kept, "new");
+}
