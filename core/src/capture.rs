@@ -102,6 +102,27 @@ pub trait CaptureTxn {
     fn commit_dirty(&mut self, table: &DirtyTable, version: Version) -> Result<(), Self::Error>;
     /// Stores a sealed batch in the outbox, to publish until acknowledged.
     fn put_outbox(&mut self, batch: BatchId, messages: &[Bytes]) -> Result<(), Self::Error>;
+    /// Tables whose rows go out as a repair (see [`crate::wire::TableDef::repair`]): this
+    /// node holds values that a node whose change lost here may have lost. The default:
+    /// none.
+    fn repair_tables(&mut self) -> Result<Vec<DirtyTable>, Self::Error> {
+        Ok(Vec::new())
+    }
+    /// Visits every row of `table` that exists, as it is now, with its own version as its
+    /// `base`.
+    fn read_repair(
+        &mut self,
+        table: &DirtyTable,
+        visit: &mut dyn FnMut(&dyn DirtyRow),
+    ) -> Result<(), Self::Error> {
+        let _ = (table, visit);
+        Ok(())
+    }
+    /// The repair of `table` went into a batch: it is not asked for again.
+    fn commit_repair(&mut self, table: &DirtyTable) -> Result<(), Self::Error> {
+        let _ = table;
+        Ok(())
+    }
 }
 
 /// Who captures, and how to seal.
@@ -145,7 +166,8 @@ pub fn capture<T: CaptureTxn>(
 ) -> Result<Option<Captured>, T::Error> {
     let schema = txn.schema_changes()?;
     let tables = txn.dirty_tables()?;
-    if tables.is_empty() && schema.is_empty() {
+    let repairs = txn.repair_tables()?;
+    if tables.is_empty() && schema.is_empty() && repairs.is_empty() {
         return Ok(None);
     }
     let mut body = BodyWriter::default();
@@ -187,6 +209,17 @@ pub fn capture<T: CaptureTxn>(
             }
         })?;
     }
+    // Repairs after the writes: a row this batch writes has its new version on the
+    // receivers by then, and its repair (at the version it replaces) changes nothing there.
+    for t in &repairs {
+        let version = t.schema_version.map(crate::wire::TableVersion::At);
+        body.table_repair(&t.name, &t.columns, t.key_columns, version);
+        txn.read_repair(t, &mut |row| {
+            if row.exists() {
+                body.upsert(row.base(), (0..t.columns.len()).map(|i| row.value(i)));
+            }
+        })?;
+    }
     // Above every version the batch replaces, however far ahead a fast clock elsewhere put
     // it (without letting that drag this clock: see `Clock::tick_above`).
     let stamp = clock.tick_above(p.wall_ms, max_base);
@@ -199,6 +232,9 @@ pub fn capture<T: CaptureTxn>(
     }
     for t in &tables {
         txn.commit_dirty(t, version)?;
+    }
+    for t in &repairs {
+        txn.commit_repair(t)?;
     }
     if body.rows() == 0 && body.schema_items() == 0 {
         return Ok(None);

@@ -201,6 +201,9 @@ pub struct TableSql {
     pub capture_stamp: String,
     /// Empties the change log.
     pub capture_clear: String,
+    /// Every row that exists, as `capture_select` reads one, with its own version as the base
+    /// (a repair: see `marmot_core::wire::TableDef::repair`).
+    pub repair_select: String,
     /// Logs every key of the table (a new table, or one whose triggers were missing).
     pub log_all: String,
     /// Logs every key with a live version whose row is gone: deletes made while no trigger
@@ -282,6 +285,12 @@ impl TableSql {
                 tm = key_match(t, "t", "l"),
             ),
             capture_clear: format!("DELETE FROM {log}"),
+            repair_select: format!(
+                "SELECT {row_cols}, {vk}, v.stamp, v.node, 1 FROM {table} AS t \
+                 JOIN {ver} AS v ON {tm} WHERE v.deleted = 0",
+                vk = k_list(t, "v."),
+                tm = key_match(t, "t", "v"),
+            ),
             log_all: format!(
                 "INSERT INTO {log} ({}) SELECT {} FROM {table}",
                 k_list(t, ""),

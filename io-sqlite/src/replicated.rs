@@ -33,10 +33,66 @@ CREATE TABLE IF NOT EXISTS "__marmot__table_drops" (
 CREATE TABLE IF NOT EXISTS "__marmot__column_renames" (
     tbl TEXT NOT NULL, col TEXT NOT NULL, renamed_to TEXT NOT NULL,
     PRIMARY KEY (tbl, col, renamed_to)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS "__marmot__repairs" (tbl TEXT NOT NULL PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS "__marmot__repair_late" (
+    tbl TEXT NOT NULL, node INTEGER NOT NULL, stamp INTEGER NOT NULL,
+    PRIMARY KEY (tbl, node)) WITHOUT ROWID;
 INSERT OR IGNORE INTO "__marmot__column_renames" (tbl, col, renamed_to)
     SELECT tbl, lower(col), lower(renamed_to) FROM "__marmot__column_fates"
     WHERE renamed_to IS NOT NULL;
 "#;
+
+/// A change of `table` (version `loser`) lost here to this node's table and removed data the
+/// table keeps (the table, or columns: [`lost_data_we_keep`]). The node that made it may
+/// have lost those values itself: its application's DDL removed them before marmot saw the
+/// change, so it kept none, and when the winning lineage brings the columns back there its
+/// rows take their defaults. This node sends its rows of the table as a repair (each at its
+/// own version, applied only where a node holds exactly that write: see
+/// `marmot_core::wire::TableDef::repair`), at the next capture; and rows that node wrote
+/// before its change that arrive here later (they reached the stream late) make the table
+/// go out as a repair again ([`repair_late_rows`]). Found by the simulation (V4 seeds
+/// 841500, 841730, 845962, 850046: a column a node dropped itself came back through a
+/// concurrent lineage with its default in that node's older rows).
+pub(crate) fn request_repair(c: &Connection, table: &str, loser: Version) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT OR IGNORE INTO \"__marmot__repairs\" (tbl) VALUES (?1)")?
+        .execute([table])?;
+    c.prepare_cached(
+        "INSERT INTO \"__marmot__repair_late\" (tbl, node, stamp) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (tbl, node) DO UPDATE SET stamp = max(stamp, excluded.stamp)",
+    )?
+    .execute(params![
+        table,
+        loser.node as i64,
+        loser.stamp.as_u64() as i64
+    ])?;
+    Ok(())
+}
+
+/// Rows of `table` arrive in a batch of version `batch`: written by a node before a change
+/// of its that lost here removed data this table keeps ([`request_repair`]), they may be
+/// rows that node lost values of; the table goes out as a repair again. Returns whether it
+/// was asked for.
+pub(crate) fn repair_late_rows(
+    c: &Connection,
+    table: &str,
+    batch: Version,
+) -> rusqlite::Result<bool> {
+    let late = c
+        .prepare_cached(
+            "SELECT 1 FROM \"__marmot__repair_late\" WHERE tbl = ?1 AND node = ?2 AND stamp > ?3",
+        )?
+        .query_row(
+            params![table, batch.node as i64, batch.stamp.as_u64() as i64],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if late {
+        c.prepare_cached("INSERT OR IGNORE INTO \"__marmot__repairs\" (tbl) VALUES (?1)")?
+            .execute([table])?;
+    }
+    Ok(late)
+}
 
 /// Records that table `table` was dropped by the replicated change of version `v` (the newest
 /// such drop is kept): rows written in a schema version of the table older than that are
@@ -1038,10 +1094,10 @@ pub(crate) struct Applied {
     pub changed: bool,
     /// The change lost to a newer local one with other content.
     pub conflict: Option<ConflictRecord>,
-    /// A table whose rows this node publishes again: a change that lost here may have
-    /// dropped the table or columns on the nodes that made it, and the winner's rows must
-    /// reach them again.
-    pub republish: Option<String>,
+    /// A table whose rows this node sends as a repair ([`request_repair`]): a change that
+    /// lost here may have dropped the table or columns on the node that made it, which
+    /// loses their values there.
+    pub repair: Option<String>,
 }
 
 /// Refuses a schema item that is not what marmot itself would send: a name reserved for
@@ -1159,7 +1215,7 @@ pub(crate) fn apply(
         return Ok(Applied {
             changed: false,
             conflict: None,
-            republish: None,
+            repair: None,
         });
     }
     // Newly learned column history counts as a schema change (parked rows in an older shape
@@ -1202,26 +1258,27 @@ pub(crate) fn apply(
             }
             return Ok(Applied {
                 changed: learned,
-                republish: None,
+                repair: None,
                 conflict: None,
             });
         }
-        let mut republish = None;
+        let mut repair = None;
         if !same && item.kind == ObjectKind::Table && local.is_some() {
             // Rows written on the losing node in its shape still arrive: the columns it had
             // and this table has not are left out of them. And where the losing change
             // removed data this table keeps (the table, or columns), the winner's rows go out
-            // again, for the node that made it.
+            // again, as a repair, for the node that made it.
             // What became of the losing shape's columns is news: rows in that shape that
             // parked before it arrived (its node restarted and published them first) retry.
             learned |= leave_out_losing_columns(c, item, version).map_err(f)?;
             if lost_data_we_keep(c, item).map_err(f)? {
-                republish = Some(item.name.to_string());
+                request_repair(c, item.name, version).map_err(f)?;
+                repair = Some(item.name.to_string());
             }
         }
         return Ok(Applied {
             changed: learned,
-            republish,
+            repair,
             conflict: (!same).then(|| ConflictRecord {
                 table: item.name.to_string(),
                 key: format!("(schema {})", item.kind.as_str()),
@@ -1318,7 +1375,7 @@ pub(crate) fn apply(
     Ok(Applied {
         changed: !same || learned,
         conflict: None,
-        republish: None,
+        repair: None,
     })
 }
 
@@ -1525,21 +1582,26 @@ pub(crate) fn adopt_snapshot(c: &Connection) -> rusqlite::Result<Adopted> {
             // node's change wins there (`fill_kept`; V4 seed 346). Publishing the rows again
             // from here, before this node read the stream past the snapshot, wrote stale
             // rows over newer writes it had not received yet (V4 seed 3266).
+            // A repair can write over nothing newer: the snapshot's change that removed data
+            // this table keeps gets one, as it would had it arrived from the stream (V4 seed
+            // 841730).
             if kind == ObjectKind::Table
                 && snapshot_same_life(c, &name)?
                 && let Some(ours) = local_sql(c, kind, &name)?
             {
-                leave_out_losing_columns(
-                    c,
-                    &SchemaItem {
-                        kind,
-                        name: &name,
-                        table: &table,
-                        old_sql: Some(&ours),
-                        new_sql: sql.as_deref(),
-                    },
-                    version,
-                )?;
+                let item = SchemaItem {
+                    kind,
+                    name: &name,
+                    table: &table,
+                    old_sql: Some(&ours),
+                    new_sql: sql.as_deref(),
+                };
+                leave_out_losing_columns(c, &item, version)?;
+                if baseline_row(c, kind, &name)?.is_some_and(|ours| ours > version)
+                    && lost_data_we_keep(c, &item)?
+                {
+                    request_repair(c, &name, version)?;
+                }
             }
             continue;
         }

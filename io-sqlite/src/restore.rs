@@ -200,6 +200,13 @@ impl SqliteStore {
             source: x,
         };
         remember_unpublished(&self.conn, self.cfg.node_id).map_err(err)?;
+        // Each table's columns before the snapshot's schema: a column the snapshot's brings
+        // back is filled from the snapshot in the rows both hold at the same write.
+        let columns_before: Vec<(String, Vec<String>)> = self
+            .tables
+            .iter()
+            .map(|t| (t.info.name.clone(), t.info.column_names()))
+            .collect();
         if self.cfg.replicate_schema {
             // The snapshot's schema first, where it is newer: its rows need it.
             let adopted = crate::replicated::adopt_snapshot(&self.conn).map_err(err)?;
@@ -223,7 +230,17 @@ impl SqliteStore {
                 tracing::warn!(table = %t.info.name, "not restored from the snapshot: its table is of a life a drop known here ended");
                 continue;
             }
-            match merge_table(&self.conn, &t.info, horizon, !self.cfg.replicate_schema) {
+            let before = columns_before
+                .iter()
+                .find(|(n, _)| *n == t.info.name)
+                .map(|(_, c)| c.as_slice());
+            match merge_table(
+                &self.conn,
+                &t.info,
+                horizon,
+                !self.cfg.replicate_schema,
+                before,
+            ) {
                 Ok(Ok(())) => {
                     // Rows changed in bulk: the full-text indexes over them start afresh.
                     for i in &t.indexes {
@@ -572,6 +589,7 @@ fn merge_table(
     t: &TableInfo,
     horizon_ms: u64,
     keep_extras: bool,
+    columns_before: Option<&[String]>,
 ) -> rusqlite::Result<Result<(), String>> {
     let name = &t.name;
     let ver = ver_table(name);
@@ -782,8 +800,58 @@ fn merge_table(
     )?;
     if !keep_extras {
         merge_kept_values(conn, t, &pairs, &snap_cols)?;
+        if let Some(before) = columns_before {
+            fill_revived_from_snapshot(conn, t, &pairs, before)?;
+        }
     }
     Ok(Ok(()))
+}
+
+/// Columns the snapshot's schema brought back here (this node's table lacked them before the
+/// restore, the snapshot's has them) take, in the rows this node and the snapshot hold at the
+/// same write (same version), the snapshot's values: this node had none (its own DDL may have
+/// removed them, keeping nothing), and the merge replaces only rows the snapshot holds newer.
+/// Values kept here for them at those versions win, as they do when a column comes back from
+/// the stream. A repair in the stream before the snapshot's position would have given them;
+/// this node does not read it. Found by the simulation (V4, seed 845962: a node dropped a
+/// column itself, and restored past the repair a concurrent winning change's node sent).
+fn fill_revived_from_snapshot(
+    conn: &Connection,
+    t: &TableInfo,
+    pairs: &[(String, String)],
+    before: &[String],
+) -> rusqlite::Result<()> {
+    let qt = quote(&t.name);
+    let qv = quote(&ver_table(&t.name));
+    let same_key = t
+        .key()
+        .iter()
+        .map(|k| format!("s.{n} = d.{n}", n = quote(&k.name)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    for (local, theirs) in pairs {
+        if t.key().iter().any(|k| k.name == *local)
+            || before.iter().any(|b| b.eq_ignore_ascii_case(local))
+        {
+            continue;
+        }
+        conn.execute(
+            &format!(
+                "UPDATE main.{qt} AS d SET {lc} = (SELECT s.{sc} FROM snap.{qt} AS s WHERE {same_key}) \
+                 WHERE EXISTS (SELECT 1 FROM main.{qv} AS lv JOIN snap.{qv} AS sv ON {vv} \
+                 WHERE {dl} AND lv.stamp = sv.stamp AND lv.node = sv.node \
+                 AND lv.deleted = 0 AND sv.deleted = 0) \
+                 AND EXISTS (SELECT 1 FROM snap.{qt} AS s WHERE {same_key})",
+                lc = quote(local),
+                sc = quote(theirs),
+                vv = ver_match(t, "lv", "sv"),
+                dl = key_match(t, "d", "lv"),
+            ),
+            [],
+        )?;
+        crate::replicated::fill_kept(conn, &t.name, local, None)?;
+    }
+    Ok(())
 }
 
 /// The values a merge restore must not lose to a difference of shape, as the stream path does

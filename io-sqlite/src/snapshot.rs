@@ -199,6 +199,22 @@ impl SnapshotDir {
             )
             .map_err(local)?;
         }
+        // So do the losing changes whose node's late rows go out as a repair: no row written
+        // before one of them arrives after the horizon.
+        let late: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '__marmot__repair_late'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(local)?;
+        if late > 0 {
+            tx.execute(
+                "DELETE FROM \"__marmot__repair_late\" WHERE stamp < ?1",
+                [limit],
+            )
+            .map_err(local)?;
+        }
         tx.execute(
             "INSERT INTO \"__marmot__meta\" (key, value) VALUES ('horizon', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [horizon as i64],

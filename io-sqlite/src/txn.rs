@@ -131,8 +131,14 @@ impl Tx<'_> {
         }
     }
 
-    /// Logs every row of `table` (and a delete of every versioned row gone) for the next
-    /// capture to publish again.
+    /// A change that lost here removed data `table` keeps: every row of it goes out again,
+    /// under a new stamp, and as a repair at its own version (`replicated::request_repair`).
+    /// The nodes that applied the losing change before the winning one may hold rows without
+    /// those values at a newer version (written where the column was gone): the publication
+    /// under a new stamp gives them the winner's; it can also write the winner's copy over a
+    /// write it has not received yet (a known limit, see docs/schema-replication.md). The
+    /// repair gives the node that made the losing change the values its own DDL removed, in
+    /// any order, after a restore too, and without overwriting anything newer.
     fn republish(&mut self, table: &str) -> rusqlite::Result<()> {
         if !self.capture {
             return Ok(());
@@ -143,7 +149,7 @@ impl Tx<'_> {
             self.conn.execute_batch(&sql.log_gone)?;
             tracing::info!(
                 table,
-                "publishing the table's rows again after a schema change"
+                "a schema change that lost here removed data this table keeps: its rows go out again, and as a repair"
             );
             self.republished = true;
         }
@@ -315,6 +321,65 @@ impl CaptureTxn for Tx<'_> {
         Ok(())
     }
 
+    fn repair_tables(&mut self) -> Result<Vec<DirtyTable>, Self::Error> {
+        if !self.replicate_schema {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT tbl FROM \"__marmot__repairs\" ORDER BY tbl")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut out = Vec::new();
+        for name in names {
+            let Some(&index) = self.by_name().get(&name) else {
+                // Gone, or not replicated here: nothing to send.
+                self.conn
+                    .prepare_cached("DELETE FROM \"__marmot__repairs\" WHERE tbl = ?1")?
+                    .execute([&name])?;
+                continue;
+            };
+            let t = &self.tables()[index].info;
+            out.push(DirtyTable {
+                index,
+                name: t.name.clone(),
+                columns: t.column_names(),
+                key_columns: t.key_columns,
+                schema_version: crate::replicated::table_schema_version(self.conn, &name)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn read_repair(
+        &mut self,
+        table: &DirtyTable,
+        visit: &mut dyn FnMut(&dyn DirtyRow),
+    ) -> Result<(), Self::Error> {
+        let t = &self.tables()[table.index];
+        let mut stmt = self.conn.prepare_cached(&t.sql.repair_select)?;
+        let columns = t.info.columns.len();
+        let keys = t.info.key_columns;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            visit(&RowView {
+                row,
+                columns,
+                keys,
+                exists: true,
+            });
+        }
+        Ok(())
+    }
+
+    fn commit_repair(&mut self, table: &DirtyTable) -> Result<(), Self::Error> {
+        tracing::info!(table = %table.name, "rows sent as a repair");
+        self.conn
+            .prepare_cached("DELETE FROM \"__marmot__repairs\" WHERE tbl = ?1")?
+            .execute([&table.name])?;
+        Ok(())
+    }
+
     fn put_outbox(&mut self, batch: BatchId, messages: &[Bytes]) -> Result<(), Self::Error> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO \"__marmot__outbox\" (incarnation, seq, chunk, chunks, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -391,7 +456,7 @@ impl ApplyTxn for Tx<'_> {
             return Ok(());
         }
         let applied = crate::replicated::apply(self.conn, item, version)?;
-        if let Some(table) = &applied.republish {
+        if let Some(table) = &applied.repair {
             self.republish(table).map_err(ApplyFault::Storage)?;
         }
         if let Some(c) = &applied.conflict {
@@ -435,6 +500,12 @@ impl ApplyTxn for Tx<'_> {
             return Ok(true);
         }
         if self.by_name().contains_key(name) {
+            if self.replicate_schema
+                && crate::replicated::repair_late_rows(self.conn, name, batch)
+                    .map_err(ApplyFault::Storage)?
+            {
+                self.republished = true;
+            }
             return Ok(false);
         }
         Ok(crate::filter::excluded(self.conn, name)?

@@ -76,13 +76,17 @@ pub fn batch_rows(messages: &[Bytes]) -> Option<(Header, Vec<BatchRow>)> {
     let mut rows = Vec::new();
     let mut table = String::new();
     let mut keys = 0;
+    // A repair's rows are not writes: each names the version it repairs, not one it replaces.
+    let mut repair = false;
     while let Some(item) = reader.next_item(&mut values).ok()? {
         match item {
             Item::Schema(_) => {}
             Item::Table(t) => {
                 table = t.name.to_string();
                 keys = t.key_columns;
+                repair = t.repair;
             }
+            Item::Upsert { .. } | Item::Delete { .. } if repair => {}
             Item::Upsert { base } | Item::Delete { base } => rows.push(BatchRow {
                 table: table.clone(),
                 key: norm_key(&table, &values[..keys]),

@@ -480,3 +480,25 @@ fn regression_40_a_waiting_schema_change_and_the_batches_in_its_new_shape_never_
 fn regression_41_rows_whose_column_renames_looped_parked_for_good() {
     passes_with(846161, Generator::V4);
 }
+
+/// Postmortem (V4, seeds 841500, 841730, 845962, campaign on 9b098cc; 850046, campaign on
+/// 020ce78): a node dropped a column itself (its application's DDL removed the values before
+/// marmot saw the change, so it kept none) while a concurrent lineage that kept the column
+/// won; where the column came back on that node, the rows it held before its drop took the
+/// default. Only the winner's publication of its rows again gave the values back, and it
+/// missed rows of the dropping node that reached the winner after it (841500, 850046), a
+/// drop the winner learned through a merge restore (841730), and a node that restored past
+/// it (845962). A node whose table keeps data a losing change removed now also sends its
+/// rows as a repair (each at its own version, applied only where a node holds that write or
+/// an older one: message format 3), again when rows the losing node wrote before its change
+/// arrive late, and after a merge restore that learned the change; a merge restore that
+/// brings a column back fills it from the snapshot in the rows of the same writes. Pinned by
+/// `a_node_that_dropped_a_column_itself_gets_its_values_back_by_a_repair_when_the_drop_loses`
+/// and `a_merge_restore_that_brings_back_a_column_this_node_dropped_itself_fills_it_from_the_snapshot`.
+#[test]
+fn regression_42_a_column_a_node_dropped_itself_came_back_with_its_default_there() {
+    passes_with(841500, Generator::V4);
+    passes_with(841730, Generator::V4);
+    passes_with(845962, Generator::V4);
+    passes_with(850046, Generator::V4);
+}

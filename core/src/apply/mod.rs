@@ -218,6 +218,9 @@ pub struct ApplyReport {
     pub batches: u64,
     /// Rows written or deleted.
     pub rows_written: u64,
+    /// Rows repaired: given the values of the write they already had, which this node lost
+    /// (see [`crate::wire::TableDef::repair`]).
+    pub rows_repaired: u64,
     /// Row versions that were older than the local one or already present.
     pub rows_skipped: u64,
     /// Conflicts recorded (a write lost to a concurrent one with different content).
@@ -398,6 +401,8 @@ pub fn retry_parked_jointly<T: ApplyTxn>(
                 txn.release()?;
                 report.batches += bodies.len() as u64;
                 report.rows_written += stats.written;
+                report.rows_repaired += stats.repaired;
+                report.rows_repaired += stats.repaired;
                 report.rows_skipped += stats.skipped;
                 report.conflicts += stats.conflicts;
                 return Ok(None);
@@ -506,6 +511,7 @@ fn apply_isolated<T: ApplyTxn>(
             txn.release()?;
             report.batches += 1;
             report.rows_written += stats.written;
+            report.rows_repaired += stats.repaired;
             report.rows_skipped += stats.skipped;
             report.conflicts += stats.conflicts;
             Ok(None)
@@ -542,6 +548,7 @@ fn reseal(h: &Header, payload: &[u8]) -> Bytes {
 #[derive(Default)]
 struct BatchStats {
     written: u64,
+    repaired: u64,
     skipped: u64,
     conflicts: u64,
 }
@@ -608,6 +615,8 @@ fn apply_batch<'a, T: ApplyTxn>(
     let mut table: Option<(T::Table, TableDef<'a>)> = None;
     // The current table is one this node keeps to itself: its rows are skipped.
     let mut local_only = false;
+    // The current table's rows are a repair (see `TableDef::repair`).
+    let mut repair = false;
     loop {
         let item = reader
             .next_item(&mut values)
@@ -629,6 +638,7 @@ fn apply_batch<'a, T: ApplyTxn>(
             Item::Table(_) if part == Part::SchemaOnly => break,
             Item::Table(def) => {
                 local_only = txn.keeps_local(&def, incoming)?;
+                repair = def.repair;
                 if !local_only {
                     let handle = txn.table(&def)?;
                     table = Some((handle, def));
@@ -646,6 +656,58 @@ fn apply_batch<'a, T: ApplyTxn>(
         let (t, def) = table.as_ref().expect("row follows a table item");
         let key = &values[..def.key_columns];
         let current = txn.version(*t, key)?;
+        if repair {
+            // The write this node holds for the key, as its sender holds it: only where the
+            // versions are the same write, and only where the content differs (a value this
+            // node lost). No conflict: it cannot undo a newer write. A key this node holds no
+            // version of at all (its own DROP TABLE took the rows and their versions, and the
+            // table came back) takes the row as that write, as a late delivery of it would.
+            if delete {
+                return Err(ApplyFault::Poison(format!(
+                    "table {:?}: a repair carries a delete",
+                    def.name
+                )));
+            }
+            // Older here: the write arrives early, as its own delivery would write it.
+            let same_write = base.is_some_and(|b| match current {
+                None => true,
+                Some(c) => c.version < b || (c.version == b && !c.deleted),
+            });
+            if own || !same_write {
+                stats.skipped += 1;
+                continue;
+            }
+            let local = txn.read_row(*t, key)?;
+            if same_content(local.as_deref(), false, &values) {
+                stats.skipped += 1;
+                continue;
+            }
+            let version = base.expect("same_write implies a base");
+            if current.is_none_or(|c| c.version != version) {
+                txn.set_version(
+                    *t,
+                    key,
+                    RowVersion {
+                        version,
+                        deleted: false,
+                    },
+                )?;
+            }
+            match order {
+                Order::InPlace => txn.write_row(*t, &values, version)?,
+                Order::ClearFirst => {
+                    txn.clear_row(*t, key)?;
+                    writes.push(Pending {
+                        table: *t,
+                        key_columns: def.key_columns,
+                        values: values.clone(),
+                        version,
+                    });
+                }
+            }
+            stats.repaired += 1;
+            continue;
+        }
         match resolve(current.map(|c| c.version), incoming, base) {
             Resolution::Apply { concurrent } => {
                 // An own batch that wins restores what this database lost (it came from a

@@ -46,10 +46,14 @@ use crate::hlc::{NodeId, Stamp, Version};
 use crate::value::ValueRef;
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// The newest message format this build writes and reads (2: batches with schema items).
-pub const FORMAT_VERSION: u8 = 2;
+/// The newest message format this build writes and reads (3: batches with repair items).
+pub const FORMAT_VERSION: u8 = FORMAT_REPAIR;
 /// The message format of batches without schema items, which every marmot reads.
 pub const FORMAT_ROWS: u8 = 1;
+/// The message format of batches with schema items or versioned table items.
+pub const FORMAT_SCHEMA: u8 = 2;
+/// The message format of batches with repair table items ([`BodyWriter::table_repair`]).
+pub const FORMAT_REPAIR: u8 = 3;
 
 const FLAG_COMPRESSED: u8 = 1;
 const ITEM_TABLE: u8 = 1;
@@ -57,6 +61,7 @@ const ITEM_UPSERT: u8 = 2;
 const ITEM_DELETE: u8 = 3;
 const ITEM_SCHEMA: u8 = 4;
 const ITEM_TABLE_VERSIONED: u8 = 5;
+const ITEM_TABLE_REPAIR: u8 = 6;
 
 /// Bodies smaller than this are sent uncompressed: zstd would not pay for itself.
 const COMPRESS_MIN_BYTES: usize = 512;
@@ -268,6 +273,7 @@ pub struct BodyWriter {
     rows: u64,
     schema_items: u64,
     versioned_tables: u64,
+    repair_tables: u64,
 }
 
 /// What kind of schema object a schema item describes.
@@ -360,11 +366,13 @@ impl BodyWriter {
         self.schema_items
     }
 
-    /// The message format this body needs: [`FORMAT_VERSION`] with schema items or versioned
-    /// table items, else [`FORMAT_ROWS`].
+    /// The message format this body needs: [`FORMAT_REPAIR`] with repair table items,
+    /// [`FORMAT_SCHEMA`] with schema items or versioned table items, else [`FORMAT_ROWS`].
     pub fn format(&self) -> u8 {
-        if self.schema_items > 0 || self.versioned_tables > 0 {
-            FORMAT_VERSION
+        if self.repair_tables > 0 {
+            FORMAT_REPAIR
+        } else if self.schema_items > 0 || self.versioned_tables > 0 {
+            FORMAT_SCHEMA
         } else {
             FORMAT_ROWS
         }
@@ -386,13 +394,41 @@ impl BodyWriter {
     ) {
         self.versioned_tables += 1;
         self.buf.push(ITEM_TABLE_VERSIONED);
+        self.table_version(version);
+        self.table_rest(name, columns, key_columns);
+    }
+
+    /// A table whose following rows are a repair: each row as the sender holds it, at the
+    /// version it has there (its `base`), for receivers whose row has exactly that version
+    /// (the same write) but lost values of it (see [`TableDef::repair`]). Needs
+    /// [`FORMAT_REPAIR`]. `version`: the table's schema version, as a versioned table item
+    /// carries it (`None`: the schema every node started from).
+    pub fn table_repair(
+        &mut self,
+        name: &str,
+        columns: &[String],
+        key_columns: usize,
+        version: Option<TableVersion>,
+    ) {
+        self.repair_tables += 1;
+        self.buf.push(ITEM_TABLE_REPAIR);
+        match version {
+            Some(v) => {
+                self.buf.push(1);
+                self.table_version(v);
+            }
+            None => self.buf.push(0),
+        }
+        self.table_rest(name, columns, key_columns);
+    }
+
+    fn table_version(&mut self, version: TableVersion) {
         let (s, n) = match version {
             TableVersion::ThisBatch => (0, 0),
             TableVersion::At(v) => (v.stamp.as_u64(), v.node),
         };
         put_varint(&mut self.buf, s);
         put_varint(&mut self.buf, n);
-        self.table_rest(name, columns, key_columns);
     }
 
     fn table_rest(&mut self, name: &str, columns: &[String], key_columns: usize) {
@@ -466,6 +502,13 @@ pub struct TableDef<'a> {
     /// The table's schema version on the sender (`None`: the schema every node started
     /// from, or a sender that does not say).
     pub schema_version: Option<TableVersion>,
+    /// The rows that follow are a repair, not writes: each applies only where the
+    /// receiver's row has exactly the version the row names as its `base` (the same write),
+    /// giving it the values that write carried; it changes no version, records no conflict,
+    /// and cannot overwrite a newer write. A node whose own DDL removed values that a
+    /// concurrent, winning schema change brings back gets them so (see
+    /// `docs/schema-replication.md`).
+    pub repair: bool,
 }
 
 impl TableDef<'_> {
@@ -524,8 +567,13 @@ impl<'a> BodyReader<'a> {
             return Ok(None);
         }
         match self.r.u8("item")? {
-            kind @ (ITEM_TABLE | ITEM_TABLE_VERSIONED) => {
-                let schema_version = if kind == ITEM_TABLE_VERSIONED {
+            kind @ (ITEM_TABLE | ITEM_TABLE_VERSIONED | ITEM_TABLE_REPAIR) => {
+                let versioned = match kind {
+                    ITEM_TABLE => false,
+                    ITEM_TABLE_VERSIONED => true,
+                    _ => self.r.u8("repair table version flag")? != 0,
+                };
+                let schema_version = if versioned {
                     let stamp = self.r.varint("table version stamp")?;
                     let node = self.r.varint("table version node")?;
                     Some(if stamp == 0 && node == 0 {
@@ -558,6 +606,7 @@ impl<'a> BodyReader<'a> {
                     columns: names,
                     key_columns,
                     schema_version,
+                    repair: kind == ITEM_TABLE_REPAIR,
                 })))
             }
             op @ (ITEM_UPSERT | ITEM_DELETE) => {

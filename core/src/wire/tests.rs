@@ -118,8 +118,10 @@ fn large_compressible_bodies_are_compressed() {
 #[test]
 fn unknown_versions_and_garbage_are_errors_not_panics() {
     assert_eq!(
-        decode_message(&[3, 0]).unwrap_err(),
-        WireError::UnknownVersion { found: 3 }
+        decode_message(&[FORMAT_VERSION + 1, 0]).unwrap_err(),
+        WireError::UnknownVersion {
+            found: FORMAT_VERSION + 1
+        }
     );
     assert_eq!(
         decode_message(&[0, 0]).unwrap_err(),
@@ -158,7 +160,7 @@ fn schema_items_lead_the_body_and_make_it_format_2() {
     w.schema(&dropped);
     w.table("t", &["k".to_string(), "v".to_string()], 1);
     w.upsert(None, [ValueRef::Integer(1), ValueRef::Text(b"x")]);
-    assert_eq!(w.format(), FORMAT_VERSION);
+    assert_eq!(w.format(), FORMAT_SCHEMA);
     let msgs = seal(
         batch(),
         Stamp::new(1, 0),
@@ -168,7 +170,7 @@ fn schema_items_lead_the_body_and_make_it_format_2() {
         1 << 20,
     );
     let (h, frag) = decode_message(&msgs[0]).unwrap();
-    assert_eq!(h.format, FORMAT_VERSION);
+    assert_eq!(h.format, FORMAT_SCHEMA);
     let mut r = BodyReader::new(frag);
     let mut vals = Vec::new();
     match r.next_item(&mut vals).unwrap() {
@@ -266,7 +268,7 @@ fn a_versioned_table_item_carries_the_tables_schema_version_and_makes_the_body_f
     w.delete(None, [ValueRef::Integer(2)]);
     w.table("c", &["k".to_string()], 1);
     w.upsert(None, [ValueRef::Integer(3)]);
-    assert_eq!(w.format(), FORMAT_VERSION, "earlier marmots do not read it");
+    assert_eq!(w.format(), FORMAT_SCHEMA, "earlier marmots do not read it");
     let batch_version = Version {
         stamp: Stamp::new(1_700_000_000_500, 0),
         node: 9,
@@ -282,5 +284,55 @@ fn a_versioned_table_item_carries_the_tables_schema_version_and_makes_the_body_f
     assert_eq!(
         seen,
         vec![("a", Some(v)), ("b", Some(batch_version)), ("c", None)]
+    );
+}
+
+#[test]
+fn a_repair_table_item_carries_its_rows_versions_and_makes_the_body_format_3() {
+    let v = Version {
+        stamp: Stamp::new(1_700_000_000_000, 3),
+        node: 4,
+    };
+    let row = Version {
+        stamp: Stamp::new(1_700_000_000_100, 1),
+        node: 2,
+    };
+    let mut w = BodyWriter::default();
+    w.table("plain", &["k".to_string()], 1);
+    w.upsert(None, [ValueRef::Integer(1)]);
+    assert_eq!(w.format(), FORMAT_ROWS);
+    w.table_repair(
+        "a",
+        &["k".to_string(), "v".to_string()],
+        1,
+        Some(TableVersion::At(v)),
+    );
+    w.upsert(Some(row), [ValueRef::Integer(1), ValueRef::Text(b"x")]);
+    w.table_repair("b", &["k".to_string()], 1, None);
+    w.upsert(Some(row), [ValueRef::Integer(2)]);
+    assert_eq!(w.format(), FORMAT_REPAIR, "earlier marmots do not read it");
+    let mut r = BodyReader::new(w.as_bytes());
+    let mut vals = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(item) = r.next_item(&mut vals).unwrap() {
+        match item {
+            Item::Table(def) => seen.push(format!(
+                "{} repair={} version={:?}",
+                def.name, def.repair, def.schema_version
+            )),
+            Item::Upsert { base } => seen.push(format!("row {:?} {:?}", base, vals[0])),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            "plain repair=false version=None".to_string(),
+            "row None Integer(1)".to_string(),
+            format!("a repair=true version={:?}", Some(TableVersion::At(v))),
+            format!("row {:?} Integer(1)", Some(row)),
+            "b repair=true version=None".to_string(),
+            format!("row {:?} Integer(2)", Some(row)),
+        ]
     );
 }

@@ -1734,3 +1734,86 @@ fn rows_whose_column_renames_loop_leave_the_column_out_instead_of_parking_for_go
     );
     assert_eq!(kept, "new");
 }
+
+#[test]
+fn a_node_that_dropped_a_column_itself_gets_its_values_back_by_a_repair_when_the_drop_loses() {
+    // Node 3 drops `x` itself: its application's DDL removes the values, marmot keeps none.
+    // Node 2, which had not met the drop, changes the table later (its lineage wins, `x`
+    // stays), and learns of node 3's drop only through a merge restore of node 1's snapshot,
+    // taken after the drop and before node 2's change. When node 2's change brings `x` back
+    // on node 3, node 3's rows take the default; nothing sent them again (a restore publishes
+    // no rows: a copy stamped anew could write over newer writes). Node 2 now sends a repair:
+    // each row at its own version, applied only where a node holds that very write (or an
+    // older one), so it cannot undo a newer write. Found by the simulation (V4, seed 841730).
+    let mut c = Cluster::new(3, "CREATE TABLE s (k INTEGER PRIMARY KEY, a TEXT, x TEXT);");
+    c.exec(0, "INSERT INTO s VALUES (1, 'a1', 'x1'), (2, 'a2', 'x2');");
+    c.settle();
+    let from = c.stream.len();
+    c.exec(2, "ALTER TABLE s DROP COLUMN x;");
+    c.capture(2);
+    c.exec(1, "ALTER TABLE s ADD COLUMN y TEXT;");
+    c.capture(1);
+    assert_eq!(c.stream.len(), from + 2);
+    // Node 1 meets the drop alone; node 2 restores its snapshot, past the drop.
+    let drop_only = c.stream[..from + 1].to_vec();
+    {
+        let n = &mut c.nodes[0];
+        let ds = drop_only[n.applied as usize..].to_vec();
+        n.store.apply(&mut n.clock, c.wall + 1, &ds).unwrap();
+        n.applied = (from + 1) as u64;
+    }
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path.clone());
+    let n = &mut c.nodes[1];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    assert_eq!(
+        rep.position,
+        (from + 1) as u64,
+        "node 2 never reads the drop"
+    );
+    n.applied = rep.position;
+    c.settle();
+    assert_same_schema(&c);
+    assert_eq!(
+        c.dump(2, "s"),
+        vec!["(1, 'a1', 'x1', NULL)", "(2, 'a2', 'x2', NULL)"],
+        "node 3 got its values back"
+    );
+    c.assert_converged("s");
+    assert_eq!(parked(&c, 0) + parked(&c, 1) + parked(&c, 2), 0);
+    // A repair changes no version: nothing is published from it, and nothing moves again.
+    let before = c.stream.len();
+    c.settle();
+    assert_eq!(c.stream.len(), before);
+}
+
+#[test]
+fn a_merge_restore_that_brings_back_a_column_this_node_dropped_itself_fills_it_from_the_snapshot() {
+    // Node 3 drops `x` itself: its application's DDL removes the values, marmot keeps none.
+    // Node 1, which had not met the drop, changes the table later (its lineage wins, `x`
+    // stays). Node 3 falls behind and merge-restores node 1's snapshot: the snapshot's schema
+    // brings `x` back, and the rows both hold at the same write were left as
+    // they were here, with `x`'s default. Found by the simulation (V4, seed 845962: the
+    // repair node 1 sent was before the snapshot's position, so node 3 never read it).
+    let mut c = Cluster::new(3, "CREATE TABLE s (k INTEGER PRIMARY KEY, a TEXT, x TEXT);");
+    c.exec(0, "INSERT INTO s VALUES (1, 'a1', 'x1'), (2, 'a2', 'x2');");
+    c.settle();
+    c.exec(2, "ALTER TABLE s DROP COLUMN x;");
+    c.capture(2);
+    c.exec(0, "ALTER TABLE s ADD COLUMN y TEXT;");
+    c.capture(0);
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[2].path.clone());
+    let n = &mut c.nodes[2];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    n.applied = rep.position;
+    assert_eq!(
+        c.dump(2, "s"),
+        vec!["(1, 'a1', 'x1', NULL)", "(2, 'a2', 'x2', NULL)"],
+        "the rows of the same writes took the snapshot's values of the column"
+    );
+    c.settle();
+    assert_same_schema(&c);
+    c.assert_converged("s");
+    assert_eq!(parked(&c, 0) + parked(&c, 1) + parked(&c, 2), 0);
+}

@@ -198,7 +198,7 @@ fn formatted(seq: u64, format: u8) -> crate::capture::Captured {
         stamp: Stamp::new(1000 + seq, 0),
         rows: 1,
         messages,
-        schema: format >= crate::wire::FORMAT_VERSION,
+        schema: format >= crate::wire::FORMAT_SCHEMA,
     }
 }
 
@@ -273,7 +273,7 @@ fn format_2_batches_without_schema_changes_are_pipelined_like_any_rows() {
     let mut n = ready(0, vec![]);
     drain(&mut n);
     for seq in 1..=3 {
-        let mut c = formatted(seq, crate::wire::FORMAT_VERSION);
+        let mut c = formatted(seq, crate::wire::FORMAT_SCHEMA);
         c.schema = false;
         n.handle(
             ms(1),
