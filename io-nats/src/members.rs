@@ -186,9 +186,9 @@ impl NatsTransport {
         if format > max {
             return Err(TransportError::unavailable(format!(
                 "{who} reads message formats up to {max}; this batch is format {format} (it \
-                 carries a schema change, or rows of a table a replicated change created or \
-                 changed), so it and the batches after it wait in the outbox until every live \
-                 node is upgraded (nothing is lost)"
+                 carries a schema change, rows of a table a replicated change created or \
+                 changed, or a repair after a schema change lost), so it and the batches after \
+                 it wait in the outbox until every live node is upgraded (nothing is lost)"
             )));
         }
         Ok(())
