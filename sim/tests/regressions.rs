@@ -493,8 +493,9 @@ fn regression_41_rows_whose_column_renames_looped_parked_for_good() {
 /// an older one: message format 3), again when rows the losing node wrote before its change
 /// arrive late, and after a merge restore that learned the change; a merge restore that
 /// brings a column back fills it from the snapshot in the rows of the same writes. Pinned by
-/// `a_node_that_dropped_a_column_itself_gets_its_values_back_by_a_repair_when_the_drop_loses`
-/// and `a_merge_restore_that_brings_back_a_column_this_node_dropped_itself_fills_it_from_the_snapshot`.
+/// `a_node_that_dropped_a_column_itself_gets_its_values_back_by_a_repair_when_the_drop_loses`,
+/// `rows_the_dropping_node_wrote_before_its_drop_that_arrive_late_are_repaired_too` and
+/// `a_merge_restore_that_brings_back_a_column_this_node_dropped_itself_fills_it_from_the_snapshot`.
 #[test]
 fn regression_42_a_column_a_node_dropped_itself_came_back_with_its_default_there() {
     passes_with(841500, Generator::V4);

@@ -1817,3 +1817,46 @@ fn a_merge_restore_that_brings_back_a_column_this_node_dropped_itself_fills_it_f
     c.assert_converged("s");
     assert_eq!(parked(&c, 0) + parked(&c, 1) + parked(&c, 2), 0);
 }
+
+#[test]
+fn rows_the_dropping_node_wrote_before_its_drop_that_arrive_late_are_repaired_too() {
+    // Node 2 inserts a row, then drops `x`; its batches reach the stream in the other order.
+    // Node 1, which met neither, changes the table later (its lineage wins, `x` stays), meets
+    // the drop alone and answers it (its rows again, and a repair). Node 2's row arrives at
+    // node 1 only after that: node 1 holds it with its `x`, node 2 lost `x` to its own DDL, and
+    // nothing sent it back. Rows of the losing node written before its change that arrive
+    // late now make node 1 send the table as a repair again. Found by the simulation (V4 seeds
+    // 841500, 850046).
+    let mut c = Cluster::new(2, "CREATE TABLE s (k INTEGER PRIMARY KEY, a TEXT, x TEXT);");
+    c.exec(0, "INSERT INTO s VALUES (1, 'a1', 'x1');");
+    c.settle();
+    let from = c.stream.len();
+    c.exec(1, "INSERT INTO s VALUES (3, 'a3', 'x3');");
+    c.capture(1);
+    c.exec(1, "ALTER TABLE s DROP COLUMN x;");
+    c.capture(1);
+    c.exec(0, "ALTER TABLE s ADD COLUMN y TEXT;");
+    c.capture(0);
+    assert_eq!(c.stream.len(), from + 3);
+    c.stream.swap(from, from + 1);
+    for (i, d) in c.stream.iter_mut().enumerate() {
+        d.stream_seq = i as u64 + 1;
+    }
+    // Node 1 meets the drop alone first, and sends what it sends for it.
+    let first = c.stream[..from + 1].to_vec();
+    {
+        let n = &mut c.nodes[0];
+        let ds = first[n.applied as usize..].to_vec();
+        let out = n.store.apply(&mut n.clock, c.wall + 1, &ds).unwrap();
+        assert!(out.report.parked.is_empty(), "{:?}", out.report);
+        n.applied = (from + 1) as u64;
+    }
+    c.capture(0);
+    c.settle();
+    assert_eq!(parked(&c, 0) + parked(&c, 1), 0);
+    assert_eq!(
+        c.dump(1, "s"),
+        vec!["(1, 'a1', 'x1', NULL)", "(3, 'a3', 'x3', NULL)"]
+    );
+    c.assert_converged("s");
+}
