@@ -212,7 +212,14 @@ pub fn capture<T: CaptureTxn>(
     // Repairs after the writes: a row this batch writes has its new version on the
     // receivers by then, and its repair (at the version it replaces) changes nothing there.
     for t in &repairs {
-        let version = t.schema_version.map(crate::wire::TableVersion::At);
+        let changed_here = schema.iter().any(|c| {
+            c.kind == crate::wire::ObjectKind::Table && c.name == t.name && c.new_sql.is_some()
+        });
+        let version = if changed_here {
+            Some(crate::wire::TableVersion::ThisBatch)
+        } else {
+            t.schema_version.map(crate::wire::TableVersion::At)
+        };
         body.table_repair(&t.name, &t.columns, t.key_columns, version);
         txn.read_repair(t, &mut |row| {
             if row.exists() {

@@ -120,7 +120,10 @@ pub fn apply<T: LocalTxn>(
     let position = t.position()?;
     let mut report = t.apply_deliveries(clock, wall_ms, position, deliveries)?;
     // A batch that just joined the waiting ones may apply together with them.
-    if report.rows_written > 0 || report.parked.iter().any(|p| p.collision) {
+    if report.rows_written > 0
+        || report.rows_repaired > 0
+        || report.parked.iter().any(|p| p.collision)
+    {
         retry_waiting(t, clock, wall_ms, &mut report)?;
     }
     if report.through_seq != position {
@@ -185,6 +188,7 @@ pub fn retry_waiting<T: LocalTxn>(
         let (_, applied) = t.retry_parked(clock, wall_ms, ParkedSelection::Waiting, &mut again)?;
         report.unparked += applied;
         report.rows_written += again.rows_written;
+        report.rows_repaired += again.rows_repaired;
         report.conflicts += again.conflicts;
         if applied == 0 {
             break;
@@ -193,6 +197,7 @@ pub fn retry_waiting<T: LocalTxn>(
     let mut again = ApplyReport::default();
     report.unparked += t.retry_waiting_jointly(clock, wall_ms, &mut again)?;
     report.rows_written += again.rows_written;
+    report.rows_repaired += again.rows_repaired;
     report.conflicts += again.conflicts;
     Ok(())
 }

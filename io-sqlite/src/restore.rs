@@ -826,7 +826,13 @@ fn fill_revived_from_snapshot(
     let same_key = t
         .key()
         .iter()
-        .map(|k| format!("s.{n} = d.{n}", n = quote(&k.name)))
+        .map(|k| {
+            format!(
+                "s.{n} = d.{n} COLLATE {c}",
+                n = quote(&k.name),
+                c = k.collation
+            )
+        })
         .collect::<Vec<_>>()
         .join(" AND ");
     for (local, theirs) in pairs {

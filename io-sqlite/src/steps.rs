@@ -154,8 +154,8 @@ impl SqliteStore {
     }
 
     /// Applies the batches waiting on a UNIQUE value, each origin's together as one set (see
-    /// `marmot_core::apply::retry_parked_jointly`), with the other batches of that origin
-    /// parked here: a waiting batch that changes the schema holds back the node's later
+    /// `marmot_core::apply::retry_parked_jointly`), and where they do not apply, with the
+    /// other batches of that origin parked here: a waiting batch that changes the schema holds back the node's later
     /// batches written in the new shape (they park on a column it adds or renames), and those
     /// may free the values it waits on, so neither applies without the other (found by the
     /// simulation, V4 seed 843597: a rename waiting on a UNIQUE value, the batches after it
@@ -168,22 +168,32 @@ impl SqliteStore {
         report: &mut marmot_core::apply::ApplyReport,
     ) -> Result<u64, StoreError> {
         let me = self.cfg.node_id;
-        let rows: Vec<(i64, Option<i64>, i64, Vec<u8>)> = self
+        type Row = (i64, Option<i64>, i64, Vec<u8>, bool);
+        let rows: Vec<Row> = self
             .conn
             .prepare_cached(
-                "SELECT id, origin, stream_seq, message FROM \"__marmot__parked\" WHERE origin IN \
-                 (SELECT origin FROM \"__marmot__parked\" WHERE collision = 1) \
+                "SELECT id, origin, stream_seq, message, collision FROM \"__marmot__parked\" \
+                 WHERE origin IN (SELECT origin FROM \"__marmot__parked\" WHERE collision = 1) \
                  ORDER BY origin, incarnation, batch_seq, id",
             )
             .and_then(|mut st| {
-                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                    .collect()
+                st.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect()
             })
             .map_err(|e| self.sql_err(e))?;
-        let mut groups: Vec<(Option<i64>, Vec<i64>, Vec<marmot_core::apply::Parked>)> = Vec::new();
-        for (id, origin, stream_seq, message) in rows {
+        // Per origin: (ids, batches, whether each waits on a UNIQUE value).
+        type Group = (
+            Option<i64>,
+            Vec<i64>,
+            Vec<marmot_core::apply::Parked>,
+            Vec<bool>,
+        );
+        let mut groups: Vec<Group> = Vec::new();
+        for (id, origin, stream_seq, message, collision) in rows {
             if groups.last().is_none_or(|g| g.0 != origin) {
-                groups.push((origin, Vec::new(), Vec::new()));
+                groups.push((origin, Vec::new(), Vec::new(), Vec::new()));
             }
             let g = groups.last_mut().expect("pushed above");
             g.1.push(id);
@@ -192,25 +202,39 @@ impl SqliteStore {
                 batch: None,
                 reason: String::new(),
                 message: Bytes::from(message),
-                collision: true,
+                collision,
             });
+            g.3.push(collision);
         }
         let mut applied = 0;
-        for (_, ids, parked) in groups.into_iter().filter(|g| g.2.len() > 1) {
-            // The whole set; if a batch of it collides for good (its value is taken on two
-            // nodes), each set without one of its batches (a bounded number of tries).
-            let mut tries: Vec<Option<usize>> = vec![None];
-            if parked.len() <= 16 {
-                tries.extend((0..parked.len()).map(Some));
+        for (_, ids, parked, waiting) in groups {
+            // The sets to try, in order: the waiting batches together (and, if one of them
+            // collides for good, its value taken on two nodes, each set without one of them);
+            // then with the origin's other parked batches too (a waiting schema change and
+            // the batches in its new shape), in case the first fail. A batch parked for good
+            // among those only spoils the second kind, never the first.
+            let only_waiting: Vec<usize> = (0..parked.len()).filter(|i| waiting[*i]).collect();
+            let everything: Vec<usize> = (0..parked.len()).collect();
+            let mut tries: Vec<Vec<usize>> = Vec::new();
+            for set in [only_waiting, everything] {
+                if set.len() < 2 || tries.contains(&set) {
+                    continue;
+                }
+                tries.push(set.clone());
+                if set.len() <= 16 {
+                    for leave_out in &set {
+                        tries.push(set.iter().copied().filter(|i| i != leave_out).collect());
+                    }
+                }
             }
-            let mut done: Option<Option<usize>> = None;
-            for leave_out in tries {
-                let set: Vec<marmot_core::apply::Parked> = parked
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| Some(*i) != leave_out)
-                    .map(|(_, p)| p.clone())
-                    .collect();
+            let mut done: Option<Vec<usize>> = None;
+            for members in tries {
+                if members.len() < 2 {
+                    // One batch alone: the one-by-one retries try it.
+                    continue;
+                }
+                let set: Vec<marmot_core::apply::Parked> =
+                    members.iter().map(|i| parked[*i].clone()).collect();
                 let mut tx = self.tx(wall_ms);
                 let outcome = marmot_core::apply::retry_parked_jointly(
                     &mut tx, clock, me, &set, wall_ms, report,
@@ -219,27 +243,21 @@ impl SqliteStore {
                 let (resynced, again) = (tx.resynced.take(), tx.republished);
                 self.adopt_tables(resynced, again)?;
                 if outcome.is_none() {
-                    done = Some(leave_out);
+                    done = Some(members);
                     break;
                 }
             }
-            if let Some(left) = done {
-                let ids: Vec<i64> = ids
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| Some(*i) != left)
-                    .map(|(_, id)| *id)
-                    .collect();
-                for id in &ids {
+            if let Some(members) = done {
+                for i in &members {
                     self.conn
-                        .execute("DELETE FROM \"__marmot__parked\" WHERE id = ?1", [id])
+                        .execute("DELETE FROM \"__marmot__parked\" WHERE id = ?1", [ids[*i]])
                         .map_err(|x| self.sql_err(x))?;
                 }
                 tracing::info!(
-                    batches = ids.len(),
+                    batches = members.len(),
                     "batches that waited on UNIQUE values applied together"
                 );
-                applied += ids.len() as u64;
+                applied += members.len() as u64;
             }
         }
         Ok(applied)

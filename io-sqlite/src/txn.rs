@@ -729,6 +729,38 @@ impl ApplyTxn for Tx<'_> {
         self.derived(t, key, true)
     }
 
+    fn repair_row(
+        &mut self,
+        t: usize,
+        values: &[ValueRef<'_>],
+        version: Version,
+    ) -> Result<bool, ApplyFault<Self::Error>> {
+        // Columns here the sender's row lacks would take their defaults in the write: the
+        // repair would change more than it gives back.
+        if !self.apply_tables[t].sql.extras.is_empty() {
+            return Ok(false);
+        }
+        self.conn
+            .execute_batch("SAVEPOINT marmot_repair")
+            .map_err(ApplyFault::Storage)?;
+        match self.write_row(t, values, version) {
+            Ok(()) => {
+                self.conn
+                    .execute_batch("RELEASE marmot_repair")
+                    .map_err(ApplyFault::Storage)?;
+                Ok(true)
+            }
+            Err(ApplyFault::Poison(why) | ApplyFault::Collision(why)) => {
+                self.conn
+                    .execute_batch("ROLLBACK TO marmot_repair; RELEASE marmot_repair")
+                    .map_err(ApplyFault::Storage)?;
+                tracing::debug!(%why, "a repaired row was left as it is: a constraint here refuses it");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn clear_row(&mut self, t: usize, key: &[ValueRef<'_>]) -> Result<(), ApplyFault<Self::Error>> {
         if let Some(stash) = &self.apply_tables[t].sql.stash {
             let r = self.conn.prepare_cached(stash).and_then(|mut st| {

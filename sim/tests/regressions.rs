@@ -489,8 +489,8 @@ fn regression_41_rows_whose_column_renames_looped_parked_for_good() {
 /// missed rows of the dropping node that reached the winner after it (841500, 850046), a
 /// drop the winner learned through a merge restore (841730), and a node that restored past
 /// it (845962). A node whose table keeps data a losing change removed now also sends its
-/// rows as a repair (each at its own version, applied only where a node holds that write or
-/// an older one: message format 3), again when rows the losing node wrote before its change
+/// rows as a repair (each at its own version, applied only where a node holds that very
+/// write: message format 3), again when rows the losing node wrote before its change
 /// arrive late, and after a merge restore that learned the change; a merge restore that
 /// brings a column back fills it from the snapshot in the rows of the same writes. Pinned by
 /// `a_node_that_dropped_a_column_itself_gets_its_values_back_by_a_repair_when_the_drop_loses`,

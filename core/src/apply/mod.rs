@@ -116,6 +116,18 @@ pub trait ApplyTxn {
             item.name
         )))
     }
+    /// Gives a row the values of a repair (see [`crate::wire::TableDef::repair`]): the write
+    /// the row holds, as its sender holds it. Returns `false` where the storage leaves the row
+    /// as it is (a constraint refuses the values, or the row has columns the sender's lacks):
+    /// a repair never fails its batch. The default writes the row.
+    fn repair_row(
+        &mut self,
+        t: Self::Table,
+        values: &[ValueRef<'_>],
+        version: Version,
+    ) -> Result<bool, ApplyFault<Self::Error>> {
+        self.write_row(t, values, version).map(|()| true)
+    }
     /// Matches an incoming table definition to the local schema: unknown table, unknown
     /// column or a different primary key is a [`ApplyFault::Poison`].
     fn table(&mut self, def: &TableDef<'_>) -> Result<Self::Table, ApplyFault<Self::Error>>;
@@ -402,7 +414,6 @@ pub fn retry_parked_jointly<T: ApplyTxn>(
                 report.batches += bodies.len() as u64;
                 report.rows_written += stats.written;
                 report.rows_repaired += stats.repaired;
-                report.rows_repaired += stats.repaired;
                 report.rows_skipped += stats.skipped;
                 report.conflicts += stats.conflicts;
                 return Ok(None);
@@ -658,20 +669,24 @@ fn apply_batch<'a, T: ApplyTxn>(
         let current = txn.version(*t, key)?;
         if repair {
             // The write this node holds for the key, as its sender holds it: only where the
-            // versions are the same write, and only where the content differs (a value this
-            // node lost). No conflict: it cannot undo a newer write. A key this node holds no
-            // version of at all (its own DROP TABLE took the rows and their versions, and the
-            // table came back) takes the row as that write, as a late delivery of it would.
+            // versions are the same write (not a tombstone), and only where the content
+            // differs (a value this node lost). It cannot undo a newer write, nor show part of
+            // an older batch early (an older version here: that batch brings its rows whole),
+            // nor bring back a row whose tombstone was collected (no version here). A row the
+            // adapter cannot repair (a constraint refuses it) is left as it is: a repair never
+            // fails its batch.
             if delete {
                 return Err(ApplyFault::Poison(format!(
                     "table {:?}: a repair carries a delete",
                     def.name
                 )));
             }
-            // Older here: the write arrives early, as its own delivery would write it.
-            let same_write = base.is_some_and(|b| match current {
-                None => true,
-                Some(c) => c.version < b || (c.version == b && !c.deleted),
+            let same_write = base.is_some_and(|b| {
+                current
+                    == Some(RowVersion {
+                        version: b,
+                        deleted: false,
+                    })
             });
             if own || !same_write {
                 stats.skipped += 1;
@@ -683,29 +698,11 @@ fn apply_batch<'a, T: ApplyTxn>(
                 continue;
             }
             let version = base.expect("same_write implies a base");
-            if current.is_none_or(|c| c.version != version) {
-                txn.set_version(
-                    *t,
-                    key,
-                    RowVersion {
-                        version,
-                        deleted: false,
-                    },
-                )?;
+            if txn.repair_row(*t, &values, version)? {
+                stats.repaired += 1;
+            } else {
+                stats.skipped += 1;
             }
-            match order {
-                Order::InPlace => txn.write_row(*t, &values, version)?,
-                Order::ClearFirst => {
-                    txn.clear_row(*t, key)?;
-                    writes.push(Pending {
-                        table: *t,
-                        key_columns: def.key_columns,
-                        values: values.clone(),
-                        version,
-                    });
-                }
-            }
-            stats.repaired += 1;
             continue;
         }
         match resolve(current.map(|c| c.version), incoming, base) {

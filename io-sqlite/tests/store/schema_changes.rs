@@ -1743,8 +1743,8 @@ fn a_node_that_dropped_a_column_itself_gets_its_values_back_by_a_repair_when_the
     // taken after the drop and before node 2's change. When node 2's change brings `x` back
     // on node 3, node 3's rows take the default; nothing sent them again (a restore publishes
     // no rows: a copy stamped anew could write over newer writes). Node 2 now sends a repair:
-    // each row at its own version, applied only where a node holds that very write (or an
-    // older one), so it cannot undo a newer write. Found by the simulation (V4, seed 841730).
+    // each row at its own version, applied only where a node holds that very write, so it
+    // cannot undo a newer write. Found by the simulation (V4, seed 841730).
     let mut c = Cluster::new(3, "CREATE TABLE s (k INTEGER PRIMARY KEY, a TEXT, x TEXT);");
     c.exec(0, "INSERT INTO s VALUES (1, 'a1', 'x1'), (2, 'a2', 'x2');");
     c.settle();
