@@ -503,3 +503,15 @@ fn regression_42_a_column_a_node_dropped_itself_came_back_with_its_default_there
     passes_with(845962, Generator::V4);
     passes_with(850046, Generator::V4);
 }
+
+/// Postmortem (V4, seed 870112, campaign on 678e085; fails on 020ce78 too): node 2 added a
+/// column before any row, published the change, and then joined by taking node 1's snapshot.
+/// With no rows and no row versions its database counted as empty, and it took the snapshot
+/// whole: node 1's older shape replaced node 2's own change, which won on every other node,
+/// and the stream never gives a node its own batches back. A node that captured a batch now
+/// merges a snapshot. Pinned by
+/// `a_node_that_captured_only_a_schema_change_merges_a_snapshot_instead_of_taking_it_whole`.
+#[test]
+fn regression_43_a_node_that_captured_only_a_schema_change_took_a_snapshot_whole() {
+    passes_with(870112, Generator::V4);
+}

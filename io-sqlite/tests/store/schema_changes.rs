@@ -1860,3 +1860,34 @@ fn rows_the_dropping_node_wrote_before_its_drop_that_arrive_late_are_repaired_to
     );
     c.assert_converged("s");
 }
+
+#[test]
+fn a_node_that_captured_only_a_schema_change_merges_a_snapshot_instead_of_taking_it_whole() {
+    // Node 2 adds a column (no rows) and publishes the change; then it takes a snapshot of
+    // node 1, which has not met the change. Its database had no rows and no row versions, so it
+    // counted as empty and took the snapshot whole: the snapshot's older shape replaced its
+    // own change, which won everywhere else, and the stream never gives a node its own batches
+    // back. Found by the simulation (V4, seed 870112). A node that captured a batch now merges.
+    let mut c = Cluster::new(2, "CREATE TABLE s (k INTEGER PRIMARY KEY, v TEXT);");
+    c.exec(0, "INSERT INTO s VALUES (1, 'x');");
+    c.capture(0);
+    c.exec(1, "ALTER TABLE s ADD COLUMN w TEXT DEFAULT 'dw';");
+    c.capture(1);
+    // Published: its outbox is empty.
+    c.exec(1, "DELETE FROM \"__marmot__outbox\";");
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[1].path.clone());
+    let n = &mut c.nodes[1];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged, "a node that captured a change merges");
+    n.applied = rep.position;
+    let w: i64 = scalar(
+        &c,
+        1,
+        "SELECT count(*) FROM pragma_table_info('s') WHERE name = 'w'",
+    );
+    assert_eq!(w, 1, "its own change stays");
+    c.settle();
+    assert_same_schema(&c);
+    c.assert_converged("s");
+    assert_eq!(c.dump(1, "s"), vec!["(1, 'x', 'dw')"]);
+}
