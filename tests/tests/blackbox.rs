@@ -1294,9 +1294,9 @@ fn wait_schema_returns_once_every_live_node_has_the_migration_and_not_before() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let nodes = v["nodes"].as_array()?.clone();
         (nodes.len() == 3
-            && nodes
-                .iter()
-                .all(|n| n["max_format"] == 2 && n["version"].is_string()))
+            && nodes.iter().all(|n| {
+                n["max_format"] == marmot_core::wire::FORMAT_VERSION && n["version"].is_string()
+            }))
         .then_some(nodes)
     });
     assert_eq!(listed[1]["schema_digest"], listed[0]["schema_digest"]);
