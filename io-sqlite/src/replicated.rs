@@ -644,6 +644,39 @@ pub(crate) fn renames_from(
     }
 }
 
+/// The column of the table (of `present`) that the renames this node ever learned
+/// (`__marmot__column_renames`, kept whatever fact won about a name) lead to from `from`, not
+/// through another column of the table (a name a column bears now is its own, not a step).
+/// `None`: they lead to none.
+pub(crate) fn renamed_into(
+    c: &Connection,
+    table: &str,
+    from: &str,
+    present: &[String],
+) -> rusqlite::Result<Option<String>> {
+    let edges: Vec<(String, String)> = c
+        .prepare_cached(
+            "SELECT lower(col), lower(renamed_to) FROM \"__marmot__column_renames\" WHERE tbl = ?1",
+        )?
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut seen = vec![from.to_ascii_lowercase()];
+    let mut at = 0;
+    while at < seen.len() {
+        for (f, t) in &edges {
+            if *f != seen[at] || seen.contains(t) {
+                continue;
+            }
+            if let Some(p) = present.iter().find(|p| p.eq_ignore_ascii_case(t)) {
+                return Ok(Some(p.clone()));
+            }
+            seen.push(t.clone());
+        }
+        at += 1;
+    }
+    Ok(None)
+}
+
 /// What became of a column the table no longer has: `Some(Some(new))` renamed,
 /// `Some(None)` dropped, `None` unknown. Rows written before the change still name it.
 pub(crate) fn column_fate(

@@ -554,12 +554,28 @@ impl ApplyTxn for Tx<'_> {
                 end,
                 crate::replicated::ChainEnd::Dropped | crate::replicated::ChainEnd::Loops
             );
-            match here {
-                Some(to) if !def.columns.contains(&to.as_str()) && !names.contains(&to) => {
+            // A name whose newest fact is a drop (a losing change's, newer than the winning
+            // lineage's renames of it) while the renames lead to a column this table has:
+            // the column lives on under that name, and the value goes there, as it does on
+            // the node that wrote it (found by the simulation, V4 seed 880038).
+            let renamed = if here.is_none() && gone {
+                let present: Vec<String> = t.columns.iter().map(|lc| lc.name.clone()).collect();
+                crate::replicated::renamed_into(self.conn, def.name, c, &present)
+                    .map_err(ApplyFault::Storage)?
+                    .filter(|to| !def.columns.contains(&to.as_str()) && !names.contains(to))
+            } else {
+                None
+            };
+            match (here, renamed) {
+                (Some(to), _) if !def.columns.contains(&to.as_str()) && !names.contains(&to) => {
                     names.push(to);
                     mask.push(true);
                 }
-                None if gone && i >= def.key_columns => {
+                (None, Some(to)) if i >= def.key_columns => {
+                    names.push(to);
+                    mask.push(true);
+                }
+                (None, None) if gone && i >= def.key_columns => {
                     mask.push(false);
                     left_out.push((i, c.to_string()));
                 }

@@ -515,3 +515,16 @@ fn regression_42_a_column_a_node_dropped_itself_came_back_with_its_default_there
 fn regression_43_a_node_that_captured_only_a_schema_change_took_a_snapshot_whole() {
     passes_with(870112, Generator::V4);
 }
+
+/// Postmortem (V4, seed 880038, campaign on 9a08696; fails on 020ce78 too): a column was
+/// renamed through several lineages while a losing one dropped it under an older name, later
+/// than the winning lineage's rename of that name (so the drop was the name's newest fact).
+/// A row written under that name reached the other nodes late: the history said "dropped",
+/// the value was left out and kept, and the column, present under its new name, kept an
+/// older value there, while the writing node held the new one. A name whose newest fact is a
+/// drop while the renames this node learned lead to a column the table has now puts the value
+/// there. Pinned by `a_row_naming_a_column_a_losing_drop_named_takes_the_column_its_renames_lead_to`.
+#[test]
+fn regression_44_a_row_naming_a_column_a_losing_drop_named_lost_its_value() {
+    passes_with(880038, Generator::V4);
+}

@@ -1891,3 +1891,38 @@ fn a_node_that_captured_only_a_schema_change_merges_a_snapshot_instead_of_taking
     c.assert_converged("s");
     assert_eq!(c.dump(1, "s"), vec!["(1, 'x', 'dw')"]);
 }
+
+#[test]
+fn a_row_naming_a_column_a_losing_drop_named_takes_the_column_its_renames_lead_to() {
+    // Node 1 writes `a`, then renames it to `b`; node 2, which had not met the rename, drops
+    // `a` (later, so its fact about `a` is the newer one); node 1 changes the table again,
+    // later still: its lineage wins and `b` stays. Node 1's write reaches node 3 last. Its
+    // column `a` has "dropped" as its newest fact there, so the value was left out, while
+    // node 1 holds it in `b`. A name whose newest fact is a drop while the renames lead to a
+    // column the table has now puts the value there. Found by the simulation (V4, seed 880038).
+    let mut c = Cluster::new(3, "CREATE TABLE s (k INTEGER PRIMARY KEY, a TEXT);");
+    c.exec(0, "INSERT INTO s VALUES (1, 'x');");
+    c.settle();
+    let from = c.stream.len();
+    c.exec(0, "UPDATE s SET a = 'new' WHERE k = 1;");
+    c.capture(0);
+    c.exec(0, "ALTER TABLE s RENAME COLUMN a TO b;");
+    c.capture(0);
+    c.exec(1, "ALTER TABLE s DROP COLUMN a;");
+    c.capture(1);
+    c.exec(0, "ALTER TABLE s ADD COLUMN c TEXT;");
+    c.capture(0);
+    assert_eq!(c.stream.len(), from + 4);
+    // The write last.
+    let write = c.stream.remove(from);
+    c.stream.push(write);
+    for (i, d) in c.stream.iter_mut().enumerate() {
+        d.stream_seq = i as u64 + 1;
+    }
+    c.apply(2);
+    assert_eq!(c.dump(2, "s"), vec!["(1, 'new', NULL)"]);
+    c.settle();
+    assert_same_schema(&c);
+    c.assert_converged("s");
+    assert_eq!(parked(&c, 0) + parked(&c, 1) + parked(&c, 2), 0);
+}
