@@ -202,8 +202,9 @@ pub struct TableSql {
     /// Empties the change log.
     pub capture_clear: String,
     /// Every row that exists, as `capture_select` reads one, with its own version as the base
-    /// (a repair: see `marmot_core::wire::TableDef::repair`), but those the same capture
-    /// writes (logged): they go out under the new stamp, which a repair could not match.
+    /// (a repair: see `marmot_core::wire::TableDef::repair`). Rows the same capture writes go
+    /// too, at the version they had: leaving them out (they go under the new stamp) lost a
+    /// row on a node that skips the new stamp's rows of that table (V4 seed 891725).
     pub repair_select: String,
     /// Logs every key of the table (a new table, or one whose triggers were missing).
     pub log_all: String,
@@ -288,11 +289,9 @@ impl TableSql {
             capture_clear: format!("DELETE FROM {log}"),
             repair_select: format!(
                 "SELECT {row_cols}, {vk}, v.stamp, v.node, 1 FROM {table} AS t \
-                 JOIN {ver} AS v ON {tm} WHERE v.deleted = 0 \
-                 AND NOT EXISTS (SELECT 1 FROM {log} AS l WHERE {lm})",
+                 JOIN {ver} AS v ON {tm} WHERE v.deleted = 0",
                 vk = k_list(t, "v."),
                 tm = key_match(t, "t", "v"),
-                lm = key_match(t, "t", "l"),
             ),
             log_all: format!(
                 "INSERT INTO {log} ({}) SELECT {} FROM {table}",

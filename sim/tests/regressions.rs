@@ -528,3 +528,12 @@ fn regression_43_a_node_that_captured_only_a_schema_change_took_a_snapshot_whole
 fn regression_44_a_row_naming_a_column_a_losing_drop_named_lost_its_value() {
     passes_with(880038, Generator::V4);
 }
+
+/// Postmortem (V4, seed 891725, campaign on 14cbd86; passes on 6376f2e): a review fix left the
+/// rows a capture writes out of that capture's repair (they go under the new stamp too). A
+/// node that skips the new stamp's rows of that table then never got one row of `x3` back.
+/// Rows the capture writes go in its repair again.
+#[test]
+fn regression_45_a_repair_that_left_out_the_rows_its_capture_wrote_lost_a_row() {
+    passes_with(891725, Generator::V4);
+}
