@@ -50,3 +50,5 @@ RUSTDOCFLAGS="-D warnings" cargo doc --quiet -p marmot-core --no-deps
 # The black-box tests run the marmot binary; build it once, in the same profile.
 cargo build --quiet -p marmot --bin marmot
 cargo test --workspace --quiet "$@"
+# The portable (non-Linux) branch of what marmot asks of the operating system, on Linux.
+cargo test --quiet -p marmot --features portable --lib platform

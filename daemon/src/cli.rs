@@ -6,9 +6,14 @@ use clap::{Parser, Subcommand};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+/// What `marmot --version` prints: the release and the newest message format it writes and
+/// reads (nodes of one cluster compare formats, not releases; see the README's Versions).
+/// The digit is checked against [`marmot_core::wire::FORMAT_VERSION`] by a test.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (message format 3)");
+
 /// marmot: leaderless replication of SQLite databases over NATS JetStream.
 #[derive(Debug, Parser)]
-#[command(name = "marmot", version, about, long_about = None)]
+#[command(name = "marmot", version = VERSION, about, long_about = None)]
 pub struct Cli {
     /// The TOML configuration file.
     #[arg(long, global = true, value_name = "FILE")]
@@ -183,6 +188,19 @@ mod tests {
         assert!(c.cluster_peers.unwrap().contains("4223"));
         assert!(parse(&["marmot", "-config", "x.toml", "-cleanup"]).cleanup);
         assert!(parse(&["marmot", "-save-snapshot", "-config", "x.toml"]).save_snapshot);
+    }
+
+    #[test]
+    fn the_version_names_the_message_format_this_build_writes() {
+        assert!(
+            VERSION.ends_with(&format!(
+                "(message format {})",
+                marmot_core::wire::FORMAT_VERSION
+            )),
+            "{VERSION}"
+        );
+        let e = Cli::try_parse_from(["marmot", "--version"]).unwrap_err();
+        assert!(e.to_string().contains(VERSION), "{e}");
     }
 
     #[test]

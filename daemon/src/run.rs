@@ -46,14 +46,7 @@ impl Env for TokioEnv {
 }
 
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown-host".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+    marmot_daemon::platform::host_name()
 }
 
 /// The token a node claims its id with: the database's identity, the host and the file.
@@ -117,9 +110,9 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         None
     };
-    let urls = match &supervised {
-        Some(sv) => vec![sv.url.clone()],
-        None => s.urls.clone(),
+    let (urls, only_server) = match &supervised {
+        Some(sv) => (vec![sv.url.clone()], Some(sv.server_name.clone())),
+        None => (s.urls.clone(), None),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -127,7 +120,7 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let stop = runtime.block_on(serve(s, store, urls, owner))?;
+    let stop = runtime.block_on(serve(s, store, urls, only_server, owner))?;
     drop(runtime);
     if let Some(sv) = supervised {
         sv.stop();
@@ -157,9 +150,11 @@ async fn serve(
     s: Settings,
     mut store: SqliteStore,
     urls: Vec<String>,
+    only_server: Option<String>,
     owner: String,
 ) -> anyhow::Result<Stop> {
     let mut nats = NatsConfig::new(urls, s.node_id);
+    nats.only_server = only_server;
     nats.stream_prefix = s.stream_prefix.clone();
     nats.subject_prefix = s.subject_prefix.clone();
     nats.replicas = s.replicas;

@@ -5,14 +5,14 @@
 //! `--cluster-addr` and `--cluster-peers` are given, as Go Marmot's embedded server did.
 //!
 //! A server left over from a killed marmot never blocks a restart: the server is started with
-//! a parent-death signal (it dies with marmot), and its pid file is checked at start, any
+//! a parent-death signal where the platform has one (Linux: it dies with marmot; see
+//! [`marmot_daemon::platform`]), and its pid file is checked at start, any
 //! live nats-server still using this data directory being stopped first. If the server exits
 //! on its own, it is restarted with backoff on the same port.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::ToSocketAddrs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,6 +79,8 @@ pub enum SupervisorError {
 pub struct Supervised {
     /// The URL clients connect to.
     pub url: String,
+    /// Its `server_name`: marmot talks to no other server.
+    pub server_name: String,
     stop: Arc<AtomicBool>,
     child: Arc<Mutex<Option<Child>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -179,11 +181,7 @@ pub fn resolve_peers(peers: &[String]) -> Result<Vec<String>, SupervisorError> {
 }
 
 fn pid_alive_with(pid: i32, needle: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let text = String::from_utf8_lossy(&cmdline);
-    text.contains("nats-server") && text.contains(&*needle.to_string_lossy())
+    marmot_daemon::platform::is_nats_server_using(pid, needle)
 }
 
 /// Stops a nats-server left running on this data directory by a marmot that was killed.
@@ -209,6 +207,25 @@ fn stop_leftover(data_dir: &Path, pid_file: &Path) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The `server_name` of the NATS server answering at `host:port` (from the INFO line it
+/// sends first), if one answers.
+fn server_name_at(host: &str, port: u16) -> Option<String> {
+    use std::io::Read;
+    let addr = (host, port).to_socket_addrs().ok()?.next()?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    let mut line = Vec::new();
+    BufReader::new(stream.take(64 * 1024))
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    let text = String::from_utf8_lossy(&line);
+    let json = text.trim().strip_prefix("INFO")?.trim();
+    let info: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(info.get("server_name")?.as_str()?.to_string())
 }
 
 fn free_port(host: &str) -> Result<u16, SupervisorError> {
@@ -347,16 +364,41 @@ impl Supervised {
                 });
             }
         }
+        // Ready when the server on the port is this one: another server already listening
+        // there (someone else's, or a foreign cluster's) must never be mistaken for it.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect((connect_host.as_str(), port)).is_err() {
+        loop {
             let exited = child
                 .lock()
                 .ok()
                 .and_then(|mut c| c.as_mut().and_then(|c| c.try_wait().ok().flatten()));
-            if Instant::now() > deadline || exited.is_some() {
+            let answering = server_name_at(&connect_host, port);
+            if exited.is_none() && answering.as_deref() == Some(spec.server_name.as_str()) {
+                break;
+            }
+            if exited.is_some() || Instant::now() > deadline {
                 stop.store(true, Ordering::SeqCst);
+                if let Ok(mut c) = child.lock()
+                    && let Some(c) = c.as_mut()
+                {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                let message = match (&answering, exited) {
+                    (Some(other), _) if other != &spec.server_name => format!(
+                        "another server ({other:?}) listens on {url}, the client address marmot's own nats-server was to use \
+                         ([nats] bind_address = {:?}); marmot supervises its own server when [nats] urls is empty and never \
+                         talks to one it did not start: free the port, choose another bind_address (port -1 picks a free one), \
+                         or set [nats] urls to use that server",
+                        spec.bind_address
+                    ),
+                    (_, Some(status)) => {
+                        format!("it exited ({status}) before accepting clients on {url}")
+                    }
+                    _ => format!("it did not accept clients on {url} within 20 s"),
+                };
                 return Err(SupervisorError::Start {
-                    message: format!("it did not accept clients on {url}"),
+                    message,
                     output: last_output(&output),
                 });
             }
@@ -367,6 +409,7 @@ impl Supervised {
         let _ = std::fs::write(spec.data_dir.join("client-url"), &url);
         Ok(Supervised {
             url,
+            server_name: spec.server_name.clone(),
             stop,
             child,
             thread: Some(thread),
@@ -419,13 +462,7 @@ fn spawn_server(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: prctl in the child before exec; async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    marmot_daemon::platform::die_with_parent(&mut cmd);
     let mut child = cmd.spawn()?;
     for pipe in [
         child

@@ -43,8 +43,9 @@ use tokio::sync::OnceCell;
 /// fragment, its header and `Nats-Msg-Id`).
 pub const MIN_MAX_PAYLOAD: usize = 512 * 1024 + 4096;
 
-/// Credentials and TLS, as in Go Marmot's `[nats]` section.
-#[derive(Clone, Debug, Default)]
+/// Credentials and TLS, as in Go Marmot's `[nats]` section. Its `Debug` shows which secrets
+/// are set, never their values.
+#[derive(Clone, Default)]
 pub struct Auth {
     /// User name (with `password`).
     pub user: Option<String>,
@@ -52,12 +53,32 @@ pub struct Auth {
     pub password: Option<String>,
     /// File holding an NKey seed (`SU...`).
     pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file: a user JWT and its NKey seed (decentralised JWT authentication).
+    pub creds_file: Option<PathBuf>,
+    /// A token.
+    pub token: Option<String>,
     /// CA certificate (PEM) to verify the server.
     pub ca_file: Option<PathBuf>,
     /// Client certificate (PEM), with `key_file`.
     pub cert_file: Option<PathBuf>,
     /// Client key (PEM).
     pub key_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |set: bool| if set { "<set>" } else { "<none>" };
+        f.debug_struct("Auth")
+            .field("user", &self.user)
+            .field("password", &hidden(self.password.is_some()))
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("creds_file", &self.creds_file)
+            .field("token", &hidden(self.token.is_some()))
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
 }
 
 /// Stream and connection settings.
@@ -96,6 +117,10 @@ pub struct NatsConfig {
     /// How long what the other live nodes read (their advertised formats) is trusted before
     /// it is read again, when publishing a schema change.
     pub format_check_interval: Duration,
+    /// Talk only to the server of this name (`server_name` in its INFO): the daemon sets it
+    /// to the nats-server it supervises, so that a server of someone else's that takes the
+    /// port while its own restarts never receives or acknowledges this node's batches.
+    pub only_server: Option<String>,
 }
 
 impl NatsConfig {
@@ -118,6 +143,7 @@ impl NatsConfig {
             claim_ttl: Duration::from_secs(15),
             client_name: format!("marmot-node-{node_id}"),
             format_check_interval: Duration::from_secs(2),
+            only_server: None,
         }
     }
 
@@ -194,6 +220,23 @@ pub struct NatsTransport {
     format_gate: members::FormatGate,
 }
 
+fn check_server(client: &async_nats::Client, only: Option<&str>) -> Result<(), TransportError> {
+    let Some(only) = only else { return Ok(()) };
+    let name = client.server_info().server_name;
+    if name == only {
+        return Ok(());
+    }
+    if name.is_empty() {
+        // Not connected yet: no server has introduced itself.
+        return Err(TransportError::unavailable("not connected to NATS yet"));
+    }
+    tracing::error!(expected = only, connected_to = %name, "connected to a nats-server marmot did not start; refusing to use it");
+    Err(TransportError::unavailable(format!(
+        "connected to nats-server {name:?}, not to {only:?}, the one marmot supervises: another server took its port; \
+         nothing is published to or applied from it"
+    )))
+}
+
 fn unavailable(what: &str, e: impl std::fmt::Display) -> TransportError {
     TransportError::unavailable(format!("{what}: {e}"))
 }
@@ -227,8 +270,19 @@ impl NatsTransport {
                 })?;
                 async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
             }
-            None => async_nats::ConnectOptions::new(),
+            None => match &cfg.auth.creds_file {
+                Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+                    .await
+                    .map_err(|source| ConnectError::File {
+                        path: path.clone(),
+                        source,
+                    })?,
+                None => async_nats::ConnectOptions::new(),
+            },
         };
+        if let Some(t) = &cfg.auth.token {
+            opts = opts.token(t.clone());
+        }
         if let (Some(u), Some(p)) = (&cfg.auth.user, &cfg.auth.password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
@@ -305,6 +359,7 @@ impl NatsTransport {
         bucket: &str,
         replicas: usize,
     ) -> Result<NatsObjectStore, String> {
+        self.check_server().map_err(|e| e.to_string())?;
         NatsObjectStore::open(&self.js, bucket, replicas).await
     }
 
@@ -312,6 +367,11 @@ impl NatsTransport {
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
             || self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Refuses to go on when connected to another server than [`NatsConfig::only_server`].
+    fn check_server(&self) -> Result<(), TransportError> {
+        check_server(&self.client, self.cfg.only_server.as_deref())
     }
 
     /// The configuration.
@@ -338,6 +398,8 @@ impl NatsTransport {
     }
 
     async fn kv(&self) -> Result<&kv::Store, TransportError> {
+        // Every use of the node-id bucket (claims, renewals, what nodes advertise) is checked.
+        self.check_server()?;
         self.kv
             .get_or_try_init(|| async {
                 let bucket = self.cfg.bucket();
@@ -382,6 +444,7 @@ fn millis(t: time::OffsetDateTime) -> u64 {
 #[async_trait::async_trait]
 impl Transport for NatsTransport {
     async fn prepare(&self) -> Result<StreamBounds, TransportError> {
+        self.check_server()?;
         let want = self.cfg.stream_config();
         let mut s = self
             .js
@@ -442,10 +505,13 @@ impl Transport for NatsTransport {
             .await
             .map_err(publish_error)?;
         let ack = ack.await.map_err(publish_error)?;
+        // An acknowledgement from a server that is not ours does not count as published.
+        self.check_server()?;
         Ok(ack.sequence)
     }
 
     async fn subscribe(&self, from_seq: u64) -> Result<(StreamBounds, Deliveries), TransportError> {
+        self.check_server()?;
         let bounds = self.bounds().await?;
         let stream = self
             .js
@@ -465,8 +531,11 @@ impl Transport for NatsTransport {
             .messages()
             .await
             .map_err(|e| unavailable("reading messages", e))?;
-        let deliveries = messages.map(|m| {
+        let client = self.client.clone();
+        let only = self.cfg.only_server.clone();
+        let deliveries = messages.map(move |m| {
             let m = m.map_err(|e| unavailable("reading messages", e))?;
+            check_server(&client, only.as_deref())?;
             let info = m
                 .info()
                 .map_err(|e| TransportError::other(format!("message without stream info: {e}")))?;
@@ -481,6 +550,7 @@ impl Transport for NatsTransport {
     }
 
     async fn lease(&self, key: &str, owner: &str) -> Result<Claim, TransportError> {
+        self.check_server()?;
         let kv = self.kv().await?;
         let current = kv
             .entry(key)

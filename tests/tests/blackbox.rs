@@ -32,6 +32,9 @@ fn refs(nodes: &[Node]) -> Vec<&Node> {
 #[path = "blackbox/real_schemas.rs"]
 mod real_schemas;
 
+#[path = "blackbox/operate.rs"]
+mod operate;
+
 #[test]
 fn writes_on_every_node_replicate_everywhere() {
     let dir = tempfile::tempdir().unwrap();

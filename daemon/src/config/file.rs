@@ -177,6 +177,10 @@ pub struct NatsSection {
     pub server_config: Option<PathBuf>,
     /// NKey seed file.
     pub seed_file: Option<PathBuf>,
+    /// Credentials file (`.creds`: a user JWT and its NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// Authentication token.
+    pub token: Option<String>,
     /// User name.
     pub user_name: Option<String>,
     /// Password.

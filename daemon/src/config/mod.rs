@@ -35,6 +35,31 @@ pub enum ConfigError {
         /// What the parser said (names the key and line).
         message: String,
     },
+    /// A value names an environment variable that is not set.
+    #[error(
+        "config file {path}: {key} names the environment variable {var}, which is not set (a secret is never taken as empty; write $${{ for a literal ${{)"
+    )]
+    Env {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The variable.
+        var: String,
+    },
+    /// A file a key names cannot be read.
+    #[error("config file {path}: {key} = {file}: cannot read it: {source}")]
+    File {
+        /// The config file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// The file it names.
+        file: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A key has a value marmot refuses.
     #[error("config file {path}: {key} = {value}: {reason}")]
     Rejected {
@@ -47,6 +72,73 @@ pub enum ConfigError {
         /// Why.
         reason: &'static str,
     },
+}
+
+/// Go's meaning of an empty string in the config (Go Marmot's sample ships `seed_file = ""`
+/// and `server_config = ""`): the key is not set. Removes such keys, and replaces every
+/// `${NAME}` in a string value with the environment variable `NAME` (`$${` stands for a
+/// literal `${`), so secrets can come from a container's environment. A variable that is not
+/// set is an error: `Err((key, variable))`, never a silently empty secret. Empty strings in
+/// lists are kept (the list's own check names them).
+fn prepare_values(table: &mut toml::Table, prefix: &str) -> Result<(), (String, String)> {
+    let mut empty = Vec::new();
+    for (name, value) in table.iter_mut() {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match value {
+            toml::Value::String(s) if s.is_empty() => empty.push(name.clone()),
+            _ => prepare_value(value, &key)?,
+        }
+    }
+    for name in empty {
+        table.remove(&name);
+    }
+    Ok(())
+}
+
+fn prepare_value(value: &mut toml::Value, key: &str) -> Result<(), (String, String)> {
+    match value {
+        toml::Value::String(s) => *s = expand_env(s).map_err(|var| (key.to_string(), var))?,
+        toml::Value::Array(items) => {
+            for item in items {
+                prepare_value(item, key)?;
+            }
+        }
+        toml::Value::Table(t) => prepare_values(t, key)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `${NAME}` replaced by the environment variable's value; `$${` is a literal `${`.
+fn expand_env(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("${")
+            && let Some(end) = after.find('}')
+        {
+            let var = &after[..end];
+            match std::env::var(var) {
+                Ok(v) => out.push_str(&v),
+                Err(_) => return Err(var.to_string()),
+            }
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Where snapshots are kept.
@@ -220,15 +312,53 @@ impl Settings {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, &text)
+        let s = Self::parse(path, &text)?;
+        s.check_files(path)?;
+        Ok(s)
+    }
+
+    /// Every file a key names can be read (an error names the key, not only the file).
+    pub fn check_files(&self, path: &Path) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        for (key, file) in [
+            ("nats.seed_file", &a.nkey_seed_file),
+            ("nats.creds_file", &a.creds_file),
+            ("nats.ca_file", &a.ca_file),
+            ("nats.cert_file", &a.cert_file),
+            ("nats.key_file", &a.key_file),
+            ("nats.server_config", &self.server_config),
+        ] {
+            if let Some(file) = file
+                && let Err(source) = std::fs::File::open(file)
+            {
+                return Err(ConfigError::File {
+                    path: path.to_path_buf(),
+                    key,
+                    file: file.clone(),
+                    source,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Checks a config text (`path` names it in errors).
     pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
+        };
+        // Parsed once as written, so that an error names its line, ...
+        let _: Config = toml::from_str(text).map_err(parse_error)?;
+        // ... then read again with Go's meaning of an empty string (not set) and with
+        // environment variables put in.
+        let mut table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        prepare_values(&mut table, "").map_err(|(key, var)| ConfigError::Env {
+            path: path.to_path_buf(),
+            key,
+            var,
         })?;
+        let c: Config = toml::Value::Table(table).try_into().map_err(parse_error)?;
         let reject = |key, value: String, reason| ConfigError::Rejected {
             path: path.to_path_buf(),
             key,
@@ -273,6 +403,47 @@ impl Settings {
                 "nats.connect_retries",
                 "marmot reconnects for as long as it takes",
             );
+        }
+        let methods: Vec<&str> = [
+            ("seed_file", nats.seed_file.is_some()),
+            ("creds_file", nats.creds_file.is_some()),
+            ("token", nats.token.is_some()),
+            (
+                "user_name",
+                nats.user_name.is_some() || nats.user_password.is_some(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+        if methods.len() > 1 {
+            return Err(reject(
+                "nats",
+                methods.join(", "),
+                "these authenticate in different ways: set one of seed_file, creds_file, token, or user_name with user_password",
+            ));
+        }
+        if nats.user_name.is_some() != nats.user_password.is_some() {
+            return Err(reject(
+                if nats.user_name.is_some() {
+                    "nats.user_password"
+                } else {
+                    "nats.user_name"
+                },
+                "missing".into(),
+                "user_name and user_password go together",
+            ));
+        }
+        if nats.cert_file.is_some() != nats.key_file.is_some() {
+            return Err(reject(
+                if nats.cert_file.is_some() {
+                    "nats.key_file"
+                } else {
+                    "nats.cert_file"
+                },
+                "missing".into(),
+                "a client certificate (cert_file) needs its key (key_file), and the other way round",
+            ));
         }
         let tables_section = c.tables.unwrap_or_default();
         let tables = marmot_sqlite::filter::TableFilter {
@@ -401,6 +572,8 @@ impl Settings {
                 user: nats.user_name,
                 password: nats.user_password,
                 nkey_seed_file: nats.seed_file,
+                creds_file: nats.creds_file,
+                token: nats.token,
                 ca_file: nats.ca_file,
                 cert_file: nats.cert_file,
                 key_file: nats.key_file,
@@ -603,9 +776,10 @@ fn snapshot_settings(
 }
 
 /// Go Marmot derived the node id from the machine id; marmot mixes in the database path so
-/// two databases on one machine get different ids.
+/// two databases on one machine get different ids. The machine id is `/etc/machine-id` on
+/// Linux and the host name elsewhere ([`crate::platform::machine_id`]).
 fn default_node_id(db: Option<&Path>) -> u64 {
-    let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let machine = crate::platform::machine_id().unwrap_or_default();
     let path = db
         .and_then(|p| {
             std::fs::canonicalize(p)
