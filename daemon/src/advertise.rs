@@ -44,7 +44,7 @@ pub fn spawn(a: Advertiser) {
         let gauge = format!("{}_schema_mismatched_nodes", a.metrics_prefix);
         metrics::describe_gauge!(
             gauge.clone(),
-            "Live, ready nodes whose replicated schema has differed from this node's for longer than [schema] mismatch_warn_after_ms"
+            "Live, ready nodes whose replicated schema has differed from this node's for longer than [schema] mismatch_warn_after_ms (nodes)"
         );
         loop {
             tokio::time::sleep(EVERY).await;

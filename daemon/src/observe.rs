@@ -58,38 +58,128 @@ struct Metrics {
 
 impl Metrics {
     fn new(prefix: &str) -> Self {
-        let c = |n: &str| metrics::counter!(format!("{prefix}_{n}"));
-        let g = |n: &str| metrics::gauge!(format!("{prefix}_{n}"));
+        // Every series has HELP text (with its unit) on /metrics.
+        let c = |n: &str, help: &'static str| {
+            let name = format!("{prefix}_{n}");
+            metrics::describe_counter!(name.clone(), help);
+            metrics::counter!(name)
+        };
+        let g = |n: &str, help: &'static str| {
+            let name = format!("{prefix}_{n}");
+            metrics::describe_gauge!(name.clone(), help);
+            metrics::gauge!(name)
+        };
         Metrics {
-            captured_rows: c("changes_captured_total"),
-            captured_batches: c("batches_captured_total"),
-            published_batches: c("batches_published_total"),
-            publish_failures: c("publish_failures_total"),
-            applied_rows: c("changes_applied_total"),
-            skipped_rows: c("changes_skipped_total"),
-            applied_batches: c("batches_applied_total"),
-            conflicts: c("conflicts_total"),
-            parked_total: c("parked_total"),
-            busy: c("sqlite_busy_total"),
-            storage_failures: c("storage_failures_total"),
-            snapshots_saved: c("snapshots_saved_total"),
-            snapshot_failures: c("snapshot_failures_total"),
-            restores: c("restores_total"),
-            pending_batches: g("pending_batches"),
-            pending_messages: g("pending_messages"),
-            lag_messages: g("replication_lag_messages"),
-            lag_seconds: g("replication_lag_seconds"),
-            parked: g("parked_batches"),
-            incomplete: g("incomplete_batches"),
-            skew: g("clock_skew_seconds"),
-            clock_paused: g("clock_paused"),
-            behind: g("behind_stream"),
-            throttled: g("publish_throttled"),
-            position: g("stream_position"),
-            connected: g("stream_ready"),
-            tables: g("tables_replicated"),
-            skipped_tables: g("tables_skipped"),
-            null_key_rows: g("null_key_rows_skipped"),
+            captured_rows: c(
+                "changes_captured_total",
+                "Row changes captured from local writes (rows)",
+            ),
+            captured_batches: c(
+                "batches_captured_total",
+                "Local transactions captured as batches (batches)",
+            ),
+            published_batches: c(
+                "batches_published_total",
+                "Batches acknowledged by the stream (batches)",
+            ),
+            publish_failures: c(
+                "publish_failures_total",
+                "Publish attempts that failed and will be retried (attempts)",
+            ),
+            applied_rows: c(
+                "changes_applied_total",
+                "Row changes from other nodes written to this database (rows)",
+            ),
+            skipped_rows: c(
+                "changes_skipped_total",
+                "Row changes from other nodes skipped because this node holds a newer write (rows)",
+            ),
+            applied_batches: c(
+                "batches_applied_total",
+                "Batches from other nodes applied (batches)",
+            ),
+            conflicts: c(
+                "conflicts_total",
+                "Writes that lost to a concurrent newer write of the same row (rows)",
+            ),
+            parked_total: c(
+                "parked_total",
+                "Batches parked because they could not be applied (batches)",
+            ),
+            busy: c(
+                "sqlite_busy_total",
+                "Times the database was locked by another connection when marmot needed it (events)",
+            ),
+            storage_failures: c(
+                "storage_failures_total",
+                "Database operations that failed and were retried (events)",
+            ),
+            snapshots_saved: c(
+                "snapshots_saved_total",
+                "Snapshots taken and stored (snapshots)",
+            ),
+            snapshot_failures: c(
+                "snapshot_failures_total",
+                "Snapshots that could not be taken or stored (attempts)",
+            ),
+            restores: c(
+                "restores_total",
+                "Snapshots restored into this database (restores)",
+            ),
+            pending_batches: g(
+                "pending_batches",
+                "Captured batches not yet acknowledged by the stream (batches)",
+            ),
+            pending_messages: g(
+                "pending_messages",
+                "Messages of the captured batches not yet acknowledged by the stream (messages)",
+            ),
+            lag_messages: g(
+                "replication_lag_messages",
+                "Messages received and not yet applied, plus those the stream holds beyond them (messages)",
+            ),
+            lag_seconds: g(
+                "replication_lag_seconds",
+                "Age of the last applied message when it was applied, 0 when caught up; it includes the clocks' skew (seconds)",
+            ),
+            parked: g("parked_batches", "Batches parked now (batches)"),
+            incomplete: g(
+                "incomplete_batches",
+                "Batches of which only some fragments arrived (batches)",
+            ),
+            skew: g(
+                "clock_skew_seconds",
+                "This node's clock minus the NATS server's, last measured (seconds)",
+            ),
+            clock_paused: g(
+                "clock_paused",
+                "1 while capture and apply wait for this node's clock to come back within max_clock_skew_ms (boolean)",
+            ),
+            behind: g(
+                "behind_stream",
+                "1 while applying is stopped because messages this node needs are gone from the stream (boolean)",
+            ),
+            throttled: g(
+                "publish_throttled",
+                "1 while publishing waits for this node to apply more of the stream (a quarter of its retention behind) (boolean)",
+            ),
+            position: g(
+                "stream_position",
+                "The stream sequence this node has applied through (sequence number)",
+            ),
+            connected: g(
+                "stream_ready",
+                "1 while the replication stream is ready for this node (boolean)",
+            ),
+            tables: g("tables_replicated", "Tables that replicate (tables)"),
+            skipped_tables: g(
+                "tables_skipped",
+                "Tables that do not replicate: excluded, no primary key, virtual (tables)",
+            ),
+            null_key_rows: g(
+                "null_key_rows_skipped",
+                "Rows not captured because their primary key holds NULL (rows)",
+            ),
         }
     }
 }
@@ -446,6 +536,10 @@ impl Observer for DaemonObserver {
         if digest != self.digest {
             // An info metric: the current digest is the label whose value is 1.
             let name = format!("{}_schema_info", self.prefix);
+            metrics::describe_gauge!(
+                name.clone(),
+                "1 for the digest (label) of this node's replicated schema, 0 for earlier ones (info)"
+            );
             if !self.digest.is_empty() {
                 metrics::gauge!(name.clone(), "digest" => self.digest.clone()).set(0.0);
             }

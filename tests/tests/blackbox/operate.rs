@@ -74,6 +74,24 @@ fn go_marmots_sample_config_starts_as_shipped() {
     assert_eq!(out["pending_batches"], 0, "{out}");
     let log = node.log_text();
     assert!(!log.contains("error parsing include"), "{log}");
+    // Every series on /metrics says what it counts, in which unit.
+    let (_, metrics) = http_get(node.http_port, "/metrics").unwrap();
+    let mut series = 0;
+    for line in metrics
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap();
+        series += 1;
+        let help = format!("# HELP {name} ");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&help) && l.ends_with(')')),
+            "{name} has no HELP text naming its unit:\n{metrics}"
+        );
+    }
+    assert!(series >= 25, "{metrics}");
     assert_eq!(node.stop(), Some(0));
 }
 
