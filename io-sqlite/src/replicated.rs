@@ -646,8 +646,9 @@ pub(crate) fn renames_from(
 
 /// The column of the table (of `present`) that the renames this node ever learned
 /// (`__marmot__column_renames`, kept whatever fact won about a name) lead to from `from`, not
-/// through another column of the table (a name a column bears now is its own, not a step).
-/// `None`: they lead to none.
+/// through another column of the table (a name a column bears now is its own, not a step);
+/// when none lies ahead, the column they lead back to: the name `from` was renamed from,
+/// which the winning shape kept. `None`: they lead to none either way.
 pub(crate) fn renamed_into(
     c: &Connection,
     table: &str,
@@ -671,6 +672,24 @@ pub(crate) fn renamed_into(
                 return Ok(Some(p.clone()));
             }
             seen.push(t.clone());
+        }
+        at += 1;
+    }
+    // None ahead: a rename that lost while the name it renamed survives in the winning
+    // shape. The value goes back to that name, the column it was written to under another
+    // name (found by the simulation, V4 seed 901353: nodes that had seen the losing rename
+    // and the winning shape in another order kept the value aside or put it there).
+    let mut back = vec![from.to_ascii_lowercase()];
+    let mut at = 0;
+    while at < back.len() {
+        for (f, t) in &edges {
+            if *t != back[at] || back.contains(f) {
+                continue;
+            }
+            if let Some(p) = present.iter().find(|p| p.eq_ignore_ascii_case(f)) {
+                return Ok(Some(p.clone()));
+            }
+            back.push(f.clone());
         }
         at += 1;
     }

@@ -537,3 +537,15 @@ fn regression_44_a_row_naming_a_column_a_losing_drop_named_lost_its_value() {
 fn regression_45_a_repair_that_left_out_the_rows_its_capture_wrote_lost_a_row() {
     passes_with(891725, Generator::V4);
 }
+
+/// Postmortem (V4 seed 901353, campaign on 764aa97): node 2 renamed a column of `sd` and
+/// wrote rows in that shape; node 1 replaced the new name by another; later changes of node 3
+/// won and kept the column under its first name. Nodes that had applied the rename and node
+/// 1's change first found the rows' column name dropped, with no rename ahead of it, and
+/// kept the values aside (the column held its default), while node 2 and node 3 held them
+/// in the column. A name whose renames lead nowhere now goes back along them to the name it
+/// renamed when that name survives.
+#[test]
+fn regression_46_a_value_written_under_a_losing_rename_was_kept_aside_on_some_nodes() {
+    passes_with(901353, Generator::V4);
+}
