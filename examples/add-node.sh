@@ -26,6 +26,9 @@ node_id = 4
 [replication_log]
 replicas = 3
 
+[cluster]
+secret_file = "/tmp/marmot-demo/cluster-secret"
+
 [prometheus]
 enable = true
 bind = "127.0.0.1:3014"

@@ -46,6 +46,9 @@ trap stop INT TERM EXIT
 
 rm -rf "$work" /tmp/marmot-{1,2,3}.db /tmp/marmot-{1,2,3}.db-{wal,shm} /tmp/marmot-{1,2,3}.db-marmot-nats
 mkdir -p "$work"
+# The secret the nodes' nats-servers authenticate their routes with (README, Security): a
+# file only its owner reads, named by each node's config.
+(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$work/cluster-secret")
 for i in 1 2 3; do
   sqlite3 "/tmp/marmot-$i.db" >/dev/null <<'SQL'
 PRAGMA journal_mode=WAL;
@@ -84,6 +87,9 @@ node_id = $i
 
 [replication_log]
 replicas = 3
+
+[cluster]
+secret_file = "$work/cluster-secret"
 
 [prometheus]
 enable = true

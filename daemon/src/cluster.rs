@@ -15,8 +15,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn connect(s: &Settings) -> anyhow::Result<NatsTransport> {
-    let mut cfg = NatsConfig::new(crate::snapshots::command_urls(s)?, s.node_id);
-    cfg.auth = s.auth.clone();
+    let (urls, auth) = crate::snapshots::command_nats(s)?;
+    let mut cfg = NatsConfig::new(urls, s.node_id);
+    cfg.auth = auth;
     cfg.stream_prefix = s.stream_prefix.clone();
     cfg.replicas = s.replicas;
     cfg.client_name = format!("marmot-cli-{}", s.node_id);

@@ -63,6 +63,15 @@ pub(crate) fn data_dir_for(db: &std::path::Path) -> PathBuf {
     db.with_file_name(format!("{name}-marmot-nats"))
 }
 
+/// How marmot (and its commands) log in to the server it supervises.
+pub(crate) fn supervised_auth(password: &marmot_daemon::config::Secret) -> marmot_nats::Auth {
+    marmot_nats::Auth {
+        user: Some(crate::supervisor::CLIENT_USER.into()),
+        password: Some(password.0.clone()),
+        ..Default::default()
+    }
+}
+
 /// Runs the daemon until a signal (exit 0) or a fatal condition (exit 1).
 pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
     for w in &s.warnings {
@@ -100,6 +109,9 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
             cluster_peers: cli.cluster_peers.iter().cloned().collect(),
             leaf_servers: cli.leaf_servers.iter().cloned().collect(),
             server_config: s.server_config.clone(),
+            route_secret: s.cluster.secret.clone(),
+            route_tls: s.cluster.tls.clone(),
+            insecure_cluster: s.cluster.insecure,
         };
         Some(Supervised::start(spec)?)
     } else {
@@ -110,9 +122,13 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         None
     };
-    let (urls, only_server) = match &supervised {
-        Some(sv) => (vec![sv.url.clone()], Some(sv.server_name.clone())),
-        None => (s.urls.clone(), None),
+    let (urls, only_server, auth) = match &supervised {
+        Some(sv) => (
+            vec![sv.url.clone()],
+            Some(sv.server_name.clone()),
+            supervised_auth(&sv.password),
+        ),
+        None => (s.urls.clone(), None, s.auth.clone()),
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -120,7 +136,7 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let stop = runtime.block_on(serve(s, store, urls, only_server, owner))?;
+    let stop = runtime.block_on(serve(s, store, urls, only_server, auth, owner))?;
     drop(runtime);
     if let Some(sv) = supervised {
         sv.stop();
@@ -151,6 +167,7 @@ async fn serve(
     mut store: SqliteStore,
     urls: Vec<String>,
     only_server: Option<String>,
+    auth: marmot_nats::Auth,
     owner: String,
 ) -> anyhow::Result<Stop> {
     let mut nats = NatsConfig::new(urls, s.node_id);
@@ -162,7 +179,7 @@ async fn serve(
     nats.max_bytes = s.max_bytes;
     nats.max_age = s.max_age;
     nats.update_existing = s.update_existing;
-    nats.auth = s.auth.clone();
+    nats.auth = auth;
     nats.reconnect_wait_max = s.reconnect_wait;
     let transport = Arc::new(NatsTransport::connect(nats).await?);
 

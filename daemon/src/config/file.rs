@@ -44,6 +44,8 @@ pub struct Config {
     pub replication_log: Option<ReplicationLogSection>,
     /// NATS connection, or the supervised server.
     pub nats: Option<NatsSection>,
+    /// How the supervised nats-servers of several nodes authenticate each other.
+    pub cluster: Option<ClusterSection>,
     /// Logging.
     pub logging: Option<LoggingSection>,
     /// Metrics and health endpoint.
@@ -199,6 +201,27 @@ pub struct NatsSection {
     pub reconnect_wait_seconds: Option<u64>,
     /// The nats-server binary for the supervised server (default: `nats-server` on PATH).
     pub server_binary: Option<PathBuf>,
+}
+
+/// `[cluster]`: security of the routes between the supervised nats-servers
+/// (`--cluster-addr`, `--cluster-peers`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// The secret every node of the cluster shares; routes authenticate with it (default:
+    /// the environment variable `MARMOT_CLUSTER_SECRET`).
+    pub secret: Option<String>,
+    /// A file holding the secret (instead of `secret`).
+    pub secret_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the other nodes' route certificates: TLS on routes.
+    pub tls_ca_file: Option<PathBuf>,
+    /// This node's route certificate (PEM).
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its key (PEM).
+    pub tls_key_file: Option<PathBuf>,
+    /// Accept a cluster address that is not loopback without route authentication (a
+    /// warning at every start).
+    pub insecure: Option<bool>,
 }
 
 /// `[logging]`.

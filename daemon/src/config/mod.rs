@@ -213,6 +213,46 @@ pub struct SnapshotSettings {
     pub restore_empty: bool,
 }
 
+/// A secret: never printed (`Debug` shows only that it is set).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<hidden>)")
+    }
+}
+
+/// The environment variable that gives the cluster secret when `[cluster]` sets none.
+pub const CLUSTER_SECRET_ENV: &str = "MARMOT_CLUSTER_SECRET";
+
+/// Shortest cluster secret accepted.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Route TLS files (`[cluster] tls_*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteTls {
+    /// CA that signed every node's route certificate.
+    pub ca_file: PathBuf,
+    /// This node's certificate.
+    pub cert_file: PathBuf,
+    /// Its key.
+    pub key_file: PathBuf,
+}
+
+/// How the supervised servers' routes are secured (`[cluster]`).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSettings {
+    /// The shared secret (from `secret`, `secret_file` or `MARMOT_CLUSTER_SECRET`).
+    pub secret: Option<Secret>,
+    /// Where `secret` came from, for errors.
+    pub secret_file: Option<PathBuf>,
+    /// TLS on routes.
+    pub tls: Option<RouteTls>,
+    /// A cluster address off loopback may go without route authentication.
+    pub insecure: bool,
+}
+
 /// Log output format.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum LogFormat {
@@ -288,6 +328,8 @@ pub struct Settings {
     pub metrics_prefix: String,
     /// Snapshots.
     pub snapshot: SnapshotSettings,
+    /// Route security of the supervised server.
+    pub cluster: ClusterSettings,
     /// Warnings about ignored keys, to log once logging is up.
     pub warnings: Vec<String>,
 }
@@ -312,8 +354,26 @@ impl Settings {
             path: path.to_path_buf(),
             source,
         })?;
-        let s = Self::parse(path, &text)?;
+        let mut s = Self::parse(path, &text)?;
         s.check_files(path)?;
+        if let Some(file) = s.cluster.secret_file.clone() {
+            let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::File {
+                path: path.to_path_buf(),
+                key: "cluster.secret_file",
+                file: file.clone(),
+                source,
+            })?;
+            let secret = text.trim().to_string();
+            if secret.chars().count() < MIN_SECRET_LEN {
+                return Err(ConfigError::Rejected {
+                    path: path.to_path_buf(),
+                    key: "cluster.secret_file",
+                    value: file.display().to_string(),
+                    reason: "the file holds fewer than 16 characters: use a long random secret (for example `openssl rand -hex 32`)",
+                });
+            }
+            s.cluster.secret = Some(Secret(secret));
+        }
         Ok(s)
     }
 
@@ -327,6 +387,18 @@ impl Settings {
             ("nats.cert_file", &a.cert_file),
             ("nats.key_file", &a.key_file),
             ("nats.server_config", &self.server_config),
+            (
+                "cluster.tls_ca_file",
+                &self.cluster.tls.as_ref().map(|t| t.ca_file.clone()),
+            ),
+            (
+                "cluster.tls_cert_file",
+                &self.cluster.tls.as_ref().map(|t| t.cert_file.clone()),
+            ),
+            (
+                "cluster.tls_key_file",
+                &self.cluster.tls.as_ref().map(|t| t.key_file.clone()),
+            ),
         ] {
             if let Some(file) = file
                 && let Err(source) = std::fs::File::open(file)
@@ -445,6 +517,8 @@ impl Settings {
                 "a client certificate (cert_file) needs its key (key_file), and the other way round",
             ));
         }
+        let cluster = cluster_settings(c.cluster.unwrap_or_default())
+            .map_err(|(key, value, reason)| reject(key, value, reason))?;
         let tables_section = c.tables.unwrap_or_default();
         let tables = marmot_sqlite::filter::TableFilter {
             include: tables_section.include.unwrap_or_default(),
@@ -580,6 +654,7 @@ impl Settings {
             },
             reconnect_wait: Duration::from_secs(nats.reconnect_wait_seconds.unwrap_or(2).max(1)),
             snapshot,
+            cluster,
             verbose: logging.verbose.unwrap_or(false),
             log_format,
             metrics_bind,
@@ -587,6 +662,65 @@ impl Settings {
             warnings,
         })
     }
+}
+
+/// `[cluster]` checked: one source for the secret (the key, a file, or the environment), a
+/// secret long enough to resist guessing, and TLS files given together.
+fn cluster_settings(
+    c: ClusterSection,
+) -> Result<ClusterSettings, (&'static str, String, &'static str)> {
+    if c.secret.is_some() && c.secret_file.is_some() {
+        return Err((
+            "cluster",
+            "secret, secret_file".into(),
+            "give the secret once: in secret or in secret_file",
+        ));
+    }
+    let secret = match (&c.secret, &c.secret_file) {
+        (Some(s), _) => Some(("cluster.secret", s.clone())),
+        (None, Some(_)) => None,
+        (None, None) => std::env::var(CLUSTER_SECRET_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(|s| (CLUSTER_SECRET_ENV, s)),
+    };
+    if let Some((key, s)) = &secret
+        && s.chars().count() < MIN_SECRET_LEN
+    {
+        return Err((
+            key,
+            "<hidden>".into(),
+            "the cluster secret has fewer than 16 characters: use a long random secret (for example `openssl rand -hex 32`)",
+        ));
+    }
+    let tls = match (c.tls_ca_file, c.tls_cert_file, c.tls_key_file) {
+        (None, None, None) => None,
+        (Some(ca_file), Some(cert_file), Some(key_file)) => Some(RouteTls {
+            ca_file,
+            cert_file,
+            key_file,
+        }),
+        (ca, cert, _) => {
+            let missing = if ca.is_none() {
+                "cluster.tls_ca_file"
+            } else if cert.is_none() {
+                "cluster.tls_cert_file"
+            } else {
+                "cluster.tls_key_file"
+            };
+            return Err((
+                missing,
+                "missing".into(),
+                "route TLS needs the CA that signed every node's certificate, this node's certificate and its key",
+            ));
+        }
+    };
+    Ok(ClusterSettings {
+        secret: secret.map(|(_, s)| Secret(s.trim().to_string())),
+        secret_file: c.secret_file,
+        tls,
+        insecure: c.insecure.unwrap_or(false),
+    })
 }
 
 /// Every node can always catch up only if some snapshot always covers what the stream has

@@ -8,6 +8,65 @@ mod parsing {
     }
 
     #[test]
+    fn the_cluster_secret_comes_from_one_place_and_is_never_printed() {
+        let base = "db_path = \"/tmp/x.db\"\nnode_id = 1\n";
+        let s = parse(&format!(
+            "{base}[cluster]\nsecret = \"0123456789abcdef-long\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            s.cluster.secret,
+            Some(Secret("0123456789abcdef-long".into()))
+        );
+        assert!(!format!("{s:?}").contains("0123456789abcdef-long"));
+        let e = parse(&format!(
+            "{base}[cluster]\nsecret = \"0123456789abcdef-long\"\nsecret_file = \"/x\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("give the secret once"), "{e}");
+        let e = parse(&format!("{base}[cluster]\nsecret = \"short\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cluster.secret = <hidden>") && !e.contains("short\""),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{base}[cluster]\ntls_ca_file = \"/ca\"\ntls_key_file = \"/k\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cluster.tls_cert_file"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_secret_file_is_read_at_load_and_a_short_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        let config = dir.path().join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "db_path = \"/tmp/x.db\"\nnode_id = 1\n[cluster]\nsecret_file = {:?}\n",
+                secret.display()
+            ),
+        )
+        .unwrap();
+        let e = Settings::load(&config).unwrap_err().to_string();
+        assert!(e.contains("cluster.secret_file"), "{e}");
+        std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+        let s = Settings::load(&config).unwrap();
+        assert_eq!(
+            s.cluster.secret,
+            Some(Secret("0123456789abcdef0123".into()))
+        );
+        std::fs::write(&secret, "tiny\n").unwrap();
+        let e = Settings::load(&config).unwrap_err().to_string();
+        assert!(e.contains("fewer than 16"), "{e}");
+    }
+
+    #[test]
     fn the_stream_capacity_counts_messages_at_their_largest() {
         let base = "db_path = \"/tmp/x.db\"\nnode_id = 1\n";
         let s = parse(base).unwrap();
