@@ -3,7 +3,7 @@
 
 use crate::config::Settings;
 use anyhow::Context;
-use marmot_nats::{LiveNode, NatsConfig, NatsTransport};
+use marmot_nats::{LiveNode, NatsTransport};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -15,11 +15,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn connect(s: &Settings) -> anyhow::Result<NatsTransport> {
-    let (urls, auth) = crate::snapshots::command_nats(s)?;
-    let mut cfg = NatsConfig::new(urls, s.node_id);
-    cfg.auth = auth;
-    cfg.stream_prefix = s.stream_prefix.clone();
-    cfg.replicas = s.replicas;
+    let mut cfg = crate::snapshots::command_nats(s)?;
     cfg.client_name = format!("marmot-cli-{}", s.node_id);
     Ok(NatsTransport::connect(cfg).await?)
 }

@@ -13,7 +13,7 @@ use marmot_core::node::{Node, NodeConfig, Stop};
 use marmot_core::ports::Env;
 use marmot_nats::{NatsConfig, NatsTransport};
 use marmot_sqlite::{SqliteStore, StoreConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -63,11 +63,11 @@ pub(crate) fn data_dir_for(db: &std::path::Path) -> PathBuf {
     db.with_file_name(format!("{name}-marmot-nats"))
 }
 
-/// How marmot (and its commands) log in to the server it supervises.
-pub(crate) fn supervised_auth(password: &marmot_daemon::config::Secret) -> marmot_nats::Auth {
+/// How marmot (and its commands) log in to the server it supervises: with the NKey whose
+/// seed it keeps beside the database.
+pub(crate) fn supervised_auth(seed_file: &Path) -> marmot_nats::Auth {
     marmot_nats::Auth {
-        user: Some(crate::supervisor::CLIENT_USER.into()),
-        password: Some(password.0.clone()),
+        nkey_seed_file: Some(seed_file.to_path_buf()),
         ..Default::default()
     }
 }
@@ -126,10 +126,23 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
         Some(sv) => (
             vec![sv.url.clone()],
             Some(sv.server_name.clone()),
-            supervised_auth(&sv.password),
+            supervised_auth(&sv.seed_file),
         ),
         None => (s.urls.clone(), None, s.auth.clone()),
     };
+    let a = &s.auth;
+    let auth_set = a.user.is_some()
+        || a.nkey_seed_file.is_some()
+        || a.creds_file.is_some()
+        || a.token.is_some()
+        || a.ca_file.is_some()
+        || a.cert_file.is_some();
+    if supervised.is_some() && auth_set {
+        tracing::warn!(
+            "[nats] credentials and TLS files are for servers given in [nats] urls; the supervised nats-server \
+             takes marmot's own NKey (see the README's Security), so they are not used"
+        );
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -365,14 +365,17 @@ impl Snapshots for DaemonSnapshots {
     }
 }
 
-/// The NATS servers a command should use and how it logs in: the configured ones, or the
-/// server a running daemon supervises (it leaves its address and client password beside the
-/// database, readable by the database's owner only).
-pub(crate) fn command_nats(
-    s: &crate::config::Settings,
-) -> anyhow::Result<(Vec<String>, marmot_nats::Auth)> {
+/// How a command reaches NATS: the configured servers, or the server a running daemon
+/// supervises (it leaves its address and the seed of its client NKey beside the database,
+/// readable by the database's owner only; the command talks to that server only).
+pub(crate) fn command_nats(s: &crate::config::Settings) -> anyhow::Result<marmot_nats::NatsConfig> {
+    let mut cfg = marmot_nats::NatsConfig::new(s.urls.clone(), s.node_id);
+    cfg.auth = s.auth.clone();
+    cfg.stream_prefix = s.stream_prefix.clone();
+    cfg.subject_prefix = s.subject_prefix.clone();
+    cfg.replicas = s.replicas;
     if !s.urls.is_empty() {
-        return Ok((s.urls.clone(), s.auth.clone()));
+        return Ok(cfg);
     }
     let canonical = std::fs::canonicalize(&s.db_path).unwrap_or(s.db_path.clone());
     let dir = crate::run::data_dir_for(&canonical);
@@ -385,16 +388,17 @@ pub(crate) fn command_nats(
             file.display()
         ),
     };
-    let secret_file = dir.join(crate::supervisor::CLIENT_SECRET_FILE);
-    let password = std::fs::read_to_string(&secret_file).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read {} ({e}): the supervised nats-server accepts only clients that know the password kept there; run this command as the user that runs the daemon",
-            secret_file.display()
-        )
-    })?;
-    let auth =
-        crate::run::supervised_auth(&marmot_daemon::config::Secret(password.trim().to_string()));
-    Ok((vec![url], auth))
+    let seed_file = dir.join(crate::supervisor::CLIENT_KEY_FILE);
+    if let Err(e) = std::fs::File::open(&seed_file) {
+        anyhow::bail!(
+            "cannot read {} ({e}): the supervised nats-server accepts only clients holding the key kept there; run this command as the user that runs the daemon",
+            seed_file.display()
+        );
+    }
+    cfg.urls = vec![url];
+    cfg.auth = crate::run::supervised_auth(&seed_file);
+    cfg.only_server = Some(format!("marmot-{}", s.node_id));
+    Ok(cfg)
 }
 
 fn progress_bar(what: &'static str) -> Box<dyn Fn(u64) + Send + Sync> {
@@ -471,11 +475,7 @@ pub fn command(
             || matches!(action, SnapshotCommand::Save)
             || (matches!(action, SnapshotCommand::Restore) && !s.urls.is_empty());
         let transport = if needs_nats {
-            let (urls, auth) = command_nats(s)?;
-            let mut cfg = marmot_nats::NatsConfig::new(urls, s.node_id);
-            cfg.auth = auth;
-            cfg.stream_prefix = s.stream_prefix.clone();
-            cfg.replicas = s.replicas;
+            let cfg = command_nats(s)?;
             Some(Arc::new(NatsTransport::connect(cfg).await?))
         } else {
             None

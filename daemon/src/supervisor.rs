@@ -48,14 +48,11 @@ pub struct ServerSpec {
     pub insecure_cluster: bool,
 }
 
-/// The user marmot and its commands connect to the supervised server as.
-pub const CLIENT_USER: &str = "marmot";
-
 /// The user routes between supervised servers authenticate as.
 const ROUTE_USER: &str = "marmot-route";
 
-/// Where the client password is kept, beside the server's data (owner-only).
-pub const CLIENT_SECRET_FILE: &str = "client-secret";
+/// Where the seed of the clients' NKey is kept, beside the server's data (owner-only).
+pub const CLIENT_KEY_FILE: &str = "client.nk";
 
 /// A string in nats-server's config syntax.
 fn quote(s: &str) -> String {
@@ -150,7 +147,38 @@ fn check_route_security(spec: &ServerSpec) -> Result<(), SupervisorError> {
     )))
 }
 
-/// Writes a file only its owner can read or write.
+/// The data directory holds the client key: it must be this user's own, a real directory
+/// that nobody else can write (a directory another local user created first, in `/tmp` say,
+/// is refused, not trusted).
+fn secure_data_dir(dir: &Path) -> Result<(), SupervisorError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let io = |what: &str, source| SupervisorError::Io {
+        what: format!("{what} {}", dir.display()),
+        source,
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| io("creating the parent of", e))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("creating", e)),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| io("reading", e))?;
+    // SAFETY: geteuid(2) has no failure mode.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(SupervisorError::Config(format!(
+            "{} is not a directory of this user (uid {me}): marmot keeps its nats-server's data and client key there and \
+             trusts no directory another user made; remove it or run marmot as its owner",
+            dir.display()
+        )));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io("restricting the permissions of", e))
+}
+
+/// Writes a file only its owner can read or write (never through a symbolic link).
 fn write_private(path: &Path, text: &str) -> Result<(), SupervisorError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -163,6 +191,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), SupervisorError> {
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(io)?;
     // An existing file keeps its mode through open(2): narrow it.
@@ -172,26 +201,71 @@ fn write_private(path: &Path, text: &str) -> Result<(), SupervisorError> {
     f.sync_all().map_err(io)
 }
 
-/// The client password of the server on `data_dir`: made once (32 random bytes, hex), kept
-/// in [`CLIENT_SECRET_FILE`] with owner-only permissions, read by marmot's commands.
-fn client_secret(data_dir: &Path) -> Result<String, SupervisorError> {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700));
-    let path = data_dir.join(CLIENT_SECRET_FILE);
-    if let Ok(text) = std::fs::read_to_string(&path)
-        && text.trim().len() >= 32
+/// The NKey of the client user of the server on `data_dir`: made at the first start, its
+/// seed kept in [`CLIENT_KEY_FILE`] (owner-only), read by marmot and its commands.
+fn client_key(data_dir: &Path) -> Result<nkeys::KeyPair, SupervisorError> {
+    let path = data_dir.join(CLIENT_KEY_FILE);
+    if let Ok(seed) = std::fs::read_to_string(&path)
+        && let Ok(key) = nkeys::KeyPair::from_seed(seed.trim())
     {
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-        return Ok(text.trim().to_string());
+        // Rewritten, so that its mode is owner-only whatever it was.
+        write_private(&path, seed.trim())?;
+        return Ok(key);
     }
-    let secret: String = rand::random::<[u8; 32]>()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    write_private(&path, &secret)?;
-    Ok(secret)
+    let key = nkeys::KeyPair::new_user();
+    let seed = key
+        .seed()
+        .map_err(|e| SupervisorError::Config(format!("making an NKey: {e}")))?;
+    write_private(&path, &seed)?;
+    Ok(key)
 }
 
+/// `path` as seen from `base` (both absolute), with `..` where it leaves `base`.
+fn relative_to(base: &Path, path: &Path) -> PathBuf {
+    let (b, p): (Vec<_>, Vec<_>) = (base.components().collect(), path.components().collect());
+    let common = b.iter().zip(&p).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..b.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c);
+    }
+    out
+}
+
+/// A `server_config` must leave to marmot what marmot sets in the file (nats-server replaces
+/// a whole block given twice): the clients' authorization and accounts, and the cluster when
+/// marmot joins one.
+fn check_server_config(path: &Path, clustered: bool) -> Result<(), SupervisorError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SupervisorError::Io {
+        what: format!("reading [nats] server_config {}", path.display()),
+        source,
+    })?;
+    for line in text.lines() {
+        let word: String = line
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let own = matches!(word.as_str(), "authorization" | "accounts" | "no_auth_user")
+            || (clustered && word == "cluster");
+        if own
+            && line.trim_start()[word.len()..]
+                .trim_start()
+                .starts_with(['{', ':', '='])
+        {
+            return Err(SupervisorError::Config(format!(
+                "[nats] server_config {} sets `{word}`, which marmot sets itself for the nats-server it supervises \
+                 (clients authenticate with marmot's NKey, routes with the cluster secret; see the README's Security): \
+                 remove it from that file, or run your own nats-server and set [nats] urls",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
 /// Why the server could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -233,8 +307,8 @@ pub struct Supervised {
     pub url: String,
     /// Its `server_name`: marmot talks to no other server.
     pub server_name: String,
-    /// The password of its client user ([`CLIENT_USER`]).
-    pub password: Secret,
+    /// The NKey seed its clients authenticate with.
+    pub seed_file: PathBuf,
     stop: Arc<AtomicBool>,
     child: Arc<Mutex<Option<Child>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -394,10 +468,7 @@ impl Supervised {
     /// Starts the server and waits until it accepts clients.
     pub fn start(spec: ServerSpec) -> Result<Supervised, SupervisorError> {
         let binary = find_binary(&spec)?;
-        std::fs::create_dir_all(&spec.data_dir).map_err(|source| SupervisorError::Io {
-            what: format!("creating {}", spec.data_dir.display()),
-            source,
-        })?;
+        secure_data_dir(&spec.data_dir)?;
         let pid_file = spec.data_dir.join("nats-server.pid");
         stop_leftover(&spec.data_dir, &pid_file);
         let (host, port) = split_host_port(&spec.bind_address)?;
@@ -413,25 +484,44 @@ impl Supervised {
         };
         check_route_security(&spec)?;
         let routes = resolve_peers(&spec.cluster_peers)?;
-        let password = client_secret(&spec.data_dir)?;
+        let client_key = client_key(&spec.data_dir)?;
+        // What is not secret goes on the command line, as before: these flags win over the
+        // same settings in a `server_config` file, and merge with the rest of it (JetStream
+        // limits, say).
+        let mut args: Vec<String> = vec![
+            "-js".into(),
+            "-sd".into(),
+            spec.data_dir
+                .join("jetstream")
+                .to_string_lossy()
+                .into_owned(),
+            "-a".into(),
+            host.clone(),
+            "-p".into(),
+            port.to_string(),
+            "-P".into(),
+            pid_file.to_string_lossy().into_owned(),
+            "-n".into(),
+            spec.server_name.clone(),
+        ];
+        // What is, goes through a file only its owner reads, never the command line (which
+        // every local user sees).
         let mut conf = String::new();
-        // The user's extra config first: marmot's own settings below take precedence.
         if let Some(inc) = &spec.server_config {
+            check_server_config(inc, spec.cluster_addr.is_some())?;
+            // nats-server reads an include relative to the including file's directory.
             let inc = std::fs::canonicalize(inc).unwrap_or_else(|_| inc.clone());
-            conf.push_str(&format!("include {}\n", quote(&inc.to_string_lossy())));
+            let dir = std::fs::canonicalize(&spec.data_dir).unwrap_or(spec.data_dir.clone());
+            conf.push_str(&format!(
+                "include {}\n",
+                quote(&relative_to(&dir, &inc).to_string_lossy())
+            ));
         }
+        // Clients: only those who hold the NKey seed beside the database. An NKey signs the
+        // server's nonce: a server impersonating this one learns nothing it could reuse.
         conf.push_str(&format!(
-            "server_name: {}\nlisten: {}\npid_file: {}\njetstream {{ store_dir: {} }}\n",
-            quote(&spec.server_name),
-            quote(&format!("{host}:{port}")),
-            quote(&pid_file.to_string_lossy()),
-            quote(&spec.data_dir.join("jetstream").to_string_lossy()),
-        ));
-        // Clients: only marmot and those who can read the secret beside the database.
-        conf.push_str(&format!(
-            "authorization {{ user: {}, password: {} }}\n",
-            quote(CLIENT_USER),
-            quote(&password)
+            "authorization {{ users: [ {{ nkey: {} }} ] }}\n",
+            quote(&client_key.public_key())
         ));
         if let Some(cluster) = &spec.cluster_addr {
             let listen = cluster
@@ -484,7 +574,7 @@ impl Supervised {
         // every local user sees).
         let conf_path = spec.data_dir.join("marmot-generated.conf");
         write_private(&conf_path, &conf)?;
-        let args: Vec<String> = vec!["-c".into(), conf_path.to_string_lossy().into_owned()];
+        args.extend(["-c".into(), conf_path.to_string_lossy().into_owned()]);
         let connect_host = if host == "0.0.0.0" {
             "127.0.0.1".to_string()
         } else {
@@ -578,7 +668,7 @@ impl Supervised {
         Ok(Supervised {
             url,
             server_name: spec.server_name.clone(),
-            password: Secret(password),
+            seed_file: spec.data_dir.join(CLIENT_KEY_FILE),
             stop,
             child,
             thread: Some(thread),
@@ -631,6 +721,8 @@ fn spawn_server(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // The secret is marmot's, not the server's.
+    cmd.env_remove(marmot_daemon::config::CLUSTER_SECRET_ENV);
     marmot_daemon::platform::die_with_parent(&mut cmd);
     let mut child = cmd.spawn()?;
     for pipe in [
@@ -770,6 +862,90 @@ mod tests {
         );
         assert_eq!(with_credentials("nats://h:1", None).unwrap(), "nats://h:1");
         assert_eq!(quote(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+
+    fn spec_in(dir: &Path) -> ServerSpec {
+        ServerSpec {
+            binary: None,
+            data_dir: dir.join("db-marmot-nats"),
+            server_name: "marmot-7".into(),
+            bind_address: "127.0.0.1:-1".into(),
+            cluster_addr: None,
+            cluster_peers: vec![],
+            leaf_servers: vec![],
+            server_config: None,
+            route_secret: None,
+            route_tls: None,
+            insecure_cluster: false,
+        }
+    }
+
+    #[test]
+    fn a_server_config_is_included_from_anywhere_unless_it_sets_what_marmot_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let monitor = free_port("127.0.0.1").unwrap();
+        let extra = dir.path().join("conf.d").join("extra.conf");
+        std::fs::create_dir_all(extra.parent().unwrap()).unwrap();
+        std::fs::write(&extra, format!("http: \"127.0.0.1:{monitor}\"\n")).unwrap();
+        let mut spec = spec_in(dir.path());
+        spec.server_config = Some(extra.clone());
+        let sv = Supervised::start(spec.clone()).expect("starts with the extra config");
+        // The include was read: the monitoring port it sets answers.
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", monitor)).unwrap();
+        std::io::Write::write_all(&mut s, b"GET /varz HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut s, &mut body).unwrap();
+        assert!(body.contains("\"server_name\": \"marmot-7\""), "{body}");
+        // Clients authenticate (the monitoring endpoint says so), and the seed is owner-only.
+        assert!(body.contains("\"auth_required\": true"), "{body}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&sv.seed_file), 0o600);
+        assert_eq!(mode(&spec.data_dir), 0o700);
+        let cmdline = std::fs::read(format!(
+            "/proc/{}/cmdline",
+            std::fs::read_to_string(spec.data_dir.join("nats-server.pid"))
+                .unwrap()
+                .trim()
+        ))
+        .unwrap_or_default();
+        let seed = std::fs::read_to_string(&sv.seed_file).unwrap();
+        assert!(!String::from_utf8_lossy(&cmdline).contains(seed.trim()));
+        sv.stop();
+        for key in ["authorization {", "accounts: {", "  No_Auth_User = x"] {
+            std::fs::write(&extra, format!("{key}\n")).unwrap();
+            let e = Supervised::start(spec.clone()).err().unwrap().to_string();
+            assert!(e.contains("marmot sets itself"), "{key}: {e}");
+        }
+        // `cluster` only when marmot joins one.
+        std::fs::write(&extra, "cluster { name: x }\n").unwrap();
+        spec.cluster_addr = Some("127.0.0.1:-1".into());
+        let e = Supervised::start(spec).err().unwrap().to_string();
+        assert!(e.contains("`cluster`"), "{e}");
+    }
+
+    #[test]
+    fn a_data_directory_that_is_not_this_users_own_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        let spec = spec_in(dir.path());
+        std::os::unix::fs::symlink(&elsewhere, &spec.data_dir).unwrap();
+        let e = Supervised::start(spec).err().unwrap().to_string();
+        assert!(e.contains("not a directory of this user"), "{e}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn relative_include_paths_climb_out_of_the_data_directory() {
+        assert_eq!(
+            relative_to(Path::new("/a/b/c"), Path::new("/a/x/y.conf")),
+            PathBuf::from("../../x/y.conf")
+        );
+        assert_eq!(
+            relative_to(Path::new("/a"), Path::new("/a/y.conf")),
+            PathBuf::from("y.conf")
+        );
     }
 
     #[test]

@@ -685,7 +685,7 @@ fn cluster_settings(
             .map(|s| (CLUSTER_SECRET_ENV, s)),
     };
     if let Some((key, s)) = &secret
-        && s.chars().count() < MIN_SECRET_LEN
+        && s.trim().chars().count() < MIN_SECRET_LEN
     {
         return Err((
             key,

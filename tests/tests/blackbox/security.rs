@@ -1,5 +1,5 @@
 //! Nobody gets in: the supervised nats-servers authenticate their routes (a cluster secret,
-//! route TLS) and their clients (a password marmot keeps beside the database), and no secret
+//! route TLS) and their clients (an NKey marmot keeps beside the database), and no secret
 //! shows in a command line, a log or `/metrics`. Real nats-server and marmot processes.
 
 use super::{BOOKS, CONVERGE, refs};
@@ -268,12 +268,13 @@ fn without_the_cluster_secret_no_server_joins_and_no_client_connects() {
     assert_eq!(without.routes(), Some(0));
     drop(with);
 
-    // Clients: nothing without the password kept beside the database; with it, a client
+    // Clients: nothing without the NKey kept beside the database; with it, a client
     // reaches the stream. marmot's own commands find it.
     let dd = data_dir(&nodes[0]);
     let url = std::fs::read_to_string(dd.join("client-url")).unwrap();
-    let password = std::fs::read_to_string(dd.join("client-secret")).unwrap();
-    assert_eq!(mode(&dd.join("client-secret")), 0o600);
+    let seed = std::fs::read_to_string(dd.join("client.nk")).unwrap();
+    assert!(seed.starts_with("SU"), "an NKey user seed");
+    assert_eq!(mode(&dd.join("client.nk")), 0o600);
     assert_eq!(mode(&dd.join("marmot-generated.conf")), 0o600);
     assert_eq!(mode(&dd), 0o700);
     rt.block_on(async {
@@ -283,20 +284,15 @@ fn without_the_cluster_secret_no_server_joins_and_no_client_connects() {
                 .is_some_and(|e| e.to_string().to_lowercase().contains("authorization")),
             "a client without credentials connected: {err:?}"
         );
-        let wrong = async_nats::ConnectOptions::with_user_and_password(
-            "marmot".into(),
-            "not-the-password".into(),
-        )
-        .connect(url.trim())
-        .await;
-        assert!(wrong.is_err(), "a client with a wrong password connected");
-        let c = async_nats::ConnectOptions::with_user_and_password(
-            "marmot".into(),
-            password.trim().into(),
-        )
-        .connect(url.trim())
-        .await
-        .expect("the password beside the database lets a client in");
+        let wrong =
+            async_nats::ConnectOptions::with_nkey(nkeys::KeyPair::new_user().seed().unwrap())
+                .connect(url.trim())
+                .await;
+        assert!(wrong.is_err(), "a client with another NKey connected");
+        let c = async_nats::ConnectOptions::with_nkey(seed.trim().into())
+            .connect(url.trim())
+            .await
+            .expect("the NKey beside the database lets a client in");
         let js = async_nats::jetstream::new(c);
         let mut stream = js.get_stream("marmot-changes-v1").await.unwrap();
         assert!(stream.info().await.unwrap().state.messages > 0);
@@ -320,14 +316,14 @@ fn without_the_cluster_secret_no_server_joins_and_no_client_connects() {
         .collect();
     assert!(metrics[0].contains("# HELP"), "{}", metrics[0]);
     let route = route_password(SECRET);
-    let client2 = std::fs::read_to_string(data_dir(&nodes[1]).join("client-secret")).unwrap();
+    let seed2 = std::fs::read_to_string(data_dir(&nodes[1]).join("client.nk")).unwrap();
     let logs: Vec<PathBuf> = nodes.iter().map(|n| n.log.clone()).collect();
     assert!(
         nodes[0].log_text().contains("nats_server"),
         "the nats-server's own output is not in the log checked"
     );
     assert_not_leaked(
-        &[SECRET, &route, password.trim(), client2.trim()],
+        &[SECRET, &route, seed.trim(), seed2.trim()],
         &logs,
         &[
             metrics.join("\n"),
@@ -487,25 +483,25 @@ fn routes_with_tls_need_a_certificate_the_ca_signed() {
         assert!(!n.log_text().contains("INSECURE"), "{}", n.log_text());
     }
     // A server without a certificate is refused; so is one whose certificate another CA
-    // signed.
+    // signed (it trusts the nodes' CA itself: only the nodes' check can refuse it).
     let route = format!("nats://127.0.0.1:{}", ports[0]);
     let plain = Rogue::start(dir.path(), "plain", &route, "");
     plain.refused("Router connection closed");
     let other = dir.path().join("other");
     std::fs::create_dir_all(&other).unwrap();
-    let (oca, ocert, okey) = route_certs(&other);
+    let (_, ocert, okey) = route_certs(&other);
     let foreign = Rogue::start(
         dir.path(),
         "foreign",
         &route,
         &format!(
             "  tls {{ ca_file: {:?}, cert_file: {:?}, key_file: {:?}, verify: true }}\n",
-            oca.display(),
+            ca.display(),
             ocert.display(),
             okey.display()
         ),
     );
-    foreign.refused("TLS route handshake error");
+    foreign.refused("Router connection closed");
     // The same certificate the nodes use joins (the check above can fail).
     let good = Rogue::start(
         dir.path(),
