@@ -765,6 +765,15 @@ fn the_demo_setup_supervises_a_nats_cluster_and_survives_kill_9() {
     nodes[2].start_ready();
     let content = wait_converged(&refs(&nodes), CONVERGE);
     assert_eq!(content.len(), 4, "{content:?}");
+    // Neither the cluster secret nor a node's client key shows on a command line or in a log.
+    let seeds: Vec<String> = nodes
+        .iter()
+        .map(|n| std::fs::read_to_string(security::data_dir(n).join("client.nk")).unwrap())
+        .collect();
+    let mut secrets = vec!["demo-secret-0123456789abcdef"];
+    secrets.extend(seeds.iter().map(|s| s.trim()));
+    let logs: Vec<_> = nodes.iter().map(|n| n.log.clone()).collect();
+    security::assert_not_leaked(&secrets, &logs, &[]);
     for mut n in nodes {
         assert_eq!(n.stop(), Some(0), "clean exit on SIGTERM");
     }

@@ -141,7 +141,8 @@ fn two_nodes(dir: &Path, host: &str, toml: &str) -> (Vec<Node>, Vec<u16>) {
     (nodes, ports.to_vec())
 }
 
-fn data_dir(node: &Node) -> PathBuf {
+/// Where a node's supervised server keeps its data and client key.
+pub(super) fn data_dir(node: &Node) -> PathBuf {
     let db = std::fs::canonicalize(&node.db).unwrap();
     db.with_file_name(format!(
         "{}-marmot-nats",
@@ -155,7 +156,7 @@ fn mode(path: &Path) -> u32 {
 }
 
 /// No secret in any process's command line, in these logs, or in these texts.
-fn assert_not_leaked(secrets: &[&str], logs: &[PathBuf], texts: &[String]) {
+pub(super) fn assert_not_leaked(secrets: &[&str], logs: &[PathBuf], texts: &[String]) {
     let mut seen = 0;
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
