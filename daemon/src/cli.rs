@@ -90,6 +90,20 @@ pub enum Command {
         #[arg(long = "key", value_name = "JSON")]
         keys: Vec<String>,
     },
+    /// Print the changes on the stream as JSON lines (table, operation, key, row, stamp,
+    /// origin), from now or from a stream position; see the README's Change feed.
+    Tail {
+        /// Start at this stream sequence (1: the oldest the stream holds); default: only
+        /// changes that arrive from now on.
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
+        /// Exit after printing this many lines.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Exit once the messages the stream held at the start are printed.
+        #[arg(long)]
+        to_end: bool,
+    },
     /// Snapshots: save one now, restore the newest, list what exists.
     Snapshot {
         /// What to do.

@@ -100,6 +100,21 @@ pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging_quiet(&s);
             crate::cluster::status(&s)
         }
+        Command::Tail {
+            from,
+            count,
+            to_end,
+        } => {
+            init_logging_quiet(&s);
+            crate::tail::tail(
+                &s,
+                crate::tail::TailOptions {
+                    from,
+                    count,
+                    to_end,
+                },
+            )
+        }
         Command::WaitSchema { timeout } => {
             init_logging_quiet(&s);
             crate::cluster::wait_schema(&s, Duration::from_secs(timeout))

@@ -12,6 +12,7 @@ mod observe;
 mod run;
 mod snapshots;
 mod supervisor;
+mod tail;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -292,3 +292,122 @@ fn while_the_supervised_server_restarts_a_server_that_took_its_port_gets_nothing
     });
     assert_eq!(node.stop(), Some(0));
 }
+
+/// `marmot tail` prints the stream's changes as JSON lines, every storage class losslessly
+/// (the bytes are compared with what SQLite holds), from a position or from now.
+#[test]
+fn tail_prints_every_change_as_json_lines_losslessly() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start(dir.path());
+    let mut node = Node::new(
+        dir.path(),
+        1,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v ANY) STRICT;",
+        Some(&nats.url()),
+        "",
+    );
+    node.start_ready();
+    let tail_until = |n: usize, what: &str| {
+        wait_for(CONVERGE, what, || {
+            let out = node.command(&["tail", "--from", "1", "--to-end"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8(out.stdout).unwrap();
+            (text.lines().count() >= n).then_some(text)
+        })
+    };
+    node.sql(
+        "INSERT INTO t VALUES (1, NULL), (2, 9007199254740993), (3, 1.0), (4, 'héllo'), \
+         (5, CAST(X'FF00FE' AS TEXT)), (6, X'00FF10'), (7, -0.5e300);",
+    );
+    // (Waited for, so that the delete below is a batch of its own.)
+    tail_until(7, "seven rows on the stream");
+    node.sql("DELETE FROM t WHERE id = 7; ALTER TABLE t ADD COLUMN w TEXT;");
+    let out = tail_until(9, "the delete and the schema change on the stream");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let row = |id: i64| {
+        lines
+            .iter()
+            .find(|l| l["op"] == "upsert" && l["key"]["id"] == id)
+            .unwrap_or_else(|| panic!("no upsert of {id} in {out}"))
+    };
+    assert_eq!(row(1)["row"]["v"], serde_json::Value::Null);
+    assert_eq!(row(1)["table"], "t");
+    assert_eq!(row(1)["origin"], 1);
+    assert!(row(1)["stamp"].as_u64().unwrap() > 0);
+    // An integer above 2^53 and a REAL that looks like an integer keep their class.
+    assert!(out.contains("\"v\":9007199254740993"), "{out}");
+    assert!(out.contains("\"v\":1.0"), "{out}");
+    assert_eq!(row(4)["row"]["v"], "héllo");
+    let b64 = |v: &serde_json::Value, k: &str| {
+        data_encoding::BASE64
+            .decode(v[k].as_str().unwrap().as_bytes())
+            .unwrap()
+    };
+    // TEXT that is not UTF-8 and a BLOB: the exact bytes SQLite holds.
+    let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02X}")).collect::<String>();
+    assert_eq!(
+        hex(b64(&row(5)["row"]["v"], "text_base64")),
+        node.sql("SELECT hex(v) FROM t WHERE id = 5")
+    );
+    assert_eq!(node.sql("SELECT typeof(v) FROM t WHERE id = 5"), "text");
+    assert_eq!(
+        hex(b64(&row(6)["row"]["v"], "blob_base64")),
+        node.sql("SELECT hex(v) FROM t WHERE id = 6")
+    );
+    assert_eq!(row(7)["row"]["v"].as_f64(), Some(-0.5e300));
+    let delete = lines
+        .iter()
+        .find(|l| l["op"] == "delete")
+        .expect("the delete");
+    assert_eq!(delete["key"]["id"], 7);
+    assert_eq!(delete["row"], serde_json::Value::Null);
+    let schema = lines
+        .iter()
+        .find(|l| l["op"] == "schema")
+        .expect("the schema change");
+    assert_eq!(schema["kind"], "table");
+    assert!(
+        schema["sql"].as_str().unwrap().contains("w TEXT"),
+        "{schema}"
+    );
+    // Sequences rise in stream order.
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
+
+    // From now: only what arrives after it started.
+    let child = std::process::Command::new(marmot_bin())
+        .arg("--config")
+        .arg(&node.config)
+        .args(["tail", "--count", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Written until the tail has subscribed and printed one line.
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let mut id = 100;
+    while !waiter.is_finished() {
+        node.sql(&format!("INSERT INTO t (id, v) VALUES ({id}, 'late');"));
+        id += 1;
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(id < 400, "tail printed nothing");
+    }
+    let out = waiter.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(line["row"]["v"], "late", "{text}");
+    assert!(line["key"]["id"].as_i64().unwrap() >= 100);
+    assert_eq!(node.stop(), Some(0));
+}
