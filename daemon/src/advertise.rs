@@ -88,6 +88,13 @@ pub fn spawn(a: Advertiser) {
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0),
                 schema_objects: objects.1.clone(),
+                pending_batches: status.outbox_batches,
+                pending_messages: status.outbox_messages,
+                parked_batches: status.parked,
+                incomplete_batches: status.incomplete_batches,
+                lag_messages: status.lag_messages,
+                lag_ms: status.lag_ms,
+                clock_skew_ms: status.clock_skew_ms,
             };
             match a.transport.advertise(&info).await {
                 Ok(()) => failing = false,

@@ -63,10 +63,14 @@ pub enum Command {
     },
     /// What the database holds for marmot: position, pending and parked batches, tables.
     Status {
-        /// Every live node of the cluster instead, as each advertises itself beside its
-        /// node-id claim: version, message formats, schema digest, position, readiness.
+        /// Every node of the cluster instead, as each advertises itself beside its node-id
+        /// claim: up or down, position and lag, pending and parked batches, clock skew,
+        /// schema digest, version, readiness (a table on a terminal, JSON otherwise).
         #[arg(long)]
         cluster: bool,
+        /// With --cluster: JSON even on a terminal.
+        #[arg(long)]
+        json: bool,
     },
     /// Waits until every live node has this node's replicated schema (the same schema
     /// digest): for deploys that must not go on before a migration reached every node.

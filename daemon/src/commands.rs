@@ -95,10 +95,16 @@ pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { cluster: false } => status(&s),
-        Command::Status { cluster: true } => {
+        Command::Status {
+            cluster: false,
+            json: _,
+        } => status(&s),
+        Command::Status {
+            cluster: true,
+            json,
+        } => {
             init_logging_quiet(&s);
-            crate::cluster::status(&s)
+            crate::cluster::status(&s, json)
         }
         Command::Tail {
             from,

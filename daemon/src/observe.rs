@@ -593,6 +593,45 @@ pub fn ready(shared: &Shared) -> (bool, serde_json::Value) {
     (ok, body)
 }
 
+/// `/ready` thresholds from its query (`?max_lag_messages=100&max_lag_seconds=5&max_pending_messages=1000`),
+/// as Corrosion's health endpoint takes them: each one given must hold too. An unknown or
+/// malformed parameter is an error naming it.
+pub fn ready_with(
+    shared: &Shared,
+    query: &HashMap<String, String>,
+) -> Result<(bool, serde_json::Value), String> {
+    let (mut ok, mut body) = ready(shared);
+    let s = shared.status.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut failed = Vec::new();
+    for (k, v) in query {
+        let limit: f64 = v
+            .parse()
+            .map_err(|_| format!("/ready: {k}={v:?} is not a number"))?;
+        let (value, name) = match k.as_str() {
+            "max_lag_messages" => (s.lag_messages as f64, "lag_messages"),
+            "max_lag_seconds" => (s.lag_ms as f64 / 1000.0, "lag_seconds"),
+            "max_pending_messages" => (s.outbox_messages as f64, "pending_messages"),
+            "max_parked_batches" => (s.parked as f64, "parked_batches"),
+            _ => {
+                return Err(format!(
+                    "/ready: unknown parameter {k:?} (max_lag_messages, max_lag_seconds, max_pending_messages, max_parked_batches)"
+                ));
+            }
+        };
+        if value > limit {
+            failed.push(format!("{name} {value} > {limit}"));
+        }
+    }
+    failed.sort();
+    if !failed.is_empty() {
+        ok = false;
+        body["ready"] = serde_json::json!(false);
+    }
+    body["lag_seconds"] = serde_json::json!(s.lag_ms as f64 / 1000.0);
+    body["thresholds_failed"] = serde_json::json!(failed);
+    Ok((ok, body))
+}
+
 /// Serves `/metrics`, `/health` (the process is up) and `/ready` on `bind`.
 pub async fn serve(
     bind: String,
@@ -609,15 +648,77 @@ pub async fn serve(
         .route("/health", get(|| std::future::ready("ok\n")))
         .route(
             "/ready",
-            get(move || {
-                let (ok, body) = ready(&ready_shared);
-                let code = if ok {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                std::future::ready((code, body.to_string()))
-            }),
+            get(
+                move |axum::extract::RawQuery(raw): axum::extract::RawQuery| {
+                    let q: HashMap<String, String> =
+                        url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+                            .into_owned()
+                            .collect();
+                    let answer = match ready_with(&ready_shared, &q) {
+                        Ok((true, body)) => (StatusCode::OK, body.to_string()),
+                        Ok((false, body)) => (StatusCode::SERVICE_UNAVAILABLE, body.to_string()),
+                        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+                    };
+                    std::future::ready(answer)
+                },
+            ),
         );
     axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_thresholds_hold_or_name_what_failed() {
+        let shared = Shared::default();
+        {
+            let mut s = shared.status.lock().unwrap();
+            s.started = true;
+            s.stream_ready = true;
+            s.claimed = true;
+            s.connected = true;
+            s.subscribed = true;
+            s.lag_messages = 50;
+            s.lag_ms = 2500;
+            s.outbox_messages = 3;
+        }
+        let q = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(ready_with(&shared, &q(&[])).unwrap().0);
+        assert!(
+            ready_with(
+                &shared,
+                &q(&[("max_lag_messages", "50"), ("max_lag_seconds", "3")])
+            )
+            .unwrap()
+            .0
+        );
+        let (ok, body) = ready_with(
+            &shared,
+            &q(&[("max_lag_seconds", "1"), ("max_pending_messages", "0")]),
+        )
+        .unwrap();
+        assert!(!ok);
+        assert_eq!(body["ready"], false);
+        assert_eq!(
+            body["thresholds_failed"],
+            serde_json::json!(["lag_seconds 2.5 > 1", "pending_messages 3 > 0"])
+        );
+        assert!(
+            ready_with(&shared, &q(&[("max_lag", "1")]))
+                .unwrap_err()
+                .contains("unknown parameter")
+        );
+        assert!(
+            ready_with(&shared, &q(&[("max_lag_seconds", "x")]))
+                .unwrap_err()
+                .contains("not a number")
+        );
+    }
 }

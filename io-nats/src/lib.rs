@@ -43,6 +43,9 @@ use tokio::sync::OnceCell;
 /// fragment, its header and `Nats-Msg-Id`).
 pub const MIN_MAX_PAYLOAD: usize = 512 * 1024 + 4096;
 
+/// How long a node that went silent stays listed (as down) among the members.
+pub const MEMBER_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Credentials and TLS, as in Go Marmot's `[nats]` section. Its `Debug` shows which secrets
 /// are set, never their values.
 #[derive(Clone, Default)]
@@ -216,6 +219,7 @@ pub struct NatsTransport {
     client: async_nats::Client,
     js: jetstream::Context,
     kv: OnceCell<kv::Store>,
+    members: OnceCell<kv::Store>,
     connected: Arc<AtomicBool>,
     format_gate: members::FormatGate,
 }
@@ -348,6 +352,7 @@ impl NatsTransport {
             client,
             js,
             kv: OnceCell::new(),
+            members: OnceCell::new(),
             connected,
             format_gate: Default::default(),
         })
@@ -395,6 +400,32 @@ impl NatsTransport {
             .await
             .map_err(|e| unavailable("reading the stream", e))?;
         Ok(bounds_of(&info.state))
+    }
+
+    /// The bucket of members: what each node last advertised, kept [`MEMBER_TTL`] after
+    /// it went silent.
+    async fn members(&self) -> Result<&kv::Store, TransportError> {
+        self.check_server()?;
+        self.members
+            .get_or_try_init(|| async {
+                let bucket = format!("{}-v1-members", self.cfg.stream_prefix);
+                match self.js.get_key_value(&bucket).await {
+                    Ok(s) => Ok(s),
+                    Err(_) => self
+                        .js
+                        .create_key_value(kv::Config {
+                            bucket,
+                            history: 1,
+                            max_age: MEMBER_TTL,
+                            num_replicas: self.cfg.replicas.max(1),
+                            storage: stream::StorageType::File,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| unavailable("creating the members bucket", e)),
+                }
+            })
+            .await
     }
 
     async fn kv(&self) -> Result<&kv::Store, TransportError> {

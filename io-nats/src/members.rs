@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
 /// What a node says about itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct NodeInfo {
     /// The node id.
     pub node: NodeId,
@@ -43,6 +43,27 @@ pub struct NodeInfo {
     /// Each replicated schema object's digest, by `"<type> <name>"` (to say which differ).
     #[serde(default)]
     pub schema_objects: std::collections::BTreeMap<String, String>,
+    /// Captured batches not yet acknowledged by the stream.
+    #[serde(default)]
+    pub pending_batches: u64,
+    /// Their messages.
+    #[serde(default)]
+    pub pending_messages: u64,
+    /// Batches parked (cannot be applied).
+    #[serde(default)]
+    pub parked_batches: u64,
+    /// Batches of which only some messages arrived.
+    #[serde(default)]
+    pub incomplete_batches: u64,
+    /// Messages received or held by the stream and not yet applied.
+    #[serde(default)]
+    pub lag_messages: u64,
+    /// Age of the last applied message when it was applied, 0 when caught up (ms).
+    #[serde(default)]
+    pub lag_ms: u64,
+    /// Its clock minus the NATS server's, last measured (ms).
+    #[serde(default)]
+    pub clock_skew_ms: i64,
 }
 
 /// A node whose claim is alive, and what it said about itself (`None`: a node of a release
@@ -89,10 +110,46 @@ impl NatsTransport {
         let kv = self.kv().await?;
         let body = serde_json::to_vec(info)
             .map_err(|e| TransportError::other(format!("encoding the node info: {e}")))?;
-        kv.put(format!("info-{}", info.node), Bytes::from(body))
+        let body = Bytes::from(body);
+        kv.put(format!("info-{}", info.node), body.clone())
             .await
             .map_err(|e| unavailable("advertising this node", e))?;
+        // And where it outlives the claim, so a node that went silent shows as down.
+        self.members()
+            .await?
+            .put(format!("info-{}", info.node), body)
+            .await
+            .map_err(|e| unavailable("recording this node as a member", e))?;
         Ok(())
+    }
+
+    /// Every node that advertised itself in the last [`MEMBER_TTL`], live or not, with what
+    /// it said last.
+    pub async fn members_seen(&self) -> Result<Vec<NodeInfo>, TransportError> {
+        let kv = self.members().await?;
+        let mut keys = kv
+            .keys()
+            .await
+            .map_err(|e| unavailable("listing the members", e))?
+            .boxed();
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(|e| unavailable("listing the members", e))?);
+        }
+        let mut out = Vec::new();
+        for k in names {
+            if let Some(e) = kv
+                .entry(k)
+                .await
+                .map_err(|e| unavailable("reading a member", e))?
+                .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+                && let Ok(info) = serde_json::from_slice::<NodeInfo>(&e.value)
+            {
+                out.push(info);
+            }
+        }
+        out.sort_by_key(|i| i.node);
+        Ok(out)
     }
 
     /// Every node whose claim is alive, with what it advertised, by node id.

@@ -421,6 +421,8 @@ async fn a_schema_change_waits_until_every_live_node_reads_its_format() {
         ready: true,
         updated_ms: 1,
         schema_objects: [("table t".to_string(), "0123".to_string())].into(),
+        parked_batches: 2,
+        ..Default::default()
     };
     b.advertise(&info).await.unwrap();
     assert_eq!(a.live_nodes().await.unwrap()[1].info.as_ref(), Some(&info));
@@ -436,4 +438,7 @@ async fn a_schema_change_waits_until_every_live_node_reads_its_format() {
             .collect::<Vec<_>>(),
         vec![1]
     );
+    // ... but it stays a member (shown as down), with what it said last.
+    let members = a.members_seen().await.unwrap();
+    assert_eq!(members, vec![info]);
 }

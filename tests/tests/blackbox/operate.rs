@@ -411,3 +411,61 @@ fn tail_prints_every_change_as_json_lines_losslessly() {
     assert!(line["key"]["id"].as_i64().unwrap() >= 100);
     assert_eq!(node.stop(), Some(0));
 }
+
+/// `status --cluster` lists every node, the silent ones as down, with position and lag
+/// behind the stream's head; `/ready` takes thresholds.
+#[test]
+fn status_cluster_shows_every_node_up_or_down_and_ready_takes_thresholds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, mut nodes) = super::cluster(dir.path(), 2, BOOKS, "");
+    nodes[0].sql("INSERT INTO Books VALUES (1, 'Emma', 'Jane Austen', 1815);");
+    super::wait_converged(&refs(&nodes), CONVERGE);
+    let status = |node: &Node| -> Option<serde_json::Value> {
+        let out = node.command(&["status", "--cluster", "--json"]);
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let v = wait_for(CONVERGE, "both nodes up and caught up", || {
+        let v = status(&nodes[0])?;
+        let list = v["nodes"].as_array()?;
+        (list.len() == 2
+            && list.iter().all(|n| {
+                n["state"] == "up"
+                    && n["behind_head_messages"] == 0
+                    && n["pending_messages"] == 0
+                    && n["ready"] == true
+            }))
+        .then_some(v)
+    });
+    assert!(v["stream"]["last_seq"].as_u64().unwrap() >= 1, "{v}");
+    for key in [
+        "lag_seconds",
+        "parked_batches",
+        "clock_skew_ms",
+        "schema_digest",
+    ] {
+        assert!(!v["nodes"][0][key].is_null(), "{key} in {v}");
+    }
+    // A node that stops is shown as down, with what it said last.
+    assert_eq!(nodes[1].stop(), Some(0));
+    let v = wait_for(CONVERGE, "node 2 shown as down", || {
+        let v = status(&nodes[0])?;
+        let list = v["nodes"].as_array()?.clone();
+        (list.len() == 2 && list[0]["state"] == "up" && list[1]["state"] == "down").then_some(v)
+    });
+    assert_eq!(v["nodes"][1]["node_id"], 2);
+    assert_eq!(v["nodes"][1]["ready"], false);
+    assert!(v["nodes"][1]["position"].as_u64().unwrap() >= 1, "{v}");
+
+    // Thresholds: held, failed (named in the body), unknown.
+    let port = nodes[0].http_port;
+    assert_eq!(
+        http_get(port, "/ready?max_lag_messages=1000&max_lag_seconds=60").map(|r| r.0),
+        Some(200)
+    );
+    let (code, body) = http_get(port, "/ready?max_pending_messages=-1").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("pending_messages 0 > -1"), "{body}");
+    let (code, body) = http_get(port, "/ready?max_lag=1").unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("unknown parameter"), "{body}");
+}
