@@ -8,6 +8,7 @@ mod cluster;
 mod commands;
 use marmot_daemon::config;
 mod lock;
+mod measured;
 mod observe;
 mod run;
 mod snapshots;

@@ -177,7 +177,7 @@ pub fn run(s: Settings, cli: &Cli) -> anyhow::Result<ExitCode> {
 
 async fn serve(
     s: Settings,
-    mut store: SqliteStore,
+    store: SqliteStore,
     urls: Vec<String>,
     only_server: Option<String>,
     auth: marmot_nats::Auth,
@@ -208,6 +208,8 @@ async fn serve(
     });
     if let Some(bind) = s.metrics_bind.clone() {
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(crate::measured::BUCKETS)
+            .context("setting the histograms' buckets")?
             .install_recorder()
             .context("installing the metrics recorder")?;
         let shared = shared.clone();
@@ -309,6 +311,7 @@ async fn serve(
         cfg.fit_to_retention(m);
     }
     let mut observer = DaemonObserver::new(&s.metrics_prefix, shared, store.stats());
+    let mut store = crate::measured::Measured::new(store, s.node_id, &s.metrics_prefix);
     let t = transport.clone();
     let stop = tokio::spawn(async move {
         let mut node = Node::new(cfg);

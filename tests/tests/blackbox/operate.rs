@@ -81,7 +81,15 @@ fn go_marmots_sample_config_starts_as_shipped() {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
-        let name = line.split(['{', ' ']).next().unwrap();
+        let mut name = line.split(['{', ' ']).next().unwrap();
+        // A histogram's series carry its HELP under its own name.
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix)
+                && metrics.contains(&format!("# TYPE {base} histogram"))
+            {
+                name = base;
+            }
+        }
         series += 1;
         let help = format!("# HELP {name} ");
         assert!(
@@ -445,6 +453,12 @@ fn status_cluster_shows_every_node_up_or_down_and_ready_takes_thresholds() {
     ] {
         assert!(!v["nodes"][0][key].is_null(), "{key} in {v}");
     }
+    let (_, m2) = http_get(nodes[1].http_port, "/metrics").unwrap();
+    let e2e = m2
+        .lines()
+        .find_map(|l| l.strip_prefix("marmot_end_to_end_lag_seconds_count "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(e2e >= Some(1), "node 2 applied node 1's batch: {m2}");
     // A node that stops is shown as down, with what it said last.
     assert_eq!(nodes[1].stop(), Some(0));
     let v = wait_for(CONVERGE, "node 2 shown as down", || {
@@ -455,6 +469,29 @@ fn status_cluster_shows_every_node_up_or_down_and_ready_takes_thresholds() {
     assert_eq!(v["nodes"][1]["node_id"], 2);
     assert_eq!(v["nodes"][1]["ready"], false);
     assert!(v["nodes"][1]["position"].as_u64().unwrap() >= 1, "{v}");
+
+    // The latency histograms saw the write: captured and acknowledged on node 1, applied
+    // (with its end-to-end lag) on node 2 before it stopped.
+    let count = |metrics: &str, name: &str| -> u64 {
+        let line = format!("marmot_{name}_count ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line}in {metrics}"))
+    };
+    let (_, m1) = http_get(nodes[0].http_port, "/metrics").unwrap();
+    assert!(
+        m1.contains("# TYPE marmot_capture_seconds histogram"),
+        "{m1}"
+    );
+    assert!(
+        m1.contains("marmot_capture_seconds_bucket{le=\"0.001\"}"),
+        "{m1}"
+    );
+    assert!(count(&m1, "capture_seconds") >= 1);
+    assert!(count(&m1, "publish_ack_seconds") >= 1);
+    assert!(count(&m1, "apply_seconds") >= 1);
 
     // Thresholds: held, failed (named in the body), unknown.
     let port = nodes[0].http_port;
