@@ -373,6 +373,16 @@ impl Settings {
                 });
             }
             s.cluster.secret = Some(Secret(secret));
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(&file)
+                && m.permissions().mode() & 0o077 != 0
+            {
+                s.warnings.push(format!(
+                    "cluster.secret_file {} can be read by other users (mode {:o}): make it owner-only (chmod 600)",
+                    file.display(),
+                    m.permissions().mode() & 0o777
+                ));
+            }
         }
         Ok(s)
     }

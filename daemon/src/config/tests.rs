@@ -56,7 +56,17 @@ mod parsing {
         let e = Settings::load(&config).unwrap_err().to_string();
         assert!(e.contains("cluster.secret_file"), "{e}");
         std::fs::write(&secret, "0123456789abcdef0123\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
         let s = Settings::load(&config).unwrap();
+        assert!(
+            s.warnings.iter().any(|w| w.contains("chmod 600")),
+            "{:?}",
+            s.warnings
+        );
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = Settings::load(&config).unwrap();
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         assert_eq!(
             s.cluster.secret,
             Some(Secret("0123456789abcdef0123".into()))
