@@ -7,7 +7,7 @@ use marmot_tests::*;
 use std::time::{Duration, Instant};
 
 /// Waits until the node exits and returns its exit code, or panics after `timeout`.
-fn wait_exit(node: &mut Node, timeout: Duration) -> Option<i32> {
+pub(super) fn wait_exit(node: &mut Node, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(code) = node.exited() {
@@ -21,6 +21,15 @@ fn wait_exit(node: &mut Node, timeout: Duration) -> Option<i32> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Starts the node, which must fail at start-up (within 30 s); returns its log.
+pub(super) fn start_fails(node: &mut Node) -> String {
+    node.start();
+    assert_ne!(wait_exit(node, Duration::from_secs(30)), Some(0));
+    // Reaped, so that it can start again.
+    node.stop();
+    node.log_text()
 }
 
 /// `/ready` never answers 200 within `wait`, and the process keeps running.
@@ -175,9 +184,7 @@ fn a_token_from_the_environment_authenticates_and_a_wrong_one_does_not() {
 
     // A variable that is not set: a start-up error naming it, never an empty token.
     let mut unset = Node::new(dir.path(), 4, BOOKS, None, &section);
-    unset.start();
-    assert_ne!(wait_exit(&mut unset, Duration::from_secs(30)), Some(0));
-    let log = unset.log_text();
+    let log = start_fails(&mut unset);
     assert!(
         log.contains("nats.token") && log.contains("MARMOT_TEST_NATS_TOKEN"),
         "{log}"
@@ -230,9 +237,7 @@ fn a_creds_file_authenticates_against_a_server_in_operator_mode() {
             dir.path().join("nope.creds").display()
         ),
     );
-    missing.start();
-    assert_ne!(wait_exit(&mut missing, Duration::from_secs(30)), Some(0));
-    let log = missing.log_text();
+    let log = start_fails(&mut missing);
     assert!(
         log.contains("nats.creds_file") && log.contains("nope.creds"),
         "{log}"

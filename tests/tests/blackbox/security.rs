@@ -2,6 +2,7 @@
 //! route TLS) and their clients (an NKey marmot keeps beside the database), and no secret
 //! shows in a command line, a log or `/metrics`. Real nats-server and marmot processes.
 
+use super::operate::start_fails;
 use super::{BOOKS, CONVERGE, refs};
 use marmot_tests::*;
 use std::path::{Path, PathBuf};
@@ -100,17 +101,6 @@ impl Drop for Rogue {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Waits until the node exits (within a minute) and returns its exit code; it can start
-/// again.
-fn exit_code(node: &mut Node) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while node.exited().is_none() {
-        assert!(Instant::now() < deadline, "{}", node.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    node.stop()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -346,10 +336,7 @@ fn a_cluster_address_other_hosts_reach_needs_route_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, _) = two_nodes(dir.path(), "0.0.0.0", "");
     nodes[0].env = vec![("MARMOT_CLUSTER_SECRET".into(), String::new())];
-    nodes[0].start();
-    let code = exit_code(&mut nodes[0]);
-    assert_ne!(code, Some(0));
-    let log = nodes[0].log_text();
+    let log = start_fails(&mut nodes[0]);
     assert!(
         log.contains("reachable from other hosts") && log.contains("MARMOT_CLUSTER_SECRET"),
         "{log}"
@@ -358,15 +345,8 @@ fn a_cluster_address_other_hosts_reach_needs_route_authentication() {
 
     // A short secret is refused too, naming where it came from.
     nodes[0].env = vec![("MARMOT_CLUSTER_SECRET".into(), "short".into())];
-    nodes[0].start();
-    assert_ne!(exit_code(&mut nodes[0]), Some(0));
-    assert!(
-        nodes[0]
-            .log_text()
-            .contains("MARMOT_CLUSTER_SECRET = <hidden>"),
-        "{}",
-        nodes[0].log_text()
-    );
+    let log = start_fails(&mut nodes[0]);
+    assert!(log.contains("MARMOT_CLUSTER_SECRET = <hidden>"), "{log}");
 
     // Knowingly insecure: it starts, replicates, and warns at every start.
     for n in &mut nodes {
