@@ -1127,7 +1127,8 @@ fn a_fresh_node_joins_a_cluster_holding_100000_rows_and_ends_identical() {
 #[test]
 fn a_node_down_longer_than_the_streams_retention_restores_and_keeps_its_own_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let extra = "[replication_log]\nmax_entries = 20\n[snapshot]\nevery_changes = 15";
+    // Snapshots by default every max_entries / 2 = 10 changes.
+    let extra = "[replication_log]\nmax_entries = 20";
     let (_nats, mut nodes) = cluster(dir.path(), 3, BOOKS, extra);
     nodes[0].sql("INSERT INTO Books VALUES (1, 'first', 'x', 1);");
     wait_converged(&refs(&nodes), CONVERGE);

@@ -37,8 +37,11 @@ enum RestorePhase {
 }
 
 pub(super) struct Snapshots {
-    /// Rows captured and applied here since the last snapshot.
+    /// Rows captured and applied here since the last snapshot began.
     changes: u64,
+    /// `changes` when the save in flight began: rows counted while it runs are not in its
+    /// copy, so they stay counted towards the next one.
+    changes_at_save: u64,
     /// When the next snapshot is due by time (`Duration::MAX`: never).
     next_save_at: Duration,
     saving: bool,
@@ -65,6 +68,7 @@ impl Snapshots {
     pub(super) fn new() -> Self {
         Snapshots {
             changes: 0,
+            changes_at_save: 0,
             next_save_at: Duration::MAX,
             saving: false,
             restore: RestorePhase::Idle,
@@ -176,7 +180,11 @@ impl Snapshots {
                         });
                     }
                 }
-                self.changes = 0;
+                // Rows counted while the save ran are not in its copy: they count towards
+                // the next save, so the newest snapshot stays within about `every_changes`
+                // of the head even when writes keep coming during saves (a stream that
+                // keeps only a little more than that must still be covered).
+                self.changes = self.changes.saturating_sub(self.changes_at_save);
                 self.next_save_at = interval.map_or(Duration::MAX, |i| now + i);
                 out.event(Event::SnapshotSaved { outcome });
             }
@@ -354,6 +362,7 @@ impl Snapshots {
         }
         if due(now, self.save_due(g, cfg)) {
             self.saving = true;
+            self.changes_at_save = self.changes;
             self.saving_seed = self.seed_at.is_some();
             out.push(Output::SaveSnapshot {
                 position,

@@ -338,6 +338,39 @@ fn a_snapshot_is_due_after_enough_changes() {
     );
 }
 
+/// Rows written while a save runs are not in its copy: they count towards the next save.
+/// (A node that forgot them left the newest snapshot further behind the head than the
+/// stream keeps, and a node down longer than the retention found no snapshot to restore.)
+#[test]
+fn rows_written_during_a_save_count_towards_the_next_one() {
+    let mut n = snapshot_node(100);
+    started(&mut n, false, 0, 5);
+    drain(&mut n);
+    let capture = |n: &mut Node, t: u64, seq: u64, rows: u64| {
+        let mut c = captured(seq, 1);
+        c.rows = rows;
+        n.handle(
+            ms(t),
+            Input::Captured(Ok(CaptureOutcome {
+                captured: Some(c),
+                schema_changed: false,
+                unparked: 0,
+            })),
+        );
+        saves(&drain(n))
+    };
+    assert_eq!(capture(&mut n, 1, 1, 100), vec![false], "due at 100 rows");
+    // 80 rows while the save runs, then it completes.
+    assert!(capture(&mut n, 2, 2, 80).is_empty(), "one save at a time");
+    n.handle(
+        ms(3),
+        Input::SnapshotSaved(Ok(SaveOutcome::Saved(staged(100).info))),
+    );
+    assert!(saves(&drain(&mut n)).is_empty());
+    // 20 more make 100 since the save began.
+    assert_eq!(capture(&mut n, 4, 3, 20), vec![false]);
+}
+
 /// A snapshot is a copy of the file: it must not carry writes no batch carries yet (the node
 /// that restores it would hold them unversioned before their origin published them).
 #[test]
