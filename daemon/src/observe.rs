@@ -269,6 +269,15 @@ impl Observer for DaemonObserver {
                     tracing::info!(head, position, "publishing again");
                 }
             }
+            Event::HeldBatchReleased { batch, waited } => {
+                if self.may_warn(now, "held") {
+                    tracing::warn!(
+                        %batch,
+                        waited_s = waited.as_secs(),
+                        "publishing local changes although this node is behind the stream: they waited half the tombstone lifetime (snapshot.tombstone_ttl_hours), and any later they could land where a newer delete's tombstone was already removed"
+                    );
+                }
+            }
             Event::PublishFailed { error, retry_in } => {
                 self.m.publish_failures.increment(1);
                 self.publish_failing = true;

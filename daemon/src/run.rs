@@ -310,6 +310,10 @@ async fn serve(
     if let Some(m) = s.stream_message_capacity() {
         cfg.fit_to_retention(m);
     }
+    // Pacing never holds a write back until it would land below another node's tombstone
+    // horizon (see the README's Tombstones).
+    cfg.max_publish_hold =
+        (!s.snapshot.tombstone_ttl.is_zero()).then_some(s.snapshot.tombstone_ttl / 2);
     let mut observer = DaemonObserver::new(&s.metrics_prefix, shared, store.stats());
     let mut store = crate::measured::Measured::new(store, s.node_id, &s.metrics_prefix);
     let t = transport.clone();

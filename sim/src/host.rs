@@ -237,6 +237,7 @@ pub(crate) async fn node_host(world: World, i: usize) -> turmoil::Result {
     cfg.claim_interval = plan.claim_interval;
     cfg.alarm_interval = Duration::from_secs(2);
     cfg.fit_to_retention(plan.max_messages as u64);
+    cfg.max_publish_hold = (!plan.tombstone_ttl.is_zero()).then_some(plan.tombstone_ttl / 2);
     cfg.snapshots = plan
         .snapshot_every
         .map(|(every_changes, interval)| SnapshotPolicy {

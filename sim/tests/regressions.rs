@@ -549,3 +549,14 @@ fn regression_45_a_repair_that_left_out_the_rows_its_capture_wrote_lost_a_row() 
 fn regression_46_a_value_written_under_a_losing_rename_was_kept_aside_on_some_nodes() {
     passes_with(901353, Generator::V4);
 }
+
+/// Postmortem (V4 seed 912706, campaign on ba68fe1): node 5 fell behind the stream and waited
+/// for a snapshot that covered its gap, its publishing held back by the pacing (`max_lag`)
+/// while its application kept writing; its batches went out more than the tombstone lifetime
+/// after they were made. Nodes that had collected newer tombstones of those rows took the
+/// older versions: a deleted row came back on three nodes of five. The pacing now releases a
+/// batch held back for half the tombstone lifetime (`NodeConfig::max_publish_hold`).
+#[test]
+fn regression_47_writes_held_back_past_the_tombstone_lifetime_brought_deleted_rows_back() {
+    passes_with(912706, Generator::V4);
+}

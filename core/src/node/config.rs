@@ -25,6 +25,13 @@ pub struct NodeConfig {
     /// dropped, even when every node flushes a backlog at once after an outage. Set it well
     /// below the stream's message limit (the daemon uses a quarter of it).
     pub max_lag: Option<u64>,
+    /// The pacing of `max_lag` never holds a captured batch longer than this (None: no
+    /// bound): a batch published later than the tombstone lifetime after it was made can
+    /// land below another node's tombstone horizon, where the newer tombstone that should
+    /// beat it was collected, and bring a deleted row back there only (found by the
+    /// simulation, V4 seed 912706). The daemon sets half the tombstone lifetime. A node cut
+    /// off from the stream cannot publish at all: the README's rule for tombstones covers it.
+    pub max_publish_hold: Option<Duration>,
     /// Aim for apply transactions that hold the write lock no longer than this.
     pub apply_target: Duration,
     /// Most messages per apply transaction.
@@ -83,6 +90,7 @@ impl NodeConfig {
             max_clock_skew_ms: 5_000,
             publish_window: 256,
             max_lag: None,
+            max_publish_hold: None,
             apply_target: Duration::from_millis(10),
             apply_max_messages: 1024,
             max_buffered_deliveries: 8192,

@@ -354,7 +354,7 @@ impl Node {
         self.clock = Clock::new(r.clock).with_max_lead(self.cfg.max_clock_skew_ms);
         self.inbox.recovered(r.position);
         self.parked.recovered(r.parked, r.incomplete_batches);
-        self.outbox.recovered(r.outbox);
+        self.outbox.recovered(now, r.outbox);
         self.capture.recovered(now);
         self.snapshots
             .recovered(now, r.empty, r.position, &self.cfg);
@@ -364,7 +364,8 @@ impl Node {
     fn add_batch(&mut self, c: Option<Captured>) {
         if let Some(c) = c {
             self.snapshots.count(c.rows);
-            self.outbox.add(c, &self.cfg, &mut self.outputs);
+            self.outbox
+                .add(self.last_now, c, &self.cfg, &mut self.outputs);
         }
     }
 

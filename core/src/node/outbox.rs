@@ -6,7 +6,8 @@
 //! - messages go out while publishing is possible at all (publish on, the stream prepared,
 //!   the node id claimed: [`super::Gates::can_publish`]), at most `publish_window` in flight,
 //!   and not while this node is too far behind the stream's head to publish more
-//!   ([`super::Gates::too_far_ahead`], the pacing of `max_lag`);
+//!   ([`super::Gates::too_far_ahead`], the pacing of `max_lag`), except a batch that waited
+//!   `max_publish_hold` ([`NodeConfig::max_publish_hold`]: half the tombstone lifetime);
 //! - a batch leaves the outbox only once the stream acknowledged every one of its messages
 //!   (then storage is told, [`Output::MarkPublished`]); a failed publish goes back to the
 //!   front of the queue and publishing waits with backoff, for as long as it takes;
@@ -38,6 +39,8 @@ struct OutBatch {
     cached: usize,
     /// It carries a schema change: see the module doc.
     barrier: bool,
+    /// When it entered the outbox (read back at start: the start).
+    since: Duration,
 }
 
 pub(super) struct Outbox {
@@ -73,7 +76,7 @@ impl Outbox {
     }
 
     /// The batches storage still holds unpublished at start: (batch, chunk count).
-    pub(super) fn recovered(&mut self, outbox: Vec<(BatchId, u32)>) {
+    pub(super) fn recovered(&mut self, now: Duration, outbox: Vec<(BatchId, u32)>) {
         for (batch, chunks) in outbox {
             self.outbox.insert(
                 batch,
@@ -83,6 +86,7 @@ impl Outbox {
                     payloads: None,
                     cached: 0,
                     barrier: false,
+                    since: now,
                 },
             );
             self.publish_queue.extend((0..chunks).map(|c| (batch, c)));
@@ -90,7 +94,7 @@ impl Outbox {
     }
 
     /// A batch storage captured (and stored in its outbox).
-    pub(super) fn add(&mut self, c: Captured, cfg: &NodeConfig, out: &mut Outputs) {
+    pub(super) fn add(&mut self, now: Duration, c: Captured, cfg: &NodeConfig, out: &mut Outputs) {
         let chunks = c.messages.len() as u32;
         out.event(Event::Captured {
             batch: c.batch,
@@ -120,6 +124,7 @@ impl Outbox {
                 payloads,
                 cached,
                 barrier,
+                since: now,
             },
         );
         self.publish_queue.extend((0..chunks).map(|i| (c.batch, i)));
@@ -216,11 +221,22 @@ impl Outbox {
     }
 
     fn publish_due(&self, g: &Gates, cfg: &NodeConfig) -> Option<Duration> {
-        (self.front_may_go()
-            && g.can_publish
-            && self.in_flight < cfg.publish_window
-            && !g.too_far_ahead)
-            .then_some(self.blocked_until)
+        if !(self.front_may_go() && g.can_publish && self.in_flight < cfg.publish_window) {
+            return None;
+        }
+        if !g.too_far_ahead {
+            return Some(self.blocked_until);
+        }
+        self.front_released(cfg)
+            .map(|at| at.max(self.blocked_until))
+    }
+
+    /// When pacing stops holding the batch at the front of the queue back
+    /// ([`NodeConfig::max_publish_hold`]; None: never).
+    fn front_released(&self, cfg: &NodeConfig) -> Option<Duration> {
+        let hold = cfg.max_publish_hold?;
+        let &(batch, _) = self.publish_queue.front()?;
+        Some(self.outbox.get(&batch)?.since.saturating_add(hold))
     }
 
     pub(super) fn arm(&self, g: &Gates, cfg: &NodeConfig, timers: &mut TimerTable) {
@@ -252,6 +268,20 @@ impl Outbox {
             // A barrier goes out alone: after everything before it, before everything after.
             if !self.front_may_go() {
                 break;
+            }
+            // Paced: only batches held back for `max_publish_hold` go out.
+            if g.too_far_ahead {
+                if !due(now, self.front_released(cfg)) {
+                    break;
+                }
+                if let Some(&(batch, 0)) = self.publish_queue.front()
+                    && let Some(b) = self.outbox.get(&batch)
+                {
+                    out.event(Event::HeldBatchReleased {
+                        batch,
+                        waited: now.saturating_sub(b.since),
+                    });
+                }
             }
             let Some((batch, chunk)) = self.publish_queue.pop_front() else {
                 break;

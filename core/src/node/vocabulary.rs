@@ -192,6 +192,14 @@ pub enum Event {
         /// The last sequence applied here.
         position: u64,
     },
+    /// Pacing held a batch back for `max_publish_hold`: it goes out now although this node
+    /// is behind (see [`super::NodeConfig::max_publish_hold`]).
+    HeldBatchReleased {
+        /// Which batch.
+        batch: BatchId,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// A publish failed; it will be retried.
     PublishFailed {
         /// Why.

@@ -1296,6 +1296,68 @@ fn a_column_renamed_here_by_a_losing_change_and_then_dropped_comes_back_with_its
 }
 
 #[test]
+fn the_node_whose_rename_lost_moves_its_own_rows_written_under_the_new_name_back() {
+    // The shape of V4 seed 917085 (still open: SIMULATION.md): node 2 renamed `a` to `r` and
+    // wrote a row in that shape; node 3, which had not met the rename, dropped `a`; node 1,
+    // which had met neither, changed the table later (its lineage wins: `a` stays). Every
+    // node must hold the row's value in `a`, whatever order node 2 meets the others'
+    // changes in. (In the seed, node 2 kept the value aside under `r`; these orders alone
+    // do not reproduce that, so the seed's run did something more.)
+    for order in 0..3 {
+        let mut c = Cluster::new(3, SCHEMA);
+        c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
+        c.capture(0);
+        c.exec(
+            0,
+            "INSERT INTO books (id, title, a) VALUES (1, 'Emma', 'x');",
+        );
+        c.capture(0);
+        c.settle();
+        for i in 0..3 {
+            c.dump(i, "books");
+        }
+        c.exec(1, "ALTER TABLE books RENAME COLUMN a TO r;");
+        c.capture(1);
+        c.exec(
+            1,
+            "INSERT INTO books (id, title, r) VALUES (2, 'Persuasion', 'v');",
+        );
+        c.capture(1);
+        c.exec(2, "ALTER TABLE books DROP COLUMN a;");
+        c.capture(2);
+        c.exec(0, "ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';");
+        c.capture(0);
+        // Node 2 meets the others' changes in several orders.
+        match order {
+            0 => {
+                c.apply(1);
+            }
+            1 => {
+                c.apply(0);
+                c.apply(2);
+                c.apply(1);
+            }
+            _ => {
+                c.apply(2);
+                c.apply(1);
+                c.apply(0);
+            }
+        }
+        c.settle();
+        assert_same_schema(&c);
+        for i in 0..3 {
+            let a: String = scalar(&c, i, "SELECT a FROM books WHERE id = 2");
+            assert_eq!(a, "v", "order {order}, node {}", i + 1);
+            assert_eq!(parked(&c, i), 0);
+        }
+        for i in 1..3 {
+            assert_eq!(c.dump(0, "books"), c.dump(i, "books"), "order {order}");
+        }
+        assert_no_echo(&mut c);
+    }
+}
+
+#[test]
 fn a_column_renamed_in_one_lineage_and_dropped_in_another_comes_back_with_its_values() {
     // Found by the simulation (V4, seed 800685): node 1 renamed `a` to `r`; node 2, which had
     // not met the rename, dropped `a`; node 3, which had met neither, changed the table later

@@ -183,6 +183,72 @@ fn publishing_waits_while_the_node_is_too_far_behind_the_stream_head() {
     )));
 }
 
+/// Pacing holds a batch back at most `max_publish_hold`: published later than the tombstone
+/// lifetime after it was made, a write can land where a newer delete's tombstone was
+/// collected (V4 seed 912706: a node behind the stream for longer than that brought deleted
+/// rows back on the nodes that had collected their tombstones).
+#[test]
+fn pacing_releases_a_batch_held_back_for_max_publish_hold() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.max_lag = Some(10);
+    cfg.max_publish_hold = Some(Duration::from_secs(60));
+    let (mut n, _) = ready_configured(cfg, 0, vec![]);
+    let publishes = |outs: &[Output]| {
+        outs.iter()
+            .filter(|o| matches!(o, Output::Publish { .. }))
+            .count()
+    };
+    let capture = |n: &mut Node, t: u64, seq: u64| {
+        n.handle(
+            ms(t),
+            Input::Captured(Ok(CaptureOutcome {
+                captured: Some(captured(seq, 1)),
+                schema_changed: false,
+                unparked: 0,
+            })),
+        );
+        drain(n)
+    };
+    assert_eq!(publishes(&capture(&mut n, 1, 1)), 1);
+    n.handle(
+        ms(2),
+        Input::Published {
+            batch: batch(1),
+            chunk: 0,
+            result: Ok(25),
+        },
+    );
+    drain(&mut n);
+    // Too far behind: batches 2 (at 3 ms) and 3 (at 30 s) wait.
+    assert_eq!(publishes(&capture(&mut n, 3, 2)), 0);
+    assert_eq!(publishes(&capture(&mut n, 30_000, 3)), 0);
+    n.handle(ms(59_000), Input::Tick);
+    assert_eq!(publishes(&drain(&mut n)), 0, "not held long enough yet");
+    assert!(
+        n.poll_timeout() <= ms(60_003),
+        "a timer for the release: {:?}",
+        n.poll_timeout()
+    );
+    n.handle(ms(60_003), Input::Tick);
+    let outs = drain(&mut n);
+    assert_eq!(published_batches(&outs), vec![2], "{outs:?}");
+    assert!(has(&outs, |o| matches!(
+        o,
+        Output::Event(Event::HeldBatchReleased { waited, .. }) if *waited == Duration::from_secs(60)
+    )));
+    n.handle(
+        ms(60_004),
+        Input::Published {
+            batch: batch(2),
+            chunk: 0,
+            result: Ok(26),
+        },
+    );
+    assert_eq!(publishes(&drain(&mut n)), 0, "batch 3 is younger");
+    n.handle(ms(90_000), Input::Tick);
+    assert_eq!(published_batches(&drain(&mut n)), vec![3]);
+}
+
 /// A batch whose messages carry format `format` (2: a schema change).
 fn formatted(seq: u64, format: u8) -> crate::capture::Captured {
     let messages = crate::wire::seal(
