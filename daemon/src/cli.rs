@@ -108,6 +108,27 @@ pub enum Command {
         #[arg(long)]
         to_end: bool,
     },
+    /// Compare the nodes' data: the tables (and with --keys, the keys) where nodes that
+    /// applied the same stream position hold different rows. Exit status 0: the same, 1:
+    /// they differ, 2: they could not be compared (see the README's Comparing nodes).
+    Diff {
+        /// Which nodes, e.g. `1,2` (default: every live node).
+        #[arg(long, value_delimiter = ',', value_name = "IDS")]
+        nodes: Vec<u64>,
+        /// Only this table.
+        #[arg(long)]
+        table: Option<String>,
+        /// Name the keys of the rows that differ.
+        #[arg(long)]
+        keys: bool,
+        /// Ask again for up to this many seconds until the nodes applied the same position
+        /// with nothing of their own unpublished.
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        wait: u64,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Snapshots: save one now, restore the newest, list what exists.
     Snapshot {
         /// What to do.

@@ -121,6 +121,25 @@ pub fn dispatch(mut cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )
         }
+        Command::Diff {
+            nodes,
+            table,
+            keys,
+            wait,
+            json,
+        } => {
+            init_logging_quiet(&s);
+            crate::diff::diff(
+                &s,
+                &crate::diff::DiffOptions {
+                    nodes,
+                    table,
+                    keys,
+                    wait: Duration::from_secs(wait),
+                    json,
+                },
+            )
+        }
         Command::WaitSchema { timeout } => {
             init_logging_quiet(&s);
             crate::cluster::wait_schema(&s, Duration::from_secs(timeout))

@@ -6,6 +6,7 @@ mod advertise;
 mod cli;
 mod cluster;
 mod commands;
+mod diff;
 use marmot_daemon::config;
 mod lock;
 mod measured;

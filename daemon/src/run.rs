@@ -253,6 +253,12 @@ async fn serve(
     let env = TokioEnv {
         start: tokio::time::Instant::now(),
     };
+    crate::diff::spawn(
+        transport.clone(),
+        s.db_path.clone(),
+        s.busy_timeout,
+        s.metrics_prefix.clone(),
+    );
     crate::advertise::spawn(crate::advertise::Advertiser {
         transport: transport.clone(),
         shared: shared.clone(),

@@ -22,8 +22,10 @@
 
 mod members;
 mod objects;
+mod requests;
 pub use members::{LiveNode, NodeInfo};
 pub use objects::NatsObjectStore;
+pub use requests::Request;
 
 use async_nats::jetstream::{self, consumer, kv, message::PublishMessage, stream};
 use bytes::Bytes;

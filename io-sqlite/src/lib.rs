@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod ddl;
+pub mod digest;
 pub mod filter;
 pub mod fts;
 mod migrate;

@@ -672,6 +672,8 @@ fn a_node_restored_from_an_older_copy_of_itself_applies_its_own_later_batches() 
     assert_eq!(out.report.rows_written, 0);
 }
 
+#[path = "store/digest.rs"]
+mod digest;
 #[path = "store/real_schemas.rs"]
 mod real_schemas;
 #[path = "store/schema_changes.rs"]

@@ -511,3 +511,76 @@ fn status_cluster_shows_every_node_up_or_down_and_ready_takes_thresholds() {
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("unknown parameter"), "{body}");
 }
+
+#[test]
+fn diff_finds_exactly_the_row_written_behind_marmots_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, nodes) = super::cluster(dir.path(), 2, BOOKS, "");
+    // Right after start both tables are empty: the digest metrics agree.
+    let digest_metric = |node: &Node| -> Option<String> {
+        let (_, m) = http_get(node.http_port, "/metrics")?;
+        m.lines()
+            .find_map(|l| l.strip_prefix("marmot_table_digest{table=\"Books\"} "))
+            .map(str::to_string)
+    };
+    let d1 = wait_for(CONVERGE, "node 1's digest metric", || {
+        digest_metric(&nodes[0])
+    });
+    let d2 = wait_for(CONVERGE, "node 2's digest metric", || {
+        digest_metric(&nodes[1])
+    });
+    assert_eq!(d1, d2);
+    nodes[0].sql(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500) \
+         INSERT INTO Books SELECT i, 'title ' || i, 'author', 1900 + i % 100 FROM n;",
+    );
+    super::wait_converged(&refs(&nodes), CONVERGE);
+    let diff = |node: &Node, args: &[&str]| {
+        let mut a = vec!["diff", "--nodes", "1,2", "--wait", "60"];
+        a.extend_from_slice(args);
+        let out = node.command(&a);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = diff(&nodes[0], &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("no differences"), "{out}");
+    // On node 2, one row changes with marmot's update trigger removed (and put back in the
+    // same transaction): nothing is captured, the nodes diverge.
+    let trigger: String = nodes[1].sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'Books' AND sql LIKE '%AFTER UPDATE%'",
+    );
+    let name: String = nodes[1].sql(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'Books' AND sql LIKE '%AFTER UPDATE%'",
+    );
+    assert!(!trigger.is_empty(), "marmot's update trigger");
+    nodes[1].sql(&format!(
+        "BEGIN; DROP TRIGGER \"{name}\"; UPDATE Books SET title = 'changed behind marmot' WHERE id = 321; {trigger}; COMMIT;"
+    ));
+    assert_eq!(
+        nodes[1].sql("SELECT count(*) FROM Books WHERE title = 'changed behind marmot'"),
+        "1"
+    );
+    let (code, out, err) = diff(&nodes[0], &["--keys"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains("Books: node 2 differs from node 1 (500 rows / 500 rows)"),
+        "{out}"
+    );
+    let keys: Vec<&str> = out.lines().filter(|l| l.starts_with("  ")).collect();
+    assert_eq!(keys, vec!["  (321): differs"], "{out}");
+    // JSON names the same key; a node that is not running cannot be compared.
+    let (code, out, _) = diff(&nodes[1], &["--keys", "--json"]);
+    assert_eq!(code, Some(1));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["same"], false, "{v}");
+    assert_eq!(v["differences"][0]["keys"][0]["key"], "(321)", "{v}");
+    assert_eq!(v["differences"][0]["keys"][0]["state"], "differs", "{v}");
+    let out = nodes[0].command(&["diff", "--nodes", "1,7", "--wait", "1"]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node 7"), "{err}");
+}
