@@ -151,6 +151,8 @@ pub struct Captured {
     pub stamp: Stamp,
     /// How many rows it carries.
     pub rows: u64,
+    /// Rows it carries per table (repairs not counted), for per-table metrics.
+    pub tables: Vec<(String, u64)>,
     /// Sealed messages, chunk order.
     pub messages: Vec<Bytes>,
     /// It carries schema changes: a publish barrier (see the node's outbox).
@@ -178,7 +180,9 @@ pub fn capture<T: CaptureTxn>(
         }
         body.schema(&c.item());
     }
+    let mut per_table = Vec::with_capacity(tables.len());
     for t in &tables {
+        let rows_before = body.rows();
         let changed_here = schema.iter().any(|c| {
             c.kind == crate::wire::ObjectKind::Table && c.name == t.name && c.new_sql.is_some()
         });
@@ -208,6 +212,9 @@ pub fn capture<T: CaptureTxn>(
                 body.delete(base, (0..t.key_columns).map(|i| row.value(i)));
             }
         })?;
+        if body.rows() > rows_before {
+            per_table.push((t.name.clone(), body.rows() - rows_before));
+        }
     }
     // Repairs after the writes: a row this batch writes has its new version on the
     // receivers by then, and its repair (at the version it replaces) changes nothing there.
@@ -264,6 +271,7 @@ pub fn capture<T: CaptureTxn>(
         batch,
         stamp,
         rows: body.rows(),
+        tables: per_table,
         messages,
         schema: body.schema_items() > 0,
     }))

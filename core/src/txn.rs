@@ -250,6 +250,7 @@ mod tests {
                 },
                 stamp,
                 rows: 1,
+                tables: vec![],
                 messages: vec![Bytes::from_static(b"m")],
                 schema: false,
             }))

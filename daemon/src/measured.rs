@@ -2,7 +2,8 @@
 //! and an apply transaction take, how long a captured batch waits until the stream
 //! acknowledged all of it, and how old another node's batch is when it is applied here
 //! (end-to-end lag: from its stamp, the origin's clock, to this node's clock, so it includes
-//! the two clocks' skew).
+//! the two clocks' skew). Also per-table counters: rows captured, rows applied and
+//! conflicts, labelled `table`.
 
 use marmot_core::apply::Delivery;
 use marmot_core::ports::{
@@ -28,6 +29,8 @@ pub const BUCKETS: &[f64] = &[
 pub struct Measured<S> {
     inner: S,
     node: NodeId,
+    /// Metric names of the per-table counters: captured, applied, conflicts.
+    per_table: [String; 3],
     captured_at: BTreeMap<BatchId, Instant>,
     capture: Histogram,
     apply: Histogram,
@@ -43,9 +46,29 @@ impl<S> Measured<S> {
             metrics::describe_histogram!(name.clone(), metrics::Unit::Seconds, help);
             metrics::histogram!(name)
         };
+        let per_table = [
+            (
+                "table_rows_captured_total",
+                "Rows of the table captured here (local writes), by table (rows)",
+            ),
+            (
+                "table_rows_applied_total",
+                "Rows of the table written or deleted here by other nodes' batches, by table (rows)",
+            ),
+            (
+                "table_conflicts_total",
+                "Writes of the table that lost to a concurrent write with other content, by table (writes)",
+            ),
+        ]
+        .map(|(n, help)| {
+            let name = format!("{prefix}_{n}");
+            metrics::describe_counter!(name.clone(), help);
+            name
+        });
         Measured {
             inner,
             node,
+            per_table,
             captured_at: BTreeMap::new(),
             capture: h(
                 "capture_seconds",
@@ -66,8 +89,14 @@ impl<S> Measured<S> {
         }
     }
 
-    fn captured(&mut self, batch: Option<BatchId>) {
-        if let Some(b) = batch {
+    fn captured(&mut self, c: Option<&marmot_core::capture::Captured>) {
+        if let Some(c) = c {
+            for (table, rows) in &c.tables {
+                metrics::counter!(self.per_table[0].clone(), "table" => table.clone())
+                    .increment(*rows);
+            }
+        }
+        if let Some(b) = c.map(|c| c.batch) {
             if self.captured_at.len() >= TRACKED {
                 self.captured_at.pop_first();
             }
@@ -89,7 +118,7 @@ impl<S: Storage> Storage for Measured<S> {
         if out.captured.is_some() {
             self.capture.record(start.elapsed().as_secs_f64());
         }
-        self.captured(out.captured.as_ref().map(|c| c.batch));
+        self.captured(out.captured.as_ref());
         Ok(out)
     }
 
@@ -102,7 +131,17 @@ impl<S: Storage> Storage for Measured<S> {
         let start = Instant::now();
         let out = self.inner.apply(clock, wall_ms, deliveries)?;
         self.apply.record(start.elapsed().as_secs_f64());
-        self.captured(out.captured.as_ref().map(|c| c.batch));
+        for (table, t) in &out.report.tables {
+            if t.written > 0 {
+                metrics::counter!(self.per_table[1].clone(), "table" => table.clone())
+                    .increment(t.written);
+            }
+            if t.conflicts > 0 {
+                metrics::counter!(self.per_table[2].clone(), "table" => table.clone())
+                    .increment(t.conflicts);
+            }
+        }
+        self.captured(out.captured.as_ref());
         for d in deliveries {
             // Once per batch: at its last message.
             if let Ok((h, _)) = decode_message(&d.payload)
@@ -139,7 +178,7 @@ impl<S: Storage> Storage for Measured<S> {
         all: bool,
     ) -> Result<ParkedRetry, Self::Error> {
         let out = self.inner.retry_parked(clock, wall_ms, all)?;
-        self.captured(out.captured.as_ref().map(|c| c.batch));
+        self.captured(out.captured.as_ref());
         Ok(out)
     }
 

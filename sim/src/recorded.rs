@@ -238,6 +238,7 @@ impl Recorded {
                 },
                 stamp: header.stamp,
                 rows: rows.len() as u64,
+                tables: vec![],
                 messages,
                 // Recorded batches are only counted (the oracle's captures).
                 schema: false,

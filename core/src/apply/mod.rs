@@ -245,6 +245,17 @@ pub struct ApplyReport {
     pub parked: Vec<Parked>,
     /// Batches parked earlier, waiting on a UNIQUE value, that applied now.
     pub unparked: u64,
+    /// Rows written and conflicts recorded, per table, for per-table metrics.
+    pub tables: std::collections::BTreeMap<String, TableApplied>,
+}
+
+/// What an apply did to one table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableApplied {
+    /// Rows written or deleted.
+    pub written: u64,
+    /// Conflicts recorded.
+    pub conflicts: u64,
 }
 
 /// Applies deliveries in stream order. `position` is the last stream sequence already
@@ -412,10 +423,7 @@ pub fn retry_parked_jointly<T: ApplyTxn>(
             Ok(()) => {
                 txn.release()?;
                 report.batches += bodies.len() as u64;
-                report.rows_written += stats.written;
-                report.rows_repaired += stats.repaired;
-                report.rows_skipped += stats.skipped;
-                report.conflicts += stats.conflicts;
+                stats.add_to(report);
                 return Ok(None);
             }
             Err(ApplyFault::Poison(why) | ApplyFault::Collision(why)) => {
@@ -521,10 +529,7 @@ fn apply_isolated<T: ApplyTxn>(
         Ok(()) => {
             txn.release()?;
             report.batches += 1;
-            report.rows_written += stats.written;
-            report.rows_repaired += stats.repaired;
-            report.rows_skipped += stats.skipped;
-            report.conflicts += stats.conflicts;
+            stats.add_to(report);
             Ok(None)
         }
         Err(fault @ (ApplyFault::Poison(_) | ApplyFault::Collision(_))) => {
@@ -562,6 +567,30 @@ struct BatchStats {
     repaired: u64,
     skipped: u64,
     conflicts: u64,
+    tables: std::collections::BTreeMap<String, TableApplied>,
+}
+
+impl BatchStats {
+    fn table(&mut self, name: &str) -> &mut TableApplied {
+        if !self.tables.contains_key(name) {
+            self.tables
+                .insert(name.to_string(), TableApplied::default());
+        }
+        self.tables.get_mut(name).expect("inserted above")
+    }
+
+    /// Adds what a batch that applied did to `report`.
+    fn add_to(self, report: &mut ApplyReport) {
+        report.rows_written += self.written;
+        report.rows_repaired += self.repaired;
+        report.rows_skipped += self.skipped;
+        report.conflicts += self.conflicts;
+        for (name, t) in self.tables {
+            let r = report.tables.entry(name).or_default();
+            r.written += t.written;
+            r.conflicts += t.conflicts;
+        }
+    }
 }
 
 /// How a batch's rows are written.
@@ -723,6 +752,7 @@ fn apply_batch<'a, T: ApplyTxn>(
                             loser_row: local.map(|r| sql_row_literal(r.iter().map(Value::as_ref))),
                         })?;
                         stats.conflicts += 1;
+                        stats.table(def.name).conflicts += 1;
                     }
                 }
                 match order {
@@ -750,6 +780,7 @@ fn apply_batch<'a, T: ApplyTxn>(
                     },
                 )?;
                 stats.written += 1;
+                stats.table(def.name).written += 1;
             }
             Resolution::Duplicate => stats.skipped += 1,
             Resolution::Older if own => stats.skipped += 1,
@@ -766,6 +797,7 @@ fn apply_batch<'a, T: ApplyTxn>(
                         loser_row: (!delete).then(|| sql_row_literal(values.iter().copied())),
                     })?;
                     stats.conflicts += 1;
+                    stats.table(def.name).conflicts += 1;
                 }
             }
         }

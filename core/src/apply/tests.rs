@@ -268,3 +268,37 @@ fn an_identical_row_from_a_concurrent_writer_is_not_a_conflict() {
     );
     assert_eq!(t.counts().2, 0);
 }
+
+#[test]
+fn the_report_counts_rows_written_and_conflicts_per_table() {
+    let mut t = MemTxn::over(&db(), 2, 1);
+    let mut c = clock();
+    let r = apply(
+        &mut t,
+        &mut c,
+        0,
+        &deliver(1, &batch(1, 1, T0, &[(1, Some("a")), (2, Some("b"))])),
+    );
+    assert_eq!(
+        r.tables.get("t"),
+        Some(&TableApplied {
+            written: 2,
+            conflicts: 0
+        })
+    );
+    // A concurrent write of row 1 (no base) with other content, older: loses, a conflict.
+    let r = apply(
+        &mut t,
+        &mut c,
+        1,
+        &deliver(2, &batch(3, 1, T0 - 5, &[(1, Some("other"))])),
+    );
+    assert_eq!(
+        r.tables.get("t"),
+        Some(&TableApplied {
+            written: 0,
+            conflicts: 1
+        })
+    );
+    assert_eq!(r.conflicts, 1);
+}

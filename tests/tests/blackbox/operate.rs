@@ -535,6 +535,17 @@ fn diff_finds_exactly_the_row_written_behind_marmots_back() {
          INSERT INTO Books SELECT i, 'title ' || i, 'author', 1900 + i % 100 FROM n;",
     );
     super::wait_converged(&refs(&nodes), CONVERGE);
+    // Per-table counters: node 1 captured the 500 rows, node 2 applied them.
+    let counter = |node: &Node, name: &str| -> Option<u64> {
+        let (_, m) = http_get(node.http_port, "/metrics")?;
+        let prefix = format!("marmot_{name}{{table=\"Books\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    assert_eq!(counter(&nodes[0], "table_rows_captured_total"), Some(500));
+    assert_eq!(counter(&nodes[1], "table_rows_applied_total"), Some(500));
+    assert_eq!(counter(&nodes[1], "table_rows_captured_total"), None);
     let diff = |node: &Node, args: &[&str]| {
         let mut a = vec!["diff", "--nodes", "1,2", "--wait", "60"];
         a.extend_from_slice(args);

@@ -31,6 +31,7 @@ pub(super) fn captured(seq: u64, chunks: usize) -> Captured {
         batch: batch(seq),
         stamp: Stamp::new(1000, 0),
         rows: 1,
+        tables: vec![],
         messages: (0..chunks).map(|i| Bytes::from(vec![i as u8])).collect(),
         schema: false,
     }

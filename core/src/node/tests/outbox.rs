@@ -263,6 +263,7 @@ fn formatted(seq: u64, format: u8) -> crate::capture::Captured {
         batch: batch(seq),
         stamp: Stamp::new(1000 + seq, 0),
         rows: 1,
+        tables: vec![],
         messages,
         schema: format >= crate::wire::FORMAT_SCHEMA,
     }
