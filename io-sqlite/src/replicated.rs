@@ -1045,11 +1045,31 @@ fn record_fates(
             || revived.iter().any(|r| r.eq_ignore_ascii_case(&a.name));
         // A name that now bears another column (added, or one renamed to it): its renames
         // were the earlier column's. A column that stayed keeps them (a losing lineage's
-        // rename of it still leads to values kept under the new name).
+        // rename of it still leads to values kept under the new name). So does a name whose
+        // renames all lead to columns the table no longer has: that column is coming back
+        // under its first name, and the renames lead it to the values kept under the others
+        // (found by the simulation, V4 seed 917085: a node that renamed a column, then applied
+        // another node's drop of it, merge-restored a snapshot that kept it, and its rows
+        // written under the new name kept their values aside).
+        let mut coming_back = false;
         if !was_here {
-            clear_renames.execute(params![table, a.name])?;
+            let targets: Vec<String> = c
+                .prepare_cached(
+                    "SELECT renamed_to FROM \"__marmot__column_renames\" WHERE tbl = ?1 AND lower(col) = lower(?2)",
+                )?
+                .query_map(params![table, a.name], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            coming_back = !targets.is_empty()
+                && targets
+                    .iter()
+                    .all(|t| !after.iter().any(|x| x.name.eq_ignore_ascii_case(t)));
+            if !coming_back {
+                clear_renames.execute(params![table, a.name])?;
+            }
         }
-        let new_here = !was_here && !pairs.iter().any(|(_, n)| n.eq_ignore_ascii_case(&a.name));
+        let new_here = !was_here
+            && !coming_back
+            && !pairs.iter().any(|(_, n)| n.eq_ignore_ascii_case(&a.name));
         if new_here {
             clear_kept.execute(params![table, a.name])?;
         }

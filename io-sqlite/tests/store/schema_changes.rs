@@ -1297,12 +1297,11 @@ fn a_column_renamed_here_by_a_losing_change_and_then_dropped_comes_back_with_its
 
 #[test]
 fn the_node_whose_rename_lost_moves_its_own_rows_written_under_the_new_name_back() {
-    // The shape of V4 seed 917085 (still open: SIMULATION.md): node 2 renamed `a` to `r` and
-    // wrote a row in that shape; node 3, which had not met the rename, dropped `a`; node 1,
-    // which had met neither, changed the table later (its lineage wins: `a` stays). Every
-    // node must hold the row's value in `a`, whatever order node 2 meets the others'
-    // changes in. (In the seed, node 2 kept the value aside under `r`; these orders alone
-    // do not reproduce that, so the seed's run did something more.)
+    // The shape of V4 seed 917085: node 2 renamed `a` to `r` and wrote a row in that shape;
+    // node 3, which had not met the rename, dropped `a`; node 1, which had met neither,
+    // changed the table later (its lineage wins: `a` stays). Every node must hold the row's
+    // value in `a`, whatever order node 2 meets the others' changes in through the stream.
+    // (In the seed, node 2 met node 1's shape through a merge restore: the next test.)
     for order in 0..3 {
         let mut c = Cluster::new(3, SCHEMA);
         c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
@@ -1401,6 +1400,60 @@ fn a_column_renamed_in_one_lineage_and_dropped_in_another_comes_back_with_its_va
     for i in 0..4 {
         let a: String = scalar(&c, i, "SELECT a FROM books WHERE id = 1");
         assert_eq!(a, "y", "node {}", i + 1);
+        assert_eq!(parked(&c, i), 0);
+    }
+    assert_no_echo(&mut c);
+}
+
+#[test]
+fn a_merge_restore_brings_back_a_column_this_node_renamed_with_the_values_it_kept() {
+    // Found by the simulation (V4, seed 917085 on ba68fe1): node 2 renamed `a` to `r` and
+    // wrote a row in that shape; node 3, which had not met the rename, dropped `a`, and node
+    // 2 applied that drop (its `r` went, the values kept). Node 1, which had met neither,
+    // changed the table later (its lineage wins: `a` stays), and node 2 merge-restored node
+    // 1's snapshot. The merge saw `a` as a column new to node 2 (its own shape had no `a`),
+    // so the history forgot `a -> r`, and the row kept its value aside while every other
+    // node held it in `a`.
+    let mut c = Cluster::new(3, SCHEMA);
+    c.exec(0, "ALTER TABLE books ADD COLUMN a TEXT DEFAULT 'da';");
+    c.capture(0);
+    c.exec(
+        0,
+        "INSERT INTO books (id, title, a) VALUES (1, 'Emma', 'x');",
+    );
+    c.capture(0);
+    c.settle();
+    for i in 0..3 {
+        c.dump(i, "books");
+    }
+    c.exec(1, "ALTER TABLE books RENAME COLUMN a TO r;");
+    c.capture(1);
+    c.exec(2, "ALTER TABLE books DROP COLUMN a;");
+    c.capture(2);
+    // Node 2 writes in its shape; the write is captured as node 2 applies the drop.
+    c.exec(
+        1,
+        "INSERT INTO books (id, title, r) VALUES (2, 'Persuasion', 'v');",
+    );
+    c.apply(1);
+    c.dump(1, "books");
+    c.exec(0, "ALTER TABLE books ADD COLUMN b TEXT DEFAULT 'db';");
+    c.capture(0);
+    let staged = super::snapshots::snapshot_of(&c, &c.nodes[0].path.clone());
+    let n = &mut c.nodes[1];
+    let rep = n.store.restore(&mut n.clock, c.wall + 10, &staged).unwrap();
+    assert!(rep.merged);
+    n.applied = n.applied.max(rep.position);
+    let a: String = scalar(&c, 1, "SELECT a FROM books WHERE id = 2");
+    assert_eq!(
+        a, "v",
+        "`a` came back on node 2 with the value its row kept under `r`"
+    );
+    c.settle();
+    assert_same_schema(&c);
+    for i in 0..3 {
+        let a: String = scalar(&c, i, "SELECT a FROM books WHERE id = 2");
+        assert_eq!(a, "v", "node {}", i + 1);
         assert_eq!(parked(&c, i), 0);
     }
     assert_no_echo(&mut c);
