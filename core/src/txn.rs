@@ -187,18 +187,14 @@ pub fn retry_waiting<T: LocalTxn>(
         let mut again = ApplyReport::default();
         let (_, applied) = t.retry_parked(clock, wall_ms, ParkedSelection::Waiting, &mut again)?;
         report.unparked += applied;
-        report.rows_written += again.rows_written;
-        report.rows_repaired += again.rows_repaired;
-        report.conflicts += again.conflicts;
+        report.absorb(again);
         if applied == 0 {
             break;
         }
     }
     let mut again = ApplyReport::default();
     report.unparked += t.retry_waiting_jointly(clock, wall_ms, &mut again)?;
-    report.rows_written += again.rows_written;
-    report.rows_repaired += again.rows_repaired;
-    report.conflicts += again.conflicts;
+    report.absorb(again);
     Ok(())
 }
 

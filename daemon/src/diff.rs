@@ -21,8 +21,18 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Most keys one answer lists (an answer must fit in a NATS message).
+/// Most keys one answer lists.
 const MAX_KEYS: usize = 10_000;
+
+/// Most bytes of keys one answer carries (an answer must fit in a NATS message, 1 MiB by
+/// default).
+const MAX_KEY_BYTES: usize = 512 * 1024;
+
+/// Requests answered at once (each reads whole tables).
+const CONCURRENT_ANSWERS: usize = 2;
+
+/// How long `marmot diff` waits for one answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How often the digest metrics are recomputed, when the data changed.
 pub const METRICS_EVERY: Duration = Duration::from_secs(30);
@@ -31,6 +41,8 @@ pub const METRICS_EVERY: Duration = Duration::from_secs(30);
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Query {
+    /// The position and what is not on the stream yet, without any table: cheap.
+    State,
     /// Every replicated table's digest.
     Digest,
     /// A table's bucket sums.
@@ -71,6 +83,10 @@ fn answer(db: &std::path::Path, busy: Duration, q: &Query) -> anyhow::Result<Ans
     let mut c = marmot_sqlite::open_connection(db, busy)?;
     let missing = |t: &str| format!("table {t:?} is not replicated on this node");
     Ok(match q {
+        Query::State => Answer {
+            digest: Some(digest::state(&mut c)?),
+            ..Answer::default()
+        },
         Query::Digest => Answer {
             digest: Some(digest::data_digest(&mut c, None)?),
             ..Answer::default()
@@ -88,8 +104,17 @@ fn answer(db: &std::path::Path, busy: Duration, q: &Query) -> anyhow::Result<Ans
         },
         Query::Keys { table, buckets } => match digest::key_hashes(&mut c, table, buckets)? {
             Some((d, mut k)) => {
-                let truncated = k.len() > MAX_KEYS;
-                k.truncate(MAX_KEYS);
+                let mut bytes = 0;
+                let fit = k
+                    .iter()
+                    .take(MAX_KEYS)
+                    .take_while(|x| {
+                        bytes += x.key.len() + x.hash.len() + 32;
+                        bytes <= MAX_KEY_BYTES
+                    })
+                    .count();
+                let truncated = k.len() > fit;
+                k.truncate(fit);
                 Answer {
                     digest: Some(d),
                     keys: Some(k),
@@ -116,9 +141,12 @@ pub fn spawn(transport: Arc<NatsTransport>, db: PathBuf, busy: Duration, prefix:
                 return;
             }
         };
+        let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_ANSWERS));
         while let Some(r) = requests.next().await {
             let (t, d) = (t.clone(), d.clone());
+            let permits = permits.clone();
             tokio::spawn(async move {
+                let _permit = permits.acquire().await;
                 let a = match serde_json::from_slice::<Query>(&r.payload) {
                     Ok(q) => tokio::task::spawn_blocking(move || answer(&d, busy, &q))
                         .await
@@ -221,7 +249,7 @@ pub struct DiffOptions {
 async fn ask(t: &NatsTransport, node: u64, q: &Query) -> anyhow::Result<Answer> {
     let body = Bytes::from(serde_json::to_vec(q)?);
     let raw = t
-        .ask_digest(node, body, Duration::from_secs(30))
+        .ask_digest(node, body, ANSWER_TIMEOUT)
         .await
         .with_context(|| format!("asking node {node} for its digests (is its daemon running?)"))?;
     let a: Answer =
@@ -232,33 +260,65 @@ async fn ask(t: &NatsTransport, node: u64, q: &Query) -> anyhow::Result<Answer> 
     Ok(a)
 }
 
+/// Why the nodes' states (position, what is not on the stream yet) cannot be compared at
+/// stream head `head` (None: they can): every node must have applied the whole stream, so a
+/// node's own batch the stream acknowledged but it has not applied yet is not counted twice.
+fn not_comparable(states: &[DataDigest], nodes: &[u64], head: u64) -> Option<String> {
+    let mut why: Vec<String> = states
+        .iter()
+        .zip(nodes)
+        .skip(1)
+        .filter_map(|(d, n)| {
+            states[0].comparable(d, (&format!("node {}", nodes[0]), &format!("node {n}")))
+        })
+        .collect();
+    for (d, n) in states.iter().zip(nodes) {
+        if d.position != head {
+            why.push(format!(
+                "node {n} applied the stream up to {}, its head is {head}",
+                d.position
+            ));
+        }
+    }
+    why.dedup();
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
 /// Digests of every node, once they can be compared (or why they cannot, at the deadline).
+/// The wait asks only for the nodes' states (cheap); the digests are read once they agree,
+/// and taken only if the states they were read with still agree.
 async fn comparable_digests(
     t: &NatsTransport,
     nodes: &[u64],
     wait: Duration,
 ) -> anyhow::Result<Result<Vec<DataDigest>, String>> {
+    use marmot_core::ports::Transport;
     let deadline = Instant::now() + wait;
+    let head = || async {
+        t.prepare()
+            .await
+            .map(|b| b.last_seq)
+            .context("reading the stream's head")
+    };
     loop {
-        let mut ds = Vec::new();
+        let h = head().await?;
+        let mut states = Vec::new();
         for &n in nodes {
-            ds.push(ask(t, n, &Query::Digest).await?.digest.unwrap_or_default());
+            states.push(ask(t, n, &Query::State).await?.digest.unwrap_or_default());
         }
-        let why: Vec<String> = ds
-            .iter()
-            .zip(nodes)
-            .skip(1)
-            .filter_map(|(d, n)| {
-                ds[0].comparable(d, (&format!("node {}", nodes[0]), &format!("node {n}")))
-            })
-            .collect();
-        if why.is_empty() {
-            return Ok(Ok(ds));
+        let mut why = not_comparable(&states, nodes, h);
+        if why.is_none() {
+            let mut ds = Vec::new();
+            for &n in nodes {
+                ds.push(ask(t, n, &Query::Digest).await?.digest.unwrap_or_default());
+            }
+            why = not_comparable(&ds, nodes, head().await?);
+            if why.is_none() {
+                return Ok(Ok(ds));
+            }
         }
         if Instant::now() >= deadline {
-            let mut why = why;
-            why.dedup();
-            return Ok(Err(why.join("; ")));
+            return Ok(Err(why.unwrap_or_default()));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -311,16 +371,31 @@ async fn key_differences(
         return Ok(None);
     }
     let truncated = ka.truncated || kb.truncated;
+    // A truncated list holds the smallest keys: compare only up to the last key both lists
+    // hold for certain.
+    let limit = [&ka, &kb]
+        .iter()
+        .filter(|a| a.truncated)
+        .filter_map(|a| {
+            a.keys
+                .as_ref()
+                .and_then(|k| k.last())
+                .map(|k| k.key.clone())
+        })
+        .min();
+    let within = |k: &KeyHash| limit.as_ref().is_none_or(|l| k.key <= *l);
     let ma: BTreeMap<String, String> = ka
         .keys
         .unwrap_or_default()
         .into_iter()
+        .filter(within)
         .map(|k| (k.key, k.hash))
         .collect();
     let mb: BTreeMap<String, String> = kb
         .keys
         .unwrap_or_default()
         .into_iter()
+        .filter(within)
         .map(|k| (k.key, k.hash))
         .collect();
     let all: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
@@ -346,7 +421,18 @@ pub fn diff(s: &Settings, o: &DiffOptions) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    match rt.block_on(run_diff(s, o)) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            // Not "they differ" (1): the nodes could not be compared.
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+async fn run_diff(s: &Settings, o: &DiffOptions) -> anyhow::Result<ExitCode> {
+    {
         let mut cfg = crate::snapshots::command_nats(s)?;
         cfg.client_name = format!("marmot-cli-{}", s.node_id);
         let t = NatsTransport::connect(cfg).await?;
@@ -385,6 +471,12 @@ pub fn diff(s: &Settings, o: &DiffOptions) -> anyhow::Result<ExitCode> {
                 }
             };
             let first = &ds[0];
+            let parked: BTreeMap<String, u64> = ds
+                .iter()
+                .zip(&nodes)
+                .filter(|(d, _)| d.parked_batches > 0)
+                .map(|(d, n)| (n.to_string(), d.parked_batches))
+                .collect();
             let mut tables = Vec::new();
             let mut changed = false;
             'nodes: for (d, &n) in ds.iter().zip(&nodes).skip(1) {
@@ -429,6 +521,7 @@ pub fn diff(s: &Settings, o: &DiffOptions) -> anyhow::Result<ExitCode> {
                         "position": first.position,
                         "same": tables.is_empty(),
                         "differences": tables,
+                        "parked_batches": parked,
                     })
                 );
             } else {
@@ -443,6 +536,11 @@ pub fn diff(s: &Settings, o: &DiffOptions) -> anyhow::Result<ExitCode> {
                 );
                 if tables.is_empty() {
                     println!("no differences");
+                }
+                for (n, k) in &parked {
+                    println!(
+                        "note: node {n} has {k} parked batches, whose rows it lacks (see `marmot parked list` there)"
+                    );
                 }
                 for e in &tables {
                     let rows = |k: u64| {
@@ -466,7 +564,9 @@ pub fn diff(s: &Settings, o: &DiffOptions) -> anyhow::Result<ExitCode> {
                         );
                     }
                     if e["keys_truncated"].as_bool() == Some(true) {
-                        println!("  (more keys differ than one answer lists: narrow it down with --table)");
+                        println!(
+                            "  (more keys differ than one answer lists: narrow it down with --table)"
+                        );
                     }
                 }
             }
@@ -478,5 +578,5 @@ pub fn diff(s: &Settings, o: &DiffOptions) -> anyhow::Result<ExitCode> {
         }
         println!("cannot compare: the nodes' data kept changing while their keys were compared");
         Ok(ExitCode::from(2))
-    })
+    }
 }

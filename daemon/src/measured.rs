@@ -188,6 +188,8 @@ impl<S: Storage> Storage for Measured<S> {
         wall_ms: u64,
         snapshot: &StagedSnapshot,
     ) -> Result<RestoreReport, Self::Error> {
-        self.inner.restore(clock, wall_ms, snapshot)
+        let out = self.inner.restore(clock, wall_ms, snapshot)?;
+        self.captured(out.captured.as_ref());
+        Ok(out)
     }
 }

@@ -60,13 +60,14 @@ impl NatsTransport {
         timeout: Duration,
     ) -> Result<Bytes, TransportError> {
         let subject = self.digest_subject(node);
-        match tokio::time::timeout(timeout, self.client.request(subject, payload)).await {
-            Ok(Ok(m)) => Ok(m.payload),
-            Ok(Err(e)) => Err(unavailable(&format!("asking node {node}"), e)),
-            Err(_) => Err(unavailable(
-                &format!("asking node {node}"),
-                format!("no answer within {timeout:?}"),
-            )),
-        }
+        // The client's own request timeout (5 s) is too short for a large table's digest.
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(timeout));
+        self.client
+            .send_request(subject, request)
+            .await
+            .map(|m| m.payload)
+            .map_err(|e| unavailable(&format!("asking node {node}"), e))
     }
 }

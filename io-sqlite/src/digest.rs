@@ -35,6 +35,9 @@ pub struct DataDigest {
     pub unpublished_batches: u64,
     /// Row changes the triggers logged that marmot has not captured yet.
     pub uncaptured_changes: u64,
+    /// Batches parked here (not applied: their rows are missing).
+    #[serde(default)]
+    pub parked_batches: u64,
     /// Per replicated table.
     pub tables: BTreeMap<String, TableDigest>,
 }
@@ -118,6 +121,15 @@ pub fn data_digest(c: &mut Connection, only: Option<&str>) -> rusqlite::Result<D
     Ok(out)
 }
 
+/// The position and what is not on the stream yet, without reading any table: cheap.
+pub fn state(c: &mut Connection) -> rusqlite::Result<DataDigest> {
+    let tx = c.transaction()?;
+    let tables = discover(&tx)?.tables;
+    let d = header(&tx, &tables)?;
+    tx.finish()?;
+    Ok(d)
+}
+
 /// The position and what is not on the stream yet (no table digests).
 fn header(c: &Connection, tables: &[TableInfo]) -> rusqlite::Result<DataDigest> {
     let mut d = DataDigest {
@@ -134,6 +146,7 @@ fn header(c: &Connection, tables: &[TableInfo]) -> rusqlite::Result<DataDigest> 
     for t in tables {
         d.uncaptured_changes += count_if_exists(c, &log_table(&t.name))?;
     }
+    d.parked_batches = count_if_exists(c, "__marmot__parked")?;
     Ok(d)
 }
 

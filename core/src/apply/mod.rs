@@ -249,6 +249,21 @@ pub struct ApplyReport {
     pub tables: std::collections::BTreeMap<String, TableApplied>,
 }
 
+impl ApplyReport {
+    /// Adds the rows written, repaired and conflicts (in total and per table) of a retry
+    /// of parked batches made in the same transaction.
+    pub fn absorb(&mut self, again: ApplyReport) {
+        self.rows_written += again.rows_written;
+        self.rows_repaired += again.rows_repaired;
+        self.conflicts += again.conflicts;
+        for (name, t) in again.tables {
+            let r = self.tables.entry(name).or_default();
+            r.written += t.written;
+            r.conflicts += t.conflicts;
+        }
+    }
+}
+
 /// What an apply did to one table.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableApplied {
