@@ -82,7 +82,8 @@ where
     loop {
         let recovered = env.blocking(|| storage.recover());
         match recovered {
-            Ok(r) => {
+            Ok(mut r) => {
+                r.wall_ms = env.wall_ms();
                 node.handle(env.now(), Input::Recovered(r));
                 break;
             }

@@ -34,6 +34,12 @@ pub struct Recovered {
     /// Nothing was ever applied or captured, and the replicated tables hold no rows: a new
     /// node that should start from a snapshot.
     pub empty: bool,
+    /// The wall time (ms) of the oldest batch in `outbox`, from its stamp (None: no batch,
+    /// or unknown): how long pacing may still hold the batches back
+    /// ([`crate::node::NodeConfig::max_publish_hold`]).
+    pub outbox_oldest_ms: Option<u64>,
+    /// The wall clock (ms) when this was read: set by the drive loop, not by storage.
+    pub wall_ms: u64,
 }
 
 /// The outcome of one apply transaction.

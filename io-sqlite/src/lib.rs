@@ -509,6 +509,20 @@ impl Storage for SqliteStore {
                 .query_row("SELECT count(*) FROM \"__marmot__parked\"", [], |r| r.get(0))
                 .map_err(e)?;
             let empty = restore::is_empty(&s.conn).map_err(e)?;
+            // The oldest batch's stamp, from its first message's header.
+            let outbox_oldest_ms = match outbox.first() {
+                Some((b, _)) => s
+                    .conn
+                    .query_row(
+                        "SELECT payload FROM \"__marmot__outbox\" WHERE incarnation = ?1 AND seq = ?2 AND chunk = 0",
+                        [b.incarnation as i64, b.seq as i64],
+                        |r| r.get::<_, Vec<u8>>(0),
+                    )
+                    .optional()
+                    .map_err(e)?
+                    .and_then(|p| marmot_core::wire::decode_message(&p).ok().map(|(h, _)| h.stamp.wall_ms())),
+                None => None,
+            };
             Ok(Recovered {
                 position,
                 clock: Stamp::from_u64(clock),
@@ -517,6 +531,8 @@ impl Storage for SqliteStore {
                 incomplete_batches: s.incomplete_batches()?,
                 parked: parked as u64,
                 empty,
+                outbox_oldest_ms,
+                wall_ms: 0,
             })
         })
     }

@@ -305,6 +305,12 @@ impl Storage for MemoryStorage {
                 incomplete_batches: db.inbox.len() as u64,
                 parked: db.parked.len() as u64,
                 empty: db.is_empty(),
+                outbox_oldest_ms: db.outbox.values().next().and_then(|m| {
+                    m.first()
+                        .and_then(|p| crate::wire::decode_message(p).ok())
+                        .map(|(h, _)| h.stamp.wall_ms())
+                }),
+                wall_ms: 0,
             })
         })
     }

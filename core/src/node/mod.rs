@@ -354,7 +354,12 @@ impl Node {
         self.clock = Clock::new(r.clock).with_max_lead(self.cfg.max_clock_skew_ms);
         self.inbox.recovered(r.position);
         self.parked.recovered(r.parked, r.incomplete_batches);
-        self.outbox.recovered(now, r.outbox);
+        // Batches read back waited already: since their oldest was captured, by the clock.
+        let waited = r
+            .outbox_oldest_ms
+            .map_or(0, |oldest| r.wall_ms.saturating_sub(oldest));
+        self.outbox
+            .recovered(now, Duration::from_millis(waited), r.outbox);
         self.capture.recovered(now);
         self.snapshots
             .recovered(now, r.empty, r.position, &self.cfg);

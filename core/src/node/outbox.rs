@@ -39,8 +39,13 @@ struct OutBatch {
     cached: usize,
     /// It carries a schema change: see the module doc.
     barrier: bool,
-    /// When it entered the outbox (read back at start: the start).
+    /// Since when pacing holds it back: when it was captured (read back at start: the start).
     since: Duration,
+    /// How long it was held back before `since` (read back at start: since the oldest batch
+    /// read back was captured).
+    waited_before: Duration,
+    /// Pacing released it (reported once).
+    released: bool,
 }
 
 pub(super) struct Outbox {
@@ -75,8 +80,14 @@ impl Outbox {
         }
     }
 
-    /// The batches storage still holds unpublished at start: (batch, chunk count).
-    pub(super) fn recovered(&mut self, now: Duration, outbox: Vec<(BatchId, u32)>) {
+    /// The batches storage still holds unpublished at start: (batch, chunk count), the oldest
+    /// of them captured `waited` before `now`.
+    pub(super) fn recovered(
+        &mut self,
+        now: Duration,
+        waited: Duration,
+        outbox: Vec<(BatchId, u32)>,
+    ) {
         for (batch, chunks) in outbox {
             self.outbox.insert(
                 batch,
@@ -87,6 +98,8 @@ impl Outbox {
                     cached: 0,
                     barrier: false,
                     since: now,
+                    waited_before: waited,
+                    released: false,
                 },
             );
             self.publish_queue.extend((0..chunks).map(|c| (batch, c)));
@@ -125,6 +138,8 @@ impl Outbox {
                 cached,
                 barrier,
                 since: now,
+                waited_before: Duration::ZERO,
+                released: false,
             },
         );
         self.publish_queue.extend((0..chunks).map(|i| (c.batch, i)));
@@ -236,7 +251,8 @@ impl Outbox {
     fn front_released(&self, cfg: &NodeConfig) -> Option<Duration> {
         let hold = cfg.max_publish_hold?;
         let &(batch, _) = self.publish_queue.front()?;
-        Some(self.outbox.get(&batch)?.since.saturating_add(hold))
+        let b = self.outbox.get(&batch)?;
+        Some(b.since.saturating_add(hold.saturating_sub(b.waited_before)))
     }
 
     pub(super) fn arm(&self, g: &Gates, cfg: &NodeConfig, timers: &mut TimerTable) {
@@ -274,12 +290,14 @@ impl Outbox {
                 if !due(now, self.front_released(cfg)) {
                     break;
                 }
-                if let Some(&(batch, 0)) = self.publish_queue.front()
-                    && let Some(b) = self.outbox.get(&batch)
+                if let Some(&(batch, _)) = self.publish_queue.front()
+                    && let Some(b) = self.outbox.get_mut(&batch)
+                    && !b.released
                 {
+                    b.released = true;
                     out.event(Event::HeldBatchReleased {
                         batch,
-                        waited: now.saturating_sub(b.since),
+                        waited: now.saturating_sub(b.since) + b.waited_before,
                     });
                 }
             }

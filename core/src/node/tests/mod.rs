@@ -55,6 +55,8 @@ pub(super) fn recovered(position: u64, outbox: Vec<(BatchId, u32)>) -> Recovered
         incomplete_batches: 0,
         parked: 0,
         empty: false,
+        outbox_oldest_ms: None,
+        wall_ms: 0,
     }
 }
 

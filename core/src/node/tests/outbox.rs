@@ -352,3 +352,46 @@ fn format_2_batches_without_schema_changes_are_pipelined_like_any_rows() {
     }
     assert_eq!(published_batches(&drain(&mut n)), vec![1, 2, 3]);
 }
+
+/// Batches read back at start waited already: the hold counts from their stamp, so a
+/// restart does not start it again.
+#[test]
+fn batches_read_back_at_start_keep_the_time_they_were_held() {
+    let mut cfg = NodeConfig::new(1, "db-a");
+    cfg.max_lag = Some(10);
+    cfg.max_publish_hold = Some(Duration::from_secs(60));
+    let mut n = Node::new(cfg);
+    let mut r = recovered(0, vec![(batch(1), 1)]);
+    // Captured 50 s before this start.
+    r.outbox_oldest_ms = Some(1_000);
+    r.wall_ms = 51_000;
+    n.handle(ms(0), Input::Recovered(r));
+    n.handle(
+        ms(0),
+        Input::Prepared(Ok(StreamBounds {
+            first_seq: 1,
+            last_seq: 100,
+        })),
+    );
+    // The stream's head is known before the claim lets it publish.
+    n.handle(ms(0), subscribed(1, 1, 100));
+    n.handle(
+        ms(1),
+        Input::Claimed {
+            result: Ok(Claim::Granted {
+                server_ms: 1000,
+                revision: 1,
+            }),
+            sent_wall_ms: 1000,
+            received_wall_ms: 1000,
+        },
+    );
+    n.handle(ms(1), Input::Captured(Ok(CaptureOutcome::default())));
+    let publishes = |outs: &[Output]| published_batches(outs);
+    assert!(publishes(&drain(&mut n)).is_empty(), "paced: 100 behind");
+    n.handle(ms(9_000), Input::Tick);
+    assert!(publishes(&drain(&mut n)).is_empty(), "held 59 s so far");
+    n.handle(ms(10_001), Input::Tick);
+    let outs = drain(&mut n);
+    assert_eq!(publishes(&outs), vec![1], "held 60 s: released {outs:?}");
+}
