@@ -212,6 +212,16 @@ async fn serve(
             .context("setting the histograms' buckets")?
             .install_recorder()
             .context("installing the metrics recorder")?;
+        // Histogram samples wait in the recorder until they are folded into its buckets: on
+        // a `/metrics` read, or here. Without it, memory grew with every capture and apply
+        // while nothing scraped the endpoint.
+        let upkeep = handle.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                upkeep.run_upkeep();
+            }
+        });
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::observe::serve(bind.clone(), handle, shared).await {

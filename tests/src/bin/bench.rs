@@ -163,6 +163,59 @@ fn one_big_transaction(dir: &Path, rows: u64) -> (f64, f64) {
     (capture_ms, apply_ms)
 }
 
+/// (g): the ceiling of (c) on this machine, measured alone: rows/s that capture reaches
+/// capturing 100-row transactions (the capture calls only, the application's inserts not
+/// counted), and that apply reaches applying those batches elsewhere, 100 messages per
+/// apply transaction (about what the daemon's apply does under load).
+fn capture_and_apply_rates(dir: &Path, rows: u64) -> (f64, f64) {
+    use marmot_core::ports::Storage;
+    let open = |name: &str, node: u64| {
+        let db = dir.join(name);
+        let c = app_connection(&db);
+        c.execute_batch(TABLE).unwrap();
+        let store =
+            marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&db, node, node))
+                .unwrap();
+        (c, store)
+    };
+    let (app, mut source) = open("rates-source.db", 1);
+    let (_app2, mut target) = open("rates-target.db", 2);
+    let mut clock = marmot_core::Clock::new(marmot_core::Stamp::ZERO);
+    let mut capturing = Duration::ZERO;
+    let mut deliveries = Vec::new();
+    let mut wall = 1_700_000_000_000u64;
+    for first in (1..=rows).step_by(100) {
+        insert_rows(&app, first, 100.min(rows - first + 1));
+        wall += 1;
+        let t = Instant::now();
+        let out = source.capture(&mut clock, wall).unwrap();
+        capturing += t.elapsed();
+        for m in out.captured.into_iter().flat_map(|c| c.messages) {
+            deliveries.push(marmot_core::apply::Delivery {
+                stream_seq: deliveries.len() as u64 + 1,
+                payload: m,
+                published_ms: 0,
+                pending: 0,
+            });
+        }
+    }
+    let mut clock2 = marmot_core::Clock::new(marmot_core::Stamp::ZERO);
+    let mut applying = Duration::ZERO;
+    let mut written = 0;
+    for part in deliveries.chunks(100) {
+        wall += 1;
+        let t = Instant::now();
+        let out = target.apply(&mut clock2, wall, part).unwrap();
+        applying += t.elapsed();
+        written += out.report.rows_written;
+    }
+    assert_eq!(written, rows);
+    (
+        rows as f64 / capturing.as_secs_f64(),
+        rows as f64 / applying.as_secs_f64(),
+    )
+}
+
 /// A database of about `mib` MiB whose rows compress about as well as ordinary text does.
 fn big_database(path: &Path, mib: u64) {
     let c = app_connection(path);
@@ -533,6 +586,11 @@ fn main() {
             a.runs, a.rows
         );
         let (plain, triggers) = plain_and_triggers(dir.path(), a.rows);
+        eprintln!("run {run}: (g) capture-only and apply-only rates");
+        let (capture_rate, apply_rate) = capture_and_apply_rates(dir.path(), a.rows);
+        // Three nodes: each row is captured once and applied twice, on two cores.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+        let ceiling = cores / (1.0 / capture_rate + 2.0 / apply_rate);
         eprintln!("run {run}: (e) one {}-row transaction", a.rows);
         let (big_capture, big_apply) = one_big_transaction(dir.path(), a.rows);
         eprintln!("run {run}: (c) three nodes, end to end");
@@ -561,6 +619,10 @@ fn main() {
             "b_over_a": (triggers / plain * 1000.0).round() / 1000.0,
             "c_end_to_end_rows_per_s": e2e.round(),
             "c_writers_seconds": (wrote * 1000.0).round() / 1000.0,
+            "g_capture_rows_per_s": capture_rate.round(),
+            "g_apply_rows_per_s": apply_rate.round(),
+            "c_ceiling_rows_per_s": ceiling.round(),
+            "c_over_ceiling": (e2e / ceiling * 1000.0).round() / 1000.0,
             "f_snapshot": snap,
             "e_one_transaction_capture_ms": (big_capture * 10.0).round() / 10.0,"e_one_transaction_apply_ms": (big_apply * 10.0).round() / 10.0,
             "d_lag_ms": {
@@ -588,6 +650,10 @@ fn main() {
             "b_triggers_rows_per_s": col(&|r| r["b_triggers_rows_per_s"].as_f64().unwrap()),
             "b_over_a": col(&|r| r["b_over_a"].as_f64().unwrap()),
             "c_end_to_end_rows_per_s": col(&|r| r["c_end_to_end_rows_per_s"].as_f64().unwrap()),
+            "g_capture_rows_per_s": col(&|r| r["g_capture_rows_per_s"].as_f64().unwrap()),
+            "g_apply_rows_per_s": col(&|r| r["g_apply_rows_per_s"].as_f64().unwrap()),
+            "c_ceiling_rows_per_s": col(&|r| r["c_ceiling_rows_per_s"].as_f64().unwrap()),
+            "c_over_ceiling": col(&|r| r["c_over_ceiling"].as_f64().unwrap()),
             "d_lag_ms_p50": col(&|r| r["d_lag_ms"]["p50"].as_f64().unwrap()),
             "d_lag_ms_p99": col(&|r| r["d_lag_ms"]["p99"].as_f64().unwrap()),
             "e_one_transaction_capture_ms": col(&|r| r["e_one_transaction_capture_ms"].as_f64().unwrap()),
