@@ -200,7 +200,12 @@ async fn metrics_loop(db: PathBuf, busy: Duration, prefix: String) {
         let r = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let mut c = match prev {
                 Some(c) => c,
-                None => marmot_sqlite::open_connection(&db, busy)?,
+                None => {
+                    let c = marmot_sqlite::open_connection(&db, busy)?;
+                    // It reads every table now and then: a small page cache is enough.
+                    c.execute_batch("PRAGMA cache_size = -512")?;
+                    c
+                }
             };
             let version: i64 = c.query_row("PRAGMA data_version", [], |r| r.get(0))?;
             let position = digest::data_digest(&mut c, Some("\u{0}none"))?.position;

@@ -326,6 +326,11 @@ async fn serve(
     if let Some(m) = s.stream_message_capacity() {
         cfg.fit_to_retention(m);
     }
+    // Unpublished messages beyond this are read back from the outbox table when their turn
+    // comes, and received ones wait in NATS: a node that falls behind under a heavy writer
+    // keeps its memory small (each of these defaults to 64 MiB in the core).
+    cfg.max_cached_bytes = 16 << 20;
+    cfg.max_buffered_bytes = 16 << 20;
     // Pacing never holds a write back until it would land below another node's tombstone
     // horizon (see the README's Tombstones).
     cfg.max_publish_hold =
