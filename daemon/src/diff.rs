@@ -181,7 +181,7 @@ async fn metrics_loop(db: PathBuf, busy: Duration, prefix: String) {
     );
     metrics::describe_gauge!(
         dg.clone(),
-        "Low 48 bits of the table's convergence digest (keys, versions and content of its live rows), read at marmot_digest_position: equal on nodes that hold the same rows"
+        "Low 48 bits of the table's convergence digest (keys, versions and content of its live rows), read at marmot_digest_position: equal on nodes that hold the same rows (48-bit number)"
     );
     metrics::describe_gauge!(
         rows.clone(),
@@ -189,7 +189,7 @@ async fn metrics_loop(db: PathBuf, busy: Duration, prefix: String) {
     );
     metrics::describe_gauge!(
         pos.clone(),
-        "Stream position applied when the table digests were read"
+        "Stream position applied when the table digests were read (stream sequence)"
     );
     let mut last: Option<(i64, u64)> = None;
     let mut conn = None;
