@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+/// How long a command waits to connect to NATS.
+pub const COMMAND_CONNECT: Duration = Duration::from_secs(10);
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -18,7 +21,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn connect(s: &Settings) -> anyhow::Result<NatsTransport> {
     let mut cfg = crate::snapshots::command_nats(s)?;
     cfg.client_name = format!("marmot-cli-{}", s.node_id);
-    Ok(NatsTransport::connect(cfg).await?)
+    let t = NatsTransport::connect(cfg).await?;
+    t.wait_connected(COMMAND_CONNECT).await?;
+    Ok(t)
 }
 
 /// One node's line: what it advertised, its lag behind the stream's head, up or down.

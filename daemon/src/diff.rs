@@ -441,6 +441,7 @@ async fn run_diff(s: &Settings, o: &DiffOptions) -> anyhow::Result<ExitCode> {
         let mut cfg = crate::snapshots::command_nats(s)?;
         cfg.client_name = format!("marmot-cli-{}", s.node_id);
         let t = NatsTransport::connect(cfg).await?;
+        t.wait_connected(crate::cluster::COMMAND_CONNECT).await?;
         let mut nodes = o.nodes.clone();
         if nodes.is_empty() {
             nodes = t

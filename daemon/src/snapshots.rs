@@ -476,7 +476,13 @@ pub fn command(
             || (matches!(action, SnapshotCommand::Restore) && !s.urls.is_empty());
         let transport = if needs_nats {
             let cfg = command_nats(s)?;
-            Some(Arc::new(NatsTransport::connect(cfg).await?))
+            let t = NatsTransport::connect(cfg).await?;
+            // What needs NATS fails with its own message if it is not there; a restore goes
+            // on without it.
+            if let Err(e) = t.wait_connected(crate::cluster::COMMAND_CONNECT).await {
+                tracing::warn!(error = %e, "NATS not reachable yet");
+            }
+            Some(Arc::new(t))
         } else {
             None
         };

@@ -177,6 +177,7 @@ pub fn tail(s: &Settings, opts: TailOptions) -> anyhow::Result<ExitCode> {
         let mut cfg = crate::snapshots::command_nats(s)?;
         cfg.client_name = format!("marmot-tail-{}", s.node_id);
         let t = marmot_nats::NatsTransport::connect(cfg).await?;
+        t.wait_connected(crate::cluster::COMMAND_CONNECT).await?;
         let bounds = loop {
             match t.prepare().await {
                 Ok(b) => break b,

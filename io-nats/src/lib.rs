@@ -376,6 +376,24 @@ impl NatsTransport {
             || self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Waits until the client is connected (the connection is made in the background, so a
+    /// one-shot command that asks at once finds it "not connected yet"), at most `within`.
+    pub async fn wait_connected(&self, within: Duration) -> Result<(), TransportError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.is_connected() && !self.client.server_info().server_name.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TransportError::unavailable(format!(
+                    "could not connect to NATS at {} within {within:?}",
+                    self.cfg.urls.join(",")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Refuses to go on when connected to another server than [`NatsConfig::only_server`].
     fn check_server(&self) -> Result<(), TransportError> {
         check_server(&self.client, self.cfg.only_server.as_deref())
