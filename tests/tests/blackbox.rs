@@ -765,6 +765,24 @@ fn the_demo_setup_supervises_a_nats_cluster_and_survives_kill_9() {
     nodes[2].start_ready();
     let content = wait_converged(&refs(&nodes), CONVERGE);
     assert_eq!(content.len(), 4, "{content:?}");
+    // One-shot commands answer at the first try: they wait for their NATS connection, which
+    // authenticates here (they failed with "not connected to NATS yet" on the demo).
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = nodes[0].command(&["status", "--cluster", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = nodes[1].command(&["diff", "--wait", "60"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("compared nodes 1, 2, 3"),
+        "{}",
+        text(&out)
+    );
     // Neither the cluster secret nor a node's client key shows on a command line or in a log.
     let seeds: Vec<String> = nodes
         .iter()
