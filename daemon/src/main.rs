@@ -20,6 +20,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    marmot_daemon::platform::limit_allocator_arenas();
     let cli = cli::Cli::parse_from(cli::normalize_args(std::env::args_os()));
     match commands::dispatch(cli) {
         Ok(code) => code,

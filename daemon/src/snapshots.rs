@@ -332,7 +332,7 @@ impl Snapshots for DaemonSnapshots {
             keep: self.settings.keep,
             first_only: kind == SaveKind::Seed,
         };
-        snapshot::save(
+        let r = snapshot::save(
             &**store,
             &*self.transport,
             &self.files,
@@ -340,7 +340,9 @@ impl Snapshots for DaemonSnapshots {
             &tokio_pause,
             &progress,
         )
-        .await
+        .await;
+        marmot_daemon::platform::release_free_memory();
+        r
     }
 
     async fn fetch(&self, min_position: u64) -> Result<Fetched, SnapshotError> {

@@ -416,6 +416,11 @@ impl Node {
     pub fn sql(&self, sql: &str) -> String {
         sqlite3(&self.db, sql)
     }
+
+    /// The running daemon's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for Node {

@@ -27,6 +27,8 @@ const TABLE: &str = "CREATE TABLE Books (id INTEGER PRIMARY KEY, title TEXT NOT 
 
 struct Args {
     snapshot_mib: u64,
+    soak_seconds: u64,
+    soak_rate: u64,
     rows: u64,
     runs: usize,
     rate: u64,
@@ -37,6 +39,8 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         snapshot_mib: 1024,
+        soak_seconds: 0,
+        soak_rate: 2_500,
         rows: 100_000,
         runs: 3,
         rate: 500,
@@ -49,6 +53,8 @@ fn args() -> Args {
         match k.as_str() {
             "--rows" => a.rows = v.parse().expect("--rows N"),
             "--snapshot-mib" => a.snapshot_mib = v.parse().expect("--snapshot-mib N"),
+            "--soak-seconds" => a.soak_seconds = v.parse().expect("--soak-seconds S"),
+            "--soak-rate" => a.soak_rate = v.parse().expect("--soak-rate W"),
             "--runs" => a.runs = v.parse().expect("--runs K"),
             "--rate" => a.rate = v.parse().expect("--rate W"),
             "--seconds" => a.seconds = v.parse().expect("--seconds S"),
@@ -487,6 +493,88 @@ fn end_to_end(c: &Cluster, rows: u64) -> (f64, f64) {
     (total as f64 / took.as_secs_f64(), wrote.as_secs_f64())
 }
 
+/// A process's resident memory, MB (Linux: /proc).
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// (h): the memory soak. Three nodes, six writers (two per node) inserting and updating
+/// single rows at `rate` writes/s in all for `seconds`; each marmot's resident memory is
+/// sampled every 10 s. The first minute (or the first fifth of a shorter run) is warm-up.
+fn soak(dir: &Path, seconds: u64, rate: u64) -> serde_json::Value {
+    let c = cluster(dir);
+    let pids: Vec<u32> = c.nodes.iter().filter_map(Node::pid).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..6u64)
+        .map(|w| {
+            let db = c.nodes[(w % 3) as usize].db.clone();
+            let stop = stop.clone();
+            let period = Duration::from_nanos(6_000_000_000 / rate.max(1));
+            std::thread::spawn(move || {
+                let conn = app_connection(&db);
+                let start = Instant::now();
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    if let Some(wait) = (start + period * i as u32).checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    // Half new rows, half updates of recent ones.
+                    let id = (w + 1) * 1_000_000_000 + if i.is_multiple_of(2) { i / 2 } else { i };
+                    conn.execute(
+                        "INSERT INTO Books (id, title, author, publication_year) VALUES (?1, 'soak', 'writer', ?2) \
+                         ON CONFLICT (id) DO UPDATE SET publication_year = excluded.publication_year",
+                        params![id as i64, i as i64],
+                    )
+                    .unwrap();
+                }
+                i
+            })
+        })
+        .collect();
+    let warm = Duration::from_secs((seconds / 5).min(60));
+    let start = Instant::now();
+    let mut samples: Vec<(f64, Vec<f64>)> = Vec::new();
+    while start.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(10));
+        samples.push((
+            start.elapsed().as_secs_f64(),
+            pids.iter().map(|&p| rss_mb(p)).collect(),
+        ));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    let after_warm = samples
+        .iter()
+        .find(|(t, _)| *t >= warm.as_secs_f64())
+        .cloned()
+        .unwrap_or_else(|| samples[0].clone());
+    let end = samples.last().cloned().unwrap();
+    let db_mb = std::fs::metadata(&c.nodes[0].db).map_or(0.0, |m| m.len() as f64 / 1e6);
+    let growth: Vec<f64> = end
+        .1
+        .iter()
+        .zip(&after_warm.1)
+        .map(|(e, s)| ((e / s - 1.0) * 1000.0).round() / 1000.0)
+        .collect();
+    serde_json::json!({
+        "seconds": seconds,
+        "writes_per_s": (writes as f64 / seconds as f64).round(),
+        "rss_mb_after_warmup": after_warm.1,
+        "rss_mb_end": end.1,
+        "growth_after_warmup": growth,
+        "db_mb_end": (db_mb * 10.0).round() / 10.0,
+        "samples": samples.iter().map(|(t, r)| serde_json::json!({"t": t.round(), "rss_mb": r})).collect::<Vec<_>>(),
+    })
+}
+
 /// (d): lag samples in milliseconds.
 fn lag(c: &Cluster, rate: u64, seconds: u64) -> Vec<f64> {
     let commits: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(Vec::new()));
@@ -613,7 +701,18 @@ fn main() {
         } else {
             None
         };
+        let soak_figure = if a.soak_seconds > 0 {
+            eprintln!(
+                "run {run}: (h) memory soak, {} writes/s for {} s",
+                a.soak_rate, a.soak_seconds
+            );
+            let d = tempfile::tempdir_in(&base).unwrap();
+            Some(soak(d.path(), a.soak_seconds, a.soak_rate))
+        } else {
+            None
+        };
         let r = serde_json::json!({
+            "h_soak": soak_figure,
             "a_plain_rows_per_s": plain.round(),
             "b_triggers_rows_per_s": triggers.round(),
             "b_over_a": (triggers / plain * 1000.0).round() / 1000.0,
