@@ -388,21 +388,15 @@ async fn key_differences(
                 .map(|k| k.key.clone())
         })
         .min();
-    let within = |k: &KeyHash| limit.as_ref().is_none_or(|l| k.key <= *l);
-    let ma: BTreeMap<String, String> = ka
-        .keys
-        .unwrap_or_default()
-        .into_iter()
-        .filter(within)
-        .map(|k| (k.key, k.hash))
-        .collect();
-    let mb: BTreeMap<String, String> = kb
-        .keys
-        .unwrap_or_default()
-        .into_iter()
-        .filter(within)
-        .map(|k| (k.key, k.hash))
-        .collect();
+    let hashes = |a: Answer| -> BTreeMap<String, String> {
+        a.keys
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| limit.as_ref().is_none_or(|l| k.key <= *l))
+            .map(|k| (k.key, k.hash))
+            .collect()
+    };
+    let (ma, mb) = (hashes(ka), hashes(kb));
     let all: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
     let mut out = Vec::new();
     for k in all {

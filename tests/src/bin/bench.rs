@@ -115,18 +115,21 @@ fn plain_and_triggers(dir: &Path, rows: u64) -> (f64, f64) {
     (a, b)
 }
 
+/// An application's connection to a new database `name` in `dir` with the bench's tables,
+/// and marmot's store of it as node `node`.
+fn app_and_store(dir: &Path, name: &str, node: u64) -> (Connection, marmot_sqlite::SqliteStore) {
+    let db = dir.join(name);
+    let c = app_connection(&db);
+    c.execute_batch(TABLE).unwrap();
+    let store =
+        marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&db, node, node)).unwrap();
+    (c, store)
+}
+
 /// (e): milliseconds to capture, and to apply elsewhere, one transaction of `rows` rows.
 fn one_big_transaction(dir: &Path, rows: u64) -> (f64, f64) {
     use marmot_core::ports::Storage;
-    let open = |name: &str, node: u64| {
-        let db = dir.join(name);
-        let c = app_connection(&db);
-        c.execute_batch(TABLE).unwrap();
-        let store =
-            marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&db, node, node))
-                .unwrap();
-        (c, store)
-    };
+    let open = |name: &str, node: u64| app_and_store(dir, name, node);
     let (app, mut source) = open("big-source.db", 1);
     let (_app2, mut target) = open("big-target.db", 2);
     app.execute_batch("BEGIN").unwrap();
@@ -175,15 +178,7 @@ fn one_big_transaction(dir: &Path, rows: u64) -> (f64, f64) {
 /// apply transaction (about what the daemon's apply does under load).
 fn capture_and_apply_rates(dir: &Path, rows: u64) -> (f64, f64) {
     use marmot_core::ports::Storage;
-    let open = |name: &str, node: u64| {
-        let db = dir.join(name);
-        let c = app_connection(&db);
-        c.execute_batch(TABLE).unwrap();
-        let store =
-            marmot_sqlite::SqliteStore::open(marmot_sqlite::StoreConfig::new(&db, node, node))
-                .unwrap();
-        (c, store)
-    };
+    let open = |name: &str, node: u64| app_and_store(dir, name, node);
     let (app, mut source) = open("rates-source.db", 1);
     let (_app2, mut target) = open("rates-target.db", 2);
     let mut clock = marmot_core::Clock::new(marmot_core::Stamp::ZERO);
