@@ -596,15 +596,14 @@ impl BatchStats {
 
     /// Adds what a batch that applied did to `report`.
     fn add_to(self, report: &mut ApplyReport) {
-        report.rows_written += self.written;
-        report.rows_repaired += self.repaired;
         report.rows_skipped += self.skipped;
-        report.conflicts += self.conflicts;
-        for (name, t) in self.tables {
-            let r = report.tables.entry(name).or_default();
-            r.written += t.written;
-            r.conflicts += t.conflicts;
-        }
+        report.absorb(ApplyReport {
+            rows_written: self.written,
+            rows_repaired: self.repaired,
+            conflicts: self.conflicts,
+            tables: self.tables,
+            ..ApplyReport::default()
+        });
     }
 }
 
